@@ -1,0 +1,136 @@
+"""Typed, validated configuration of a distillation run.
+
+Every option has help text (``field(metadata={"help": ...})``) that the recipes turn into
+``--help``. Validation collects *all* problems and reports them together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASE = "data/tiny-teacher"
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a configuration at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class DistillConfig:
+    """Options of one conditional distillation run."""
+
+    condition: str = _h("condition type: edge, depth, sr or inpaint", default="edge")
+    base: str = _h("frozen teacher: a diffusers Stable Diffusion folder or hub id", default=DEFAULT_BASE)
+    data: str = _h(
+        "training images: 'synthetic[:split[:size]]', an image folder, a datasets "
+        "save_to_disk folder, .tar webdataset shards, or a datasets hub id",
+        default="synthetic:train:20000",
+    )
+    adapter: str = _h("trainable parameters: controlnet, t2i_adapter or lora", default="controlnet")
+    output_dir: str = _h("run folder: adapter export at its root, checkpoints/ and logs/ inside", default="runs/edge")
+    max_steps: int = _h("optimizer steps to train for", default=400)
+    batch_size: int = _h("images per optimizer step and process (before accumulation)", default=32)
+    gradient_accumulation_steps: int = _h("micro-batches accumulated per optimizer step", default=1)
+    learning_rate: float = _h("AdamW learning rate of the adapter", default=2e-4)
+    lr_warmup_steps: int = _h("linear learning-rate warm-up steps", default=20)
+    weight_decay: float = _h("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _h("gradient clipping norm (0 disables)", default=1.0)
+    ema_decay: float = _h("EMA decay of the adapter weights used by the target and ODE branches", default=0.95)
+    num_grid: int = _h("N, the points of the skip grid shared by training and sampling", default=50)
+    regression_weight: float = _h("lambda of the conditional regression term ||F - z0||^2", default=1.0)
+    distance: str = _h("consistency distance: l2 or huber (pseudo-Huber)", default="l2")
+    huber_c: float = _h("pseudo-Huber constant c", default=0.001)
+    ode_source: str = _h("one-step ODE predictor: ema (EMA conditional student) or teacher (frozen, no adapter)", default="ema")
+    guidance_min: float = _h("CFG-aware distillation: lowest guidance scale w drawn per sample (1 = off)", default=1.0)
+    guidance_max: float = _h("CFG-aware distillation: highest guidance scale w drawn per sample", default=1.0)
+    caption_dropout: float = _h("probability of training on an empty caption", default=0.1)
+    resolution: int = _h("training resolution in pixels (0 = the base's native resolution)", default=0)
+    mixed_precision: str = _h("no, fp16 or bf16 (GPU); the frozen base runs in that dtype", default="no")
+    gradient_checkpointing: bool = _h("trade compute for memory in the UNet and adapter", default=False)
+    checkpoint_every: int = _h("save resumable training state every K steps (0 = only at the end)", default=100)
+    keep_checkpoints: int = _h("how many training-state checkpoints to keep", default=2)
+    validate_every: int = _h("write a validation grid every K steps (0 = only at the end)", default=200)
+    log_every: int = _h("log loss and speed every K steps", default=10)
+    resume: str | None = _h("'latest' or a checkpoint folder to continue from", default=None)
+    seed: int = _h("seed of every random choice in the run", default=0)
+    num_workers: int = _h("data-loader worker processes", default=0)
+    threads: int = _h("CPU threads for torch (0 = torch's default)", default=0)
+    recommended_steps: int = _h("sampling steps recorded in the adapter config", default=4)
+    condition_options: dict[str, Any] = _h("options passed to the condition", default_factory=dict)
+    adapter_options: dict[str, Any] = _h("options passed to the adapter", default_factory=dict)
+    data_options: dict[str, Any] = _h("options passed to the data source (e.g. image_column)", default_factory=dict)
+    loss: str = _h("codi (distillation) or diffusion (conventional adapter training, the baseline)", default="codi")
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        from condistill.adapters import available_adapters
+        from condistill.conditions import available_conditions
+
+        if self.condition not in available_conditions():
+            p.append(f"condition={self.condition!r}: choose one of {available_conditions()}")
+        if self.adapter not in available_adapters():
+            p.append(f"adapter={self.adapter!r}: choose one of {available_adapters()}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_grid", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)}: must be at least 1")
+        for name in ("lr_warmup_steps", "checkpoint_every", "validate_every", "num_workers", "threads", "resolution"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)}: must be 0 or more")
+        if self.keep_checkpoints < 1:
+            p.append(f"keep_checkpoints={self.keep_checkpoints}: keep at least 1")
+        if not self.learning_rate > 0:
+            p.append(f"learning_rate={self.learning_rate}: must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            p.append(f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        if not 2 <= self.num_grid <= 1000:
+            p.append(f"num_grid={self.num_grid}: must be between 2 and the teacher's 1000 training steps")
+        if self.regression_weight < 0:
+            p.append(f"regression_weight={self.regression_weight}: must be 0 or more")
+        if self.distance not in ("l2", "huber"):
+            p.append(f"distance={self.distance!r}: choose l2 or huber")
+        if self.ode_source not in ("ema", "teacher"):
+            p.append(f"ode_source={self.ode_source!r}: choose ema or teacher")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            p.append(f"guidance range [{self.guidance_min}, {self.guidance_max}]: need 1 <= guidance_min <= guidance_max")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            p.append(f"caption_dropout={self.caption_dropout}: must be in [0, 1)")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            p.append(f"mixed_precision={self.mixed_precision!r}: choose no, fp16 or bf16")
+        if self.loss not in ("codi", "diffusion"):
+            p.append(f"loss={self.loss!r}: choose codi or diffusion")
+        if not 1 <= self.recommended_steps <= self.num_grid:
+            p.append(f"recommended_steps={self.recommended_steps}: must be between 1 and num_grid")
+        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
+            p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")
+        return p
+
+    @property
+    def guidance_enabled(self) -> bool:
+        return self.guidance_max > 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,363 @@
+"""The judge: a small CNN trained on the synthetic scenes that measures generated images.
+
+It answers three questions about an image of the embedded world:
+
+* attributes: the background colour, the main object's colour and its shape (the main
+  object is ``attributes["objects"][0]``, the nearest one, always fully visible);
+* features: a pooled penultimate vector used for a Frechet distance between image sets
+  (the role Inception features play for FID on natural images);
+* depth: a disparity map at the image's own resolution (1 = near, 0 = far).
+
+The network works at its training resolution (64 x 64); other sizes are resized to it
+(antialiased bilinear) and depth maps are resized back. Weights live in
+``data/judge/`` (``judge.safetensors`` + ``config.json``) and are made by
+``python recipes/train_judge.py``; see ``docs/judge.md``.
+
+Typical use::
+
+    judge = load_judge()                     # data/judge, on CPU
+    judge.predict(images)                    # {"background": [...], "colour": [...], "shape": [...]}
+    judge.score(images, prompts)             # prompt adherence accuracies
+    judge.features(images)                   # [N, D] for metrics.frechet_distance
+    judge.depth(images)                      # [N, H, W] disparity
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from condistill.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, parse_caption
+
+WEIGHTS_NAME = "judge.safetensors"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.json"
+DEFAULT_PATH = "data/judge"
+TRAIN_RECIPE = "python recipes/train_judge.py"
+ATTRIBUTES: tuple[str, ...] = ("background", "colour", "shape")
+
+
+def default_labels() -> dict[str, list[str]]:
+    """Class names of every attribute head, in the index order of ``scenes.attribute_labels``."""
+    return {
+        "background": list(BACKGROUND_COLOURS),
+        "colour": list(OBJECT_COLOURS),
+        "shape": list(SHAPES),
+    }
+
+
+@dataclass
+class JudgeConfig:
+    """Architecture of the judge network (stored as ``config.json`` next to the weights).
+
+    Attributes:
+        resolution: side of the square images the network sees; other sizes are resized.
+        widths: channels of the four encoder stages (each halves the resolution).
+        decoder_widths: channels of the depth decoder at 1/8, 1/4, 1/2 and full resolution.
+        labels: class names per attribute head.
+    """
+
+    resolution: int = 64
+    widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 16)
+    labels: dict[str, list[str]] = field(default_factory=default_labels)
+
+    def __post_init__(self):
+        self.widths = tuple(int(w) for w in self.widths)
+        self.decoder_widths = tuple(int(w) for w in self.decoder_widths)
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 and at least 16, got {self.resolution}")
+        if len(self.widths) != 4 or min(self.widths) < 1:
+            raise ValueError(f"widths must be four positive channel counts, got {self.widths}")
+        if len(self.decoder_widths) != 4 or min(self.decoder_widths) < 1:
+            raise ValueError(f"decoder_widths must be four positive channel counts, got {self.decoder_widths}")
+        missing = [a for a in ATTRIBUTES if a not in self.labels]
+        if missing:
+            raise ValueError(f"labels lacks attribute(s) {missing}; expected keys {list(ATTRIBUTES)}")
+        for name, classes in self.labels.items():
+            if len(classes) < 2:
+                raise ValueError(f"attribute {name!r} needs at least two classes, got {classes}")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.widths[-1]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["decoder_widths"] = list(self.decoder_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JudgeConfig":
+        known = {"resolution", "widths", "decoder_widths", "labels"}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Stage(nn.Sequential):
+    """Strided conv (halves the resolution) followed by a plain conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(_conv_bn(cin, cout, stride=2), _conv_bn(cout, cout))
+
+
+class _Up(nn.Module):
+    """Upsample x2, concatenate a skip connection, fuse with a conv."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.fuse = _conv_bn(cin + cskip, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([x, skip], dim=1))
+
+
+class JudgeNet(nn.Module):
+    """Encoder (4 stride-2 stages) + attribute heads on pooled features + a U-Net style depth decoder.
+
+    Input: ``float32 [N, 3, R, R]`` in ``[0, 1]`` at the configured resolution ``R``.
+    Output: dict with ``features [N, D]``, ``logits_<attr> [N, K]`` per attribute and
+    ``depth [N, R, R]`` in ``[0, 1]`` (disparity, 1 = near).
+    """
+
+    def __init__(self, config: JudgeConfig):
+        super().__init__()
+        self.config = config
+        w, d = config.widths, config.decoder_widths
+        self.stages = nn.ModuleList([_Stage(3, w[0]), _Stage(w[0], w[1]), _Stage(w[1], w[2]), _Stage(w[2], w[3])])
+        self.heads = nn.ModuleDict({name: nn.Linear(w[3], len(classes)) for name, classes in config.labels.items()})
+        self.up3 = _Up(w[3], w[2], d[0])  # -> 1/8
+        self.up2 = _Up(d[0], w[1], d[1])  # -> 1/4
+        self.up1 = _Up(d[1], w[0], d[2])  # -> 1/2
+        self.up0 = _Up(d[2], 3, d[3])  # -> full resolution, skip = the input image
+        self.depth_out = nn.Conv2d(d[3], 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = (x - 0.5) / 0.25
+        skips = []
+        for stage in self.stages:
+            h = stage(h)
+            skips.append(h)
+        features = h.mean(dim=(2, 3))
+        out = {"features": features}
+        for name, head in self.heads.items():
+            out[f"logits_{name}"] = head(features)
+        s1, s2, s3, s4 = skips
+        y = self.up3(s4, s3)
+        y = self.up2(y, s2)
+        y = self.up1(y, s1)
+        y = self.up0(y, x)
+        out["depth"] = torch.sigmoid(self.depth_out(y)).squeeze(1)
+        return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """Turn a PIL image, a list of PIL images or a float tensor into ``float32 [N, 3, H, W]`` in [0, 1]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        x = images
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensors must be [N, 3, H, W] (or [3, H, W]), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"image tensors must be floating point in [0, 1], got dtype {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError("got an empty batch of images")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -0.05 or hi > 1.05:
+            raise ValueError(
+                f"image tensors must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]; "
+                "convert [-1, 1] images with (x + 1) / 2"
+            )
+        return x.float().clamp(0, 1)
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if len(images) == 0:
+            raise ValueError("got an empty list of images")
+        arrays = []
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"images[{i}] is a {type(im).__name__}; expected PIL images or a tensor")
+            arrays.append(np.asarray(im.convert("RGB")))
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"all images of a batch must have one size, got {sorted(sizes)}")
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return x.float() / 255.0
+    raise TypeError(f"images must be a PIL image, a list of PIL images or a tensor, got {type(images).__name__}")
+
+
+class Judge:
+    """A loaded judge network with batched, resolution-agnostic inference helpers."""
+
+    def __init__(self, net: JudgeNet, device: str | torch.device = "cpu", batch_size: int = 256,
+                 info: dict | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.config = net.config
+        self.batch_size = int(batch_size)
+        self.info = info or {}
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return self.config.labels
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
+
+    @torch.no_grad()
+    def _run(self, images, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        x = images_to_tensor(images)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        R = self.config.resolution
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        for start in range(0, x.shape[0], self.batch_size):
+            xb = x[start:start + self.batch_size].to(self.device)
+            if size != (R, R):
+                xb = F.interpolate(xb, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
+            out = self.net(xb)
+            for k in keys:
+                outs[k].append(out[k].float().cpu())
+        return {k: torch.cat(v) for k, v in outs.items()}, size
+
+    def logits(self, images) -> dict[str, torch.Tensor]:
+        """Raw logits per attribute, ``{attr: [N, K]}``."""
+        keys = tuple(f"logits_{a}" for a in self.labels)
+        out, _ = self._run(images, keys)
+        return {a: out[f"logits_{a}"] for a in self.labels}
+
+    def predict(self, images) -> dict[str, list[str]]:
+        """Predicted class names per attribute: ``{"background": [...], "colour": [...], "shape": [...]}``."""
+        return {a: [self.labels[a][i] for i in lg.argmax(dim=1).tolist()] for a, lg in self.logits(images).items()}
+
+    def features(self, images) -> torch.Tensor:
+        """Pooled penultimate features ``float32 [N, D]`` (inputs to a Frechet distance)."""
+        return self._run(images, ("features",))[0]["features"]
+
+    def depth(self, images) -> torch.Tensor:
+        """Predicted disparity ``float32 [N, H, W]`` in [0, 1] at the input resolution (1 = near)."""
+        out, (H, W) = self._run(images, ("depth",))
+        d = out["depth"]
+        if d.shape[-2:] != (H, W):
+            d = F.interpolate(d.unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False).squeeze(1)
+        return d
+
+    def score(self, images, prompts: Sequence[str]) -> dict:
+        """Prompt adherence: how often the judged attributes match what each prompt names.
+
+        Each prompt is parsed with :func:`condistill.scenes.parse_caption`; an attribute the
+        prompt does not name is skipped for that image. Returns accuracies in [0, 1] (or
+        ``None`` when no prompt names the attribute) for ``background``, ``colour``
+        (main object colour), ``shape`` (main object shape) and ``both`` (background *and*
+        object colour right, over prompts naming both), plus ``n_<key>``: how many images
+        each accuracy is over, and ``n_images``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        preds = self.predict(images)
+        n = len(preds["background"])
+        if len(prompts) != n:
+            raise ValueError(f"got {n} images but {len(prompts)} prompts; pass one prompt per image")
+        hits: dict[str, list[bool]] = {"background": [], "colour": [], "both": [], "shape": []}
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}; expected a string")
+            want = parse_caption(prompt)
+            ok = {}
+            for attr in ("background", "colour", "shape"):
+                if want[attr] is not None:
+                    ok[attr] = preds[attr][i] == want[attr]
+                    hits[attr].append(ok[attr])
+            if "background" in ok and "colour" in ok:
+                hits["both"].append(ok["background"] and ok["colour"])
+        result: dict = {}
+        for key, values in hits.items():
+            result[key] = float(np.mean(values)) if values else None
+            result[f"n_{key}"] = len(values)
+        result["n_images"] = n
+        return result
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_judge_path(path: str | Path = DEFAULT_PATH) -> Path:
+    """Where a judge folder is: as given if it exists (absolute or from the cwd), else relative
+    to the repository that holds this package."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = _repo_root() / p
+    return candidate if candidate.exists() else p
+
+
+def save_judge(net: JudgeNet, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``judge.safetensors`` and ``config.json`` (architecture + ``extra`` info) to ``path``."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME))
+    cfg = {"architecture": net.config.to_dict(), "parameters": count_parameters(net)}
+    if extra:
+        cfg.update(extra)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def load_judge(path: str | Path = DEFAULT_PATH, device: str | torch.device = "cpu", batch_size: int = 256) -> Judge:
+    """Load the judge from a folder holding ``judge.safetensors`` and ``config.json``.
+
+    A relative ``path`` is tried from the current directory first, then from the
+    repository root, so the default works from anywhere inside or outside the checkout.
+    """
+    from safetensors.torch import load_file
+
+    folder = resolve_judge_path(path)
+    weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    for f in (weights, config_file):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"judge file {f} is missing (looked for {path!r} from {Path.cwd()} and from {_repo_root()}); "
+                f"train the judge with `{TRAIN_RECIPE} --output-dir {path}` or pass the folder that holds "
+                f"{WEIGHTS_NAME} and {CONFIG_NAME}"
+            )
+    info = json.loads(config_file.read_text())
+    if "architecture" not in info:
+        raise ValueError(f"{config_file} has no 'architecture' entry; is it a judge config written by {TRAIN_RECIPE}?")
+    net = JudgeNet(JudgeConfig.from_dict(info["architecture"]))
+    state = load_file(str(weights))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match the architecture in {config_file}: "
+            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    return Judge(net, device=device, batch_size=batch_size, info=info)

@@ -1,0 +1,318 @@
+"""Pure losses of single-stage conditional distillation (CoDi, Mei et al. CVPR 2024).
+
+Models enter only as callables ``fn(z, t) -> raw model output`` in the teacher's prediction
+type: the caller closes over conditioning, guidance and which weights (online, EMA, frozen
+teacher) each branch uses.  Every loss returns one value per sample (``[B]``); the caller
+reduces.
+
+One CoDi training step (DESIGN.md section 1), with ``a_t = sqrt(abar_t)``, ``s_t = sqrt(1 - abar_t)``
+and the consistency function ``F(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t)``::
+
+    k ~ U{1..N-1},  t = grid[k],  s = grid[k-1],  z_t = a_t z0 + s_t eps
+    (x0, eps_hat) = ode_fn(z_t, t)                        # no grad
+    z_s    = a_s x0 + s_s eps_hat                         # one DDIM step
+    target = F_target(z_s, s)                             # no grad
+    online = F_theta(z_t, t)                              # with grad
+    loss   = d(online, sg(target)) + lambda * ||online - z0||^2
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .schedule import add_noise, alpha_sigma, consistency_function, normalize_prediction_type, split_prediction
+
+__all__ = [
+    "DISTANCES",
+    "distance",
+    "guided_output",
+    "sample_grid_index",
+    "codi_loss",
+    "diffusion_loss",
+]
+
+DISTANCES = ("l2", "huber")
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001) -> torch.Tensor:
+    """Per-sample distance between two batches.
+
+    With ``m = mean over non-batch dims of (pred - target)^2`` (the per-sample mean squared error,
+    so ``sqrt(m)`` is the per-sample RMS difference ``d``):
+
+    * ``"l2"``:    ``m``
+    * ``"huber"``: ``sqrt(m + c^2) - c = sqrt(d^2 + c^2) - c`` (pseudo-Huber of the RMS, Song &
+      Dhariwal 2023).  It behaves like ``d^2 / (2c)`` for ``d << c`` and like ``d`` for ``d >> c``;
+      because ``d`` is an RMS (not an L2 norm) ``c`` does not depend on the latent size.  Computed
+      without a square root of ``m`` alone, so the gradient is finite at ``pred == target``.
+
+    Args:
+        pred, target: ``[B, ...]`` of equal shape.
+        kind: ``"l2"`` or ``"huber"``.
+        huber_c: ``c > 0`` of the pseudo-Huber distance.
+
+    Returns:
+        ``[B]`` float32 (or wider) tensor.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}.")
+    if pred.ndim < 1:
+        raise ValueError("distance needs batched tensors [B, ...]; got a 0-d tensor.")
+    diff = pred.float() - target.float()
+    m = diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+    if kind == "l2":
+        return m
+    if kind == "huber":
+        if not huber_c > 0:
+            raise ValueError(f"huber_c must be > 0, got {huber_c}; the default is 0.001.")
+        return torch.sqrt(m + huber_c**2) - huber_c
+    raise ValueError(f"Unknown distance {kind!r}; use one of {list(DISTANCES)}.")
+
+
+_distance = distance  # codi_loss has a keyword argument named ``distance``
+
+
+def _duplicate(value: Any, batch: int, name: str) -> Any:
+    """``[B, ...]`` tensors -> ``[2B, ...]`` (``cat([v, v])``); lists/tuples/dicts recursively; others unchanged."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            return value
+        if value.shape[0] != batch:
+            raise ValueError(
+                f"model kwarg {name!r} has leading size {value.shape[0]} but the batch size is {batch}; "
+                "pass per-sample tensors [B, ...] (expand them first) or a 0-d tensor."
+            )
+        return torch.cat([value, value], dim=0)
+    if isinstance(value, Mapping):
+        return {k: _duplicate(v, batch, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_duplicate(v, batch, f"{name}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _expand_batch(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if not isinstance(emb, torch.Tensor) or emb.ndim < 1:
+        raise ValueError(f"{name} must be a tensor [B, ...] or [1, ...], got {type(emb).__name__}.")
+    if emb.shape[0] == batch:
+        return emb
+    if emb.shape[0] == 1:
+        return emb.expand(batch, *emb.shape[1:])
+    raise ValueError(f"{name} has batch size {emb.shape[0]}; expected {batch} (the latent batch) or 1.")
+
+
+def guided_output(
+    model_fn: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    t: int | torch.Tensor,
+    cond_emb: torch.Tensor,
+    uncond_emb: torch.Tensor | None,
+    guidance: float | torch.Tensor | None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """Classifier-free guidance with one model call: ``out = uncond + w * (cond - uncond)``.
+
+    ``model_fn(z, t, emb, **model_kwargs)`` is called:
+
+    * once on ``(z, t, cond_emb)`` when ``guidance`` is ``None`` or every scale equals 1 (no doubling);
+    * otherwise once on the batch concatenated as **[uncond, cond]**: ``z``, a per-sample ``t`` and
+      every per-sample tensor in ``model_kwargs`` (also inside lists/tuples/dicts, e.g. ControlNet
+      conditioning or SDXL ``added_cond_kwargs``) are duplicated as ``cat([x, x])``, the embeddings as
+      ``cat([uncond_emb, cond_emb])``; the output is split in that same order (first half uncond).
+
+    Args:
+        model_fn: callable returning ``[B', C, H, W]`` for a batch of ``B'`` latents.
+        z: ``[B, C, H, W]`` latents.
+        t: LongTensor ``[B]`` or a scalar timestep (not duplicated).
+        cond_emb: ``[B, L, D]`` (or ``[1, L, D]``) conditional text embedding.
+        uncond_emb: ``[B, L, D]`` or ``[1, L, D]`` unconditional (empty-prompt) embedding; may be
+            ``None`` only when no guidance is applied.
+        guidance: ``w`` as a float, a tensor ``[B]`` (one scale per sample) or ``None``.
+
+    Returns:
+        ``[B, C, H, W]`` guided output.
+    """
+    batch = z.shape[0]
+    cond_emb = _expand_batch(cond_emb, batch, "cond_emb")
+    if guidance is None:
+        return model_fn(z, t, cond_emb, **model_kwargs)
+    if isinstance(guidance, torch.Tensor):
+        w = guidance.to(device=z.device, dtype=torch.float32)
+        if w.ndim == 0:
+            w = w.reshape(1)
+        if w.ndim != 1 or w.shape[0] not in (1, batch):
+            raise ValueError(f"guidance must be a float or a tensor [B] with B={batch}, got shape {tuple(guidance.shape)}.")
+        single = bool((w == 1).all())
+    else:
+        w = torch.tensor([float(guidance)], device=z.device, dtype=torch.float32)
+        single = float(guidance) == 1.0
+    if single:
+        return model_fn(z, t, cond_emb, **model_kwargs)
+    if uncond_emb is None:
+        raise ValueError("uncond_emb is required when guidance != 1; pass the empty-prompt embedding.")
+    uncond_emb = _expand_batch(uncond_emb, batch, "uncond_emb")
+    if uncond_emb.shape[1:] != cond_emb.shape[1:]:
+        raise ValueError(
+            f"uncond_emb shape {tuple(uncond_emb.shape)} and cond_emb shape {tuple(cond_emb.shape)} must match "
+            "after the batch dimension (encode the empty prompt with the same tokenizer length)."
+        )
+    t_in = t
+    if isinstance(t, torch.Tensor) and t.ndim >= 1:
+        if t.ndim != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(f"t must be a scalar or have shape [B] with B={batch}, got {tuple(t.shape)}.")
+        if t.shape[0] == batch:
+            t_in = torch.cat([t, t], dim=0)
+    kwargs = {k: _duplicate(v, batch, k) for k, v in model_kwargs.items()}
+    out = model_fn(torch.cat([z, z], dim=0), t_in, torch.cat([uncond_emb, cond_emb], dim=0), **kwargs)
+    if out.shape[0] != 2 * batch:
+        raise ValueError(f"model_fn returned batch {out.shape[0]} for an input batch of {2 * batch}.")
+    uncond, cond = out[:batch], out[batch:]
+    w = w.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype)
+    return uncond + w * (cond - uncond)
+
+
+def sample_grid_index(
+    batch: int, num_grid: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Draw grid indices ``k ~ U{1, ..., N-1}`` (k >= 1 so that ``grid[k-1]`` exists).
+
+    Args:
+        batch: B.
+        num_grid: N >= 2.
+        generator: optional ``torch.Generator`` for reproducible draws (its device is used).
+        device: where to put the result (defaults to the generator's device, else CPU).
+
+    Returns:
+        LongTensor ``[B]``.
+    """
+    if int(num_grid) < 2:
+        raise ValueError(f"num_grid must be >= 2 to form (t, s) pairs on the grid, got {num_grid}.")
+    if int(batch) < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}.")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    k = torch.randint(1, int(num_grid), (int(batch),), generator=generator, device=gen_device)
+    return k.to(device) if device is not None else k
+
+
+def codi_loss(
+    online_fn: ModelFn,
+    target_fn: ModelFn,
+    ode_fn: ModelFn,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    grid_index: torch.Tensor,
+    grid: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    *,
+    distance: str = "l2",
+    huber_c: float = 0.001,
+    regression_weight: float = 1.0,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample CoDi loss (DESIGN.md section 1, steps 1-5).
+
+    ::
+
+        t = grid[k], s = grid[k-1],  z_t = a_t z0 + s_t eps                          (1)
+        no grad: (x0, eps_hat) <- ode_fn(z_t, t);  z_s = a_s x0 + s_s eps_hat           (2)
+        no grad: target = F(target_fn(z_s, s); z_s, s)                                   (3)
+        online = F(online_fn(z_t, t); z_t, t)                                            (4)
+        loss = d(online, sg(target)) + lambda * mean((online - z0)^2)                    (5)
+
+    ``F(out; z, t) = c_skip(t) z + c_out(t) x0_hat(out, z, t)``.  ``ode_fn`` is the EMA conditional
+    student (the paper's default) or the frozen teacher; ``target_fn`` is the EMA student.  Both run
+    under ``torch.no_grad()``; only ``online_fn`` carries gradients.
+
+    Args:
+        online_fn, target_fn, ode_fn: ``fn(z [B,C,H,W], t LongTensor [B]) -> [B,C,H,W]`` raw output
+            in the teacher's prediction type (guidance and conditioning already applied).
+        z0: ``[B, C, H, W]`` clean latents.
+        noise: ``[B, C, H, W]`` standard normal noise.
+        grid_index: LongTensor ``[B]``, values in ``[1, N-1]`` (:func:`sample_grid_index`).
+        grid: LongTensor ``[N]`` from :func:`condistill.schedule.skip_grid`.
+        alphas_cumprod: ``[T]`` teacher ``abar``.
+        prediction_type: teacher's prediction type (aliases accepted).
+        distance: ``"l2"`` or ``"huber"`` (see :func:`distance`).
+        huber_c: pseudo-Huber constant.
+        regression_weight: ``lambda`` of the conditional regression term (0 disables it).
+        sigma_data, timestep_scaling: boundary-scaling constants.
+
+    Returns:
+        ``(loss [B], info)`` with ``info`` holding detached ``[B]`` tensors: ``"distill"``,
+        ``"regression"``, ``"t"``, ``"s"``.
+    """
+    kind = normalize_prediction_type(prediction_type)
+    if z0.shape != noise.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} must equal the latent shape {tuple(z0.shape)}.")
+    grid = torch.as_tensor(grid).to(z0.device)
+    k = torch.as_tensor(grid_index).to(device=z0.device, dtype=torch.long)
+    if k.ndim != 1 or k.shape[0] != z0.shape[0]:
+        raise ValueError(f"grid_index must be a LongTensor [B] with B={z0.shape[0]}, got shape {tuple(k.shape)}.")
+    if bool(((k < 1) | (k >= grid.numel())).any()):
+        raise ValueError(
+            f"grid_index values must lie in [1, {grid.numel() - 1}] (k >= 1 so that s = grid[k-1] exists); "
+            "draw them with sample_grid_index."
+        )
+    if regression_weight < 0:
+        raise ValueError(f"regression_weight must be >= 0, got {regression_weight}.")
+    t, s = grid[k], grid[k - 1]
+    z_t = add_noise(z0, noise, t, alphas_cumprod)
+
+    with torch.no_grad():
+        a_t, s_t = alpha_sigma(alphas_cumprod, t, ndim=z0.ndim)
+        x0_ode, eps_ode = split_prediction(ode_fn(z_t, t), z_t, a_t, s_t, kind)
+        a_s, s_s = alpha_sigma(alphas_cumprod, s, ndim=z0.ndim)
+        z_s = (a_s * x0_ode + s_s * eps_ode).to(z0.dtype)
+        target, _, _ = consistency_function(
+            target_fn(z_s, s), z_s, s, alphas_cumprod, kind, sigma_data, timestep_scaling
+        )
+    target = target.detach()
+
+    online, _, _ = consistency_function(online_fn(z_t, t), z_t, t, alphas_cumprod, kind, sigma_data, timestep_scaling)
+    distill = _distance(online, target, distance, huber_c)
+    regression = _distance(online, z0, "l2")
+    loss = distill + regression_weight * regression
+    info = {"distill": distill.detach(), "regression": regression.detach(), "t": t, "s": s}
+    return loss, info
+
+
+def diffusion_loss(
+    model_fn: ModelFn,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """Conventional denoising loss of the baselines: ``mean((model_fn(z_t, t) - target)^2)`` per sample.
+
+    ``z_t = a_t z0 + s_t eps``; target ``eps`` (epsilon), ``v = a_t eps - s_t z0`` (v_prediction) or
+    ``z0`` (sample).
+
+    Args:
+        model_fn: ``fn(z [B,C,H,W], t [B]) -> [B,C,H,W]``.
+        z0, noise: ``[B, C, H, W]``.
+        t: LongTensor ``[B]`` of training timesteps in ``[0, T)``.
+        alphas_cumprod: ``[T]``.
+        prediction_type: the model's prediction type (aliases accepted).
+
+    Returns:
+        ``[B]`` per-sample mean squared error.
+    """
+    kind = normalize_prediction_type(prediction_type)
+    if z0.shape != noise.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} must equal the latent shape {tuple(z0.shape)}.")
+    t = torch.as_tensor(t).to(device=z0.device, dtype=torch.long)
+    z_t = add_noise(z0, noise, t, alphas_cumprod)
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        a, s = alpha_sigma(alphas_cumprod, t, ndim=z0.ndim)
+        target = a * noise - s * z0
+    else:
+        target = z0
+    return _distance(model_fn(z_t, t), target, "l2")

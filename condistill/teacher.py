@@ -1,0 +1,523 @@
+"""Building blocks of the tiny embedded text-to-image teacher.
+
+The teacher is a real (small) Stable-Diffusion-style latent diffusion model in the
+standard diffusers layout, trained from scratch on :mod:`condistill.scenes`:
+
+* tokenizer: a ``transformers.CLIPTokenizer`` whose byte-level BPE files are generated
+  offline from :func:`condistill.scenes.vocabulary` so every scene word is one token;
+* text encoder: ``CLIPTextModel`` built from a small ``CLIPTextConfig``;
+* VAE: ``AutoencoderKL`` that downsamples by 4 (64x64 RGB -> 4x16x16 latents);
+* UNet: ``UNet2DConditionModel`` with cross-attention on the text encoder, epsilon
+  prediction;
+* scheduler: the SD-1.x noise schedule (scaled_linear, 0.00085..0.012, 1000 steps),
+  stored as a ``PNDMScheduler`` config exactly like real SD 1.5 folders.
+
+``recipes/pretrain_teacher.py`` wires these together; nothing here is specific to a
+command line. The saved folder loads with plain ``diffusers.StableDiffusionPipeline``
+and needs no condistill import.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from condistill.scenes import generate_scene, vocabulary
+
+SPECIAL_BOS = "<|startoftext|>"
+SPECIAL_EOS = "<|endoftext|>"
+
+# SD-1.x noise schedule (the values in stable-diffusion-v1-5/scheduler/scheduler_config.json)
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+# --------------------------------------------------------------------------- tokenizer
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2/CLIP reversible byte -> printable unicode character table.
+
+    Printable latin-1 bytes map to themselves; the remaining bytes (controls, space,
+    soft hyphen...) map to code points from 256 upwards, in byte order.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    table: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    # CLIP orders its base vocabulary printable bytes first, then the remapped ones
+    ordered = {b: table[b] for b in printable}
+    ordered.update({b: table[b] for b in range(256) if b not in printable})
+    return ordered
+
+
+def clip_bpe_files(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """Vocabulary and merge list of a CLIP byte-level BPE in which every word is one token.
+
+    The base vocabulary is CLIP's: the 256 byte symbols, then the same with the ``</w>``
+    end-of-word suffix. Each word is then built by merging from its end: for ``red`` the
+    merges are ``e d</w>`` then ``r ed</w>``. Every merge's right side ends in ``</w>``,
+    so inside a word only the final pair can ever be merged: a known word always collapses
+    to its single token whatever the merge ranks, and an unknown word falls back to known
+    suffixes and single byte symbols (nothing is ever mapped to an unknown token).
+    Returns ``(vocab, merges)`` with the two special tokens last, as in CLIP.
+    """
+    if isinstance(words, str):
+        raise TypeError("words must be a sequence of words, not a single string")
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens: list[str] = byte_symbols + [s + "</w>" for s in byte_symbols]
+    known = set(tokens)
+    merges: list[str] = []
+    seen_merges: set[str] = set()
+    for raw in words:
+        if not isinstance(raw, str) or not raw.strip():
+            raise ValueError(f"vocabulary words must be non-empty strings, got {raw!r}")
+        word = raw.strip().lower()
+        if any(ch.isspace() for ch in word):
+            raise ValueError(f"vocabulary entries must be single words, got {raw!r}")
+        table = bytes_to_unicode()
+        symbols = [table[b] for b in word.encode("utf-8")]
+        suffix = symbols[-1] + "</w>"
+        for left in reversed(symbols[:-1]):
+            merge = f"{left} {suffix}"
+            suffix = left + suffix
+            if merge not in seen_merges:
+                seen_merges.add(merge)
+                merges.append(merge)
+            if suffix not in known:
+                known.add(suffix)
+                tokens.append(suffix)
+    tokens += [SPECIAL_BOS, SPECIAL_EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def write_tokenizer_files(folder: str | Path, words: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``vocab.json`` and ``merges.txt`` (CLIP format) for ``words`` into ``folder``."""
+    vocab, merges = clip_bpe_files(vocabulary() if words is None else words)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_path, merges_path
+
+
+def build_tokenizer(words: Sequence[str] | None = None, model_max_length: int = 32):
+    """A ``transformers.CLIPTokenizer`` in which every word of ``words`` (default: the scene
+    vocabulary) is a single token. Padding uses ``<|endoftext|>`` as in SD 1.x."""
+    from transformers import CLIPTokenizer
+
+    if model_max_length < 4:
+        raise ValueError(f"model_max_length must be at least 4 tokens, got {model_max_length}")
+    vocab, merges = clip_bpe_files(vocabulary() if words is None else words)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in merges],
+        model_max_length=model_max_length,
+        bos_token=SPECIAL_BOS,
+        eos_token=SPECIAL_EOS,
+        pad_token=SPECIAL_EOS,
+        unk_token=SPECIAL_EOS,
+    )
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids exactly as ``StableDiffusionPipeline.encode_prompt`` makes them."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+# --------------------------------------------------------------------------- model configs
+@dataclass
+class TeacherArchitecture:
+    """Sizes of the teacher's networks (defaults: the committed ``data/tiny-teacher``)."""
+
+    resolution: int = 64
+    # text encoder
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_intermediate: int = 256
+    max_length: int = 32
+    # VAE
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_norm_groups: int = 16
+    latent_channels: int = 4
+    # UNet
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_cross_attention: tuple[bool, ...] = (False, True, True)
+    unet_heads: int = 4
+    unet_layers_per_block: int = 1
+    unet_norm_groups: int = 32
+
+    def __post_init__(self):
+        self.vae_channels = tuple(int(c) for c in self.vae_channels)
+        self.unet_channels = tuple(int(c) for c in self.unet_channels)
+        self.unet_cross_attention = tuple(bool(c) for c in self.unet_cross_attention)
+        if len(self.vae_channels) < 2:
+            raise ValueError("vae_channels needs at least two levels (one downsampling step)")
+        if any(c % self.vae_norm_groups for c in self.vae_channels):
+            raise ValueError(f"every VAE width {self.vae_channels} must be divisible by vae_norm_groups={self.vae_norm_groups}")
+        if any(c % self.unet_norm_groups for c in self.unet_channels):
+            raise ValueError(f"every UNet width {self.unet_channels} must be divisible by unet_norm_groups={self.unet_norm_groups}")
+        if len(self.unet_cross_attention) != len(self.unet_channels):
+            raise ValueError("unet_cross_attention needs one flag per UNet level "
+                             f"({len(self.unet_channels)}), got {len(self.unet_cross_attention)}")
+        if self.text_hidden % self.text_heads:
+            raise ValueError(f"text_hidden={self.text_hidden} must be divisible by text_heads={self.text_heads}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"resolution {self.resolution} must be divisible by the VAE factor {self.downsample_factor}")
+        latent = self.latent_size
+        if latent % (2 ** (len(self.unet_channels) - 1)):
+            raise ValueError(f"latent size {latent} must be divisible by 2**(UNet levels - 1)")
+        for name in ("text_layers", "text_intermediate", "max_length", "latent_channels", "unet_heads",
+                     "unet_layers_per_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+
+def build_text_encoder(arch: TeacherArchitecture, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_length,
+        hidden_act="quick_gelu",
+        projection_dim=arch.text_hidden,
+        attention_dropout=0.0,
+        dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_vae(arch: TeacherArchitecture):
+    from diffusers import AutoencoderKL
+
+    n = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=arch.vae_channels,
+        layers_per_block=1,
+        latent_channels=arch.latent_channels,
+        norm_num_groups=arch.vae_norm_groups,
+        sample_size=arch.resolution,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+    )
+
+
+def build_unet(arch: TeacherArchitecture):
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in arch.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(arch.unet_cross_attention))
+    return UNet2DConditionModel(
+        sample_size=arch.latent_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.unet_layers_per_block,
+        cross_attention_dim=arch.text_hidden,
+        attention_head_dim=arch.unet_heads,  # diffusers' legacy name: number of heads
+        norm_num_groups=arch.unet_norm_groups,
+    )
+
+
+def build_scheduler():
+    """The SD 1.5 scheduler folder: PNDM with the scaled_linear schedule, epsilon prediction."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        **SD_SCHEDULE,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+
+
+def build_training_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- data
+def render_scenes(num_scenes: int, split: str = "train", resolution: int = 64, seed: int = 0
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Scenes ``0..num_scenes-1`` of ``split`` as ``uint8 [N, 3, H, W]`` plus their captions."""
+    if num_scenes < 1:
+        raise ValueError(f"num_scenes must be positive, got {num_scenes}")
+    images = np.empty((num_scenes, resolution, resolution, 3), dtype=np.uint8)
+    captions: list[str] = []
+    for i in range(num_scenes):
+        rec = generate_scene(i, split, resolution, seed)
+        images[i] = np.asarray(rec.image)
+        captions.append(rec.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, 3, H, W]`` -> ``float32`` in ``[-1, 1]`` (the VAE's pixel convention)."""
+    return images_u8.float().div(127.5).sub(1.0)
+
+
+# --------------------------------------------------------------------------- helpers
+class EMA:
+    """Exponential moving average of a module's parameters (warm-started decay)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], max_decay: float = 0.999):
+        if not 0.0 < max_decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {max_decay}")
+        self.max_decay = max_decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+Logger = Callable[[str], None]
+
+
+@dataclass
+class LossHistory:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- VAE training
+def train_vae(vae, images_u8: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
+              crop: int, full_res_fraction: float, generator: torch.Generator, log: Logger = print,
+              log_every: int = 50) -> LossHistory:
+    """Train ``vae`` for reconstruction (L1 + MSE) plus ``kl_weight`` x KL.
+
+    Most steps see random ``crop x crop`` windows (the VAE is fully convolutional, and
+    crops are 4x cheaper at 32 px); the last ``full_res_fraction`` of the steps use whole
+    images so the group-norm statistics match full-resolution use.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    N, _, H, W = images_u8.shape
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if crop > H or crop % factor:
+        raise ValueError(f"crop {crop} must be <= {H} and a multiple of the VAE factor {factor}")
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    full_from = steps - int(round(steps * full_res_fraction))
+    hist, t0, running = LossHistory(), time.time(), []
+    vae.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=min(50, max(1, steps // 10)))
+        idx = torch.randint(0, N, (batch_size,), generator=generator)
+        x = to_unit_range(images_u8[idx])
+        if step < full_from and crop < H:
+            oy = int(torch.randint(0, (H - crop) // factor + 1, (1,), generator=generator)) * factor
+            ox = int(torch.randint(0, (W - crop) // factor + 1, (1,), generator=generator)) * factor
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator)
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = post.kl().mean() / (x.shape[-1] * x.shape[-2])  # per pixel, comparable across crops
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        running.append(float(rec_loss))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            mean_loss = float(np.mean(running))
+            running = []
+            hist.steps.append(step + 1)
+            hist.losses.append(mean_loss)
+            log(f"vae step {step + 1}/{steps} rec {mean_loss:.4f} kl {float(kl):.3f} "
+                f"{'full' if step >= full_from else 'crop'} {time.time() - t0:.0f}s")
+    hist.seconds = time.time() - t0
+    vae.eval()
+    return hist
+
+
+@torch.no_grad()
+def encode_latents(vae, images_u8: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled latents)."""
+    vae.eval()
+    means, stds = [], []
+    for start in range(0, images_u8.shape[0], batch_size):
+        post = vae.encode(to_unit_range(images_u8[start:start + batch_size])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images_u8: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean absolute error in 0..255 pixel units of decode(posterior mean)."""
+    errs = []
+    for start in range(0, images_u8.shape[0], batch_size):
+        x = to_unit_range(images_u8[start:start + batch_size])
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        errs.append((rec - x).abs().mean(dim=(1, 2, 3)) * 127.5)
+    return float(torch.cat(errs).mean())
+
+
+# --------------------------------------------------------------------------- UNet training
+def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
+               token_ids: torch.Tensor, empty_ids: torch.Tensor, steps: int, batch_size: int, lr: float,
+               caption_dropout: float, snr_gamma: float | None, ema_decay: float, generator: torch.Generator,
+               log: Logger = print, log_every: int = 50) -> tuple[LossHistory, EMA]:
+    """Jointly train ``unet`` and the from-scratch ``text_encoder`` with the epsilon loss.
+
+    Latents are drawn from the stored posterior (mean + std * noise) and scaled by
+    ``scaling_factor``; captions are replaced by the empty prompt with probability
+    ``caption_dropout`` (classifier-free guidance); ``snr_gamma`` enables Min-SNR loss
+    weighting (Hang et al. 2023), which speeds up convergence of short runs. Returns the
+    loss history and the EMA of both networks' weights (copy it in before saving).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not 0.0 <= caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+    if latent_mean.shape[0] != token_ids.shape[0]:
+        raise ValueError(f"{latent_mean.shape[0]} latents but {token_ids.shape[0]} captions")
+    noise_sched = build_training_noise_scheduler()
+    alphas_cumprod = noise_sched.alphas_cumprod.float()
+    T = noise_sched.config.num_train_timesteps
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = EMA([unet, text_encoder], max_decay=ema_decay)
+    N = latent_mean.shape[0]
+    hist, t0, running = LossHistory(), time.time(), []
+    unet.train()
+    text_encoder.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=min(200, max(1, steps // 10)))
+        idx = torch.randint(0, N, (batch_size,), generator=generator)
+        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
+        z0 = z0 * scaling_factor
+        ids = token_ids[idx].clone()
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        ids[drop] = empty_ids
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, T, (batch_size,), generator=generator)
+        zt = noise_sched.add_noise(z0, noise, t)
+        hidden = text_encoder(ids)[0]
+        pred = unet(zt, t, hidden).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma is not None:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
+        loss = per_sample.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        running.append(float(loss))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            mean_loss = float(np.mean(running))
+            running = []
+            hist.steps.append(step + 1)
+            hist.losses.append(mean_loss)
+            el = time.time() - t0
+            log(f"unet step {step + 1}/{steps} loss {mean_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{el:.0f}s ({el / (step + 1):.2f}s/step)")
+    hist.seconds = time.time() - t0
+    unet.eval()
+    text_encoder.eval()
+    return hist, ema
+
+
+# --------------------------------------------------------------------------- saving
+def save_teacher(output_dir: str | Path, vae, text_encoder, tokenizer, unet, scheduler) -> Path:
+    """Save a standard ``StableDiffusionPipeline`` folder (fp32 safetensors, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def folder_size_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,251 @@
+"""The training loop: frozen base + trainable adapter + condition + data -> adapter files.
+
+One visible loop (``distill``); the loss itself is the pure ``condistill.losses.codi_loss``
+and every random draw of step ``i`` comes from a generator seeded by ``(seed, i)``, so a
+resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from condistill.adapters import build_student
+from condistill.base import load_base
+from condistill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from condistill.conditions import get_condition
+from condistill.config import DistillConfig
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import open_source
+from condistill.ema import EMA
+from condistill.export import save_adapter
+from condistill.losses import codi_loss, diffusion_loss, guided_output, sample_grid_index
+from condistill.plots import plot_loss_curve, save_validation_grid
+from condistill.schedule import skip_grid
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StepBatchSampler(Sampler):
+    """Index batches for optimizer micro-steps ``start, start+1, ...``.
+
+    Epoch ``e`` visits the data in a permutation seeded by ``(seed, e)``, so the batch of a
+    given micro-step does not depend on where the run was (re)started.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
+
+    def batch(self, micro_step: int) -> list[int]:
+        first = micro_step * self.batch_size
+        out = []
+        for pos in range(first, first + self.batch_size):
+            epoch, i = divmod(pos, self.size)
+            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            out.append(int(perm[i]))
+        return out
+
+    def __iter__(self):
+        return (self.batch(m) for m in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _repeat(features, n: int):
+    if features is None:
+        return None
+    if isinstance(features, torch.Tensor):
+        return features.repeat(n, *([1] * (features.dim() - 1)))
+    return type(features)(_repeat(f, n) for f in features)
+
+
+def make_model_fn(model, features, batch: int, use_adapter: bool = True):
+    """``fn(z, t, emb)`` for ``guided_output``: features follow a doubled CFG batch."""
+
+    def fn(z, t, emb):
+        feats = features if z.shape[0] == batch else _repeat(features, z.shape[0] // batch)
+        return model(z, t, emb, feats, use_adapter=use_adapter)
+
+    return fn
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+
+
+def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, alphas, uncond, micro_step):
+    """Per-sample loss ``[B]`` and diagnostics for one micro-batch (codi or diffusion)."""
+    device = alphas.device
+    g = step_generator(cfg.seed, micro_step)
+    with torch.no_grad():
+        z0 = base.encode_images(batch["pixel_values"].to(device, base.dtype)).float()
+        captions = ["" if torch.rand((), generator=g) < cfg.caption_dropout else c for c in batch["caption"]]
+        emb = base.encode_prompts(captions)
+    b = z0.shape[0]
+    noise = torch.randn(z0.shape, generator=g).to(device)
+    cond = batch["conditioning"].to(device)
+    w = None
+    if cfg.guidance_enabled:
+        w = (cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=g)).to(device)
+    features = student.encode_condition(cond)
+    online = make_model_fn(model, features, b)
+    if cfg.loss == "diffusion":
+        t = torch.randint(0, alphas.shape[0], (b,), generator=g).to(device)
+        loss = diffusion_loss(lambda z, tt: online(z, tt, emb), z0, noise, t, alphas, base.prediction_type)
+        return loss, {}
+
+    def ema_fn(z, t):
+        with ema.swapped_in(student), torch.no_grad():
+            f = make_model_fn(student, student.encode_condition(cond), b)
+            return guided_output(f, z, t, emb, uncond, w)
+
+    def teacher_fn(z, t):
+        with torch.no_grad():
+            return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
+
+    k = sample_grid_index(b, cfg.num_grid, g).to(device)
+    return codi_loss(
+        lambda z, t: guided_output(online, z, t, emb, uncond, w), ema_fn,
+        ema_fn if cfg.ode_source == "ema" else teacher_fn,
+        z0, noise, k, grid, alphas, base.prediction_type,
+        distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
+    )
+
+
+def _guard_output_dir(out: Path, cfg: DistillConfig, resume_from: Path | None) -> None:
+    if resume_from is None and list_checkpoints(out) and cfg.resume != "latest":
+        raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue it "
+                              f"or choose another --output-dir (nothing was overwritten)")
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Train ``cfg.adapter`` on ``cfg.condition`` against the frozen ``cfg.base``; return the run folder.
+
+    The run folder holds the EMA adapter export at its root (what ``load_adapter`` reads),
+    ``checkpoints/`` (resumable training state), ``logs/`` (TensorBoard), ``loss.jsonl``,
+    ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids.
+    """
+    out = Path(cfg.output_dir)
+    resume_from = resolve_resume(out, cfg.resume)
+    _guard_output_dir(out, cfg, resume_from)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device = accelerator.device
+    base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
+    resolution = cfg.resolution or base.resolution
+    condition = get_condition(cfg.condition, **cfg.condition_options)
+    student = build_student(cfg.adapter, base.unet, condition.channels, **cfg.adapter_options).to(device)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    params = student.trainable_named_parameters()
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    ema = EMA(params)
+    start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
+    cfg.save(out / "config.json")
+
+    source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
+    dataset = ConditionDataset(source, condition, resolution, seed=cfg.seed)
+    accum = cfg.gradient_accumulation_steps
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * accum, cfg.max_steps * accum)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    grid = skip_grid(base.num_train_timesteps, cfg.num_grid).to(device)
+    alphas = base.alphas_cumprod.to(device)
+    uncond = base.encode_prompts([""])
+    validation = _validation_batch(cfg, condition, resolution)
+    log_path = out / "loss.jsonl"
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not accelerator.is_main_process)
+    it, t_last, seen = iter(loader), time.perf_counter(), 0
+    for step in range(start, cfg.max_steps):
+        student.train()
+        for j in range(accum):
+            batch = next(it)
+            with accelerator.accumulate(model):
+                loss, info = training_loss(cfg, student, model, ema, base, batch, grid, alphas, uncond, step * accum + j)
+                accelerator.backward(loss.mean())
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += batch["pixel_values"].shape[0]
+        lr_scheduler.step()
+        ema.update(params, cfg.ema_decay)
+        done = step + 1
+        if not math.isfinite(loss.mean().item()):
+            raise FloatingPointError(f"loss became {loss.mean().item()} at step {done}; lower --learning-rate "
+                                     f"or use --mixed-precision no (last checkpoint is kept)")
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            now = time.perf_counter()
+            record = {"step": done, "loss": loss.mean().item(), "lr": lr_scheduler.get_last_lr()[0],
+                      "images_per_s": seen / max(now - t_last, 1e-9),
+                      **{k: float(v.mean()) for k, v in info.items() if torch.is_tensor(v)}}
+            t_last, seen = now, 0
+            accelerator.log(record, step=done)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        if accelerator.is_main_process:
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
+                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints)
+            if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
+                _validate(out, done, base, student, ema, validation, cfg)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints)
+        _validate(out, cfg.max_steps, base, student, ema, validation, cfg)
+        with ema.swapped_in(student):
+            save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
+                         condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
+                         prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
+                         recommended_guidance=1.0 if not cfg.guidance_enabled else (cfg.guidance_min + cfg.guidance_max) / 2,
+                         resolution=resolution, extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
+        plot_loss_curve(log_path, out / "loss.png")
+    accelerator.end_training()
+    return out
+
+
+def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int = 8) -> dict:
+    spec = "synthetic:heldout:64" if cfg.data.startswith("synthetic") else cfg.data
+    source = open_source(spec, resolution=resolution, **({} if spec.startswith("synthetic") else cfg.data_options))
+    items = ConditionDataset(source, condition, resolution, seed=cfg.seed + 1)
+    return collate([items[i] for i in range(min(count, len(items)))])
+
+
+@torch.no_grad()
+def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig) -> Path:
+    from condistill.sampling import sample_images
+
+    student.eval()
+    device = base.device
+    cond = batch["conditioning"].to(device)
+    rows = []
+    with ema.swapped_in(student):
+        features = student.encode_condition(cond)
+        fn = make_model_fn(student, features, cond.shape[0])
+        for steps in (1, 2, 4):
+            rows.append(sample_images(base, fn, batch["caption"], steps, num_grid=cfg.num_grid, seed=cfg.seed))
+    student.train()
+    return save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch, rows, ["1 step", "2 steps", "4 steps"])

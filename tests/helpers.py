@@ -1,0 +1,186 @@
+"""Tiny, randomly initialised diffusers components for fast offline tests.
+
+Nothing here downloads anything: every component is built inline from a tiny config,
+the CLIP tokenizer from a vocab.json + merges.txt written into the test's temporary folder,
+and the result is saved with ``save_pretrained`` into a standard diffusers folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_WORDS = ["a", "the", "red", "blue", "green", "cube", "ball", "photo", "of", "on", "sky"]
+
+
+def write_tiny_clip_tokenizer_files(folder: str | Path) -> tuple[Path, Path]:
+    """Write a tiny CLIP BPE vocabulary (``vocab.json``, ``merges.txt``) into ``folder``.
+
+    The vocabulary holds the CLIP special tokens, single letters (with and without the
+    ``</w>`` end-of-word suffix) and a few whole words reachable through the merges.
+    Returns the two file paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += list(_LETTERS) + [c + "</w>" for c in _LETTERS]
+    merges: list[str] = []
+    for word in _WORDS:
+        # merge the word left to right: "r e", "re d</w>" ...
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in tokens:
+                tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    vocab_path = folder / "vocab.json"
+    merges_path = folder / "merges.txt"
+    vocab_path.write_text(json.dumps(vocab))
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_path, merges_path
+
+
+def make_tiny_tokenizer(folder: str | Path, model_max_length: int = 16):
+    """Build a ``CLIPTokenizer`` offline from tiny vocab/merges files written into ``folder``."""
+    from transformers import CLIPTokenizer
+
+    vocab_path, merges_path = write_tiny_clip_tokenizer_files(folder)
+    vocab = json.loads(vocab_path.read_text())
+    merges = [
+        tuple(line.split())
+        for line in merges_path.read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def make_tiny_components(
+    tmp_path: str | Path,
+    prediction_type: str = "epsilon",
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    seed: int = 0,
+) -> dict:
+    """Build the components of a tiny Stable-Diffusion-like pipeline (seeded, random weights).
+
+    Layout mirrors SD 1.x/2.x: cross-attention down blocks followed by one plain
+    ``DownBlock2D`` without downsampler, last two ``block_out_channels`` equal (so the
+    light T2I-Adapter fits), a VAE that downsamples by 2 and a 32-dim text encoder.
+    Latents are ``4 x 8 x 8`` and images ``3 x 16 x 16``.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(block_out_channels)
+    down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
+    up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=16,
+    )
+    torch.manual_seed(seed + 2)
+    tokenizer = make_tiny_tokenizer(Path(tmp_path) / "_tokenizer_src")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def make_tiny_base(
+    tmp_path: str | Path,
+    prediction_type: str = "epsilon",
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    name: str = "tiny_base",
+    seed: int = 0,
+) -> Path:
+    """Save a tiny ``StableDiffusionPipeline`` into ``tmp_path / name`` and return that folder.
+
+    ``prediction_type`` is written to the scheduler config (``"epsilon"`` or
+    ``"v_prediction"``); ``block_out_channels`` sets the UNet widths (see
+    :func:`make_tiny_components`).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(tmp_path) / name
+    if (out / "model_index.json").exists():
+        return out
+    components = make_tiny_components(
+        tmp_path, prediction_type=prediction_type, block_out_channels=block_out_channels, seed=seed
+    )
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def make_fake_hub_cache(
+    cache_root: str | Path, repo_id: str, source_folder: str | Path, commit: str = "0" * 40
+) -> Path:
+    """Copy ``source_folder`` into a Hugging Face hub cache layout and return the cache root.
+
+    Layout: ``<cache_root>/models--<org>--<name>/snapshots/<commit>/...`` plus
+    ``refs/main`` holding the commit hash, which is what ``huggingface_hub`` reads with
+    ``HF_HUB_OFFLINE=1``.
+    """
+    import shutil
+
+    cache_root = Path(cache_root)
+    repo_dir = cache_root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(source_folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return cache_root
