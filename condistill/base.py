@@ -373,7 +373,7 @@ def load_base(
 
     vae = _freeze(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
     unet = _freeze(UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype))
-    text_encoder = _freeze(CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype))
+    text_encoder = _freeze(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype))
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     for module in (vae, unet, text_encoder):
         module.to(device)

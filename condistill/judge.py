@@ -4,7 +4,7 @@ It answers three questions about an image of the embedded world:
 
 * attributes: the background colour, the main object's colour and its shape (the main
   object is ``attributes["objects"][0]``, the nearest one, always fully visible);
-* features: a pooled penultimate vector used for a Frechet distance between image sets
+* features: the penultimate vector (256-d) used for a Frechet distance between image sets
   (the role Inception features play for FID on natural images);
 * depth: a disparity map at the image's own resolution (1 = near, 0 = far).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,16 @@ class JudgeConfig:
         resolution: side of the square images the network sees; other sizes are resized.
         widths: channels of the four encoder stages (each halves the resolution).
         decoder_widths: channels of the depth decoder at 1/8, 1/4, 1/2 and full resolution.
+        reduce_channels: channels of the 1x1 reduction of the 1/16 map before flattening.
+        feature_dim: size of the feature vector (the penultimate layer the heads read).
         labels: class names per attribute head.
     """
 
     resolution: int = 64
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
     decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 16)
+    reduce_channels: int = 64
+    feature_dim: int = 256
     labels: dict[str, list[str]] = field(default_factory=default_labels)
 
     def __post_init__(self):
@@ -78,6 +82,9 @@ class JudgeConfig:
             raise ValueError(f"widths must be four positive channel counts, got {self.widths}")
         if len(self.decoder_widths) != 4 or min(self.decoder_widths) < 1:
             raise ValueError(f"decoder_widths must be four positive channel counts, got {self.decoder_widths}")
+        if self.reduce_channels < 1 or self.feature_dim < 1:
+            raise ValueError(f"reduce_channels and feature_dim must be positive, got {self.reduce_channels}, "
+                             f"{self.feature_dim}")
         missing = [a for a in ATTRIBUTES if a not in self.labels]
         if missing:
             raise ValueError(f"labels lacks attribute(s) {missing}; expected keys {list(ATTRIBUTES)}")
@@ -85,9 +92,6 @@ class JudgeConfig:
             if len(classes) < 2:
                 raise ValueError(f"attribute {name!r} needs at least two classes, got {classes}")
 
-    @property
-    def feature_dim(self) -> int:
-        return self.widths[-1]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +101,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "JudgeConfig":
-        known = {"resolution", "widths", "decoder_widths", "labels"}
+        known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -129,7 +133,7 @@ class _Up(nn.Module):
 
 
 class JudgeNet(nn.Module):
-    """Encoder (4 stride-2 stages) + attribute heads on pooled features + a U-Net style depth decoder.
+    """Encoder (4 stride-2 stages) + a feature vector and linear attribute heads + a U-Net style depth decoder.
 
     Input: ``float32 [N, 3, R, R]`` in ``[0, 1]`` at the configured resolution ``R``.
     Output: dict with ``features [N, D]``, ``logits_<attr> [N, K]`` per attribute and
@@ -141,7 +145,14 @@ class JudgeNet(nn.Module):
         self.config = config
         w, d = config.widths, config.decoder_widths
         self.stages = nn.ModuleList([_Stage(3, w[0]), _Stage(w[0], w[1]), _Stage(w[1], w[2]), _Stage(w[2], w[3])])
-        self.heads = nn.ModuleDict({name: nn.Linear(w[3], len(classes)) for name, classes in config.labels.items()})
+        # features keep the coarse layout (which object is lowest = nearest matters): a 1x1
+        # reduction of the 1/16 map, flattened, then one linear layer + ReLU
+        cells = (config.resolution // 16) ** 2
+        self.reduce = nn.Sequential(nn.Conv2d(w[3], config.reduce_channels, 1, bias=False),
+                                    nn.BatchNorm2d(config.reduce_channels), nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(nn.Linear(config.reduce_channels * cells, config.feature_dim), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(classes))
+                                    for name, classes in config.labels.items()})
         self.up3 = _Up(w[3], w[2], d[0])  # -> 1/8
         self.up2 = _Up(d[0], w[1], d[1])  # -> 1/4
         self.up1 = _Up(d[1], w[0], d[2])  # -> 1/2
@@ -154,7 +165,7 @@ class JudgeNet(nn.Module):
         for stage in self.stages:
             h = stage(h)
             skips.append(h)
-        features = h.mean(dim=(2, 3))
+        features = self.embed(self.reduce(h).flatten(1))
         out = {"features": features}
         for name, head in self.heads.items():
             out[f"logits_{name}"] = head(features)
@@ -301,6 +312,37 @@ class Judge:
             result[f"n_{key}"] = len(values)
         result["n_images"] = n
         return result
+
+
+def evaluate_on_records(judge: Judge, records: Sequence, images=None) -> dict:
+    """Accuracy per attribute (and ``both`` = background and colour, ``all`` = all three) and
+    depth error of ``judge`` on synthetic scene records, against their exact labels and depth.
+
+    ``images`` optionally replaces the records' own images (e.g. degraded copies).
+    ``depth_error`` is the scale-and-shift aligned MAE of :func:`condistill.metrics.depth_error`;
+    ``depth_mae`` is the plain MAE of the raw prediction.
+    """
+    from condistill.metrics import depth_error
+    from condistill.scenes import attribute_labels
+
+    records = list(records)
+    if not records:
+        raise ValueError("evaluate_on_records needs at least one record")
+    if images is None:
+        images = [r.image for r in records]
+    logits = judge.logits(images)
+    truth = {a: torch.tensor([attribute_labels(r)[a] for r in records]) for a in ATTRIBUTES}
+    correct = {a: logits[a].argmax(1) == truth[a] for a in ATTRIBUTES}
+    out = {a: float(correct[a].float().mean()) for a in ATTRIBUTES}
+    out["both"] = float((correct["background"] & correct["colour"]).float().mean())
+    out["all"] = float((correct["background"] & correct["colour"] & correct["shape"]).float().mean())
+    if all(r.depth is not None for r in records):
+        pred = judge.depth(images)
+        gt = torch.from_numpy(np.stack([np.asarray(r.depth, dtype=np.float32) for r in records]))
+        out["depth_error"] = depth_error(pred, gt)
+        out["depth_mae"] = float((pred - gt).abs().mean())
+    out["n"] = len(records)
+    return out
 
 
 def _repo_root() -> Path:

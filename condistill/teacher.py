@@ -394,13 +394,13 @@ def train_vae(vae, images_u8: torch.Tensor, steps: int, batch_size: int, lr: flo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        running.append(float(rec_loss))
+        running.append(rec_loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             mean_loss = float(np.mean(running))
             running = []
             hist.steps.append(step + 1)
             hist.losses.append(mean_loss)
-            log(f"vae step {step + 1}/{steps} rec {mean_loss:.4f} kl {float(kl):.3f} "
+            log(f"vae step {step + 1}/{steps} rec {mean_loss:.4f} kl {kl.item():.3f} "
                 f"{'full' if step >= full_from else 'crop'} {time.time() - t0:.0f}s")
     hist.seconds = time.time() - t0
     vae.eval()
@@ -483,7 +483,7 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
-        running.append(float(loss))
+        running.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             mean_loss = float(np.mean(running))
             running = []

@@ -1,0 +1,33 @@
+"""Adapter kinds: the trainable parameters added to the frozen teacher.
+
+Each kind lives in its own module and registers itself with one explicit
+``register_adapter(name, cls)`` call; importing this package imports all of them.
+
+* ``controlnet`` - :class:`~condistill.adapters.controlnet.ControlNetStudent`
+* ``t2i_adapter`` - :class:`~condistill.adapters.t2i_adapter.T2IAdapterStudent`
+* ``lora`` - :class:`~condistill.adapters.lora.LoRAStudent`
+"""
+from condistill.adapters.base import (
+    AdapterWeightsError,
+    Student,
+    available_adapters,
+    build_student,
+    get_adapter_class,
+    register_adapter,
+)
+from condistill.adapters import controlnet, t2i_adapter, lora  # noqa: E402,F401  (registration)
+from condistill.adapters.controlnet import ControlNetStudent
+from condistill.adapters.lora import LoRAStudent
+from condistill.adapters.t2i_adapter import T2IAdapterStudent
+
+__all__ = [
+    "AdapterWeightsError",
+    "Student",
+    "ControlNetStudent",
+    "T2IAdapterStudent",
+    "LoRAStudent",
+    "available_adapters",
+    "build_student",
+    "get_adapter_class",
+    "register_adapter",
+]

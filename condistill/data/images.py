@@ -20,7 +20,6 @@ import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -101,7 +100,7 @@ class SourceStats:
     skipped: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
-    _observed: set = field(default_factory=set, repr=False, compare=False)
+    _observed: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def observe(self, key: str, conversions: Iterable[str] = (), skipped: SkipItem | None = None) -> None:
         """Record the outcome of one item; repeated observations of a key are ignored.
@@ -153,6 +152,10 @@ class SourceStats:
         """
         if self.seen == 0 and not self.errors:
             msg = f"{self.name} is empty: it contains no items."
+        elif self.seen == 0:
+            msg = f"{self.name} is empty: no item could be read; errors: {_format_counter(self.errors)}."
+            for reason, texts in sorted(self.examples.items()):
+                msg += f" Example {reason}: {texts[0]}."
         else:
             msg = f"{self.name} is empty: all {self.seen} items were skipped"
             if self.skipped:
@@ -274,10 +277,8 @@ def to_rgb(image: Image.Image, conversions: list[str] | None = None) -> Image.Im
         return image.convert("RGB")
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(image).astype(np.float64)
-        if mode == "I" and arr.size and arr.max() <= 255:
-            notes.append("32bit_int")
-        else:
-            notes.append("16bit" if mode != "I" else "32bit_int")
+        notes.append("32bit_int" if mode == "I" else "16bit")
+        if mode != "I" or (arr.size and arr.max() > 255):
             arr = arr / 257.0
             if arr.size and arr.max() > 255:
                 arr = arr * (255.0 / arr.max())
@@ -530,10 +531,10 @@ def fit_record(record, resolution: int):
         if record.depth is not None:
             changes["depth"] = _resample_map(record.depth, size, box, resolution, nearest=False)
         if record.masks is not None:
-            masks = np.asarray(record.masks)
-            changes["masks"] = np.stack(
-                [_resample_map(m.astype(np.float32), size, box, resolution, nearest=True) > 0.5 for m in masks]
-            ) if len(masks) else np.zeros((0, resolution, resolution), dtype=bool)
+            masks = np.zeros((len(record.masks), resolution, resolution), dtype=bool)
+            for i, mask in enumerate(np.asarray(record.masks)):
+                masks[i] = _resample_map(mask.astype(np.float32), size, box, resolution, nearest=True) > 0.5
+            changes["masks"] = masks
         if record.conditioning is not None:
             cond = to_rgb(record.conditioning)
             if cond.size != size:
@@ -541,7 +542,3 @@ def fit_record(record, resolution: int):
             changes["conditioning"] = cond.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
     return replace(record, **changes), conversions
 
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

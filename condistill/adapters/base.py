@@ -1,0 +1,327 @@
+"""The conditional student: a frozen UNet plus small trainable adapter parameters.
+
+Every adapter kind (``controlnet``, ``t2i_adapter``, ``lora``) is a subclass of
+:class:`Student` in its own module, registered by one explicit :func:`register_adapter`
+call. :func:`build_student` constructs one by name.
+
+Contract shared by all kinds:
+
+* ``student.encode_condition(cond)`` turns a condition ``[B, C, H, W]`` in ``[0, 1]`` into
+  *features*, computed once per image and reused across branches and steps;
+* ``student(z, t, encoder_hidden_states, features)`` returns the raw UNet output (the
+  teacher's prediction type); ``use_adapter=False`` gives exactly the frozen teacher;
+* at construction the adapter is zero-initialised, so the student's output equals the
+  teacher's exactly (unless started from pretrained adapter weights);
+* ``student.trainable_named_parameters()`` holds only the adapter's parameters;
+* ``student.save_weights(folder)`` writes them in the stock diffusers layout of the kind and
+  ``student.load_weights(folder, weight_files)`` reads them back with strict key checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Student",
+    "AdapterWeightsError",
+    "register_adapter",
+    "get_adapter_class",
+    "available_adapters",
+    "build_student",
+    "check_state_dict_keys",
+    "load_safetensors_weights",
+]
+
+_REGISTRY: dict[str, type["Student"]] = {}
+
+
+class AdapterWeightsError(ValueError):
+    """Adapter weights that do not fit the student (missing / unexpected keys, wrong shapes)."""
+
+
+def register_adapter(name: str, cls: type["Student"]) -> None:
+    """Register the :class:`Student` subclass ``cls`` under ``name`` (one call per adapter module)."""
+    if not (isinstance(cls, type) and issubclass(cls, Student)):
+        raise TypeError(f"register_adapter({name!r}, ...) needs a Student subclass, got {cls!r}.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"An adapter named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+    _REGISTRY[name] = cls
+
+
+def available_adapters() -> list[str]:
+    """Names of the registered adapter kinds, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_adapter_class(name: str) -> type["Student"]:
+    """The :class:`Student` subclass registered as ``name``; a clear error lists the options."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown adapter kind {name!r}; choose one of {available_adapters()}.") from None
+
+
+def build_student(kind: str, unet, condition_channels: int, **options) -> "Student":
+    """Build a student of adapter ``kind`` around a frozen UNet.
+
+    Args:
+        kind: a registered adapter name (:func:`available_adapters`): ``"controlnet"``,
+            ``"t2i_adapter"`` or ``"lora"``.
+        unet: the teacher's ``UNet2DConditionModel``, or a :class:`condistill.base.Base`
+            (then its UNet and ``vae_scale_factor`` are used).
+        condition_channels: channels ``C`` of the condition tensor ``[B, C, H, W]``.
+        **options: kind-specific options (see each class), plus ``vae_scale_factor``
+            (pixels per latent pixel; default 8 as in SD, taken from the base when a
+            :class:`~condistill.base.Base` is passed).
+
+    Note:
+        ``lora`` injects LoRA layers into the UNet *in place*; teacher predictions must then go
+        through ``student(..., use_adapter=False)``.
+    """
+    cls = get_adapter_class(kind)
+    from condistill.base import Base
+
+    if isinstance(unet, Base):
+        base_factor = unet.vae_scale_factor
+        if options.get("vae_scale_factor", base_factor) != base_factor:
+            raise ValueError(
+                f"vae_scale_factor={options['vae_scale_factor']} contradicts the base's VAE factor "
+                f"{base_factor}; leave it out when passing a Base."
+            )
+        options["vae_scale_factor"] = base_factor
+        unet = unet.unet
+    return cls(unet, condition_channels, **options)
+
+
+def check_state_dict_keys(expected: Iterable[str], found: Iterable[str], source: str, max_names: int = 5) -> None:
+    """Raise :class:`AdapterWeightsError` when ``found`` keys differ from ``expected`` keys.
+
+    The message names up to ``max_names`` missing and unexpected keys and says what to do.
+    """
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        more = f" (and {len(missing) - max_names} more)" if len(missing) > max_names else ""
+        parts.append(f"{len(missing)} missing key(s): {missing[:max_names]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - max_names} more)" if len(unexpected) > max_names else ""
+        parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:max_names]}{more}")
+    raise AdapterWeightsError(
+        f"The weights in {source} do not fit this student: " + "; ".join(parts) + ". "
+        "Build the student with the same adapter kind, options and base as the saved adapter "
+        "(condistill.export.load_student does this from condistill_config.json)."
+    )
+
+
+def check_state_dict_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`AdapterWeightsError` naming the first tensors whose shapes differ."""
+    bad = [
+        f"{k}: saved {tuple(found[k].shape)} vs student {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    if bad:
+        raise AdapterWeightsError(
+            f"The weights in {source} have the wrong shape for this student ({len(bad)} tensors, e.g. "
+            f"{bad[:3]}). Build the student with the same options and base as the saved adapter."
+        )
+
+
+def load_safetensors_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file, or a sharded checkpoint from its ``*.safetensors.index.json``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter weight file {path} not found; was the adapter saved completely?")
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(load_file(path.parent / shard))
+        return state
+    return load_file(path)
+
+
+def _pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
+    """Folder holding ``config_name`` for a pretrained adapter: ``path`` itself or ``path/subfolder``."""
+    from condistill.base import resolve_pretrained_dir
+
+    root = resolve_pretrained_dir(name_or_path, revision=revision, what=f"pretrained {subfolder}")
+    for candidate in (root, root / subfolder, root / "adapter" / subfolder):
+        if (candidate / config_name).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"No {config_name} found in {root} or {root / subfolder}; pass a folder saved with "
+        f"save_pretrained (a diffusers {subfolder} folder) or a condistill adapter export."
+    )
+
+
+class Student(nn.Module):
+    """A frozen UNet plus trainable adapter parameters (base class of every adapter kind).
+
+    Subclasses set ``kind`` and implement :meth:`_adapter_modules`, :meth:`_forward_adapter`,
+    :meth:`encode_condition`, :meth:`save_weights` and :meth:`load_weights`.
+
+    Attributes:
+        unet: the frozen teacher UNet (``requires_grad=False``, always in eval mode).
+        condition_channels: channels of the condition tensor.
+        vae_scale_factor: pixels per latent pixel; the condition is at image resolution.
+        adapter_options: JSON-able options that rebuild the same architecture with
+            :func:`build_student` (recorded in the exported ``condistill_config.json``).
+        initialized_from: path of pretrained adapter weights the student started from, or None.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, unet, condition_channels: int, vae_scale_factor: int = 8):
+        super().__init__()
+        if not isinstance(condition_channels, int) or condition_channels < 1:
+            raise ValueError(f"condition_channels must be a positive int, got {condition_channels!r}.")
+        if not isinstance(vae_scale_factor, int) or vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):
+            raise ValueError(f"vae_scale_factor must be a power of two (SD: 8), got {vae_scale_factor!r}.")
+        if not hasattr(unet, "config") or "block_out_channels" not in unet.config:
+            raise TypeError(f"build_student needs a diffusers UNet2DConditionModel (or a Base), got {type(unet).__name__}.")
+        unet.requires_grad_(False)
+        unet.eval()
+        self.unet = unet
+        self.condition_channels = condition_channels
+        self.vae_scale_factor = vae_scale_factor
+        self.adapter_options: dict[str, Any] = {}
+        self.initialized_from: str | None = None
+
+    # ---- to implement -------------------------------------------------------------
+    def _adapter_modules(self) -> dict[str, nn.Module]:
+        """``{prefix: module}`` of the trainable parts (prefix used in parameter names)."""
+        raise NotImplementedError
+
+    def _forward_adapter(self, z, t, encoder_hidden_states, features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_condition(self, cond: torch.Tensor):
+        """Features of the condition ``cond [B, C, H, W]`` in ``[0, 1]`` (compute once, reuse)."""
+        raise NotImplementedError
+
+    def save_weights(self, out_dir: str | os.PathLike) -> dict[str, str]:
+        """Write the adapter weights under ``out_dir``; return ``{component: relative file}``."""
+        raise NotImplementedError
+
+    def load_weights(self, folder: str | os.PathLike, weight_files: Mapping[str, str] | None = None) -> None:
+        """Load weights written by :meth:`save_weights` from ``folder`` (strict key checks)."""
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------
+    def forward(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | int,
+        encoder_hidden_states: torch.Tensor,
+        features=None,
+        use_adapter: bool = True,
+    ) -> torch.Tensor:
+        """Raw UNet output (epsilon or v, the teacher's prediction type) at ``(z, t)``.
+
+        Args:
+            z: noisy latents ``[B, C, h, w]``.
+            t: timesteps ``[B]`` (or a scalar) in ``[0, T)``.
+            encoder_hidden_states: text embeddings ``[B, L, D]``.
+            features: output of :meth:`encode_condition` for the same batch (required when
+                ``use_adapter`` is True).
+            use_adapter: False runs exactly the frozen teacher (no condition, no LoRA).
+        """
+        if not use_adapter:
+            return self._forward_teacher(z, t, encoder_hidden_states)
+        if features is None:
+            raise ValueError(
+                "features is None: compute them once with student.encode_condition(cond) and pass them, "
+                "or call with use_adapter=False for the plain teacher."
+            )
+        return self._forward_adapter(z, t, encoder_hidden_states, features)
+
+    def _forward_teacher(self, z, t, encoder_hidden_states) -> torch.Tensor:
+        return self.unet(z, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    def _check_condition(self, cond: torch.Tensor, multiple: int) -> None:
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != self.condition_channels:
+            shape = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(
+                f"The condition must be a tensor [B, {self.condition_channels}, H, W] in [0, 1] at image "
+                f"resolution; got {shape}."
+            )
+        if cond.shape[-1] % multiple or cond.shape[-2] % multiple:
+            raise ValueError(
+                f"Condition size {tuple(cond.shape[-2:])} must be divisible by {multiple}; "
+                f"resize the images to a multiple of {multiple} pixels."
+            )
+
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of the adapter's parameters only (the frozen UNet is excluded)."""
+        out: dict[str, nn.Parameter] = {}
+        for prefix, module in self._adapter_modules().items():
+            for name, param in module.named_parameters():
+                out[f"{prefix}.{name}"] = param
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached copies of :meth:`trainable_named_parameters` (e.g. to initialise an EMA)."""
+        return {k: v.detach().clone() for k, v in self.trainable_named_parameters().items()}
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` (keys of :meth:`trainable_named_parameters`) into the adapter in place."""
+        params = self.trainable_named_parameters()
+        check_state_dict_keys(params, state, "the given trainable state dict")
+        check_state_dict_shapes(params, state, "the given trainable state dict")
+        for k, p in params.items():
+            p.copy_(state[k].to(device=p.device, dtype=p.dtype))
+
+    def num_trainable_parameters(self) -> int:
+        """Number of trainable adapter parameters."""
+        return sum(p.numel() for p in self.trainable_named_parameters().values())
+
+    def train(self, mode: bool = True) -> "Student":
+        """Set the adapter's train mode; the frozen UNet stays in eval mode."""
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in the UNet and the adapter modules that support it."""
+        for module in [self.unet, *self._adapter_modules().values()]:
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, condition_channels={self.condition_channels}, "
+            f"vae_scale_factor={self.vae_scale_factor}, trainable={self.num_trainable_parameters():,}"
+        )
+
+
+def unet_residual_layout(unet) -> list[tuple[int, int]]:
+    """``(channels, downscale vs. latent)`` of each T2I-Adapter residual the UNet accepts.
+
+    diffusers adds the i-th ``down_intrablock_additional_residuals`` entry inside a
+    cross-attention down block before its downsampler, but *after* a plain ``DownBlock2D``
+    including its downsampler (see ``UNet2DConditionModel.forward``).
+    """
+    layout = []
+    scale = 1
+    for i, block in enumerate(unet.down_blocks):
+        channels = unet.config.block_out_channels[i]
+        downsamples = getattr(block, "downsamplers", None) is not None
+        if getattr(block, "has_cross_attention", False):
+            layout.append((channels, scale))
+            scale *= 2 if downsamples else 1
+        else:
+            scale *= 2 if downsamples else 1
+            layout.append((channels, scale))
+    return layout

@@ -1,0 +1,187 @@
+"""ControlNet student: a trainable copy of the UNet encoder (diffusers ``ControlNetModel``).
+
+Built with ``ControlNetModel.from_unet``: the encoder weights are copied from the teacher and
+every output ("zero") convolution starts at zero, so at step 0 the student's output equals the
+teacher's exactly. The condition image itself is the feature (the ControlNet embeds it at
+every call, as the stock ``StableDiffusionControlNetPipeline`` does).
+
+Exported as a stock ``ControlNetModel`` folder (``controlnet/config.json`` +
+``controlnet/diffusion_pytorch_model.safetensors``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from condistill.adapters.base import (
+    AdapterWeightsError,
+    Student,
+    _pretrained_folder,
+    check_state_dict_keys,
+    check_state_dict_shapes,
+    load_safetensors_weights,
+    register_adapter,
+)
+
+__all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
+
+#: diffusers' default conditioning-embedding widths (4 entries = 3 stride-2 convs = factor 8).
+_DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+SUBFOLDER = "controlnet"
+
+
+def default_conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """Conditioning-embedding widths whose downsampling equals ``vae_scale_factor``.
+
+    The ControlNet embeds the image-resolution condition with ``len(channels) - 1`` stride-2
+    convolutions; SD's factor 8 gives diffusers' default ``(16, 32, 96, 256)``, factor 4 gives
+    ``(16, 32, 96)`` and so on (wider factors repeat the last width).
+    """
+    n = int(math.log2(vae_scale_factor)) + 1
+    channels = list(_DEFAULT_EMBEDDING_CHANNELS[:n])
+    while len(channels) < n:
+        channels.append(_DEFAULT_EMBEDDING_CHANNELS[-1])
+    return tuple(channels)
+
+
+class ControlNetStudent(Student):
+    """Frozen UNet + trainable diffusers ``ControlNetModel``.
+
+    Options (keyword arguments of :func:`~condistill.adapters.build_student`):
+        vae_scale_factor: pixels per latent pixel (SD: 8).
+        conditioning_embedding_out_channels: widths of the condition embedding; default
+            :func:`default_conditioning_embedding_channels` of the VAE factor.
+        pretrained_controlnet: a ControlNet folder / hub id (or a condistill export) to start
+            from instead of the UNet copy. Its weights are trained (all parameters get
+            ``requires_grad=True``); its architecture must match the base and the condition.
+        revision: hub revision of ``pretrained_controlnet``.
+    """
+
+    kind = "controlnet"
+
+    def __init__(
+        self,
+        unet,
+        condition_channels: int,
+        vae_scale_factor: int = 8,
+        conditioning_embedding_out_channels: Sequence[int] | None = None,
+        pretrained_controlnet: str | os.PathLike | None = None,
+        revision: str | None = None,
+    ):
+        super().__init__(unet, condition_channels, vae_scale_factor)
+        from diffusers import ControlNetModel
+
+        if pretrained_controlnet is not None:
+            folder = _pretrained_folder(pretrained_controlnet, SUBFOLDER, revision=revision)
+            controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
+            self._check_pretrained(controlnet, pretrained_controlnet)
+            embedding = tuple(controlnet.config.conditioning_embedding_out_channels)
+            self.initialized_from = os.fspath(pretrained_controlnet)
+        else:
+            embedding = tuple(
+                conditioning_embedding_out_channels or default_conditioning_embedding_channels(vae_scale_factor)
+            )
+            if 2 ** (len(embedding) - 1) != vae_scale_factor:
+                raise ValueError(
+                    f"conditioning_embedding_out_channels={list(embedding)} downsamples by "
+                    f"{2 ** (len(embedding) - 1)} but the VAE factor is {vae_scale_factor}; give "
+                    f"{int(math.log2(vae_scale_factor)) + 1} widths."
+                )
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_channels=condition_channels, conditioning_embedding_out_channels=embedding
+            ).to(torch.float32)
+        # Always trainable, also when started from pretrained weights (a from_pretrained model
+        # that silently stays frozen would train nothing).
+        controlnet.requires_grad_(True)
+        controlnet.train()
+        self.controlnet = controlnet.to(next(unet.parameters()).device)
+        self.adapter_options = {
+            "condition_channels": condition_channels,
+            "vae_scale_factor": vae_scale_factor,
+            "conditioning_embedding_out_channels": list(embedding),
+        }
+
+    def _check_pretrained(self, controlnet, source) -> None:
+        problems = []
+        if controlnet.config.conditioning_channels != self.condition_channels:
+            problems.append(
+                f"conditioning_channels {controlnet.config.conditioning_channels} != condition channels "
+                f"{self.condition_channels}"
+            )
+        for key in ("in_channels", "block_out_channels", "cross_attention_dim"):
+            theirs, ours = controlnet.config[key], self.unet.config[key]
+            if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
+                list(ours) if isinstance(ours, (list, tuple)) else ours
+            ):
+                problems.append(f"{key} {theirs} != base {ours}")
+        factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+        if factor != self.vae_scale_factor:
+            problems.append(f"its condition embedding downsamples by {factor}, the VAE by {self.vae_scale_factor}")
+        if problems:
+            raise ValueError(
+                f"pretrained_controlnet={os.fspath(source)!r} does not fit this base/condition: "
+                + "; ".join(problems)
+                + ". Use a ControlNet trained for this base and condition type, or leave the option out."
+            )
+
+    def _adapter_modules(self):
+        return {"controlnet": self.controlnet}
+
+    def encode_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The condition itself (``[B, C, H, W]`` in ``[0, 1]``), cast to the ControlNet's dtype."""
+        self._check_condition(cond, self.vae_scale_factor)
+        p = next(self.controlnet.parameters())
+        return cond.to(device=p.device, dtype=p.dtype)
+
+    def _forward_adapter(self, z, t, encoder_hidden_states, features):
+        cn_dtype = next(self.controlnet.parameters()).dtype
+        down, mid = self.controlnet(
+            z.to(cn_dtype),
+            t,
+            encoder_hidden_states=encoder_hidden_states.to(cn_dtype),
+            controlnet_cond=features,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
+        unet_dtype = next(self.unet.parameters()).dtype
+        return self.unet(
+            z,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=[r.to(unet_dtype) for r in down],
+            mid_block_additional_residual=mid.to(unet_dtype),
+            return_dict=False,
+        )[0]
+
+    def save_weights(self, out_dir):
+        """Save a stock ``ControlNetModel`` folder ``out_dir/controlnet`` (safetensors)."""
+        folder = Path(out_dir) / SUBFOLDER
+        self.controlnet.save_pretrained(folder, safe_serialization=True)
+        return {"controlnet": _weights_file(folder, Path(out_dir))}
+
+    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
+        """Load ``controlnet/diffusion_pytorch_model.safetensors`` (or the file in ``weight_files``)."""
+        folder = Path(folder)
+        rel = (weight_files or {}).get("controlnet") or _weights_file(folder / SUBFOLDER, folder)
+        state = load_safetensors_weights(folder / rel)
+        expected = self.controlnet.state_dict()
+        check_state_dict_keys(expected, state, str(folder / rel))
+        check_state_dict_shapes(expected, state, str(folder / rel))
+        self.controlnet.load_state_dict(state, strict=True)
+
+
+def _weights_file(folder: Path, root: Path) -> str:
+    """Relative path (to ``root``) of the safetensors weights (or shard index) in ``folder``."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"):
+        if (folder / name).is_file():
+            return (folder / name).relative_to(root).as_posix()
+    if folder.is_dir():
+        raise AdapterWeightsError(f"No safetensors weights in {folder}; re-export the adapter with save_adapter.")
+    return (folder / "diffusion_pytorch_model.safetensors").relative_to(root).as_posix()
+
+
+register_adapter("controlnet", ControlNetStudent)

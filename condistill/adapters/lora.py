@@ -1,0 +1,232 @@
+"""LoRA student: low-rank updates of the frozen UNet's projections (peft ``LoraConfig``) plus
+a small zero-initialised T2I-Adapter that feeds the condition into the UNet's down blocks.
+
+* LoRA: ``unet.add_adapter(LoraConfig(...))`` on the attention projections (``targets=
+  "attention"``), optionally also the feed-forward / transformer projections
+  (``"attention_ff"``) and the ResNet convolutions (``"all"``), or an explicit list of module
+  names. ``lora_B`` starts at zero (peft's default), so the LoRA adds exactly nothing at step 0.
+* Condition: a light T2I-Adapter (``light_adapter``, zero-initialised as described in
+  :mod:`condistill.adapters.t2i_adapter`) whose features enter through
+  ``down_intrablock_additional_residuals``, the same path ``StableDiffusionAdapterPipeline``
+  uses. ``condition_adapter="auto"`` takes the light adapter when the UNet's last two widths
+  are equal (every SD 1.x/2.x) and the full adapter otherwise.
+
+The LoRA layers are injected into the given UNet **in place** (adapter name
+``"condistill"``); the teacher is ``student(..., use_adapter=False)``, which disables them.
+
+Export: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (keys ``unet.*``, the
+``LoraConfig`` rank/alpha/targets in the safetensors metadata), loadable by
+``StableDiffusionPipeline.load_lora_weights`` or ``unet.load_lora_adapter(..., prefix="unet")``,
+plus the stock ``t2i_adapter/`` folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from condistill.adapters.base import (
+    AdapterWeightsError,
+    Student,
+    check_state_dict_keys,
+    check_state_dict_shapes,
+    register_adapter,
+)
+from condistill.adapters.t2i_adapter import _T2IFeatureMixin, make_t2i_adapter, t2i_adapter_fits
+
+__all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME"]
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_ADAPTER_NAME = "condistill"
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+_CONV = ["conv1", "conv2", "conv_shortcut"]
+#: Named LoRA target sets (peft ``target_modules`` suffixes).
+LORA_TARGETS = {
+    "attention": _ATTENTION,
+    "attention_ff": _ATTENTION + _FF,
+    "all": _ATTENTION + _FF + _CONV,
+}
+
+
+def _resolve_targets(targets) -> list[str]:
+    if isinstance(targets, str):
+        if targets not in LORA_TARGETS:
+            raise ValueError(
+                f"targets={targets!r}: choose one of {sorted(LORA_TARGETS)} or pass a list of module names."
+            )
+        return list(LORA_TARGETS[targets])
+    if isinstance(targets, Sequence) and targets and all(isinstance(t, str) and t for t in targets):
+        return list(targets)
+    raise ValueError(f"targets must be one of {sorted(LORA_TARGETS)} or a non-empty list of module names, got {targets!r}.")
+
+
+class LoRAStudent(_T2IFeatureMixin, Student):
+    """Frozen UNet with trainable LoRA layers + a trainable light T2I-Adapter for the condition.
+
+    Options (keyword arguments of :func:`~condistill.adapters.build_student`):
+        vae_scale_factor: pixels per latent pixel (SD: 8).
+        rank: LoRA rank (default 4).
+        lora_alpha: LoRA alpha (default = rank, i.e. scale 1).
+        targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
+        condition_adapter: ``"auto"`` (default), ``"light_adapter"`` or ``"full_adapter"``.
+        adapter_num_res_blocks: residual blocks per T2I-Adapter block (default 2).
+    """
+
+    kind = "lora"
+
+    def __init__(
+        self,
+        unet,
+        condition_channels: int,
+        vae_scale_factor: int = 8,
+        rank: int = 4,
+        lora_alpha: float | None = None,
+        targets: str | Sequence[str] = "attention",
+        condition_adapter: str = "auto",
+        adapter_num_res_blocks: int = 2,
+    ):
+        super().__init__(unet, condition_channels, vae_scale_factor)
+        from peft import LoraConfig
+
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}.")
+        alpha = float(rank if lora_alpha is None else lora_alpha)
+        if alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}.")
+        target_modules = _resolve_targets(targets)
+        if getattr(unet, "peft_config", None) and LORA_ADAPTER_NAME in unet.peft_config:
+            raise ValueError(
+                "This UNet already carries condistill LoRA layers (another LoRA student was built on it); "
+                "load a fresh UNet (e.g. load_base again) for a new LoRA student."
+            )
+        if condition_adapter == "auto":
+            condition_adapter = "light_adapter" if t2i_adapter_fits(unet, "light_adapter")[0] else "full_adapter"
+            logger.info("LoRA student: condition enters through a %s", condition_adapter)
+        self.adapter = make_t2i_adapter(
+            unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks
+        ).to(next(unet.parameters()).device)
+        self.adapter.requires_grad_(True)
+        self.adapter.train()
+
+        self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules}
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
+        try:
+            unet.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
+        except ValueError as error:
+            raise ValueError(f"Could not add LoRA layers for targets {target_modules} to this UNet: {error}") from error
+        # LoRA weights live in float32 like the other adapters' (mixed precision casts at run time).
+        for name, param in unet.named_parameters():
+            if self._is_lora_param(name):
+                param.data = param.data.float()
+                param.requires_grad_(True)
+        self.adapter_options = {
+            "condition_channels": condition_channels,
+            "vae_scale_factor": vae_scale_factor,
+            "rank": rank,
+            "lora_alpha": alpha,
+            "targets": target_modules,
+            "condition_adapter": condition_adapter,
+            "adapter_num_res_blocks": int(adapter_num_res_blocks),
+        }
+
+    @staticmethod
+    def _is_lora_param(name: str) -> bool:
+        return ".lora_" in name and f".{LORA_ADAPTER_NAME}." in name
+
+    def _adapter_modules(self):
+        return {"adapter": self.adapter}
+
+    def trainable_named_parameters(self):
+        """LoRA parameters (``unet.*lora_A/B.condistill*``) and T2I-Adapter parameters (``adapter.*``)."""
+        out = {f"unet.{n}": p for n, p in self.unet.named_parameters() if self._is_lora_param(n)}
+        out.update(super().trainable_named_parameters())
+        return out
+
+    @contextlib.contextmanager
+    def _lora_disabled(self):
+        # diffusers' disable/enable_adapters toggle requires_grad of the LoRA layers; restore it.
+        params = {n: p for n, p in self.unet.named_parameters() if self._is_lora_param(n)}
+        flags = {n: p.requires_grad for n, p in params.items()}
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+
+    def _forward_teacher(self, z, t, encoder_hidden_states):
+        with self._lora_disabled():
+            return super()._forward_teacher(z, t, encoder_hidden_states)
+
+    def _forward_adapter(self, z, t, encoder_hidden_states, features):
+        return self._unet_with_features(z, t, encoder_hidden_states, features)
+
+    # ---- files ------------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights in diffusers' format without the ``unet.`` prefix (``*.lora.down/up.weight``)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        peft_sd = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
+        return convert_state_dict_to_diffusers({k: v.detach().clone() for k, v in peft_sd.items()})
+
+    def save_weights(self, out_dir):
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers LoRA format) and ``t2i_adapter/``."""
+        from diffusers import StableDiffusionPipeline
+
+        out_dir = Path(out_dir)
+        StableDiffusionPipeline.save_lora_weights(
+            out_dir,
+            unet_lora_layers=self.lora_state_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=dict(self.lora_config, target_modules=list(self.lora_config["target_modules"])),
+        )
+        files = {"lora": LORA_WEIGHT_NAME}
+        files.update(self._save_adapter_folder(out_dir))
+        return files
+
+    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
+        """Load the LoRA file and the ``t2i_adapter/`` folder with strict key and rank/alpha checks."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        path = folder / ((weight_files or {}).get("lora") or LORA_WEIGHT_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA weight file {path} not found; was the adapter saved completely?")
+        with safe_open(str(path), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+            file_meta = f.metadata() or {}
+        unet_sd = {k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")}
+        others = sorted(k for k in raw if not k.startswith("unet."))
+        if others:
+            check_state_dict_keys([], others, str(path))
+        peft_sd = convert_unet_state_dict_to_peft(unet_sd)
+        expected = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
+        check_state_dict_keys(expected, peft_sd, str(path))
+        check_state_dict_shapes(expected, peft_sd, str(path))
+        meta = json.loads(file_meta.get("lora_adapter_metadata") or "{}")
+        saved_alpha = meta.get("unet.lora_alpha")
+        if saved_alpha is not None and float(saved_alpha) != float(self.lora_config["lora_alpha"]):
+            raise AdapterWeightsError(
+                f"{path} was trained with lora_alpha={saved_alpha} but this student has "
+                f"lora_alpha={self.lora_config['lora_alpha']}; build the student with the saved options."
+            )
+        result = set_peft_model_state_dict(self.unet, peft_sd, adapter_name=LORA_ADAPTER_NAME)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+        if unexpected:
+            check_state_dict_keys([], unexpected, str(path))
+        self._load_adapter_folder(folder, weight_files)
+
+
+register_adapter("lora", LoRAStudent)

@@ -1,0 +1,269 @@
+"""T2I-Adapter student: a small trainable image encoder whose multi-scale features are added
+inside the frozen UNet's down blocks (diffusers ``T2IAdapter``, ``full_adapter`` or
+``light_adapter``).
+
+Shape matching: the adapter's first pixel-unshuffle uses the VAE factor (so its first feature
+is at latent resolution) and its widths follow the UNet's ``block_out_channels``:
+``full_adapter`` uses them all, ``light_adapter`` uses all but the last (it appends one extra
+block at the last width, so it needs the last two UNet widths equal, as in SD 1.x/2.x).
+
+Zero initialisation (so step 0 leaves the teacher unchanged, exactly):
+
+* ``light_adapter``: every block's ``out_conv`` (weight and bias) is zero, so every feature
+  is zero; gradients reach ``out_conv`` through the non-zero hidden activations.
+* ``full_adapter``: ``conv_in``, the ``in_conv`` biases and the second convolution
+  (``block2``) of every residual block are zero, so the body carries an all-zero signal;
+  gradients reach ``conv_in`` through the residual identity paths and ``block2`` through the
+  ``block1`` activations, so every parameter trains.
+
+Exported as a stock ``T2IAdapter`` folder (``t2i_adapter/config.json`` +
+``t2i_adapter/diffusion_pytorch_model.safetensors``) for ``StableDiffusionAdapterPipeline``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from condistill.adapters.base import (
+    Student,
+    _pretrained_folder,
+    check_state_dict_keys,
+    check_state_dict_shapes,
+    load_safetensors_weights,
+    register_adapter,
+    unet_residual_layout,
+)
+from condistill.adapters.controlnet import _weights_file
+
+__all__ = [
+    "T2IAdapterStudent",
+    "make_t2i_adapter",
+    "zero_init_t2i_adapter",
+    "t2i_adapter_fits",
+    "ADAPTER_TYPES",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_TYPES = ("full_adapter", "light_adapter")
+SUBFOLDER = "t2i_adapter"
+_DEFAULT_RES_BLOCKS = {"full_adapter": 2, "light_adapter": 4}
+
+
+def _adapter_channels(unet, adapter_type: str) -> list[int]:
+    widths = [int(c) for c in unet.config.block_out_channels]
+    return widths if adapter_type == "full_adapter" else widths[:-1]
+
+
+def _adapter_layout(adapter_type: str, channels) -> list[tuple[int, int]]:
+    """``(channels, downscale vs. latent)`` of each feature of a T2I-Adapter (latent = unshuffle factor)."""
+    if adapter_type == "full_adapter":
+        return [(c, 2**i) for i, c in enumerate(channels)]
+    return [(c, 2**i) for i, c in enumerate(channels)] + [(channels[-1], 2 ** len(channels))]
+
+
+def t2i_adapter_fits(unet, adapter_type: str) -> tuple[bool, str]:
+    """Whether a T2I-Adapter of ``adapter_type`` built from the UNet's widths fits its residual slots.
+
+    Returns ``(fits, explanation)``; the explanation lists both layouts when they differ.
+    """
+    if adapter_type not in ADAPTER_TYPES:
+        return False, f"adapter_type must be one of {list(ADAPTER_TYPES)}, got {adapter_type!r}"
+    channels = _adapter_channels(unet, adapter_type)
+    if not channels:
+        return False, "the light adapter needs a UNet with at least two down blocks"
+    want = unet_residual_layout(unet)
+    have = _adapter_layout(adapter_type, channels)
+    if want == have:
+        return True, ""
+    return False, (
+        f"the UNet takes residuals (channels, downscale) {want} but a {adapter_type} built from "
+        f"block_out_channels {list(unet.config.block_out_channels)} gives {have}"
+    )
+
+
+@torch.no_grad()
+def zero_init_t2i_adapter(adapter) -> None:
+    """Zero the parameters that make every feature of a diffusers ``T2IAdapter`` exactly zero.
+
+    See the module docstring for which parameters and why training still reaches all of them.
+    """
+    body = adapter.adapter
+    kind = type(body).__name__
+    if kind == "LightAdapter":
+        for block in body.body:
+            nn.init.zeros_(block.out_conv.weight)
+            nn.init.zeros_(block.out_conv.bias)
+    elif kind == "FullAdapter":
+        nn.init.zeros_(body.conv_in.weight)
+        nn.init.zeros_(body.conv_in.bias)
+        for block in body.body:
+            if block.in_conv is not None:
+                nn.init.zeros_(block.in_conv.bias)
+            for resnet in block.resnets:
+                nn.init.zeros_(resnet.block2.weight)
+                nn.init.zeros_(resnet.block2.bias)
+    else:
+        raise ValueError(f"Cannot zero-initialise a {kind}; use 'full_adapter' or 'light_adapter'.")
+
+
+def make_t2i_adapter(
+    unet,
+    condition_channels: int,
+    vae_scale_factor: int,
+    adapter_type: str = "full_adapter",
+    num_res_blocks: int | None = None,
+    zero_init: bool = True,
+):
+    """A diffusers ``T2IAdapter`` whose features match ``unet``'s down-block residuals.
+
+    Raises:
+        ValueError: unknown ``adapter_type`` or a UNet whose layout the type cannot match.
+    """
+    from diffusers import T2IAdapter
+
+    fits, why = t2i_adapter_fits(unet, adapter_type)
+    if not fits:
+        hint = " Use adapter_type='full_adapter' for this base." if adapter_type == "light_adapter" else ""
+        raise ValueError(f"A T2I-Adapter cannot be attached to this UNet: {why}.{hint}")
+    n_res = _DEFAULT_RES_BLOCKS[adapter_type] if num_res_blocks is None else int(num_res_blocks)
+    if n_res < 1:
+        raise ValueError(f"num_res_blocks must be at least 1, got {num_res_blocks}.")
+    adapter = T2IAdapter(
+        in_channels=condition_channels,
+        channels=_adapter_channels(unet, adapter_type),
+        num_res_blocks=n_res,
+        downscale_factor=vae_scale_factor,
+        adapter_type=adapter_type,
+    )
+    if zero_init:
+        zero_init_t2i_adapter(adapter)
+    return adapter
+
+
+def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale_factor: int, revision=None):
+    """Load a ``T2IAdapter`` folder / hub id and check it fits ``unet`` and the condition."""
+    from diffusers import T2IAdapter
+
+    folder = _pretrained_folder(source, SUBFOLDER, revision=revision)
+    adapter = T2IAdapter.from_pretrained(folder, torch_dtype=torch.float32)
+    cfg = adapter.config
+    problems = []
+    if cfg.in_channels != condition_channels:
+        problems.append(f"in_channels {cfg.in_channels} != condition channels {condition_channels}")
+    if cfg.downscale_factor != vae_scale_factor:
+        problems.append(f"downscale_factor {cfg.downscale_factor} != VAE factor {vae_scale_factor}")
+    if cfg.adapter_type not in ADAPTER_TYPES:
+        problems.append(f"adapter_type {cfg.adapter_type!r} is not one of {list(ADAPTER_TYPES)}")
+    elif _adapter_layout(cfg.adapter_type, list(cfg.channels)) != unet_residual_layout(unet):
+        problems.append(f"its channels {list(cfg.channels)} do not match the UNet's residual slots")
+    if problems:
+        raise ValueError(
+            f"pretrained adapter {os.fspath(source)!r} does not fit this base/condition: "
+            + "; ".join(problems)
+            + ". Use an adapter trained for this base and condition type, or leave the option out."
+        )
+    return adapter, cfg.adapter_type, int(cfg.num_res_blocks)
+
+
+class _T2IFeatureMixin:
+    """Shared T2I-Adapter parts of the ``t2i_adapter`` and ``lora`` students."""
+
+    adapter: nn.Module
+
+    def encode_condition(self, cond: torch.Tensor) -> list[torch.Tensor]:
+        """The adapter's feature list (one ``[B, C_i, h_i, w_i]`` tensor per UNet down block)."""
+        self._check_condition(cond, self.vae_scale_factor)
+        p = next(self.adapter.parameters())
+        return list(self.adapter(cond.to(device=p.device, dtype=p.dtype)))
+
+    def _unet_with_features(self, z, t, encoder_hidden_states, features):
+        dtype = next(self.unet.parameters()).dtype
+        # The UNet pops from this list, so hand it a fresh one each call (features are reused).
+        residuals = [f.to(dtype) for f in features]
+        return self.unet(
+            z,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            down_intrablock_additional_residuals=residuals,
+            return_dict=False,
+        )[0]
+
+    def _save_adapter_folder(self, out_dir) -> dict[str, str]:
+        folder = Path(out_dir) / SUBFOLDER
+        self.adapter.save_pretrained(folder, safe_serialization=True)
+        return {"t2i_adapter": _weights_file(folder, Path(out_dir))}
+
+    def _load_adapter_folder(self, folder, weight_files) -> None:
+        folder = Path(folder)
+        rel = (weight_files or {}).get("t2i_adapter") or _weights_file(folder / SUBFOLDER, folder)
+        state = load_safetensors_weights(folder / rel)
+        expected = self.adapter.state_dict()
+        check_state_dict_keys(expected, state, str(folder / rel))
+        check_state_dict_shapes(expected, state, str(folder / rel))
+        self.adapter.load_state_dict(state, strict=True)
+
+
+class T2IAdapterStudent(_T2IFeatureMixin, Student):
+    """Frozen UNet + trainable diffusers ``T2IAdapter``.
+
+    Options (keyword arguments of :func:`~condistill.adapters.build_student`):
+        vae_scale_factor: pixels per latent pixel (SD: 8); the adapter's unshuffle factor.
+        adapter_type: ``"full_adapter"`` (default) or ``"light_adapter"``.
+        num_res_blocks: residual blocks per adapter block (default 2 full / 4 light).
+        pretrained_adapter: a ``T2IAdapter`` folder / hub id (or condistill export) to start
+            from; it is trained, not zero-initialised.
+        revision: hub revision of ``pretrained_adapter``.
+    """
+
+    kind = "t2i_adapter"
+
+    def __init__(
+        self,
+        unet,
+        condition_channels: int,
+        vae_scale_factor: int = 8,
+        adapter_type: str = "full_adapter",
+        num_res_blocks: int | None = None,
+        pretrained_adapter: str | os.PathLike | None = None,
+        revision: str | None = None,
+    ):
+        super().__init__(unet, condition_channels, vae_scale_factor)
+        if pretrained_adapter is not None:
+            adapter, adapter_type, num_res_blocks = load_pretrained_t2i_adapter(
+                pretrained_adapter, unet, condition_channels, vae_scale_factor, revision
+            )
+            self.initialized_from = os.fspath(pretrained_adapter)
+        else:
+            adapter = make_t2i_adapter(unet, condition_channels, vae_scale_factor, adapter_type, num_res_blocks)
+        adapter.requires_grad_(True)
+        adapter.train()
+        self.adapter = adapter.to(next(unet.parameters()).device)
+        self.adapter_options = {
+            "condition_channels": condition_channels,
+            "vae_scale_factor": vae_scale_factor,
+            "adapter_type": adapter_type,
+            "num_res_blocks": int(adapter.config.num_res_blocks),
+        }
+
+    def _adapter_modules(self):
+        return {"adapter": self.adapter}
+
+    def _forward_adapter(self, z, t, encoder_hidden_states, features):
+        return self._unet_with_features(z, t, encoder_hidden_states, features)
+
+    def save_weights(self, out_dir):
+        """Save a stock ``T2IAdapter`` folder ``out_dir/t2i_adapter`` (safetensors)."""
+        return self._save_adapter_folder(out_dir)
+
+    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
+        """Load ``t2i_adapter/diffusion_pytorch_model.safetensors`` with strict key checks."""
+        self._load_adapter_folder(folder, weight_files)
+
+
+register_adapter("t2i_adapter", T2IAdapterStudent)

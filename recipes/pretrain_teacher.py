@@ -1,0 +1,238 @@
+"""Pretrain the tiny embedded text-to-image teacher on the synthetic scenes.
+
+Builds a standard diffusers Stable Diffusion folder (vae, text_encoder, tokenizer, unet,
+scheduler, model_index.json) that loads with plain ``StableDiffusionPipeline``:
+
+1. render ``--num-scenes`` training scenes (deterministic by ``--seed``);
+2. train the VAE (64x64 -> 4x16x16) for reconstruction, set ``scaling_factor`` from the
+   measured latent std;
+3. encode every scene once, then train UNet + text encoder jointly with the epsilon loss,
+   10% caption dropout and an EMA of the weights;
+4. save the folder plus ``training_config.json`` (resolved config) and
+   ``training_summary.json`` (losses, timings, parameter counts).
+
+The committed ``data/tiny-teacher`` is exactly::
+
+    python recipes/pretrain_teacher.py --output-dir data/tiny-teacher
+
+Smoke test (seconds)::
+
+    python recipes/pretrain_teacher.py --output-dir /tmp/t --vae-steps 2 --unet-steps 2 --num-scenes 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from condistill import teacher as T  # noqa: E402
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "data/tiny-teacher"
+    num_scenes: int = 20000
+    seed: int = 0
+    threads: int = 2
+    # VAE
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_crop: int = 32
+    vae_full_res_fraction: float = 0.1
+    kl_weight: float = 1e-3
+    # UNet + text encoder
+    unet_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 5e-4
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    architecture: T.TeacherArchitecture = field(default_factory=T.TeacherArchitecture)
+
+    def __post_init__(self):
+        if isinstance(self.architecture, dict):
+            self.architecture = T.TeacherArchitecture(**self.architecture)
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir must be a non-empty path")
+        positive = ("num_scenes", "threads", "vae_batch_size", "batch_size", "log_every", "vae_crop")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vae_steps", "unet_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (the saved model must be trained), got {getattr(self, name)}")
+        for name in ("vae_lr", "lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if not 0 <= self.vae_full_res_fraction <= 1:
+            raise ValueError(f"vae_full_res_fraction must be in [0, 1], got {self.vae_full_res_fraction}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0 disables Min-SNR weighting), got {self.snr_gamma}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        res, f = self.architecture.resolution, self.architecture.downsample_factor
+        if self.vae_crop > res or self.vae_crop % f:
+            raise ValueError(f"vae_crop must be <= resolution ({res}) and a multiple of the VAE factor {f}, "
+                             f"got {self.vae_crop}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    d = PretrainConfig()
+    p = argparse.ArgumentParser(
+        description="Train the tiny text-to-image teacher (diffusers Stable Diffusion layout) on synthetic scenes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output-dir", default=d.output_dir, help="folder to write the diffusers pipeline into")
+    p.add_argument("--num-scenes", type=int, default=d.num_scenes,
+                   help="training scenes rendered (SyntheticScenes('train') indices 0..N-1)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the scenes, the weight init and every random draw of training")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="VAE optimisation steps")
+    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help="images per VAE step")
+    p.add_argument("--vae-lr", type=float, default=d.vae_lr, help="VAE peak learning rate (AdamW, cosine)")
+    p.add_argument("--vae-crop", type=int, default=d.vae_crop,
+                   help="side of the random crops most VAE steps train on (the last steps use full images)")
+    p.add_argument("--vae-full-res-fraction", type=float, default=d.vae_full_res_fraction,
+                   help="fraction of VAE steps, at the end, that use whole images instead of crops")
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight,
+                   help="weight of the per-pixel KL term of the VAE loss (keeps latents near N(0, I))")
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="UNet + text encoder optimisation steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per UNet step")
+    p.add_argument("--lr", type=float, default=d.lr, help="UNet/text encoder peak learning rate (AdamW, cosine)")
+    p.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
+                   help="probability a caption is replaced by the empty prompt (for classifier-free guidance)")
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma,
+                   help="Min-SNR loss weighting gamma; 0 trains with the plain epsilon MSE")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the saved weights")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps")
+    p.add_argument("--unet-channels", default=",".join(map(str, d.architecture.unet_channels)),
+                   help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents)")
+    p.add_argument("--text-layers", type=int, default=d.architecture.text_layers, help="text encoder layers")
+    a = p.parse_args(argv)
+    try:
+        unet_channels = tuple(int(c) for c in a.unet_channels.split(","))
+    except ValueError:
+        p.error(f"--unet-channels must be comma-separated integers, got {a.unet_channels!r}")
+    try:
+        arch = T.TeacherArchitecture(unet_channels=unet_channels, text_layers=a.text_layers,
+                                     unet_cross_attention=(False,) + (True,) * (len(unet_channels) - 1))
+        return PretrainConfig(
+            output_dir=a.output_dir, num_scenes=a.num_scenes, seed=a.seed, threads=a.threads,
+            vae_steps=a.vae_steps, vae_batch_size=a.vae_batch_size, vae_lr=a.vae_lr, vae_crop=a.vae_crop,
+            vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
+            unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
+            snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every, architecture=arch,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    raise AssertionError("unreachable")
+
+
+def run(cfg: PretrainConfig, log=print) -> dict:
+    """Train and save the teacher described by ``cfg``; returns the training summary."""
+    t_start = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    arch = cfg.architecture
+    out = Path(cfg.output_dir)
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    images, captions = T.render_scenes(cfg.num_scenes, "train", arch.resolution, cfg.seed)
+    heldout, _ = T.render_scenes(min(256, cfg.num_scenes), "heldout", arch.resolution, cfg.seed)
+    timings["render_scenes_s"] = time.time() - t
+    log(f"rendered {cfg.num_scenes} train scenes in {timings['render_scenes_s']:.1f}s")
+
+    tokenizer = T.build_tokenizer(model_max_length=arch.max_length)
+    text_encoder = T.build_text_encoder(arch, tokenizer)
+    vae = T.build_vae(arch)
+    unet = T.build_unet(arch)
+    scheduler = T.build_scheduler()
+    params = {"vae": T.count_parameters(vae), "text_encoder": T.count_parameters(text_encoder),
+              "unet": T.count_parameters(unet)}
+    log(f"parameters: {params}")
+
+    # 1. VAE
+    vae_hist = T.train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_lr, cfg.kl_weight,
+                           cfg.vae_crop, cfg.vae_full_res_fraction, gen, log, cfg.log_every)
+    timings["vae_s"] = vae_hist.seconds
+    vae.requires_grad_(False)
+
+    # 2. latents + scaling factor
+    t = time.time()
+    lat_mean, lat_std = T.encode_latents(vae, images)
+    sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+    latent_std = float(sample.std())
+    scaling_factor = 1.0 / latent_std
+    vae.register_to_config(scaling_factor=scaling_factor)
+    heldout_mae = T.reconstruction_error(vae, heldout)
+    timings["encode_s"] = time.time() - t
+    latent_stats = {
+        "std": latent_std,
+        "mean": float(sample.mean()),
+        "channel_mean": sample.mean(dim=(0, 2, 3)).tolist(),
+        "channel_std": sample.std(dim=(0, 2, 3)).tolist(),
+        "posterior_std_mean": float(lat_std.mean()),
+        "scaling_factor": scaling_factor,
+        "heldout_reconstruction_mae_0_255": heldout_mae,
+    }
+    log(f"latents: {latent_stats}")
+
+    # 3. UNet + text encoder
+    token_ids = T.tokenize(tokenizer, captions)
+    empty_ids = T.tokenize(tokenizer, [""])[0]
+    unet_hist, ema = T.train_unet(
+        unet, text_encoder, lat_mean, lat_std, scaling_factor, token_ids, empty_ids, cfg.unet_steps,
+        cfg.batch_size, cfg.lr, cfg.caption_dropout, cfg.snr_gamma or None, cfg.ema_decay, gen, log,
+        cfg.log_every,
+    )
+    timings["unet_s"] = unet_hist.seconds
+    ema.copy_to_model()
+
+    # 4. save
+    T.save_teacher(out, vae, text_encoder, tokenizer, unet, scheduler)
+    T.write_tokenizer_files(out / "tokenizer")
+    timings["total_s"] = time.time() - t_start
+    summary = {
+        "parameters": params,
+        "timings": timings,
+        "latents": latent_stats,
+        "vae_loss": vae_hist.as_dict(),
+        "unet_loss": unet_hist.as_dict(),
+        "machine": {"torch": torch.__version__, "threads": cfg.threads, "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+    }
+    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["folder_bytes"] = T.folder_size_bytes(out)
+    log(f"saved {out} ({summary['folder_bytes'] / 1e6:.1f} MB) in {timings['total_s'] / 60:.1f} min")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    run(cfg, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""Train the judge network on freshly generated synthetic scenes and measure it on held-out ones.
+
+    python recipes/train_judge.py                      # the committed data/judge (CPU, 1 thread)
+    python recipes/train_judge.py --smoke --output-dir runs/judge-smoke
+    python recipes/train_judge.py --eval-only          # re-measure data/judge on held-out scenes
+
+Scenes of the ``train`` split are rendered once into memory (uint8 images + float16
+depth). Each batch is lightly degraded in ways that keep colours (horizontal flip, JPEG,
+down/up-scaling, Gaussian blur, a small per-channel gain, Gaussian noise) so the judge
+stays calibrated on slightly imperfect generated images. The loss is cross-entropy on the
+three attribute heads plus L1 + gradient-L1 on the disparity map. Everything is seeded:
+the same config gives the same weights on the same machine.
+
+Writes to ``--output-dir``: ``judge.safetensors``, ``config.json`` (architecture, training
+config, training time) and ``metrics.json`` (held-out accuracies and depth error).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+try:
+    import condistill  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from condistill.judge import (  # noqa: E402
+    ATTRIBUTES,
+    CONFIG_NAME,
+    METRICS_NAME,
+    JudgeConfig,
+    JudgeNet,
+    count_parameters,
+    evaluate_on_records,
+    load_judge,
+    save_judge,
+)
+from condistill.metrics import frechet_distance  # noqa: E402
+from condistill.scenes import SyntheticScenes, attribute_labels  # noqa: E402
+
+
+@dataclass
+class TrainJudgeConfig:
+    """Everything that determines a judge training run."""
+
+    output_dir: str = "data/judge"
+    train_scenes: int = 24000
+    heldout_scenes: int = 1000
+    resolution: int = 64
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    label_smoothing: float = 0.05
+    depth_weight: float = 2.0
+    seed: int = 0
+    threads: int = 1
+    widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 16)
+    reduce_channels: int = 64
+    feature_dim: int = 256
+    augment: bool = True
+    flip_prob: float = 0.5
+    jpeg_prob: float = 0.25
+    jpeg_quality_min: int = 40
+    rescale_prob: float = 0.25
+    rescale_min: float = 0.5
+    blur_prob: float = 0.3
+    blur_sigma_max: float = 1.0
+    gain_jitter: float = 0.03
+    noise_prob: float = 0.5
+    noise_std_max: float = 0.04
+    save_dtype: str = "float16"
+    log_every: int = 50
+
+    def __post_init__(self):
+        self.widths = tuple(int(w) for w in self.widths)
+        self.decoder_widths = tuple(int(w) for w in self.decoder_widths)
+        positive_ints = ("train_scenes", "heldout_scenes", "steps", "batch_size", "threads", "log_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.heldout_scenes < 2:
+            raise ValueError(f"heldout_scenes must be at least 2 (a Frechet distance needs 2), got {self.heldout_scenes}")
+        if self.batch_size > self.train_scenes:
+            raise ValueError(f"batch_size ({self.batch_size}) cannot exceed train_scenes ({self.train_scenes})")
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 and at least 16, got {self.resolution}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.depth_weight < 0:
+            raise ValueError(f"depth_weight must be >= 0, got {self.depth_weight}")
+        for name in ("flip_prob", "jpeg_prob", "rescale_prob", "blur_prob", "noise_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality_min <= 95:
+            raise ValueError(f"jpeg_quality_min must be in [1, 95], got {self.jpeg_quality_min}")
+        if not 0.1 <= self.rescale_min < 1:
+            raise ValueError(f"rescale_min must be in [0.1, 1), got {self.rescale_min}")
+        if self.blur_sigma_max < 0 or self.noise_std_max < 0 or not 0 <= self.gain_jitter < 0.5:
+            raise ValueError("blur_sigma_max and noise_std_max must be >= 0 and gain_jitter in [0, 0.5)")
+        if self.save_dtype not in ("float16", "float32"):
+            raise ValueError(f"save_dtype must be 'float16' or 'float32', got {self.save_dtype!r}")
+        # the architecture validates itself
+        self.judge_config()
+
+    def judge_config(self) -> JudgeConfig:
+        return JudgeConfig(resolution=self.resolution, widths=self.widths, decoder_widths=self.decoder_widths,
+                           reduce_channels=self.reduce_channels, feature_dim=self.feature_dim)
+
+    @classmethod
+    def smoke(cls, **overrides) -> "TrainJudgeConfig":
+        """A few steps on a few scenes: checks the whole recipe end to end in seconds."""
+        values = dict(output_dir="runs/judge-smoke", train_scenes=48, heldout_scenes=16, steps=3, batch_size=8,
+                      warmup_steps=1, log_every=1)
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def render_scenes(split: str, count: int, resolution: int, seed: int = 0):
+    """Render ``count`` scenes: uint8 images [N, H, W, 3], float16 depth [N, H, W], int64 labels [N, 3]."""
+    scenes = SyntheticScenes(split, count, resolution, seed)
+    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+    depth = np.empty((count, resolution, resolution), dtype=np.float16)
+    labels = np.empty((count, len(ATTRIBUTES)), dtype=np.int64)
+    for i in range(count):
+        rec = scenes[i]
+        images[i] = np.asarray(rec.image)
+        depth[i] = rec.depth
+        lab = attribute_labels(rec)
+        labels[i] = [lab[a] for a in ATTRIBUTES]
+    return images, depth, labels
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _gaussian_kernels(sigmas: torch.Tensor, size: int = 5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-coords[None] ** 2 / (2 * sigmas[:, None] ** 2))
+    g = g / g.sum(1, keepdim=True)
+    return g[:, :, None] * g[:, None, :]  # [B, size, size]
+
+
+def augment_batch(images: np.ndarray, depth: torch.Tensor, rng: np.random.Generator, cfg: TrainJudgeConfig):
+    """Colour-preserving degradations of a uint8 batch ``[B, H, W, 3]``; returns float [B, 3, H, W] in
+    [0, 1] and the (possibly flipped) depth ``[B, H, W]``."""
+    B, H, W, _ = images.shape
+    images = images.copy()
+    for i in np.nonzero(rng.random(B) < cfg.jpeg_prob)[0]:
+        images[i] = _jpeg(images[i], rng.integers(cfg.jpeg_quality_min, 96))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    flip = torch.from_numpy(rng.random(B) < cfg.flip_prob)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    depth = torch.where(flip[:, None, None], depth.flip(-1), depth)
+    for i in np.nonzero(rng.random(B) < cfg.rescale_prob)[0]:
+        s = max(8, int(round(H * rng.uniform(cfg.rescale_min, 1.0))))
+        small = F.interpolate(x[i:i + 1], size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        x[i:i + 1] = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
+    blur = rng.random(B) < cfg.blur_prob
+    if blur.any() and cfg.blur_sigma_max > 0:
+        sigmas = torch.from_numpy(rng.uniform(0.3, max(cfg.blur_sigma_max, 0.31), B)).float()
+        kernels = _gaussian_kernels(sigmas).repeat_interleave(3, 0)[:, None]  # [B*3, 1, 5, 5]
+        blurred = F.conv2d(F.pad(x.reshape(1, B * 3, H, W), (2, 2, 2, 2), mode="replicate"), kernels,
+                           groups=B * 3).reshape(B, 3, H, W)
+        x = torch.where(torch.from_numpy(blur)[:, None, None, None], blurred, x)
+    if cfg.gain_jitter > 0:
+        gains = 1 + torch.from_numpy(rng.uniform(-cfg.gain_jitter, cfg.gain_jitter, (B, 3, 1, 1))).float()
+        x = x * gains
+    noisy = rng.random(B) < cfg.noise_prob
+    if noisy.any() and cfg.noise_std_max > 0:
+        std = torch.from_numpy(rng.uniform(0, cfg.noise_std_max, B) * noisy).float()[:, None, None, None]
+        x = x + std * torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))
+    return x.clamp(0, 1), depth
+
+
+def degraded_copies(images: np.ndarray, seed: int, cfg: TrainJudgeConfig) -> list[Image.Image]:
+    """Held-out images with the training degradations always on (flip off): a robustness check."""
+    strong = TrainJudgeConfig(**{**asdict(cfg), "flip_prob": 0.0, "jpeg_prob": 1.0, "rescale_prob": 0.5,
+                                 "blur_prob": 0.5, "noise_prob": 1.0})
+    rng = np.random.default_rng([seed, 7])
+    x, _ = augment_batch(images, torch.zeros(images.shape[:3]), rng, strong)
+    arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 on the disparity plus L1 on its horizontal and vertical finite differences (sharp edges)."""
+    l1 = (pred - target).abs().mean()
+    gx = ((pred[:, :, 1:] - pred[:, :, :-1]) - (target[:, :, 1:] - target[:, :, :-1])).abs().mean()
+    gy = ((pred[:, 1:] - pred[:, :-1]) - (target[:, 1:] - target[:, :-1])).abs().mean()
+    return l1 + 0.5 * (gx + gy)
+
+
+def lr_at(step: int, cfg: TrainJudgeConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def log(msg: str) -> None:
+    print(f"[train_judge {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def measure(output_dir: Path, cfg: TrainJudgeConfig, command: str) -> dict:
+    """Held-out accuracies / depth error of the judge in ``output_dir``; writes metrics.json."""
+    t0 = time.perf_counter()
+    judge = load_judge(output_dir)
+    scenes = SyntheticScenes("heldout", cfg.heldout_scenes, cfg.resolution, cfg.seed)
+    records = [scenes[i] for i in range(len(scenes))]
+    clean = evaluate_on_records(judge, records)
+    arrays = np.stack([np.asarray(r.image) for r in records])
+    degraded = evaluate_on_records(judge, records, images=degraded_copies(arrays, cfg.seed, cfg))
+    # reference realism figure: held-out vs as many train scenes (both real), the floor of the FD
+    train = SyntheticScenes("train", cfg.heldout_scenes, cfg.resolution, cfg.seed + 1)
+    fd_real = frechet_distance(judge.features([r.image for r in records]),
+                               judge.features([train[i].image for i in range(len(train))]))
+    metrics = {
+        "heldout": {"split": "heldout", "scenes": cfg.heldout_scenes, "seed": cfg.seed, **clean},
+        "heldout_degraded": degraded,
+        "frechet_heldout_vs_train": fd_real,
+        "bar": {a: 0.95 for a in ATTRIBUTES},
+        "passes_bar": all(clean[a] >= 0.95 for a in ATTRIBUTES),
+        "command": command,
+        "measure_seconds": round(time.perf_counter() - t0, 1),
+    }
+    (output_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    t_start = time.perf_counter()
+
+    log(f"rendering {cfg.train_scenes} train scenes at {cfg.resolution}px")
+    images, depth_np, labels_np = render_scenes("train", cfg.train_scenes, cfg.resolution, cfg.seed)
+    depth_all = torch.from_numpy(depth_np)
+    labels_all = torch.from_numpy(labels_np)
+    t_data = time.perf_counter() - t_start
+    log(f"rendered in {t_data:.1f}s")
+
+    net = JudgeNet(cfg.judge_config())
+    net.train()
+    decay = [p for n, p in net.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    log(f"judge: {count_parameters(net):,} parameters; {cfg.steps} steps of {cfg.batch_size}")
+
+    order = rng.permutation(cfg.train_scenes)
+    cursor = 0
+    running = {"loss": 0.0, **{a: 0.0 for a in ATTRIBUTES}, "depth": 0.0}
+    t_train = time.perf_counter()
+    for step in range(cfg.steps):
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = rng.permutation(cfg.train_scenes), 0
+        idx = np.sort(order[cursor:cursor + cfg.batch_size])
+        cursor += cfg.batch_size
+        target_depth = depth_all[idx].float()
+        if cfg.augment:
+            x, target_depth = augment_batch(images[idx], target_depth, rng, cfg)
+        else:
+            x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
+        y = labels_all[idx]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        out = net(x)
+        loss = torch.zeros(())
+        for k, attr in enumerate(ATTRIBUTES):
+            logits = out[f"logits_{attr}"]
+            loss = loss + F.cross_entropy(logits, y[:, k], label_smoothing=cfg.label_smoothing)
+            running[attr] += float((logits.argmax(1) == y[:, k]).float().mean())
+        d_loss = depth_loss(out["depth"], target_depth)
+        loss = loss + cfg.depth_weight * d_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running["loss"] += loss.item()
+        running["depth"] += d_loss.item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = (step % cfg.log_every) + 1
+            elapsed = time.perf_counter() - t_train
+            rate = (step + 1) * cfg.batch_size / elapsed
+            accs = " ".join(f"{a}={running[a] / n:.3f}" for a in ATTRIBUTES)
+            log(f"step {step + 1}/{cfg.steps} loss={running['loss'] / n:.4f} depth={running['depth'] / n:.4f} "
+                f"{accs} lr={lr_at(step, cfg):.2e} {rate:.0f} img/s, {elapsed:.0f}s")
+            running = {k: 0.0 for k in running}
+    train_seconds = time.perf_counter() - t_train
+    total_seconds = time.perf_counter() - t_start
+
+    net.eval()
+    if cfg.save_dtype == "float16":
+        net_to_save = JudgeNet(cfg.judge_config())
+        net_to_save.load_state_dict(net.state_dict())
+        net_to_save.half()
+    else:
+        net_to_save = net
+    training = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "data_seconds": round(t_data, 1),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(total_seconds, 1),
+        "images_per_second": round(cfg.steps * cfg.batch_size / train_seconds, 1),
+        "epochs": round(cfg.steps * cfg.batch_size / cfg.train_scenes, 2),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, "
+                   f"{cfg.threads} thread(s)",
+        "command": command,
+    }
+    save_judge(net_to_save, out_dir, extra={"weights_dtype": cfg.save_dtype, "training": training})
+    log(f"saved {out_dir}; training took {train_seconds:.0f}s ({total_seconds:.0f}s with rendering)")
+    metrics = measure(out_dir, cfg, command)
+    log("held-out: " + json.dumps(metrics["heldout"]))
+    log("held-out degraded: " + json.dumps(metrics["heldout_degraded"]))
+    return {"training": training, "metrics": metrics}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train the condistill judge (attribute classifier + Frechet features + depth head) "
+                    "on synthetic scenes and measure it on held-out scenes.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps on a few scenes (end-to-end check); default output runs/judge-smoke")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="do not train; re-measure the judge in --output-dir and rewrite its metrics.json")
+    defaults = TrainJudgeConfig()
+    for f in fields(TrainJudgeConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
+                                metavar="BOOL", help=f"(default {default})")
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,C,D",
+                                help=f"(default {','.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainJudgeConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainJudgeConfig) if getattr(args, f.name) is not None}
+    return TrainJudgeConfig.smoke(**overrides) if args.smoke else TrainJudgeConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    command = "python recipes/train_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command.strip()
+    if args.eval_only:
+        out_dir = Path(cfg.output_dir)
+        if not (out_dir / CONFIG_NAME).is_file():
+            parser.error(f"--eval-only needs a trained judge in {out_dir}; train one first without --eval-only")
+        torch.set_num_threads(cfg.threads)
+        metrics = measure(out_dir, cfg, command)
+        print(json.dumps(metrics, indent=2))
+        return {"metrics": metrics}
+    return train(cfg, command)
+
+
+if __name__ == "__main__":
+    main()
