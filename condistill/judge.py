@@ -137,7 +137,10 @@ class JudgeNet(nn.Module):
 
     Input: ``float32 [N, 3, R, R]`` in ``[0, 1]`` at the configured resolution ``R``.
     Output: dict with ``features [N, D]``, ``logits_<attr> [N, K]`` per attribute and
-    ``depth [N, R, R]`` in ``[0, 1]`` (disparity, 1 = near).
+    ``depth [N, R, R]`` in ``[0, 1]`` (disparity, 1 = near), and ``dense [N, S + 2, R/2, R/2]``:
+    per-pixel logits of "no object" + the ``S`` shapes, then a main-object mask logit
+    (supervised during training). The feature vector joins a flattened coarse map of the
+    whole scene with a descriptor of the main object pooled over the predicted mask.
     """
 
     def __init__(self, config: JudgeConfig):
@@ -150,7 +153,10 @@ class JudgeNet(nn.Module):
         cells = (config.resolution // 16) ** 2
         self.reduce = nn.Sequential(nn.Conv2d(w[3], config.reduce_channels, 1, bias=False),
                                     nn.BatchNorm2d(config.reduce_channels), nn.ReLU(inplace=True))
-        self.embed = nn.Sequential(nn.Linear(config.reduce_channels * cells, config.feature_dim), nn.ReLU(inplace=True))
+        n_shapes = len(config.labels["shape"])
+        object_dim = d[2] + (n_shapes + 1) + 3 + w[0]
+        self.embed = nn.Sequential(nn.Linear(config.reduce_channels * cells + object_dim, config.feature_dim),
+                                   nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(classes))
                                     for name, classes in config.labels.items()})
         self.up3 = _Up(w[3], w[2], d[0])  # -> 1/8
@@ -158,6 +164,9 @@ class JudgeNet(nn.Module):
         self.up1 = _Up(d[1], w[0], d[2])  # -> 1/2
         self.up0 = _Up(d[2], 3, d[3])  # -> full resolution, skip = the input image
         self.depth_out = nn.Conv2d(d[3], 1, 3, padding=1)
+        # dense outputs at 1/2 resolution: per-pixel object shape (0 = no object, 1.. = shape
+        # class) and a main-object mask logit; the mask steers the pooling of the object descriptor
+        self.dense_out = nn.Conv2d(d[2], len(config.labels["shape"]) + 2, 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = (x - 0.5) / 0.25
@@ -165,14 +174,22 @@ class JudgeNet(nn.Module):
         for stage in self.stages:
             h = stage(h)
             skips.append(h)
-        features = self.embed(self.reduce(h).flatten(1))
-        out = {"features": features}
-        for name, head in self.heads.items():
-            out[f"logits_{name}"] = head(features)
         s1, s2, s3, s4 = skips
         y = self.up3(s4, s3)
         y = self.up2(y, s2)
         y = self.up1(y, s1)
+        dense = self.dense_out(y)
+        # "find the main object, then describe it": pool half-resolution decoder features,
+        # per-pixel shape probabilities, colour and early encoder features over the
+        # predicted main-object mask
+        attn = torch.sigmoid(dense[:, -1:])
+        attn = attn / (attn.sum(dim=(2, 3), keepdim=True) + 1e-6)
+        local = torch.cat([y, dense[:, :-1].softmax(dim=1), F.avg_pool2d(x, 2), s1], dim=1)
+        obj = (local * attn).sum(dim=(2, 3))
+        features = self.embed(torch.cat([self.reduce(s4).flatten(1), obj], dim=1))
+        out = {"features": features, "dense": dense}
+        for name, head in self.heads.items():
+            out[f"logits_{name}"] = head(features)
         y = self.up0(y, x)
         out["depth"] = torch.sigmoid(self.depth_out(y)).squeeze(1)
         return out

@@ -96,8 +96,15 @@ def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, al
     w = None
     if cfg.guidance_enabled:
         w = (cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=g)).to(device)
-    features = student.encode_condition(cond)
-    online = make_model_fn(model, features, b)
+    cache = {}
+
+    def online(z, t, e):
+        # encoded on first use: codi_loss runs the EMA branches first, and swapping EMA
+        # weights in place would invalidate features computed from the online weights earlier
+        if "features" not in cache:
+            cache["features"] = student.encode_condition(cond)
+        return make_model_fn(model, cache["features"], b)(z, t, e)
+
     if cfg.loss == "diffusion":
         t = torch.randint(0, alphas.shape[0], (b,), generator=g).to(device)
         loss = diffusion_loss(lambda z, tt: online(z, tt, emb), z0, noise, t, alphas, base.prediction_type)
@@ -149,7 +156,7 @@ def distill(cfg: DistillConfig) -> Path:
     base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
     resolution = cfg.resolution or base.resolution
     condition = get_condition(cfg.condition, **cfg.condition_options)
-    student = build_student(cfg.adapter, base.unet, condition.channels, **cfg.adapter_options).to(device)
+    student = build_student(cfg.adapter, base, condition.channels, **cfg.adapter_options).to(device)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     params = student.trainable_named_parameters()
@@ -198,7 +205,7 @@ def distill(cfg: DistillConfig) -> Path:
             now = time.perf_counter()
             record = {"step": done, "loss": loss.mean().item(), "lr": lr_scheduler.get_last_lr()[0],
                       "images_per_s": seen / max(now - t_last, 1e-9),
-                      **{k: float(v.mean()) for k, v in info.items() if torch.is_tensor(v)}}
+                      **{k: float(v.float().mean()) for k, v in info.items() if k in ("distill", "regression")}}
             t_last, seen = now, 0
             accelerator.log(record, step=done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
@@ -221,7 +228,8 @@ def distill(cfg: DistillConfig) -> Path:
                          condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
                          prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
                          recommended_guidance=1.0 if not cfg.guidance_enabled else (cfg.guidance_min + cfg.guidance_max) / 2,
-                         resolution=resolution, extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
+                         resolution=resolution, noise_schedule=base.noise_schedule_config(),
+                         extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
     accelerator.end_training()
     return out

@@ -39,19 +39,19 @@ from condistill import teacher as T  # noqa: E402
 @dataclass
 class PretrainConfig:
     output_dir: str = "data/tiny-teacher"
-    num_scenes: int = 20000
+    num_scenes: int = 10000
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     # VAE
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_crop: int = 32
     vae_full_res_fraction: float = 0.1
-    kl_weight: float = 1e-3
+    kl_weight: float = 1e-4
     # UNet + text encoder
-    unet_steps: int = 3000
-    batch_size: int = 64
+    unet_steps: int = 2000
+    batch_size: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0

@@ -48,7 +48,7 @@ from condistill.judge import (  # noqa: E402
     save_judge,
 )
 from condistill.metrics import frechet_distance  # noqa: E402
-from condistill.scenes import SyntheticScenes, attribute_labels  # noqa: E402
+from condistill.scenes import SHAPES, SyntheticScenes, attribute_labels  # noqa: E402
 
 
 @dataclass
@@ -66,6 +66,7 @@ class TrainJudgeConfig:
     warmup_steps: int = 50
     label_smoothing: float = 0.05
     depth_weight: float = 2.0
+    dense_weight: float = 1.0
     seed: int = 0
     threads: int = 1
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
@@ -106,8 +107,8 @@ class TrainJudgeConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.depth_weight < 0:
-            raise ValueError(f"depth_weight must be >= 0, got {self.depth_weight}")
+        if self.depth_weight < 0 or self.dense_weight < 0:
+            raise ValueError(f"depth_weight and dense_weight must be >= 0, got {self.depth_weight}, {self.dense_weight}")
         for name in ("flip_prob", "jpeg_prob", "rescale_prob", "blur_prob", "noise_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -139,18 +140,23 @@ class TrainJudgeConfig:
 
 
 def render_scenes(split: str, count: int, resolution: int, seed: int = 0):
-    """Render ``count`` scenes: uint8 images [N, H, W, 3], float16 depth [N, H, W], int64 labels [N, 3]."""
+    """Render ``count`` scenes: uint8 images [N, H, W, 3], float16 depth [N, H, W], int64 labels [N, 3]
+    and uint8 dense maps [N, H, W] = per-pixel shape class (0 none, 1 + index in SHAPES) + 16 * main-object."""
     scenes = SyntheticScenes(split, count, resolution, seed)
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     depth = np.empty((count, resolution, resolution), dtype=np.float16)
     labels = np.empty((count, len(ATTRIBUTES)), dtype=np.int64)
+    dense = np.zeros((count, resolution, resolution), dtype=np.uint8)
     for i in range(count):
         rec = scenes[i]
         images[i] = np.asarray(rec.image)
         depth[i] = rec.depth
         lab = attribute_labels(rec)
         labels[i] = [lab[a] for a in ATTRIBUTES]
-    return images, depth, labels
+        for k, obj in enumerate(rec.attributes["objects"]):
+            dense[i][rec.masks[k]] = 1 + SHAPES.index(obj["shape"])
+        dense[i][rec.masks[0]] += 16
+    return images, depth, labels, dense
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -167,9 +173,10 @@ def _gaussian_kernels(sigmas: torch.Tensor, size: int = 5) -> torch.Tensor:
     return g[:, :, None] * g[:, None, :]  # [B, size, size]
 
 
-def augment_batch(images: np.ndarray, depth: torch.Tensor, rng: np.random.Generator, cfg: TrainJudgeConfig):
+def augment_batch(images: np.ndarray, depth: torch.Tensor, rng: np.random.Generator, cfg: TrainJudgeConfig,
+                  dense: torch.Tensor | None = None):
     """Colour-preserving degradations of a uint8 batch ``[B, H, W, 3]``; returns float [B, 3, H, W] in
-    [0, 1] and the (possibly flipped) depth ``[B, H, W]``."""
+    [0, 1], the depth ``[B, H, W]`` and the dense maps (both flipped along with the image)."""
     B, H, W, _ = images.shape
     images = images.copy()
     for i in np.nonzero(rng.random(B) < cfg.jpeg_prob)[0]:
@@ -178,6 +185,8 @@ def augment_batch(images: np.ndarray, depth: torch.Tensor, rng: np.random.Genera
     flip = torch.from_numpy(rng.random(B) < cfg.flip_prob)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     depth = torch.where(flip[:, None, None], depth.flip(-1), depth)
+    if dense is not None:
+        dense = torch.where(flip[:, None, None], dense.flip(-1), dense)
     for i in np.nonzero(rng.random(B) < cfg.rescale_prob)[0]:
         s = max(8, int(round(H * rng.uniform(cfg.rescale_min, 1.0))))
         small = F.interpolate(x[i:i + 1], size=(s, s), mode="bilinear", align_corners=False, antialias=True)
@@ -196,7 +205,7 @@ def augment_batch(images: np.ndarray, depth: torch.Tensor, rng: np.random.Genera
     if noisy.any() and cfg.noise_std_max > 0:
         std = torch.from_numpy(rng.uniform(0, cfg.noise_std_max, B) * noisy).float()[:, None, None, None]
         x = x + std * torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))
-    return x.clamp(0, 1), depth
+    return x.clamp(0, 1), depth, dense
 
 
 def degraded_copies(images: np.ndarray, seed: int, cfg: TrainJudgeConfig) -> list[Image.Image]:
@@ -204,7 +213,7 @@ def degraded_copies(images: np.ndarray, seed: int, cfg: TrainJudgeConfig) -> lis
     strong = TrainJudgeConfig(**{**asdict(cfg), "flip_prob": 0.0, "jpeg_prob": 1.0, "rescale_prob": 0.5,
                                  "blur_prob": 0.5, "noise_prob": 1.0})
     rng = np.random.default_rng([seed, 7])
-    x, _ = augment_batch(images, torch.zeros(images.shape[:3]), rng, strong)
+    x, _, _ = augment_batch(images, torch.zeros(images.shape[:3]), rng, strong)
     arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
 
@@ -218,6 +227,15 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     gx = ((pred[:, :, 1:] - pred[:, :, :-1]) - (target[:, :, 1:] - target[:, :, :-1])).abs().mean()
     gy = ((pred[:, 1:] - pred[:, :-1]) - (target[:, 1:] - target[:, :-1])).abs().mean()
     return l1 + 0.5 * (gx + gy)
+
+
+def dense_loss(logits: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Per-pixel shape cross-entropy + main-object mask BCE at the logits' resolution."""
+    stride = dense.shape[-1] // logits.shape[-1]
+    target = dense[:, ::stride, ::stride].long()
+    shape_ce = F.cross_entropy(logits[:, :-1], target % 16)
+    main_bce = F.binary_cross_entropy_with_logits(logits[:, -1], (target >= 16).float())
+    return shape_ce + main_bce
 
 
 def lr_at(step: int, cfg: TrainJudgeConfig) -> float:
@@ -265,8 +283,9 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
     t_start = time.perf_counter()
 
     log(f"rendering {cfg.train_scenes} train scenes at {cfg.resolution}px")
-    images, depth_np, labels_np = render_scenes("train", cfg.train_scenes, cfg.resolution, cfg.seed)
+    images, depth_np, labels_np, dense_np = render_scenes("train", cfg.train_scenes, cfg.resolution, cfg.seed)
     depth_all = torch.from_numpy(depth_np)
+    dense_all = torch.from_numpy(dense_np)
     labels_all = torch.from_numpy(labels_np)
     t_data = time.perf_counter() - t_start
     log(f"rendered in {t_data:.1f}s")
@@ -281,7 +300,7 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
 
     order = rng.permutation(cfg.train_scenes)
     cursor = 0
-    running = {"loss": 0.0, **{a: 0.0 for a in ATTRIBUTES}, "depth": 0.0}
+    running = {"loss": 0.0, **{a: 0.0 for a in ATTRIBUTES}, "depth": 0.0, "dense": 0.0, "pixel_shape": 0.0}
     t_train = time.perf_counter()
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
@@ -289,8 +308,9 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
         idx = np.sort(order[cursor:cursor + cfg.batch_size])
         cursor += cfg.batch_size
         target_depth = depth_all[idx].float()
+        target_dense = dense_all[idx]
         if cfg.augment:
-            x, target_depth = augment_batch(images[idx], target_depth, rng, cfg)
+            x, target_depth, target_dense = augment_batch(images[idx], target_depth, rng, cfg, target_dense)
         else:
             x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
         y = labels_all[idx]
@@ -303,18 +323,27 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
             loss = loss + F.cross_entropy(logits, y[:, k], label_smoothing=cfg.label_smoothing)
             running[attr] += float((logits.argmax(1) == y[:, k]).float().mean())
         d_loss = depth_loss(out["depth"], target_depth)
-        loss = loss + cfg.depth_weight * d_loss
+        a_loss = dense_loss(out["dense"], target_dense)
+        with torch.no_grad():
+            stride = target_dense.shape[-1] // out["dense"].shape[-1]
+            pix = target_dense[:, ::stride, ::stride].long() % 16
+            on_object = pix > 0
+            pixel_hits = out["dense"][:, :-1].argmax(1)[on_object] == pix[on_object]
+            running["pixel_shape"] += float(pixel_hits.float().mean()) if on_object.any() else 0.0
+        loss = loss + cfg.depth_weight * d_loss + cfg.dense_weight * a_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         running["loss"] += loss.item()
         running["depth"] += d_loss.item()
+        running["dense"] += a_loss.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = (step % cfg.log_every) + 1
             elapsed = time.perf_counter() - t_train
             rate = (step + 1) * cfg.batch_size / elapsed
             accs = " ".join(f"{a}={running[a] / n:.3f}" for a in ATTRIBUTES)
             log(f"step {step + 1}/{cfg.steps} loss={running['loss'] / n:.4f} depth={running['depth'] / n:.4f} "
+                f"dense={running['dense'] / n:.3f} pixel_shape={running['pixel_shape'] / n:.3f} "
                 f"{accs} lr={lr_at(step, cfg):.2e} {rate:.0f} img/s, {elapsed:.0f}s")
             running = {k: 0.0 for k in running}
     train_seconds = time.perf_counter() - t_train

@@ -184,3 +184,28 @@ def make_fake_hub_cache(
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return cache_root
+
+
+@torch.no_grad()
+def perturb_(student, seed: int = 0, scale: float = 0.05) -> None:
+    """Add seeded Gaussian noise to every trainable parameter of ``student`` (in place).
+
+    Moves the zero-initialised adapter away from the identity so that round trips and stock
+    pipeline comparisons test real, non-zero weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(student.trainable_named_parameters().items()):
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        param.add_(noise.to(device=param.device, dtype=param.dtype) * scale)
+
+
+def model_inputs(base, batch: int = 2, seed: int = 0):
+    """Seeded ``(z, t, encoder_hidden_states, cond)`` for a tiny base: latents, timesteps, text, condition."""
+    gen = torch.Generator().manual_seed(seed)
+    h = base.resolution // base.vae_scale_factor
+    z = torch.randn(batch, base.latent_channels, h, h, generator=gen)
+    t = torch.randint(0, base.num_train_timesteps, (batch,), generator=gen)
+    prompts = (["a red cube", ""] * batch)[:batch]
+    ehs = base.encode_prompts(prompts)
+    cond = torch.rand(batch, 3, base.resolution, base.resolution, generator=gen)
+    return z, t, ehs, cond

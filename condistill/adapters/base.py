@@ -76,8 +76,12 @@ def build_student(kind: str, unet, condition_channels: int, **options) -> "Stude
             (then its UNet and ``vae_scale_factor`` are used).
         condition_channels: channels ``C`` of the condition tensor ``[B, C, H, W]``.
         **options: kind-specific options (see each class), plus ``vae_scale_factor``
-            (pixels per latent pixel; default 8 as in SD, taken from the base when a
-            :class:`~condistill.base.Base` is passed).
+            (pixels per latent pixel, 8 for SD): taken from the base when a
+            :class:`~condistill.base.Base` is passed, required with a bare UNet.
+
+    Trainable parameter names (:meth:`Student.trainable_named_parameters`) are the student's
+    own ``named_parameters()`` names (``controlnet.*``, ``adapter.*``, ``unet.*lora*``), so an
+    EMA keyed by them can be swapped into the student directly.
 
     Note:
         ``lora`` injects LoRA layers into the UNet *in place*; teacher predictions must then go
@@ -182,8 +186,14 @@ class Student(nn.Module):
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, unet, condition_channels: int, vae_scale_factor: int = 8):
+    def __init__(self, unet, condition_channels: int, vae_scale_factor: int | None = None):
         super().__init__()
+        if vae_scale_factor is None:
+            raise ValueError(
+                "vae_scale_factor is required with a bare UNet (the condition is at image resolution, "
+                "the UNet at latent resolution): pass the Base itself, build_student(kind, base, C), "
+                "or vae_scale_factor=base.vae_scale_factor (8 for SD 1.x/2.x)."
+            )
         if not isinstance(condition_channels, int) or condition_channels < 1:
             raise ValueError(f"condition_channels must be a positive int, got {condition_channels!r}.")
         if not isinstance(vae_scale_factor, int) or vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):

@@ -52,7 +52,7 @@ class ControlNetStudent(Student):
     """Frozen UNet + trainable diffusers ``ControlNetModel``.
 
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
-        vae_scale_factor: pixels per latent pixel (SD: 8).
+        vae_scale_factor: pixels per latent pixel (SD: 8); required unless built from a Base.
         conditioning_embedding_out_channels: widths of the condition embedding; default
             :func:`default_conditioning_embedding_channels` of the VAE factor.
         pretrained_controlnet: a ControlNet folder / hub id (or a condistill export) to start
@@ -67,7 +67,7 @@ class ControlNetStudent(Student):
         self,
         unet,
         condition_channels: int,
-        vae_scale_factor: int = 8,
+        vae_scale_factor: int | None = None,
         conditioning_embedding_out_channels: Sequence[int] | None = None,
         pretrained_controlnet: str | os.PathLike | None = None,
         revision: str | None = None,
@@ -93,7 +93,9 @@ class ControlNetStudent(Student):
                 )
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_channels=condition_channels, conditioning_embedding_out_channels=embedding
-            ).to(torch.float32)
+            )
+            if next(controlnet.parameters()).dtype != torch.float32:
+                controlnet.to(torch.float32)
         # Always trainable, also when started from pretrained weights (a from_pretrained model
         # that silently stays frozen would train nothing).
         controlnet.requires_grad_(True)

@@ -14,8 +14,9 @@ a small zero-initialised T2I-Adapter that feeds the condition into the UNet's do
 The LoRA layers are injected into the given UNet **in place** (adapter name
 ``"condistill"``); the teacher is ``student(..., use_adapter=False)``, which disables them.
 
-Export: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (keys ``unet.*``, the
-``LoraConfig`` rank/alpha/targets in the safetensors metadata), loadable by
+Export: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (keys
+``unet.<module>.lora_A/B.weight``, the ``LoraConfig`` rank/alpha/targets in the safetensors
+metadata), loadable by
 ``StableDiffusionPipeline.load_lora_weights`` or ``unet.load_lora_adapter(..., prefix="unet")``,
 plus the stock ``t2i_adapter/`` folder.
 """
@@ -71,7 +72,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
     """Frozen UNet with trainable LoRA layers + a trainable light T2I-Adapter for the condition.
 
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
-        vae_scale_factor: pixels per latent pixel (SD: 8).
+        vae_scale_factor: pixels per latent pixel (SD: 8); required unless built from a Base.
         rank: LoRA rank (default 4).
         lora_alpha: LoRA alpha (default = rank, i.e. scale 1).
         targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
@@ -85,7 +86,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         self,
         unet,
         condition_channels: int,
-        vae_scale_factor: int = 8,
+        vae_scale_factor: int | None = None,
         rank: int = 4,
         lora_alpha: float | None = None,
         targets: str | Sequence[str] = "attention",
@@ -171,12 +172,16 @@ class LoRAStudent(_T2IFeatureMixin, Student):
 
     # ---- files ------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in diffusers' format without the ``unet.`` prefix (``*.lora.down/up.weight``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """The LoRA weights keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (no ``unet.`` prefix).
+
+        This is the PEFT key format that diffusers' LoRA loaders read natively. (Passing it
+        through ``convert_state_dict_to_diffusers`` would rename only the attention keys to
+        ``lora.down/up``; with feed-forward or conv targets the mixed result loads incompletely.)
+        """
         from peft.utils import get_peft_model_state_dict
 
         peft_sd = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
-        return convert_state_dict_to_diffusers({k: v.detach().clone() for k, v in peft_sd.items()})
+        return {k: v.detach().clone().contiguous() for k, v in peft_sd.items()}
 
     def save_weights(self, out_dir):
         """Write ``pytorch_lora_weights.safetensors`` (diffusers LoRA format) and ``t2i_adapter/``."""

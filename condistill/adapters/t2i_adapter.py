@@ -213,7 +213,8 @@ class T2IAdapterStudent(_T2IFeatureMixin, Student):
     """Frozen UNet + trainable diffusers ``T2IAdapter``.
 
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
-        vae_scale_factor: pixels per latent pixel (SD: 8); the adapter's unshuffle factor.
+        vae_scale_factor: pixels per latent pixel (SD: 8), the adapter's unshuffle factor;
+            required unless built from a Base.
         adapter_type: ``"full_adapter"`` (default) or ``"light_adapter"``.
         num_res_blocks: residual blocks per adapter block (default 2 full / 4 light).
         pretrained_adapter: a ``T2IAdapter`` folder / hub id (or condistill export) to start
@@ -227,7 +228,7 @@ class T2IAdapterStudent(_T2IFeatureMixin, Student):
         self,
         unet,
         condition_channels: int,
-        vae_scale_factor: int = 8,
+        vae_scale_factor: int | None = None,
         adapter_type: str = "full_adapter",
         num_res_blocks: int | None = None,
         pretrained_adapter: str | os.PathLike | None = None,

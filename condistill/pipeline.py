@@ -1,0 +1,241 @@
+"""``load_adapter``: a distilled adapter inside a stock diffusers pipeline.
+
+::
+
+    import condistill
+    pipe = condistill.load_adapter("runs/edge")            # or a hub id, or (pipe, "runs/edge")
+    image = pipe("a red cube", image=edge_map, **pipe.condistill_defaults).images[0]
+
+The pipeline is a plain diffusers one of the right flavour:
+
+* ``controlnet``  -> ``StableDiffusionControlNetPipeline`` (``image=`` is the condition);
+* ``t2i_adapter`` -> ``StableDiffusionAdapterPipeline`` (``image=`` is the condition);
+* ``lora``        -> ``StableDiffusionAdapterPipeline`` whose UNet carries the LoRA (adapter name
+  ``"condistill"``, **not fused**, so it can be disabled with ``pipe.unet.disable_adapters()``
+  or merged for speed with ``pipe.unet.fuse_lora()``). ``StableDiffusionAdapterPipeline`` has no
+  ``load_lora_weights`` of its own, so the LoRA file is loaded by the stock
+  ``StableDiffusionPipeline.load_lora_weights`` on a pipeline sharing the same components.
+
+Its scheduler is a :class:`condistill.scheduler.CoDiScheduler` configured from the adapter's
+``scheduler/scheduler_config.json`` (same skip grid as training). The recommended sampling
+settings are in ``pipe.condistill_defaults`` (``num_inference_steps``, ``guidance_scale``);
+stock pipelines do not read them by themselves, so pass them: ``pipe(..., **pipe.condistill_defaults)``.
+The full adapter config is ``pipe.condistill_config``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condistill.base import (
+    NOISE_SCHEDULE_KEYS,
+    compute_fingerprint,
+    fingerprint_mismatch,
+    resolve_pretrained_dir,
+)
+from condistill.export import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
+
+__all__ = ["load_adapter", "resolve_adapter_dir"]
+
+_LORA_ADAPTER_NAME = "condistill"
+
+
+def resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """Local folder holding ``condistill_config.json`` for an adapter path or hub repo id.
+
+    Tries, in order: a local folder (or its ``adapter/`` subfolder, the run-folder layout); a
+    hub repo id resolved through ``huggingface_hub.snapshot_download`` (from the local cache
+    when ``HF_HUB_OFFLINE=1``), again with or without ``adapter/``.
+
+    Raises:
+        FileNotFoundError: when neither is found, saying what to pass.
+    """
+    local = Path(os.fspath(path_or_repo_id)).expanduser()
+    if local.exists():
+        return find_adapter_dir(local)
+    root = resolve_pretrained_dir(path_or_repo_id, revision=revision, what="adapter")
+    return find_adapter_dir(root)
+
+
+def _scheduler_config(adapter_dir: Path, config: dict, base_scheduler_config) -> dict[str, Any]:
+    path = adapter_dir / SCHEDULER_SUBFOLDER / "scheduler_config.json"
+    if path.is_file():
+        sched = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    else:
+        sched = {"prediction_type": config["prediction_type"], "num_grid": config["num_grid"]}
+    base_cfg = dict(base_scheduler_config or {})
+    differing = []
+    for key in NOISE_SCHEDULE_KEYS:
+        if key not in base_cfg:
+            continue
+        if key not in sched:
+            sched[key] = base_cfg[key]
+        elif json.dumps(sched[key]) != json.dumps(base_cfg[key]):
+            differing.append(f"{key}: adapter {sched[key]!r} vs base {base_cfg[key]!r}")
+    if differing:
+        warnings.warn(
+            "The base's noise schedule differs from the one the adapter was distilled with ("
+            + "; ".join(differing)
+            + "); sampling uses the adapter's.",
+            stacklevel=3,
+        )
+    return sched
+
+
+def _load_base_pipeline(name_or_path: str, torch_dtype, recorded: bool):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        root = resolve_pretrained_dir(name_or_path, what="base model")
+    except FileNotFoundError as error:
+        if recorded:
+            raise FileNotFoundError(
+                f"The adapter was distilled from base {name_or_path!r}, which cannot be found here. "
+                f"Pass base='path/to/local/diffusers/folder' (or a cached hub id) to load_adapter. ({error})"
+            ) from None
+        raise
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return StableDiffusionPipeline.from_pretrained(root, **kwargs)
+
+
+def load_adapter(
+    path_or_repo_id_or_pipe,
+    path_or_repo_id: str | os.PathLike | None = None,
+    *,
+    base: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+):
+    """A ready stock diffusers pipeline running a distilled condistill adapter.
+
+    Two forms:
+
+    * ``load_adapter("path/or/org/repo")``: loads the base recorded in the adapter config
+      (or ``base=``, a local folder or hub id) and returns the flavoured pipeline;
+    * ``load_adapter(existing_pipe, "path/or/org/repo")``: builds the flavoured pipeline from
+      the components of an existing Stable Diffusion pipeline (they are shared, not copied;
+      for ``lora`` the LoRA layers are added to that UNet).
+
+    Args:
+        path_or_repo_id_or_pipe: adapter folder / run folder / hub repo id, or a diffusers
+            pipeline (form 2).
+        path_or_repo_id: the adapter, in form 2 only.
+        base: base model to use instead of the recorded one (form 1 only).
+        device: move the pipeline there.
+        torch_dtype: dtype of the loaded modules (form 2: defaults to the pipeline UNet's dtype).
+        revision: hub revision of the adapter repo.
+
+    Returns:
+        ``StableDiffusionControlNetPipeline`` (controlnet) or ``StableDiffusionAdapterPipeline``
+        (t2i_adapter, lora) with a ``CoDiScheduler``, plus ``pipe.condistill_defaults``
+        (``num_inference_steps``, ``guidance_scale``: pass them to the call) and
+        ``pipe.condistill_config``.
+
+    Raises:
+        FileNotFoundError: adapter or base not found (the message says what to pass).
+        ValueError: the base's architecture fingerprint differs from the adapter's.
+    """
+    from diffusers import DiffusionPipeline
+
+    if isinstance(path_or_repo_id_or_pipe, DiffusionPipeline):
+        source_pipe = path_or_repo_id_or_pipe
+        if path_or_repo_id is None:
+            raise TypeError("load_adapter(pipe, path_or_repo_id): give the adapter folder or hub id after the pipeline.")
+        if base is not None:
+            raise TypeError("base= cannot be combined with an existing pipeline: the pipeline is the base.")
+        adapter_ref = path_or_repo_id
+    else:
+        source_pipe = None
+        if path_or_repo_id is not None:
+            raise TypeError(
+                "load_adapter(path, path2): a second adapter path is only accepted after a pipeline, "
+                "load_adapter(pipe, path). Use base= to choose the base model."
+            )
+        adapter_ref = path_or_repo_id_or_pipe
+
+    adapter_dir = resolve_adapter_dir(adapter_ref, revision=revision)
+    config = read_adapter_config(adapter_dir)
+    kind = config["kind"]
+
+    if source_pipe is None:
+        base_ref = os.fspath(base) if base is not None else config["base_name_or_path"]
+        source_pipe = _load_base_pipeline(base_ref, torch_dtype, recorded=base is None)
+    else:
+        base_ref = getattr(source_pipe, "name_or_path", None) or getattr(source_pipe.config, "_name_or_path", "the given pipeline")
+    components = dict(source_pipe.components)
+    missing = [k for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if components.get(k) is None]
+    if missing:
+        raise TypeError(
+            f"The base pipeline ({type(source_pipe).__name__}) lacks component(s) {missing}; load_adapter "
+            "needs a Stable Diffusion pipeline (vae, text_encoder, tokenizer, unet, scheduler)."
+        )
+    unet = components["unet"]
+    dtype = torch_dtype or unet.dtype
+
+    actual = compute_fingerprint(unet.config, components["scheduler"].config.get("prediction_type", "epsilon"))
+    problems = fingerprint_mismatch(config["base_fingerprint"], actual)
+    if problems:
+        raise ValueError(
+            f"Base mismatch: the adapter in {adapter_dir} was distilled from {config['base_name_or_path']!r} "
+            f"but the base given is {base_ref!r}, whose architecture differs ({'; '.join(problems)}). "
+            "Use the base the adapter was trained on."
+        )
+
+    from condistill.scheduler import CoDiScheduler
+
+    scheduler = CoDiScheduler.from_config(_scheduler_config(adapter_dir, config, components["scheduler"].config))
+    common = {
+        "vae": components["vae"],
+        "text_encoder": components["text_encoder"],
+        "tokenizer": components["tokenizer"],
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": components.get("safety_checker"),
+        "feature_extractor": components.get("feature_extractor"),
+        "requires_safety_checker": False,
+    }
+    files = config["weight_files"]
+    if kind == "controlnet":
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        sub = Path(files["controlnet"]).parent.as_posix()
+        controlnet = ControlNetModel.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+        pipe = StableDiffusionControlNetPipeline(
+            **common, controlnet=controlnet, image_encoder=components.get("image_encoder")
+        )
+    elif kind in ("t2i_adapter", "lora"):
+        from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
+
+        sub = Path(files["t2i_adapter"]).parent.as_posix()
+        adapter = T2IAdapter.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+        if kind == "lora":
+            if _LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
+                raise ValueError(
+                    f"This pipeline's UNet already carries a LoRA named {_LORA_ADAPTER_NAME!r} (a condistill "
+                    f"adapter was loaded before); remove it with pipe.unet.delete_adapters({_LORA_ADAPTER_NAME!r}) "
+                    "or start from a fresh pipeline."
+                )
+            # StableDiffusionAdapterPipeline has no load_lora_weights: load with the stock
+            # StableDiffusionPipeline loader on the same (shared) components.
+            loader = StableDiffusionPipeline(**common)
+            loader.load_lora_weights(adapter_dir, weight_name=files["lora"], adapter_name=_LORA_ADAPTER_NAME)
+        pipe = StableDiffusionAdapterPipeline(**common, adapter=adapter)
+    else:  # read_adapter_config already rejects unknown kinds
+        raise ValueError(f"Unsupported adapter kind {kind!r}.")
+
+    if device is not None:
+        pipe.to(device)
+    pipe.condistill_defaults = {
+        "num_inference_steps": int(config["recommended_steps"]),
+        "guidance_scale": float(config["recommended_guidance"]),
+    }
+    pipe.condistill_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return pipe

@@ -1,0 +1,170 @@
+"""Measure how well the tiny teacher draws what its prompts say.
+
+Loads the teacher with plain ``diffusers.StableDiffusionPipeline`` (DDIM, classifier-free
+guidance), samples one image per held-out scene caption (fixed seed per prompt, batched),
+then reports, as JSON:
+
+* ``judge``: accuracies of the trained judge (``data/judge``) on background colour, main
+  object colour, both, and shape, against each prompt (``Judge.score``);
+* ``frechet_distance``: Frechet distance between judge features of the samples and of the
+  real held-out scenes with the same captions;
+* ``heuristic``: a judge-free pixel check (``teacher.pixel_attributes``), with its
+  accuracy on the real scenes for calibration.
+
+It also saves a grid of the first samples with their prompts. The documented figures::
+
+    python recipes/evaluate_teacher.py --model data/tiny-teacher
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from condistill.scenes import SyntheticScenes  # noqa: E402
+from condistill.teacher import heuristic_score  # noqa: E402
+
+
+@dataclass
+class EvalConfig:
+    model: str = "data/tiny-teacher"
+    judge: str = "data/judge"
+    num_prompts: int = 256
+    steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 32
+    seed: int = 0
+    threads: int = 1
+    output_json: str = "docs/teacher_eval.json"
+    grid: str = "docs/images/teacher_samples.png"
+    grid_count: int = 48
+    require_judge: bool = False
+
+    def __post_init__(self):
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model folder {self.model!r} does not exist")
+        for name in ("num_prompts", "steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts < 2:
+            raise ValueError("num_prompts must be at least 2 (a Frechet distance needs a covariance)")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.grid_count < 0:
+            raise ValueError(f"grid_count must be >= 0, got {self.grid_count}")
+
+
+def parse_args(argv=None) -> EvalConfig:
+    d = EvalConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d["model"].default, help="diffusers Stable Diffusion folder of the teacher")
+    p.add_argument("--judge", default=d["judge"].default, help="judge folder (data/judge); skipped if missing")
+    p.add_argument("--num-prompts", type=int, default=d["num_prompts"].default,
+                   help="held-out captions to sample (SyntheticScenes('heldout') indices 0..N-1)")
+    p.add_argument("--steps", type=int, default=d["steps"].default, help="DDIM sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=d["guidance_scale"].default,
+                   help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="prompts per pipeline call")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="prompt i uses generator seed seed + i")
+    p.add_argument("--threads", type=int, default=d["threads"].default, help="torch CPU threads")
+    p.add_argument("--output-json", default=d["output_json"].default, help="where to write the figures")
+    p.add_argument("--grid", default=d["grid"].default, help="PNG grid of the first samples with their prompts")
+    p.add_argument("--grid-count", type=int, default=d["grid_count"].default, help="samples shown in the grid")
+    p.add_argument("--require-judge", action="store_true", help="fail instead of skipping when the judge is missing")
+    a = p.parse_args(argv)
+    try:
+        return EvalConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
+    except ValueError as e:
+        p.error(str(e))
+    raise AssertionError("unreachable")
+
+
+def captioned_grid(images, prompts, cols: int = 8, scale: int = 2) -> Image.Image:
+    """Each image upscaled ``scale`` x with its wrapped prompt underneath."""
+    if not images:
+        raise ValueError("captioned_grid needs at least one image")
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    font = ImageFont.load_default(size=10)
+    lines_per = max(len(textwrap.wrap(p, 24)) for p in prompts)
+    cell_h = h + 4 + 12 * lines_per
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (w + 6), rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (im, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % cols) * (w + 6), (i // cols) * cell_h
+        canvas.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
+        for j, line in enumerate(textwrap.wrap(prompt, 24)):
+            draw.text((x + 1, y + h + 2 + 12 * j), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def sample(cfg: EvalConfig, prompts: list[str], log=print) -> tuple[list[Image.Image], float]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.model)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    t0 = time.time()
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        gens = [torch.Generator().manual_seed(cfg.seed + start + i) for i in range(len(batch))]
+        out = pipe(batch, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=gens)
+        images.extend(out.images)
+        log(f"sampled {len(images)}/{len(prompts)} ({time.time() - t0:.0f}s)")
+    return images, time.time() - t0
+
+
+def run(cfg: EvalConfig, log=print) -> dict:
+    torch.set_num_threads(cfg.threads)
+    records = SyntheticScenes("heldout", cfg.num_prompts)[:]
+    prompts = [r.caption for r in records]
+    real = [r.image for r in records]
+    images, seconds = sample(cfg, prompts, log)
+
+    result: dict = {"config": asdict(cfg), "sampling_seconds": seconds,
+                    "heuristic": heuristic_score(images, prompts),
+                    "heuristic_on_real_scenes": heuristic_score(real, prompts)}
+    judge_path = Path(cfg.judge)
+    if (judge_path / "config.json").exists():
+        from condistill.judge import load_judge
+        from condistill.metrics import frechet_distance
+
+        judge = load_judge(cfg.judge)
+        result["judge"] = judge.score(images, prompts)
+        result["judge_on_real_scenes"] = judge.score(real, prompts)
+        result["frechet_distance"] = frechet_distance(judge.features(images), judge.features(real))
+    elif cfg.require_judge:
+        raise FileNotFoundError(f"no judge at {cfg.judge!r} (train it with recipes/train_judge.py)")
+    else:
+        log(f"judge folder {cfg.judge!r} not found: reporting only the pixel heuristic")
+        result["judge"] = None
+
+    if cfg.grid_count:
+        n = min(cfg.grid_count, len(images))
+        Path(cfg.grid).parent.mkdir(parents=True, exist_ok=True)
+        captioned_grid(images[:n], prompts[:n]).save(cfg.grid)
+        result["grid"] = cfg.grid
+    Path(cfg.output_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    log(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    return result
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv), log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
