@@ -132,6 +132,39 @@ class _Up(nn.Module):
         return self.fuse(torch.cat([x, skip], dim=1))
 
 
+N_MOMENTS = 16
+
+
+def mask_moments(mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Differentiable shape descriptor of soft masks ``[N, H, W]`` in [0, 1] -> ``[N, 16]``.
+
+    Coordinates are normalised to [-1, 1]. Returns the area fraction, centroid (2), radius of
+    gyration ``s`` and, for the centred coordinates divided by ``s`` (so translation and
+    scale invariant), the 2nd (3), 3rd (4) and 4th (5) order moments: these separate the
+    scene shapes (e.g. ``E[u^2 v^2]`` is 1/4 for a square, 1/6 for a disc, 1/10 for a
+    diamond; a triangle has non-zero 3rd moments).
+    """
+    N, H, W = mask.shape
+    ys = (torch.arange(H, dtype=mask.dtype, device=mask.device) + 0.5) / H * 2 - 1
+    xs = (torch.arange(W, dtype=mask.dtype, device=mask.device) + 0.5) / W * 2 - 1
+    yy, xx = ys[:, None].expand(H, W), xs[None, :].expand(H, W)
+    mass = mask.sum(dim=(1, 2))
+    w = mask / (mass[:, None, None] + eps)
+
+    def expect(t: torch.Tensor) -> torch.Tensor:
+        return (w * t).sum(dim=(1, 2))
+
+    mx, my = expect(xx), expect(yy)
+    cx, cy = xx - mx[:, None, None], yy - my[:, None, None]
+    s = torch.sqrt(expect(cx * cx + cy * cy) + eps)
+    u, v = cx / s[:, None, None], cy / s[:, None, None]
+    terms = [mass / (H * W), mx, my, s,
+             expect(u * u), expect(v * v), expect(u * v),
+             expect(u ** 3), expect(v ** 3), expect(u * u * v), expect(u * v * v),
+             expect(u ** 4), expect(v ** 4), expect(u * u * v * v), expect(u ** 3 * v), expect(u * v ** 3)]
+    return torch.stack(terms, dim=1)
+
+
 class JudgeNet(nn.Module):
     """Encoder (4 stride-2 stages) + a feature vector and linear attribute heads + a U-Net style depth decoder.
 
@@ -140,7 +173,8 @@ class JudgeNet(nn.Module):
     ``depth [N, R, R]`` in ``[0, 1]`` (disparity, 1 = near), and ``dense [N, S + 2, R/2, R/2]``:
     per-pixel logits of "no object" + the ``S`` shapes, then a main-object mask logit
     (supervised during training). The feature vector joins a flattened coarse map of the
-    whole scene with a descriptor of the main object pooled over the predicted mask.
+    whole scene with a descriptor of the main object: features pooled over the predicted
+    mask and the mask's normalised moments (:func:`mask_moments`).
     """
 
     def __init__(self, config: JudgeConfig):
@@ -154,7 +188,7 @@ class JudgeNet(nn.Module):
         self.reduce = nn.Sequential(nn.Conv2d(w[3], config.reduce_channels, 1, bias=False),
                                     nn.BatchNorm2d(config.reduce_channels), nn.ReLU(inplace=True))
         n_shapes = len(config.labels["shape"])
-        object_dim = d[2] + (n_shapes + 1) + 3 + w[0]
+        object_dim = d[2] + (n_shapes + 1) + 3 + w[0] + N_MOMENTS
         self.embed = nn.Sequential(nn.Linear(config.reduce_channels * cells + object_dim, config.feature_dim),
                                    nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(classes))
@@ -186,7 +220,9 @@ class JudgeNet(nn.Module):
         attn = attn / (attn.sum(dim=(2, 3), keepdim=True) + 1e-6)
         local = torch.cat([y, dense[:, :-1].softmax(dim=1), F.avg_pool2d(x, 2), s1], dim=1)
         obj = (local * attn).sum(dim=(2, 3))
-        features = self.embed(torch.cat([self.reduce(s4).flatten(1), obj], dim=1))
+        mask = torch.sigmoid(F.interpolate(dense[:, -1:], size=x.shape[-2:], mode="bilinear", align_corners=False))
+        moments = mask_moments(mask[:, 0])
+        features = self.embed(torch.cat([self.reduce(s4).flatten(1), obj, moments], dim=1))
         out = {"features": features, "dense": dense}
         for name, head in self.heads.items():
             out[f"logits_{name}"] = head(features)

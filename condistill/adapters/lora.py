@@ -218,7 +218,8 @@ class LoRAStudent(_T2IFeatureMixin, Student):
             check_state_dict_keys([], others, str(path))
         peft_sd = convert_unet_state_dict_to_peft(unet_sd)
         expected = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
-        check_state_dict_keys(expected, peft_sd, str(path))
+        # compare with the file's own key names (``unet.`` prefix) so the error names them as saved
+        check_state_dict_keys([f"unet.{k}" for k in expected], [f"unet.{k}" for k in peft_sd], str(path))
         check_state_dict_shapes(expected, peft_sd, str(path))
         meta = json.loads(file_meta.get("lora_adapter_metadata") or "{}")
         saved_alpha = meta.get("unet.lora_alpha")
