@@ -1,0 +1,247 @@
+"""Side-by-side evaluation of distilled students and baselines on held-out scenes.
+
+Every row samples the same held-out scenes with the same seeds in one process and is
+scored with the same metrics:
+
+- fidelity to the condition: edge F1 of canny(output) against the input edges (edge),
+  depth error of the judge's depth estimate against the input depth (depth), PSNR/SSIM
+  against the ground truth (sr), PSNR inside the hole (inpaint);
+- realism: Frechet distance of judge features against the real held-out images;
+- prompt adherence: the judge's background + main-colour accuracy against the prompt;
+- wall-clock seconds per image (sampling and VAE decoding, batch as given).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from condistill.base import load_base
+from condistill.conditions import condition_from_config, get_condition
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import open_source
+from condistill.export import load_student, read_adapter_config
+from condistill.plots import grid, to_pil
+from condistill.sampling import sample_images
+from condistill.train import make_model_fn
+
+FIDELITY = {"edge": ("edge_f1", "higher"), "depth": ("depth_error", "lower"), "sr": ("psnr", "higher"),
+            "inpaint": ("masked_psnr", "higher")}
+
+
+@dataclass
+class RowSpec:
+    """One row of the table: what to sample and how.
+
+    ``model`` is an adapter folder, ``"teacher"`` (the base without adapter) or ``"bicubic"``
+    (sr only: the up-scaled low-resolution input itself).
+    """
+
+    name: str
+    model: str
+    sampler: str = "codi"  # codi | ddim | lcm
+    steps: int = 4
+    guidance: float = 1.0
+
+
+@dataclass
+class RowResult:
+    name: str
+    model: str
+    sampler: str
+    steps: int
+    guidance: float
+    metrics: dict = field(default_factory=dict)
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _edges(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    from condistill.conditions.edge import canny_edges
+
+    return torch.stack([torch.from_numpy(canny_edges(to_pil(im), low, high)) for im in images])
+
+
+@torch.no_grad()
+def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict) -> tuple[torch.Tensor, float]:
+    cond, prompts = data["conditioning"], data["caption"]
+    n = cond.shape[0]
+    if spec.model == "bicubic":
+        t0 = time.perf_counter()
+        out = cond[:, :3].clone()
+        return out, (time.perf_counter() - t0) / n
+    student = students.get(spec.model)
+    if student is None and spec.model != "teacher":
+        student = students.setdefault(spec.model, load_student(spec.model, base).to(base.device).eval())
+    num_grid = read_adapter_config(spec.model)["num_grid"] if student is not None else 50
+    outs, elapsed = [], 0.0
+    for sl in _batches(n, batch_size):
+        c = cond[sl].to(base.device)
+        t0 = time.perf_counter()
+        if student is None:
+            fn = lambda z, t, e: base.unet(z, t, encoder_hidden_states=e).sample  # noqa: E731
+        else:
+            fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
+        outs.append(sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,
+                                  guidance_scale=spec.guidance, seed=seed + sl.start).cpu())
+        elapsed += time.perf_counter() - t0
+    return torch.cat(outs), elapsed / n
+
+
+def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_features: torch.Tensor,
+          condition=None) -> dict:
+    """All metrics of generated ``images [N,3,H,W]`` in [0,1] against the held-out ``data``."""
+    from condistill import metrics
+
+    real = (data["pixel_values"] + 1) / 2
+    out = {
+        "frechet_distance": float(metrics.frechet_distance(judge.features(images), real_features)),
+        "prompt_accuracy": float(judge.score(images, data["caption"])["both"]),
+    }
+    if condition_name == "edge":
+        low = getattr(condition, "low_threshold", 50)
+        high = getattr(condition, "high_threshold", 100)
+        target = data["conditioning"][:, 0] > 0.5
+        out["edge_f1"] = float(metrics.edge_f1(_edges(images, low, high), target, tolerance=1))
+    elif condition_name == "depth":
+        out["depth_error"] = float(metrics.depth_error(judge.depth(images), data["conditioning"][:, 0]))
+    elif condition_name == "sr":
+        out["psnr"] = float(metrics.psnr(images, real))
+        out["ssim"] = float(metrics.ssim(images, real))
+    elif condition_name == "inpaint":
+        hole = data["conditioning"][:, 3:4] > 0.5
+        out["masked_psnr"] = float(metrics.psnr(images, real, mask=hole.expand_as(images)))
+    return out
+
+
+def evaluate(
+    condition: str | dict,
+    rows: list[RowSpec],
+    *,
+    base: str | None = None,
+    num_images: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+    judge_path: str = "data/judge",
+    out_dir: str | Path | None = None,
+    grid_count: int = 8,
+    device: str = "cpu",
+) -> dict:
+    """Score every row on ``num_images`` held-out synthetic scenes; optionally write results.
+
+    ``condition`` is a condition name or a recorded condition config (taken from the first
+    adapter row when omitted there). ``base`` defaults to the base recorded by the first
+    adapter row. Writes ``results.json``, ``results.md`` and ``samples.png`` to ``out_dir``.
+    """
+    from condistill.judge import load_judge
+
+    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
+    if base is None:
+        if not adapters:
+            raise ValueError("pass base= when no row names an adapter folder")
+        base = read_adapter_config(adapters[0])["base_name_or_path"]
+    if isinstance(condition, dict):
+        cond = condition_from_config(condition)
+    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
+        cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
+    else:
+        cond = get_condition(condition)
+    name = cond.name
+    base_obj = load_base(base, device=device)
+    source = open_source(f"synthetic:heldout:{num_images}", resolution=base_obj.resolution)
+    dataset = ConditionDataset(source, cond, base_obj.resolution, seed=seed + 12345)
+    data = collate([dataset[i] for i in range(len(dataset))])
+    judge = load_judge(judge_path)
+    real_features = judge.features((data["pixel_values"] + 1) / 2)
+
+    results, samples, students = [], [], {}
+    for spec in rows:
+        images, latency = _generate(spec, base_obj, data, batch_size, seed, students)
+        metrics = score(name, images, data, judge, real_features, cond)
+        metrics["seconds_per_image"] = latency
+        results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
+        samples.append(images[:grid_count])
+    report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
+              "device": device, "rows": [asdict(r) for r in results]}
+    if out_dir is not None:
+        write_report(report, Path(out_dir), data, samples, [r.name for r in results], grid_count)
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    """The rows of ``report`` as a markdown table (fidelity metric first)."""
+    fid_key, better = FIDELITY[report["condition"]]
+    keys = [fid_key] + [k for k in ("ssim", "frechet_distance", "prompt_accuracy", "seconds_per_image")
+                        if any(k in r["metrics"] for r in report["rows"])]
+    arrows = {fid_key: " (higher better)" if better == "higher" else " (lower better)",
+              "frechet_distance": " (lower)", "prompt_accuracy": " (higher)"}
+    lines = ["| row | sampler | steps | CFG | " + " | ".join(k + arrows.get(k, "") for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
+    for r in report["rows"]:
+        vals = []
+        for k in keys:
+            v = r["metrics"].get(k)
+            vals.append("" if v is None else (f"{v:.4f}" if k == "seconds_per_image" else f"{v:.3f}"))
+        lines.append(f"| {r['name']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path, data: dict, samples: list, names: list[str], count: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(report))
+    rows = [[to_pil(c) for c in data["conditioning"][:count]],
+            [to_pil((p + 1) / 2) for p in data["pixel_values"][:count]]]
+    rows += [[to_pil(x) for x in s] for s in samples]
+    grid(rows, ["condition", "real", *[n[:11] for n in names]]).save(out_dir / "samples.png")
+
+
+def ratio_summary(report: dict, student: str, reference: str) -> dict:
+    """Fidelity difference and speed-up of row ``student`` against row ``reference``."""
+    rows = {r["name"]: r["metrics"] for r in report["rows"]}
+    fid_key, better = FIDELITY[report["condition"]]
+    s, r = rows[student], rows[reference]
+    return {"fidelity_metric": fid_key, "student": s[fid_key], "reference": r[fid_key],
+            "student_better_or_equal": bool(s[fid_key] >= r[fid_key] if better == "higher" else s[fid_key] <= r[fid_key]),
+            "speedup": r["seconds_per_image"] / max(s["seconds_per_image"], 1e-12),
+            "fd_ratio": s["frechet_distance"] / max(r["frechet_distance"], 1e-12)}
+
+
+def parse_rows(texts: list[str]) -> list[RowSpec]:
+    """``name=model:sampler:steps:guidance`` (sampler/steps/guidance optional) -> specs."""
+    specs = []
+    for text in texts:
+        if "=" not in text:
+            raise ValueError(f"row {text!r}: write NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE]]], e.g. "
+                             "'student-4=runs/edge:codi:4' or 'teacher-50=teacher:ddim:50:5'")
+        name, rest = text.split("=", 1)
+        parts = rest.split(":")
+        model = parts[0]
+        if model not in ("teacher", "bicubic") and not Path(model).exists():
+            raise FileNotFoundError(f"row {name!r}: adapter folder {model!r} not found")
+        specs.append(RowSpec(name, model, parts[1] if len(parts) > 1 else "codi",
+                             int(parts[2]) if len(parts) > 2 else 4, float(parts[3]) if len(parts) > 3 else 1.0))
+    return specs
+
+
+def default_rows(student: str, baseline: str | None = None, condition: str | None = None,
+                 guidance: float = 5.0) -> list[RowSpec]:
+    """Students at 1/2/4 steps, the teacher at 50 DDIM steps with CFG, and (if given) the
+    conventionally trained baseline at 50 DDIM + CFG, 4 DDIM and 4 LCM steps."""
+    rows = [RowSpec(f"student-{k}", student, "codi", k, read_adapter_config(student)["recommended_guidance"])
+            for k in (1, 2, 4)]
+    if baseline:
+        rows += [RowSpec("baseline-ddim-50", baseline, "ddim", 50, guidance),
+                 RowSpec("baseline-ddim-4", baseline, "ddim", 4, guidance),
+                 RowSpec("baseline-lcm-4", baseline, "lcm", 4, guidance)]
+    rows.append(RowSpec("teacher-ddim-50", "teacher", "ddim", 50, guidance))
+    if condition == "sr":
+        rows.append(RowSpec("bicubic", "bicubic", "none", 0, 0.0))
+    return rows
+

@@ -1,0 +1,187 @@
+"""load_adapter: stock diffusers pipelines with the few-step scheduler, from folders or the offline hub cache."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_  # noqa: E402
+
+from condistill.adapters import build_student  # noqa: E402
+from condistill.base import load_base  # noqa: E402
+from condistill.export import save_adapter  # noqa: E402
+from condistill.pipeline import load_adapter  # noqa: E402
+
+PIPELINE_CLASS = {
+    "controlnet": "StableDiffusionControlNetPipeline",
+    "t2i_adapter": "StableDiffusionAdapterPipeline",
+    "lora": "StableDiffusionAdapterPipeline",
+}
+KINDS = ["controlnet", "t2i_adapter", "lora"]
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("base"))
+
+
+def _export(base, kind, out, seed=0, base_name=None, guidance=1.0, **options):
+    student = build_student(kind, base, 3, **options)
+    perturb_(student, seed=seed)
+    save_adapter(
+        student,
+        out,
+        base_name_or_path=base_name or str(base.name_or_path),
+        base_fingerprint=base.fingerprint(),
+        condition_name="edge",
+        condition_config={},
+        num_grid=50,
+        prediction_type=base.prediction_type,
+        recommended_steps=4,
+        recommended_guidance=guidance,
+        resolution=base.resolution,
+        noise_schedule=base.noise_schedule_config(),
+    )
+    return student
+
+
+@pytest.fixture(scope="module")
+def exports(base_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    students = {kind: _export(load_base(base_path), kind, root / kind, seed=i) for i, kind in enumerate(KINDS)}
+    return root, students
+
+
+def _manual_latents(student, scheduler, base, prompt, cond, latents):
+    """The 4-step sampler written out with the training-time student."""
+    scheduler.set_timesteps(4)
+    ehs = base.encode_prompts([prompt])
+    features = student.encode_condition(cond)
+    z = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = student(z, t.expand(z.shape[0]), ehs, features)
+            z = scheduler.step(out, t, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stock_pipeline_matches_student(kind, exports, base_path):
+    from condistill.scheduler import CoDiScheduler
+
+    root, students = exports
+    pipe = load_adapter(root / kind)
+    assert type(pipe).__name__ == PIPELINE_CLASS[kind]
+    assert isinstance(pipe.scheduler, CoDiScheduler)
+    assert pipe.scheduler.config.num_grid == 50
+    assert pipe.condistill_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0}
+    assert pipe.condistill_config["kind"] == kind
+    if kind == "lora":
+        assert "condistill" in pipe.unet.peft_config
+
+    base = load_base(base_path)
+    _, _, _, cond = model_inputs(base, batch=1, seed=3)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    out = pipe("a red cube", image=cond, latents=latents.clone(), output_type="latent", **pipe.condistill_defaults)
+    expected = _manual_latents(students[kind], CoDiScheduler.from_config(pipe.scheduler.config), base, "a red cube", cond, latents)
+    torch.testing.assert_close(out.images, expected, rtol=0, atol=1e-4)
+
+    image = pipe("a red cube", image=cond, output_type="np", generator=torch.Generator().manual_seed(0),
+                 **pipe.condistill_defaults).images
+    assert image.shape == (1, base.resolution, base.resolution, 3)
+    assert np.isfinite(image).all()
+
+
+def test_attach_to_existing_pipeline(exports, base_path):
+    from diffusers import StableDiffusionPipeline
+
+    root, _ = exports
+    sd = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, requires_safety_checker=False)
+    pipe = load_adapter(sd, root / "controlnet")
+    assert type(pipe).__name__ == "StableDiffusionControlNetPipeline"
+    assert pipe.unet is sd.unet and pipe.vae is sd.vae  # shared, not copied
+    assert type(sd.scheduler).__name__ == "DDIMScheduler"  # the given pipeline keeps its scheduler
+    image = pipe("a red cube", image=torch.rand(1, 3, 16, 16), output_type="np", **pipe.condistill_defaults).images
+    assert image.shape == (1, 16, 16, 3)
+
+    lora_pipe = load_adapter(sd, root / "lora")
+    assert type(lora_pipe).__name__ == "StableDiffusionAdapterPipeline"
+    with pytest.raises(ValueError, match="already carries a LoRA named 'condistill'"):
+        load_adapter(sd, root / "lora")
+
+
+def test_recorded_base_missing_then_base_override(base_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = load_base(base_path)
+    _export(base, "t2i_adapter", tmp_path / "ad", base_name="some-org/moved-away")
+    with pytest.raises(FileNotFoundError, match="Pass base="):
+        load_adapter(tmp_path / "ad")
+    copy = tmp_path / "my_copy_of_base"
+    shutil.copytree(base_path, copy)
+    pipe = load_adapter(tmp_path / "ad", base=copy)
+    assert type(pipe).__name__ == "StableDiffusionAdapterPipeline"
+
+
+def test_base_mismatch_names_both(exports, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    root, _ = exports
+    other = make_tiny_base(tmp_path, block_out_channels=(32, 64), name="other_base")
+    with pytest.raises(ValueError, match="Base mismatch") as info:
+        load_adapter(root / "t2i_adapter", base=other)
+    message = str(info.value)
+    assert "tiny_base" in message and "other_base" in message and "block_out_channels" in message
+    sd = StableDiffusionPipeline.from_pretrained(other, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="Base mismatch"):
+        load_adapter(sd, root / "controlnet")
+
+
+def test_offline_hub_cache(base_path, tmp_path, monkeypatch):
+    """Adapter and base both resolved by repo id from a hub cache, with HF_HUB_OFFLINE=1."""
+    export = tmp_path / "export"
+    _export(load_base(base_path), "lora", export, base_name="tiny-org/tiny-sd")
+    cache = tmp_path / "hf_home" / "hub"
+    make_fake_hub_cache(cache, "tiny-org/tiny-sd", base_path, commit="1" * 40)
+    make_fake_hub_cache(cache, "tiny-org/codi-edge-lora", export, commit="2" * 40)
+    run = tmp_path / "run"
+    shutil.copytree(export, run / "adapter")  # run-folder layout: the export under adapter/
+    make_fake_hub_cache(cache, "tiny-org/codi-run", run, commit="3" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    pipe = load_adapter("tiny-org/codi-edge-lora")
+    assert type(pipe).__name__ == "StableDiffusionAdapterPipeline"
+    image = pipe("a red cube", image=torch.rand(1, 3, 16, 16), output_type="np", **pipe.condistill_defaults).images
+    assert image.shape == (1, 16, 16, 3)
+    assert type(load_adapter("tiny-org/codi-run")).__name__ == "StableDiffusionAdapterPipeline"
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
+        load_adapter("tiny-org/not-cached")
+
+
+def test_path_errors_and_misuse(exports, tmp_path):
+    root, _ = exports
+    with pytest.raises(FileNotFoundError, match="No condistill_config.json"):
+        load_adapter(tmp_path)  # exists, but is no adapter
+    with pytest.raises(FileNotFoundError, match="not an existing local folder"):
+        load_adapter(tmp_path / "missing" / "adapter")
+    with pytest.raises(TypeError, match="only accepted after a pipeline"):
+        load_adapter(root / "lora", root / "controlnet")
+
+
+def test_v_prediction_base(tmp_path):
+    path = make_tiny_base(tmp_path, prediction_type="v_prediction", name="v_base")
+    base = load_base(path)
+    _export(base, "controlnet", tmp_path / "ad", guidance=2.0)
+    pipe = load_adapter(tmp_path / "ad")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.condistill_defaults["guidance_scale"] == 2.0
+    image = pipe(["a red cube"], image=torch.rand(1, 3, 16, 16), output_type="np", **pipe.condistill_defaults).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
