@@ -78,7 +78,7 @@ def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, stude
         return out, (time.perf_counter() - t0) / n
     student = students.get(spec.model)
     if student is None and spec.model != "teacher":
-        student = students.setdefault(spec.model, load_student(spec.model, base).to(base.device).eval())
+        student = students[spec.model] = load_student(spec.model, base).to(base.device).eval()
     num_grid = read_adapter_config(spec.model)["num_grid"] if student is not None else 50
     outs, elapsed = [], 0.0
     for sl in _batches(n, batch_size):

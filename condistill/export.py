@@ -51,7 +51,7 @@ REQUIRED_KEYS = (
     "weight_files",
     "adapter_options",
 )
-OPTIONAL_KEYS = ("initialized_from", "scheduler", "extra")
+OPTIONAL_KEYS = ("initialized_from", "scheduler", "base_resolved_path", "extra")
 
 
 def condistill_version() -> str:
@@ -189,6 +189,8 @@ def save_adapter(
         "kind": kind,
         "base_name_or_path": os.fspath(base_name_or_path),
         "base_fingerprint": fingerprint,
+        # absolute path of a local base folder: found again when loading from another directory
+        "base_resolved_path": str(Path(base_name_or_path).resolve()) if Path(base_name_or_path).is_dir() else None,
         "condition_name": condition_name,
         "condition_config": _jsonable(dict(condition_config), "condition_config"),
         "num_grid": num_grid,

@@ -59,7 +59,7 @@ class JudgeConfig:
 
     Attributes:
         resolution: side of the square images the network sees; other sizes are resized.
-        widths: channels of the four encoder stages (each halves the resolution).
+        widths: channels of the encoder convs at full, 1/2, 1/4 and 1/8 resolution.
         decoder_widths: channels of the depth decoder at 1/8, 1/4, 1/2 and full resolution.
         reduce_channels: channels of the 1x1 reduction of the 1/16 map before flattening.
         feature_dim: size of the feature vector (the penultimate layer the heads read).
@@ -68,7 +68,7 @@ class JudgeConfig:
 
     resolution: int = 64
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
-    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 16)
+    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 8)
     reduce_channels: int = 64
     feature_dim: int = 256
     labels: dict[str, list[str]] = field(default_factory=default_labels)
@@ -113,23 +113,12 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-class _Stage(nn.Sequential):
-    """Strided conv (halves the resolution) followed by a plain conv."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__(_conv_bn(cin, cout, stride=2), _conv_bn(cout, cout))
+def _conv1x1_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class _Up(nn.Module):
-    """Upsample x2, concatenate a skip connection, fuse with a conv."""
-
-    def __init__(self, cin: int, cskip: int, cout: int):
-        super().__init__()
-        self.fuse = _conv_bn(cin + cskip, cout)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([x, skip], dim=1))
+def _up_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
 N_MOMENTS = 16
@@ -166,7 +155,7 @@ def mask_moments(mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class JudgeNet(nn.Module):
-    """Encoder (4 stride-2 stages) + a feature vector and linear attribute heads + a U-Net style depth decoder.
+    """Conv/max-pool encoder + a feature vector and linear attribute heads + a top-down depth decoder.
 
     Input: ``float32 [N, 3, R, R]`` in ``[0, 1]`` at the configured resolution ``R``.
     Output: dict with ``features [N, D]``, ``logits_<attr> [N, K]`` per attribute and
@@ -181,52 +170,54 @@ class JudgeNet(nn.Module):
         super().__init__()
         self.config = config
         w, d = config.widths, config.decoder_widths
-        self.stages = nn.ModuleList([_Stage(3, w[0]), _Stage(w[0], w[1]), _Stage(w[1], w[2]), _Stage(w[2], w[3])])
-        # features keep the coarse layout (which object is lowest = nearest matters): a 1x1
-        # reduction of the 1/16 map, flattened, then one linear layer + ReLU
+        # encoder: a 3x3 conv at each scale, 2x2 max-pool between scales (full, 1/2, 1/4, 1/8)
+        self.enc = nn.ModuleList([_conv_bn(3, w[0]), _conv_bn(w[0], w[1]), _conv_bn(w[1], w[2]), _conv_bn(w[2], w[3])])
+        # scene layout (which object is lowest = nearest matters): the 1/16 map, reduced by a
+        # 1x1 conv and flattened
         cells = (config.resolution // 16) ** 2
-        self.reduce = nn.Sequential(nn.Conv2d(w[3], config.reduce_channels, 1, bias=False),
-                                    nn.BatchNorm2d(config.reduce_channels), nn.ReLU(inplace=True))
+        self.reduce = _conv1x1_bn(w[3], config.reduce_channels)
         n_shapes = len(config.labels["shape"])
-        object_dim = d[2] + (n_shapes + 1) + 3 + w[0] + N_MOMENTS
+        object_dim = d[2] + (n_shapes + 1) + 3 + w[1] + N_MOMENTS
         self.embed = nn.Sequential(nn.Linear(config.reduce_channels * cells + object_dim, config.feature_dim),
                                    nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(classes))
                                     for name, classes in config.labels.items()})
-        self.up3 = _Up(w[3], w[2], d[0])  # -> 1/8
-        self.up2 = _Up(d[0], w[1], d[1])  # -> 1/4
-        self.up1 = _Up(d[1], w[0], d[2])  # -> 1/2
-        self.up0 = _Up(d[2], 3, d[3])  # -> full resolution, skip = the input image
+        # decoder: top-down from 1/8 with 1x1 lateral connections and a 3x3 fuse per scale
+        self.top = _conv1x1_bn(w[3], d[0])
+        self.lat = nn.ModuleList([_conv1x1_bn(w[2], d[1]), _conv1x1_bn(w[1], d[2]), _conv1x1_bn(w[0], d[3])])
+        self.fuse = nn.ModuleList([_conv_bn(d[0] + d[1], d[1]), _conv_bn(d[1] + d[2], d[2]),
+                                   _conv_bn(d[2] + d[3] + 3, d[3])])
         self.depth_out = nn.Conv2d(d[3], 1, 3, padding=1)
         # dense outputs at 1/2 resolution: per-pixel object shape (0 = no object, 1.. = shape
         # class) and a main-object mask logit; the mask steers the pooling of the object descriptor
-        self.dense_out = nn.Conv2d(d[2], len(config.labels["shape"]) + 2, 1)
+        self.dense_out = nn.Conv2d(d[2], n_shapes + 2, 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = (x - 0.5) / 0.25
-        skips = []
-        for stage in self.stages:
-            h = stage(h)
-            skips.append(h)
-        s1, s2, s3, s4 = skips
-        y = self.up3(s4, s3)
-        y = self.up2(y, s2)
-        y = self.up1(y, s1)
+        e = []
+        for i, conv in enumerate(self.enc):
+            h = conv(h if i == 0 else F.max_pool2d(h, 2))
+            e.append(h)
+        e0, e1, e2, e3 = e  # full, 1/2, 1/4, 1/8
+        layout = self.reduce(F.max_pool2d(e3, 2)).flatten(1)
+        y = self.top(e3)
+        y = self.fuse[0](torch.cat([_up_to(y, e2), self.lat[0](e2)], dim=1))  # 1/4
+        y = self.fuse[1](torch.cat([_up_to(y, e1), self.lat[1](e1)], dim=1))  # 1/2
         dense = self.dense_out(y)
         # "find the main object, then describe it": pool half-resolution decoder features,
-        # per-pixel shape probabilities, colour and early encoder features over the
-        # predicted main-object mask
+        # per-pixel shape probabilities, colour and encoder features over the predicted
+        # main-object mask, and take the mask's normalised moments
         attn = torch.sigmoid(dense[:, -1:])
         attn = attn / (attn.sum(dim=(2, 3), keepdim=True) + 1e-6)
-        local = torch.cat([y, dense[:, :-1].softmax(dim=1), F.avg_pool2d(x, 2), s1], dim=1)
+        local = torch.cat([y, dense[:, :-1].softmax(dim=1), F.avg_pool2d(x, 2), e1], dim=1)
         obj = (local * attn).sum(dim=(2, 3))
         mask = torch.sigmoid(F.interpolate(dense[:, -1:], size=x.shape[-2:], mode="bilinear", align_corners=False))
         moments = mask_moments(mask[:, 0])
-        features = self.embed(torch.cat([self.reduce(s4).flatten(1), obj, moments], dim=1))
+        features = self.embed(torch.cat([layout, obj, moments], dim=1))
         out = {"features": features, "dense": dense}
         for name, head in self.heads.items():
             out[f"logits_{name}"] = head(features)
-        y = self.up0(y, x)
+        y = self.fuse[2](torch.cat([_up_to(y, e0), self.lat[2](e0), x], dim=1))  # full resolution
         out["depth"] = torch.sigmoid(self.depth_out(y)).squeeze(1)
         return out
 

@@ -87,10 +87,13 @@ def _scheduler_config(adapter_dir: Path, config: dict, base_scheduler_config) ->
     return sched
 
 
-def _load_base_pipeline(name_or_path: str, torch_dtype, recorded: bool):
+def _load_base_pipeline(name_or_path: str, torch_dtype, recorded: bool, resolved_path: str | None = None):
     from diffusers import StableDiffusionPipeline
 
     try:
+        if recorded and not Path(name_or_path).is_dir() and resolved_path and Path(resolved_path).is_dir():
+            # a relative local base recorded from another working directory
+            name_or_path = resolved_path
         root = resolve_pretrained_dir(name_or_path, what="base model")
     except FileNotFoundError as error:
         if recorded:
@@ -154,6 +157,8 @@ def load_adapter(
         adapter_ref = path_or_repo_id
     else:
         source_pipe = None
+        if isinstance(base, DiffusionPipeline):
+            raise TypeError("base= takes a folder or hub id; to reuse a loaded pipeline call load_adapter(pipe, path).")
         if path_or_repo_id is not None:
             raise TypeError(
                 "load_adapter(path, path2): a second adapter path is only accepted after a pipeline, "
@@ -167,7 +172,9 @@ def load_adapter(
 
     if source_pipe is None:
         base_ref = os.fspath(base) if base is not None else config["base_name_or_path"]
-        source_pipe = _load_base_pipeline(base_ref, torch_dtype, recorded=base is None)
+        source_pipe = _load_base_pipeline(
+            base_ref, torch_dtype, recorded=base is None, resolved_path=config.get("base_resolved_path")
+        )
     else:
         base_ref = getattr(source_pipe, "name_or_path", None) or getattr(source_pipe.config, "_name_or_path", "the given pipeline")
     components = dict(source_pipe.components)

@@ -164,14 +164,14 @@ class TeacherArchitecture:
     max_length: int = 32
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_norm_groups: int = 16
+    vae_norm_groups: int = 4
     latent_channels: int = 4
     # UNet
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_cross_attention: tuple[bool, ...] = (False, True, True)
     unet_heads: int = 4
     unet_layers_per_block: int = 1
-    unet_norm_groups: int = 32
+    unet_norm_groups: int = 8
 
     def __post_init__(self):
         self.vae_channels = tuple(int(c) for c in self.vae_channels)

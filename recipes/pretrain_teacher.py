@@ -45,14 +45,14 @@ class PretrainConfig:
     # VAE
     vae_steps: int = 800
     vae_batch_size: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_crop: int = 32
     vae_full_res_fraction: float = 0.1
     kl_weight: float = 1e-4
     # UNet + text encoder
     unet_steps: int = 2000
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 8e-4
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     ema_decay: float = 0.999

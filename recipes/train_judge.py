@@ -61,16 +61,16 @@ class TrainJudgeConfig:
     resolution: int = 64
     steps: int = 1000
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     label_smoothing: float = 0.05
     depth_weight: float = 2.0
     dense_weight: float = 1.0
     seed: int = 0
     threads: int = 1
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
-    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 16)
+    decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 8)
     reduce_channels: int = 64
     feature_dim: int = 256
     augment: bool = True
@@ -300,7 +300,8 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
 
     order = rng.permutation(cfg.train_scenes)
     cursor = 0
-    running = {"loss": 0.0, **{a: 0.0 for a in ATTRIBUTES}, "depth": 0.0, "dense": 0.0, "pixel_shape": 0.0}
+    running = {"loss": 0.0, **{a: 0.0 for a in ATTRIBUTES}, "depth": 0.0, "dense": 0.0, "pixel_shape": 0.0,
+               "main_iou": 0.0}
     t_train = time.perf_counter()
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):
@@ -330,6 +331,9 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
             on_object = pix > 0
             pixel_hits = out["dense"][:, :-1].argmax(1)[on_object] == pix[on_object]
             running["pixel_shape"] += float(pixel_hits.float().mean()) if on_object.any() else 0.0
+            main_true = target_dense[:, ::stride, ::stride] >= 16
+            main_pred = out["dense"][:, -1] > 0
+            running["main_iou"] += float((main_true & main_pred).sum() / (main_true | main_pred).sum().clamp(min=1))
         loss = loss + cfg.depth_weight * d_loss + cfg.dense_weight * a_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,6 +348,7 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
             accs = " ".join(f"{a}={running[a] / n:.3f}" for a in ATTRIBUTES)
             log(f"step {step + 1}/{cfg.steps} loss={running['loss'] / n:.4f} depth={running['depth'] / n:.4f} "
                 f"dense={running['dense'] / n:.3f} pixel_shape={running['pixel_shape'] / n:.3f} "
+                f"main_iou={running['main_iou'] / n:.3f} "
                 f"{accs} lr={lr_at(step, cfg):.2e} {rate:.0f} img/s, {elapsed:.0f}s")
             running = {k: 0.0 for k in running}
     train_seconds = time.perf_counter() - t_train

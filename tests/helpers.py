@@ -209,3 +209,22 @@ def model_inputs(base, batch: int = 2, seed: int = 0):
     ehs = base.encode_prompts(prompts)
     cond = torch.rand(batch, 3, base.resolution, base.resolution, generator=gen)
     return z, t, ehs, cond
+
+
+try:
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def torch_single_thread():
+        """Run a test module's tiny models on one CPU thread, restoring the setting afterwards.
+
+        On a shared, busy machine torch's default thread pool oversubscribes the cores and makes
+        these tiny forwards about 10x slower. Import this fixture into a test module to use it.
+        """
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+
+except ImportError:  # helpers used outside pytest
+    pass

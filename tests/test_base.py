@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_fake_hub_cache, make_tiny_base  # noqa: E402
+from helpers import make_fake_hub_cache, make_tiny_base, torch_single_thread  # noqa: E402,F401
 
 from condistill.base import compute_fingerprint, fingerprint_mismatch, load_base  # noqa: E402
 

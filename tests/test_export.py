@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_tiny_base, model_inputs, perturb_  # noqa: E402
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import AdapterWeightsError, build_student  # noqa: E402
 from condistill.base import load_base  # noqa: E402

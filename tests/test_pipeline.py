@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_  # noqa: E402
+from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
 from condistill.base import load_base  # noqa: E402
@@ -185,3 +185,13 @@ def test_v_prediction_base(tmp_path):
     assert pipe.condistill_defaults["guidance_scale"] == 2.0
     image = pipe(["a red cube"], image=torch.rand(1, 3, 16, 16), output_type="np", **pipe.condistill_defaults).images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_relative_local_base_found_from_another_directory(base_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(base_path.parent)
+    _export(load_base(base_path.name), "t2i_adapter", tmp_path / "ad", base_name=base_path.name)
+    monkeypatch.chdir(tmp_path)
+    assert not Path(base_path.name).exists()
+    pipe = load_adapter(tmp_path / "ad")
+    assert pipe.condistill_config["base_name_or_path"] == base_path.name
+    assert pipe.condistill_config["base_resolved_path"] == str(base_path.resolve())

@@ -105,7 +105,7 @@ def test_config_validation_errors():
     with pytest.raises(ValueError, match="vae_crop"):
         pretrain_teacher.PretrainConfig(vae_crop=30)
     with pytest.raises(ValueError, match="divisible"):
-        T.TeacherArchitecture(unet_channels=(32, 48, 128))
+        T.TeacherArchitecture(unet_channels=(32, 60, 128))
     with pytest.raises(SystemExit):
         pretrain_teacher.parse_args(["--unet-channels", "32,x"])
     with pytest.raises(SystemExit):

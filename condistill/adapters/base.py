@@ -84,8 +84,8 @@ def build_student(kind: str, unet, condition_channels: int, **options) -> "Stude
     EMA keyed by them can be swapped into the student directly.
 
     Note:
-        ``lora`` injects LoRA layers into the UNet *in place*; teacher predictions must then go
-        through ``student(..., use_adapter=False)``.
+        ``lora`` injects LoRA layers into the UNet *in place*; they are switched on only inside
+        the student's own forward, so the UNet called directly stays the teacher.
     """
     cls = get_adapter_class(kind)
     from condistill.base import Base
@@ -306,7 +306,10 @@ class Student(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory in the UNet and the adapter modules that support it."""
         for module in [self.unet, *self._adapter_modules().values()]:
-            if hasattr(module, "enable_gradient_checkpointing"):
+            # diffusers models that cannot checkpoint (e.g. T2IAdapter) raise instead; they are small
+            if hasattr(module, "enable_gradient_checkpointing") and getattr(
+                module, "_supports_gradient_checkpointing", True
+            ):
                 module.enable_gradient_checkpointing()
 
     def extra_repr(self) -> str:

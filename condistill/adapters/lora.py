@@ -11,8 +11,11 @@ a small zero-initialised T2I-Adapter that feeds the condition into the UNet's do
   uses. ``condition_adapter="auto"`` takes the light adapter when the UNet's last two widths
   are equal (every SD 1.x/2.x) and the full adapter otherwise.
 
-The LoRA layers are injected into the given UNet **in place** (adapter name
-``"condistill"``); the teacher is ``student(..., use_adapter=False)``, which disables them.
+The LoRA layers are injected into the given UNet **in place** (peft adapter name
+``"condistill"``, then ``"condistill_1"``... when several LoRA students share one UNet) but
+stay switched off outside the student's own forward, so ``student(..., use_adapter=False)``
+and direct ``base.unet(...)`` calls are both exactly the teacher (see
+:meth:`LoRAStudent.enable_gradient_checkpointing` for the one exception).
 
 Export: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (keys
 ``unet.<module>.lora_A/B.weight``, the ``LoraConfig`` rank/alpha/targets in the safetensors
@@ -93,6 +96,13 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         condition_adapter: str = "auto",
         adapter_num_res_blocks: int = 2,
     ):
+        # LoRA layers of other students already in this UNet keep their trainability (the base
+        # class freezes the whole UNet, and adding an adapter freezes the other adapters).
+        others_flags = (
+            {n: p.requires_grad for n, p in unet.named_parameters() if ".lora_" in n}
+            if isinstance(unet, torch.nn.Module)
+            else {}
+        )
         super().__init__(unet, condition_channels, vae_scale_factor)
         from peft import LoraConfig
 
@@ -102,11 +112,19 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         if alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}.")
         target_modules = _resolve_targets(targets)
-        if getattr(unet, "peft_config", None) and LORA_ADAPTER_NAME in unet.peft_config:
+        existing = set(getattr(unet, "peft_config", None) or {})
+        if getattr(unet, "_condistill_lora_always_on", False):
             raise ValueError(
-                "This UNet already carries condistill LoRA layers (another LoRA student was built on it); "
-                "load a fresh UNet (e.g. load_base again) for a new LoRA student."
+                "A LoRA student with gradient checkpointing already keeps its LoRA switched on in this UNet; "
+                "build further LoRA students on a freshly loaded base."
             )
+        # Several LoRA students may share one UNet (e.g. evaluating several adapters on one base):
+        # each gets its own peft adapter name and switches only its own LoRA on in its forward.
+        name, i = LORA_ADAPTER_NAME, 0
+        while name in existing:
+            i += 1
+            name = f"{LORA_ADAPTER_NAME}_{i}"
+        self.lora_adapter_name = name
         if condition_adapter == "auto":
             condition_adapter = "light_adapter" if t2i_adapter_fits(unet, "light_adapter")[0] else "full_adapter"
             logger.info("LoRA student: condition enters through a %s", condition_adapter)
@@ -119,7 +137,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules}
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
         try:
-            unet.add_adapter(config, adapter_name=LORA_ADAPTER_NAME)
+            unet.add_adapter(config, adapter_name=self.lora_adapter_name)
         except ValueError as error:
             raise ValueError(f"Could not add LoRA layers for targets {target_modules} to this UNet: {error}") from error
         # LoRA weights live in float32 like the other adapters' (mixed precision casts at run time).
@@ -127,6 +145,10 @@ class LoRAStudent(_T2IFeatureMixin, Student):
             if self._is_lora_param(name):
                 param.data = param.data.float()
                 param.requires_grad_(True)
+            elif name in others_flags:
+                param.requires_grad_(others_flags[name])
+        self._lora_default_on = False
+        self._set_lora(False)  # off by default: only the student's forward switches it on
         self.adapter_options = {
             "condition_channels": condition_channels,
             "vae_scale_factor": vae_scale_factor,
@@ -137,9 +159,8 @@ class LoRAStudent(_T2IFeatureMixin, Student):
             "adapter_num_res_blocks": int(adapter_num_res_blocks),
         }
 
-    @staticmethod
-    def _is_lora_param(name: str) -> bool:
-        return ".lora_" in name and f".{LORA_ADAPTER_NAME}." in name
+    def _is_lora_param(self, name: str) -> bool:
+        return ".lora_" in name and f".{self.lora_adapter_name}." in name
 
     def _adapter_modules(self):
         return {"adapter": self.adapter}
@@ -150,25 +171,58 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         out.update(super().trainable_named_parameters())
         return out
 
+    def _set_lora(self, enabled: bool) -> None:
+        # diffusers' set/enable/disable_adapters also toggle requires_grad of LoRA layers (of every
+        # adapter in the UNet); restore them all.
+        flags = {n: p.requires_grad for n, p in self.unet.named_parameters() if ".lora_" in n}
+        if enabled:
+            self.unet.set_adapter(self.lora_adapter_name)
+            self.unet.enable_adapters()
+        else:
+            self.unet.disable_adapters()
+        for n, p in self.unet.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+
     @contextlib.contextmanager
-    def _lora_disabled(self):
-        # diffusers' disable/enable_adapters toggle requires_grad of the LoRA layers; restore it.
-        params = {n: p for n, p in self.unet.named_parameters() if self._is_lora_param(n)}
-        flags = {n: p.requires_grad for n, p in params.items()}
-        self.unet.disable_adapters()
+    def _lora_switched(self, enabled: bool):
+        if enabled == self._lora_default_on:
+            yield
+            return
+        self._set_lora(enabled)
         try:
             yield
         finally:
-            self.unet.enable_adapters()
-            for n, p in params.items():
-                p.requires_grad_(flags[n])
-
-    def _forward_teacher(self, z, t, encoder_hidden_states):
-        with self._lora_disabled():
-            return super()._forward_teacher(z, t, encoder_hidden_states)
+            self._set_lora(self._lora_default_on)
 
     def _forward_adapter(self, z, t, encoder_hidden_states, features):
-        return self._unet_with_features(z, t, encoder_hidden_states, features)
+        # The LoRA is switched on only inside the student's own forward, so direct calls of the
+        # shared UNet (e.g. ``base.unet(...)`` as the teacher elsewhere) stay the plain teacher.
+        with self._lora_switched(True):
+            return self._unet_with_features(z, t, encoder_hidden_states, features)
+
+    def _forward_teacher(self, z, t, encoder_hidden_states):
+        with self._lora_switched(False):
+            return super()._forward_teacher(z, t, encoder_hidden_states)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the UNet and adapter; the LoRA then stays switched on in the shared UNet.
+
+        Checkpointed blocks are recomputed during ``backward``, after the student's forward has
+        returned, so the LoRA must be on at that time too. From this call on, direct
+        ``base.unet(...)`` calls include the LoRA; use ``student(..., use_adapter=False)`` for
+        the teacher.
+        """
+        others = set(self.unet.peft_config) - {self.lora_adapter_name}
+        if others:
+            raise ValueError(
+                f"This UNet also carries other LoRA adapters {sorted(others)}; gradient checkpointing keeps "
+                "this student's LoRA switched on, so build it on a freshly loaded base."
+            )
+        super().enable_gradient_checkpointing()
+        self._lora_default_on = True
+        self.unet._condistill_lora_always_on = True
+        self._set_lora(True)
 
     # ---- files ------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -180,7 +234,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         """
         from peft.utils import get_peft_model_state_dict
 
-        peft_sd = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
+        peft_sd = get_peft_model_state_dict(self.unet, adapter_name=self.lora_adapter_name)
         return {k: v.detach().clone().contiguous() for k, v in peft_sd.items()}
 
     def save_weights(self, out_dir):
@@ -217,7 +271,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         if others:
             check_state_dict_keys([], others, str(path))
         peft_sd = convert_unet_state_dict_to_peft(unet_sd)
-        expected = get_peft_model_state_dict(self.unet, adapter_name=LORA_ADAPTER_NAME)
+        expected = get_peft_model_state_dict(self.unet, adapter_name=self.lora_adapter_name)
         # compare with the file's own key names (``unet.`` prefix) so the error names them as saved
         check_state_dict_keys([f"unet.{k}" for k in expected], [f"unet.{k}" for k in peft_sd], str(path))
         check_state_dict_shapes(expected, peft_sd, str(path))
@@ -228,7 +282,7 @@ class LoRAStudent(_T2IFeatureMixin, Student):
                 f"{path} was trained with lora_alpha={saved_alpha} but this student has "
                 f"lora_alpha={self.lora_config['lora_alpha']}; build the student with the saved options."
             )
-        result = set_peft_model_state_dict(self.unet, peft_sd, adapter_name=LORA_ADAPTER_NAME)
+        result = set_peft_model_state_dict(self.unet, peft_sd, adapter_name=self.lora_adapter_name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if unexpected:
             check_state_dict_keys([], unexpected, str(path))

@@ -21,7 +21,6 @@ Exported as a stock ``T2IAdapter`` folder (``t2i_adapter/config.json`` +
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Mapping
@@ -47,8 +46,6 @@ __all__ = [
     "t2i_adapter_fits",
     "ADAPTER_TYPES",
 ]
-
-logger = logging.getLogger(__name__)
 
 ADAPTER_TYPES = ("full_adapter", "light_adapter")
 SUBFOLDER = "t2i_adapter"

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import make_tiny_base, model_inputs, perturb_  # noqa: E402
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
 from condistill.adapters.controlnet import default_conditioning_embedding_channels  # noqa: E402

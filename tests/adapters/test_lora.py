@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import make_tiny_base, model_inputs, perturb_  # noqa: E402
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
 from condistill.base import load_base  # noqa: E402
@@ -48,11 +48,48 @@ def test_targets(base_path):
         build_student("lora", load_base(base_path), 3, rank=0)
 
 
-def test_second_student_on_same_unet_is_refused(base_path):
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_several_students_share_one_unet(base_path, tmp_path):
+    """E.g. an evaluation loading several LoRA adapters onto one base: each runs only its own LoRA."""
+    pristine = load_base(base_path)
     base = load_base(base_path)
-    build_student("lora", base, 3)
-    with pytest.raises(ValueError, match="already carries condistill LoRA"):
-        build_student("lora", base, 3)
+    first, second = build_student("lora", base, 3), build_student("lora", base, 3, rank=2)
+    assert (first.lora_adapter_name, second.lora_adapter_name) == ("condistill", "condistill_1")
+    perturb_(first, seed=1)
+    perturb_(second, seed=2)
+    second.save_weights(tmp_path)
+    alone = build_student("lora", load_base(base_path), 3, rank=2)
+    alone.load_weights(tmp_path)
+    z, t, ehs, cond = model_inputs(base)
+    with torch.no_grad():
+        out_first = first(z, t, ehs, first.encode_condition(cond))
+        out_second = second(z, t, ehs, second.encode_condition(cond))
+        out_alone = alone(z, t, ehs, alone.encode_condition(cond))
+        reference = pristine.unet(z, t, ehs).sample
+        assert torch.equal(first(z, t, ehs, use_adapter=False), reference)
+        assert torch.equal(base.unet(z, t, ehs).sample, reference)
+    assert torch.equal(out_second, out_alone)
+    assert (out_first - out_second).abs().max() > 1e-3
+    for student in (first, second):
+        assert all(p.requires_grad for p in student.trainable_named_parameters().values())
+    with pytest.raises(ValueError, match="other LoRA adapters"):
+        second.enable_gradient_checkpointing()
+
+
+def test_shared_unet_stays_the_teacher(base_path):
+    """evaluate/train code may call base.unet directly as the teacher next to a LoRA student."""
+    pristine = load_base(base_path)
+    base = load_base(base_path)
+    student = build_student("lora", base, 3)
+    perturb_(student, seed=6)
+    z, t, ehs, cond = model_inputs(base)
+    with torch.no_grad():
+        reference = pristine.unet(z, t, ehs).sample
+        adapted = student(z, t, ehs, student.encode_condition(cond))
+        direct = base.unet(z, t, ehs).sample
+    assert (adapted - reference).abs().max() > 1e-3
+    assert torch.equal(direct, reference)
+    assert all(p.requires_grad for p in student.trainable_named_parameters().values())
 
 
 def test_teacher_path_keeps_requires_grad(base_path):
@@ -63,6 +100,7 @@ def test_teacher_path_keeps_requires_grad(base_path):
     lora_params[0].requires_grad_(False)  # e.g. a user freezing part of it
     with torch.no_grad():
         student(z, t, ehs, use_adapter=False)
+        student(z, t, ehs, student.encode_condition(torch.rand(2, 3, 16, 16)))
     assert not lora_params[0].requires_grad
     assert all(p.requires_grad for p in lora_params[1:])
 
@@ -100,3 +138,25 @@ def test_exported_lora_runs_in_stock_diffusers(loader, base_path, tmp_path):
         teacher = student(z, t, ehs, use_adapter=False)
     torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
     assert (ours - teacher).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base_path):
+    """Checkpointed blocks recompute in backward, after forward returned: the LoRA must still be on."""
+    grads = []
+    for checkpointing in (False, True):
+        base = load_base(base_path)
+        torch.manual_seed(0)  # peft draws lora_A at random
+        student = build_student("lora", base, 3)
+        perturb_(student, seed=8)
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        z, t, ehs, cond = model_inputs(base)
+        student(z, t, ehs, student.encode_condition(cond)).pow(2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in student.trainable_named_parameters().items()})
+        with torch.no_grad():
+            teacher = student(z, t, ehs, use_adapter=False)
+            assert torch.equal(teacher, load_base(base_path).unet(z, t, ehs).sample)
+    assert grads[0].keys() == grads[1].keys()
+    assert any(g.abs().sum() > 0 for k, g in grads[0].items() if ".lora_" in k)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
