@@ -17,7 +17,8 @@ def _eval(args) -> int:
         print("condistill eval: give --student (and optionally --baseline) or one or more --row", file=sys.stderr)
         return 2
     report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
-                      seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device)
+                      seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
+                      cache_dir=args.cache_dir)
     print(markdown_table(report))
     if args.out:
         print(f"wrote {args.out}/results.json, results.md, samples.png", file=sys.stderr)
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--judge", default="data/judge")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--cache-dir", help="reuse teacher samples across conditions (they ignore the condition)")
     ev.add_argument("--out", help="folder for results.json, results.md and samples.png")
     ev.set_defaults(func=_eval)
     args = parser.parse_args(argv)

@@ -12,12 +12,14 @@ scored with the same metrics:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from condistill.base import load_base
 from condistill.conditions import condition_from_config, get_condition
@@ -69,13 +71,26 @@ def _edges(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict) -> tuple[torch.Tensor, float]:
+def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict,
+              cache_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
+    """Sample one row; teacher rows are cached in ``cache_dir`` (they ignore the condition)."""
     cond, prompts = data["conditioning"], data["caption"]
     n = cond.shape[0]
     if spec.model == "bicubic":
         t0 = time.perf_counter()
         out = cond[:, :3].clone()
         return out, (time.perf_counter() - t0) / n
+    if spec.model == "teacher" and cache_dir is not None:
+        key = hashlib.sha256(json.dumps([str(base.name_or_path), list(prompts), spec.sampler, spec.steps,
+                                         spec.guidance, seed, batch_size]).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"teacher-{key}.safetensors"
+        if path.is_file():
+            saved = load_file(str(path))
+            return saved["images"], float(saved["seconds_per_image"])
+        images, latency = _generate(spec, base, data, batch_size, seed, students, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.contiguous(), "seconds_per_image": torch.tensor(latency)}, str(path))
+        return images, latency
     student = students.get(spec.model)
     if student is None and spec.model != "teacher":
         student = students[spec.model] = load_student(spec.model, base).to(base.device).eval()
@@ -132,6 +147,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     grid_count: int = 8,
     device: str = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Score every row on ``num_images`` held-out synthetic scenes; optionally write results.
 
@@ -162,7 +178,7 @@ def evaluate(
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = _generate(spec, base_obj, data, batch_size, seed, students)
+        images, latency = _generate(spec, base_obj, data, batch_size, seed, students, cache_dir)
         metrics = score(name, images, data, judge, real_features, cond)
         metrics["seconds_per_image"] = latency
         results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))

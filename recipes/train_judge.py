@@ -59,13 +59,14 @@ class TrainJudgeConfig:
     train_scenes: int = 24000
     heldout_scenes: int = 1000
     resolution: int = 64
-    steps: int = 1000
+    steps: int = 900
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 30
     label_smoothing: float = 0.05
-    depth_weight: float = 2.0
+    shape_weight: float = 2.0
+    depth_weight: float = 1.0
     dense_weight: float = 1.0
     seed: int = 0
     threads: int = 1
@@ -107,8 +108,9 @@ class TrainJudgeConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.depth_weight < 0 or self.dense_weight < 0:
-            raise ValueError(f"depth_weight and dense_weight must be >= 0, got {self.depth_weight}, {self.dense_weight}")
+        if min(self.depth_weight, self.dense_weight, self.shape_weight) < 0:
+            raise ValueError(f"depth_weight, dense_weight and shape_weight must be >= 0, got {self.depth_weight}, "
+                             f"{self.dense_weight}, {self.shape_weight}")
         for name in ("flip_prob", "jpeg_prob", "rescale_prob", "blur_prob", "noise_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -321,7 +323,8 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
         loss = torch.zeros(())
         for k, attr in enumerate(ATTRIBUTES):
             logits = out[f"logits_{attr}"]
-            loss = loss + F.cross_entropy(logits, y[:, k], label_smoothing=cfg.label_smoothing)
+            weight = cfg.shape_weight if attr == "shape" else 1.0
+            loss = loss + weight * F.cross_entropy(logits, y[:, k], label_smoothing=cfg.label_smoothing)
             running[attr] += float((logits.argmax(1) == y[:, k]).float().mean())
         d_loss = depth_loss(out["depth"], target_depth)
         a_loss = dense_loss(out["dense"], target_dense)
