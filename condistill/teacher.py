@@ -270,7 +270,7 @@ def build_scheduler():
     """The SD 1.5 scheduler folder: PNDM with the scaled_linear schedule, epsilon prediction."""
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(
+    scheduler = PNDMScheduler(
         **SD_SCHEDULE,
         skip_prk_steps=True,
         set_alpha_to_one=False,
@@ -278,6 +278,11 @@ def build_scheduler():
         prediction_type="epsilon",
         timestep_spacing="leading",
     )
+    # PNDM ignores it, but SD 1.5 folders record clip_sample=false so that swapping in DDIM
+    # (DDIMScheduler.from_config) does not clip the predicted latents to [-1, 1]: unit-variance
+    # latents are not bounded like pixels, and clipping them washes out every colour.
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def build_training_noise_scheduler():

@@ -8,8 +8,10 @@ Scenes of the ``train`` split are rendered once into memory (uint8 images + floa
 depth). Each batch is lightly degraded in ways that keep colours (horizontal flip, JPEG,
 down/up-scaling, Gaussian blur, a small per-channel gain, Gaussian noise) so the judge
 stays calibrated on slightly imperfect generated images. The loss is cross-entropy on the
-three attribute heads plus L1 + gradient-L1 on the disparity map. Everything is seeded:
-the same config gives the same weights on the same machine.
+three attribute heads (shape weighted by ``shape_weight``, the slowest to learn), L1 +
+gradient-L1 on the disparity map, and the dense terms: per-pixel object-shape
+cross-entropy and main-object-mask BCE at half resolution. Everything is seeded: the same
+config gives the same weights on the same machine.
 
 Writes to ``--output-dir``: ``judge.safetensors``, ``config.json`` (architecture, training
 config, training time) and ``metrics.json`` (held-out accuracies and depth error).

@@ -117,6 +117,9 @@ def test_scheduler_is_sd15_schedule():
     assert cfg.beta_schedule == "scaled_linear" and cfg.num_train_timesteps == 1000
     assert cfg.beta_start == pytest.approx(0.00085) and cfg.beta_end == pytest.approx(0.012)
     assert cfg.prediction_type == "epsilon" and cfg.steps_offset == 1 and cfg.skip_prk_steps
+    from diffusers import DDIMScheduler
+
+    assert DDIMScheduler.from_config(cfg).config.clip_sample is False  # latents must not be clipped
 
 
 def test_pixel_heuristic_reads_real_scenes():
