@@ -350,6 +350,31 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
 Logger = Callable[[str], None]
 
 
+def _quiet(_: str) -> None:
+    return None
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of ``params`` over the default process group.
+
+    One flat all-reduce per step: the data-parallel workers then take identical optimizer
+    steps from identical initial weights, so their replicas never drift apart.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
 @dataclass
 class LossHistory:
     steps: list[int] = field(default_factory=list)
@@ -397,6 +422,7 @@ def train_vae(vae, images_u8: torch.Tensor, steps: int, batch_size: int, lr: flo
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(list(vae.parameters()))
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         running.append(rec_loss.item())
@@ -485,6 +511,7 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
