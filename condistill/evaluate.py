@@ -89,7 +89,7 @@ def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, stude
             return saved["images"], float(saved["seconds_per_image"])
         images, latency = _generate(spec, base, data, batch_size, seed, students, None)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images.contiguous(), "seconds_per_image": torch.tensor(latency)}, str(path))
+        save_file({"images": images.contiguous(), "seconds_per_image": torch.tensor(latency, dtype=torch.float64)}, str(path))
         return images, latency
     student = students.get(spec.model)
     if student is None and spec.model != "teacher":
@@ -244,6 +244,9 @@ def parse_rows(texts: list[str]) -> list[RowSpec]:
         model = parts[0]
         if model not in ("teacher", "bicubic") and not Path(model).exists():
             raise FileNotFoundError(f"row {name!r}: adapter folder {model!r} not found")
+        if model == "bicubic":
+            specs.append(RowSpec(name, model, "none", 0, 0.0))
+            continue
         specs.append(RowSpec(name, model, parts[1] if len(parts) > 1 else "codi",
                              int(parts[2]) if len(parts) > 2 else 4, float(parts[3]) if len(parts) > 3 else 1.0))
     return specs

@@ -465,7 +465,8 @@ def reconstruction_error(vae, images_u8: torch.Tensor, batch_size: int = 256) ->
 def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
                token_ids: torch.Tensor, empty_ids: torch.Tensor, steps: int, batch_size: int, lr: float,
                caption_dropout: float, snr_gamma: float | None, ema_decay: float, generator: torch.Generator,
-               log: Logger = print, log_every: int = 50) -> tuple[LossHistory, EMA]:
+               log: Logger = print, log_every: int = 50,
+               on_step: Callable[[int, EMA], None] | None = None) -> tuple[LossHistory, EMA]:
     """Jointly train ``unet`` and the from-scratch ``text_encoder`` with the epsilon loss.
 
     Latents are drawn from the stored posterior (mean + std * noise) and scaled by
@@ -473,6 +474,8 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
     ``caption_dropout`` (classifier-free guidance); ``snr_gamma`` enables Min-SNR loss
     weighting (Hang et al. 2023), which speeds up convergence of short runs. Returns the
     loss history and the EMA of both networks' weights (copy it in before saving).
+    ``on_step(step, ema)``, if given, is called after every optimizer step (e.g. to save
+    intermediate checkpoints for a learning curve).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -515,6 +518,8 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
+        if on_step is not None:
+            on_step(step + 1, ema)
         running.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             mean_loss = float(np.mean(running))
@@ -528,6 +533,182 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
     unet.eval()
     text_encoder.eval()
     return hist, ema
+
+
+# --------------------------------------------------------------------------- the whole run
+@dataclass
+class TrainingSettings:
+    """Hyper-parameters of :func:`train_teacher` (the recipe's config minus paths)."""
+
+    seed: int = 0
+    threads: int = 1
+    vae_steps: int = 800
+    vae_batch_size: int = 16
+    vae_lr: float = 2e-3
+    vae_crop: int = 32
+    vae_full_res_fraction: float = 0.1
+    kl_weight: float = 1e-4
+    unet_steps: int = 2600
+    batch_size: int = 32
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+
+
+def _gather_rows(x: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Inverse of ``rows[rank::world]`` sharding: all-gather and interleave back to ``n_total`` rows."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    per = -(-n_total // world)
+    padded = torch.zeros((per,) + tuple(x.shape[1:]), dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n_total,) + tuple(x.shape[1:]), dtype=x.dtype)
+    for r in range(world):
+        rows = torch.arange(r, n_total, world)
+        out[rows] = parts[r][: len(rows)]
+    return out
+
+
+def train_teacher(rank: int, world: int, settings: TrainingSettings, images_u8: torch.Tensor,
+                  token_ids: torch.Tensor, empty_ids: torch.Tensor, vae, text_encoder, unet,
+                  log: Logger = print) -> dict:
+    """VAE phase, latent encoding + scaling factor, UNet/text-encoder phase, on one worker.
+
+    With ``world > 1`` this runs in each of ``world`` data-parallel processes that share a
+    ``torch.distributed`` group: every worker draws its own batches (generator seeded by
+    ``(seed, rank)``), gradients are averaged every step, latents are encoded in shards and
+    gathered. The models are trained in place (EMA weights copied in at the end). Returns the
+    loss histories, timings and latent statistics.
+    """
+    torch.set_num_threads(settings.threads)
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
+    log = log if rank == 0 else _quiet
+    timings: dict[str, float] = {}
+    vae_hist = train_vae(vae, images_u8, settings.vae_steps, settings.vae_batch_size, settings.vae_lr,
+                         settings.kl_weight, settings.vae_crop, settings.vae_full_res_fraction, gen, log,
+                         settings.log_every)
+    timings["vae_s"] = vae_hist.seconds
+    vae.requires_grad_(False)
+
+    t = time.time()
+    N = images_u8.shape[0]
+    lat_mean, lat_std = encode_latents(vae, images_u8[rank::world])
+    if world > 1:
+        lat_mean, lat_std = _gather_rows(lat_mean, N), _gather_rows(lat_std, N)
+    # the same draw on every worker: the scaling factor must be identical everywhere
+    draw = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(settings.seed))
+    latent_std = float(draw.std())
+    scaling_factor = 1.0 / latent_std
+    vae.register_to_config(scaling_factor=scaling_factor)
+    timings["encode_s"] = time.time() - t
+    latent_stats = {
+        "std": latent_std,
+        "mean": float(draw.mean()),
+        "channel_mean": draw.mean(dim=(0, 2, 3)).tolist(),
+        "channel_std": draw.std(dim=(0, 2, 3)).tolist(),
+        "posterior_std_mean": float(lat_std.mean()),
+        "scaling_factor": scaling_factor,
+    }
+    log(f"latents encoded in {timings['encode_s']:.0f}s: std {latent_std:.3f} -> scaling_factor {scaling_factor:.4f}")
+
+    unet_hist, ema = train_unet(
+        unet, text_encoder, lat_mean, lat_std, scaling_factor, token_ids, empty_ids, settings.unet_steps,
+        settings.batch_size, settings.lr, settings.caption_dropout, settings.snr_gamma or None,
+        settings.ema_decay, gen, log, settings.log_every,
+    )
+    timings["unet_s"] = unet_hist.seconds
+    ema.copy_to_model()
+    return {"timings": timings, "latents": latent_stats, "vae_loss": vae_hist.as_dict(),
+            "unet_loss": unet_hist.as_dict()}
+
+
+def _worker(rank: int, world: int, init_file: str, result_file: str, settings: TrainingSettings,
+            images_u8, token_ids, empty_ids, states: dict, arch: "TeacherArchitecture") -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(settings.threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tokenizer_size = states["vocab_size"]
+        vae, unet = build_vae(arch), build_unet(arch)
+        text_encoder = build_text_encoder(arch, _SizedTokenizerInfo(tokenizer_size, states["special_ids"]))
+        vae.load_state_dict(states["vae"])
+        unet.load_state_dict(states["unet"])
+        text_encoder.load_state_dict(states["text_encoder"])
+        report = train_teacher(rank, world, settings, images_u8, token_ids, empty_ids, vae, text_encoder, unet,
+                               log=lambda m: print(m, flush=True))
+        if rank == 0:
+            torch.save({"report": report, "scaling_factor": vae.config.scaling_factor, "vae": vae.state_dict(),
+                        "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}, result_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class _SizedTokenizerInfo:
+    """What :func:`build_text_encoder` needs from a tokenizer (picklable, for workers)."""
+
+    size: int
+    special_ids: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.special_ids[0]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.special_ids[1]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.special_ids[2]
+
+
+def train_teacher_parallel(workers: int, settings: TrainingSettings, images_u8: torch.Tensor,
+                           token_ids: torch.Tensor, empty_ids: torch.Tensor, vae, text_encoder, unet, tokenizer,
+                           arch: "TeacherArchitecture", log: Logger = print) -> dict:
+    """:func:`train_teacher` in ``workers`` data-parallel processes (``settings.threads`` each).
+
+    On a small shared CPU, two single-threaded processes that synchronise once per step use
+    two cores far better than one process with two OpenMP threads, whose per-operator
+    barriers stall whenever another job preempts one thread. ``workers == 1`` trains
+    in this process. The trained weights are loaded back into ``vae``, ``text_encoder``
+    and ``unet``.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        return train_teacher(0, 1, settings, images_u8, token_ids, empty_ids, vae, text_encoder, unet, log)
+    states = {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+              "vocab_size": len(tokenizer),
+              "special_ids": (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)}
+    with tempfile.TemporaryDirectory(prefix="condistill-teacher-") as tmp:
+        init_file, result_file = str(Path(tmp) / "pg_init"), str(Path(tmp) / "result.pt")
+        log(f"training in {workers} data-parallel worker processes x {settings.threads} thread(s)")
+        mp.spawn(_worker, args=(workers, init_file, result_file, settings, images_u8, token_ids, empty_ids,
+                                states, arch), nprocs=workers, join=True)
+        result = torch.load(result_file, weights_only=False)
+    vae.load_state_dict(result["vae"])
+    vae.register_to_config(scaling_factor=result["scaling_factor"])
+    vae.requires_grad_(False)
+    unet.load_state_dict(result["unet"])
+    text_encoder.load_state_dict(result["text_encoder"])
+    for m in (vae, unet, text_encoder):
+        m.eval()
+    return result["report"]
 
 
 # --------------------------------------------------------------------------- saving

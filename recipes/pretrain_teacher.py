@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,18 +42,19 @@ class PretrainConfig:
     output_dir: str = "data/tiny-teacher"
     num_scenes: int = 10000
     seed: int = 0
+    workers: int = 2
     threads: int = 1
     # VAE
     vae_steps: int = 800
-    vae_batch_size: int = 32
+    vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_crop: int = 32
     vae_full_res_fraction: float = 0.1
     kl_weight: float = 1e-4
     # UNet + text encoder
-    unet_steps: int = 2000
+    unet_steps: int = 2600
     batch_size: int = 32
-    lr: float = 8e-4
+    lr: float = 1e-3
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
@@ -64,7 +66,7 @@ class PretrainConfig:
             self.architecture = T.TeacherArchitecture(**self.architecture)
         if not str(self.output_dir).strip():
             raise ValueError("output_dir must be a non-empty path")
-        positive = ("num_scenes", "threads", "vae_batch_size", "batch_size", "log_every", "vae_crop")
+        positive = ("num_scenes", "workers", "threads", "vae_batch_size", "batch_size", "log_every", "vae_crop")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -104,9 +106,13 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
                    help="training scenes rendered (SyntheticScenes('train') indices 0..N-1)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the scenes, the weight init and every random draw of training")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="data-parallel training processes (gradients averaged each step; batch sizes are per "
+                        "worker); 1 trains in this process")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads per worker process (torch.set_num_threads)")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="VAE optimisation steps")
-    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help="images per VAE step")
+    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help="images per VAE step and worker")
     p.add_argument("--vae-lr", type=float, default=d.vae_lr, help="VAE peak learning rate (AdamW, cosine)")
     p.add_argument("--vae-crop", type=int, default=d.vae_crop,
                    help="side of the random crops most VAE steps train on (the last steps use full images)")
@@ -115,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--kl-weight", type=float, default=d.kl_weight,
                    help="weight of the per-pixel KL term of the VAE loss (keeps latents near N(0, I))")
     p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="UNet + text encoder optimisation steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per UNet step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per UNet step and worker")
     p.add_argument("--lr", type=float, default=d.lr, help="UNet/text encoder peak learning rate (AdamW, cosine)")
     p.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
                    help="probability a caption is replaced by the empty prompt (for classifier-free guidance)")
@@ -135,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         arch = T.TeacherArchitecture(unet_channels=unet_channels, text_layers=a.text_layers,
                                      unet_cross_attention=(False,) + (True,) * (len(unet_channels) - 1))
         return PretrainConfig(
-            output_dir=a.output_dir, num_scenes=a.num_scenes, seed=a.seed, threads=a.threads,
+            output_dir=a.output_dir, num_scenes=a.num_scenes, seed=a.seed, workers=a.workers, threads=a.threads,
             vae_steps=a.vae_steps, vae_batch_size=a.vae_batch_size, vae_lr=a.vae_lr, vae_crop=a.vae_crop,
             vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
             unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
@@ -151,16 +157,14 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     arch = cfg.architecture
     out = Path(cfg.output_dir)
-    timings: dict[str, float] = {}
 
     t = time.time()
     images, captions = T.render_scenes(cfg.num_scenes, "train", arch.resolution, cfg.seed)
     heldout, _ = T.render_scenes(min(256, cfg.num_scenes), "heldout", arch.resolution, cfg.seed)
-    timings["render_scenes_s"] = time.time() - t
-    log(f"rendered {cfg.num_scenes} train scenes in {timings['render_scenes_s']:.1f}s")
+    render_s = time.time() - t
+    log(f"rendered {cfg.num_scenes} train scenes in {render_s:.1f}s")
 
     tokenizer = T.build_tokenizer(model_max_length=arch.max_length)
     text_encoder = T.build_text_encoder(arch, tokenizer)
@@ -171,60 +175,29 @@ def run(cfg: PretrainConfig, log=print) -> dict:
               "unet": T.count_parameters(unet)}
     log(f"parameters: {params}")
 
-    # 1. VAE
-    vae_hist = T.train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_lr, cfg.kl_weight,
-                           cfg.vae_crop, cfg.vae_full_res_fraction, gen, log, cfg.log_every)
-    timings["vae_s"] = vae_hist.seconds
-    vae.requires_grad_(False)
-
-    # 2. latents + scaling factor
-    t = time.time()
-    lat_mean, lat_std = T.encode_latents(vae, images)
-    sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
-    latent_std = float(sample.std())
-    scaling_factor = 1.0 / latent_std
-    vae.register_to_config(scaling_factor=scaling_factor)
-    heldout_mae = T.reconstruction_error(vae, heldout)
-    timings["encode_s"] = time.time() - t
-    latent_stats = {
-        "std": latent_std,
-        "mean": float(sample.mean()),
-        "channel_mean": sample.mean(dim=(0, 2, 3)).tolist(),
-        "channel_std": sample.std(dim=(0, 2, 3)).tolist(),
-        "posterior_std_mean": float(lat_std.mean()),
-        "scaling_factor": scaling_factor,
-        "heldout_reconstruction_mae_0_255": heldout_mae,
-    }
-    log(f"latents: {latent_stats}")
-
-    # 3. UNet + text encoder
     token_ids = T.tokenize(tokenizer, captions)
     empty_ids = T.tokenize(tokenizer, [""])[0]
-    unet_hist, ema = T.train_unet(
-        unet, text_encoder, lat_mean, lat_std, scaling_factor, token_ids, empty_ids, cfg.unet_steps,
-        cfg.batch_size, cfg.lr, cfg.caption_dropout, cfg.snr_gamma or None, cfg.ema_decay, gen, log,
-        cfg.log_every,
-    )
-    timings["unet_s"] = unet_hist.seconds
-    ema.copy_to_model()
+    settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)})
+    report = T.train_teacher_parallel(cfg.workers, settings, images, token_ids, empty_ids, vae, text_encoder,
+                                      unet, tokenizer, arch, log)
+    report["timings"]["render_scenes_s"] = render_s
+    report["latents"]["heldout_reconstruction_mae_0_255"] = T.reconstruction_error(vae, heldout)
+    log(f"VAE held-out reconstruction MAE {report['latents']['heldout_reconstruction_mae_0_255']:.2f} / 255")
 
-    # 4. save
     T.save_teacher(out, vae, text_encoder, tokenizer, unet, scheduler)
     T.write_tokenizer_files(out / "tokenizer")
-    timings["total_s"] = time.time() - t_start
+    report["timings"]["total_s"] = time.time() - t_start
     summary = {
         "parameters": params,
-        "timings": timings,
-        "latents": latent_stats,
-        "vae_loss": vae_hist.as_dict(),
-        "unet_loss": unet_hist.as_dict(),
-        "machine": {"torch": torch.__version__, "threads": cfg.threads, "python": platform.python_version(),
+        **report,
+        "machine": {"torch": torch.__version__, "workers": cfg.workers, "threads_per_worker": cfg.threads,
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
     }
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["folder_bytes"] = T.folder_size_bytes(out)
-    log(f"saved {out} ({summary['folder_bytes'] / 1e6:.1f} MB) in {timings['total_s'] / 60:.1f} min")
+    log(f"saved {out} ({summary['folder_bytes'] / 1e6:.1f} MB) in {report['timings']['total_s'] / 60:.1f} min")
     return summary
 
 
