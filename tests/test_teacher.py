@@ -135,7 +135,7 @@ def test_pixel_heuristic_reads_real_scenes():
 def test_smoke_recipe_builds_a_plain_diffusers_folder(tmp_path):
     out = tmp_path / "teacher"
     cfg = pretrain_teacher.parse_args(["--output-dir", str(out), "--vae-steps", "2", "--unet-steps", "2",
-                                       "--num-scenes", "16", "--log-every", "1"])
+                                       "--num-scenes", "16", "--log-every", "1", "--workers", "1"])
     lines: list[str] = []
     summary = pretrain_teacher.run(cfg, log=lines.append)
     assert any(line.startswith("unet step 2/2 loss") for line in lines)
