@@ -172,6 +172,10 @@ class TeacherArchitecture:
     unet_heads: int = 4
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 8
+    # add an attention-pooled text embedding to the timestep embedding (diffusers'
+    # ``addition_embed_type="text"``, as in DeepFloyd IF): every ResNet block then sees the
+    # prompt, including the 16x16 level that has no cross-attention
+    unet_pooled_text: bool = False
 
     def __post_init__(self):
         self.vae_channels = tuple(int(c) for c in self.vae_channels)
@@ -263,6 +267,8 @@ def build_unet(arch: TeacherArchitecture):
         cross_attention_dim=arch.text_hidden,
         attention_head_dim=arch.unet_heads,  # diffusers' legacy name: number of heads
         norm_num_groups=arch.unet_norm_groups,
+        addition_embed_type="text" if arch.unet_pooled_text else None,
+        addition_embed_type_num_heads=arch.text_heads,
     )
 
 
