@@ -360,6 +360,17 @@ def _quiet(_: str) -> None:
     return None
 
 
+def _agree(value: int) -> int:
+    """Rank 0's ``value`` on every data-parallel worker (identity outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """All-reduce (mean) the gradients of ``params`` over the default process group.
 
@@ -472,7 +483,8 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
                token_ids: torch.Tensor, empty_ids: torch.Tensor, steps: int, batch_size: int, lr: float,
                caption_dropout: float, snr_gamma: float | None, ema_decay: float, generator: torch.Generator,
                log: Logger = print, log_every: int = 50,
-               on_step: Callable[[int, EMA], None] | None = None) -> tuple[LossHistory, EMA]:
+               on_step: Callable[[int, EMA], None] | None = None,
+               deadline: float | None = None, probe_steps: int = 60) -> tuple[LossHistory, EMA]:
     """Jointly train ``unet`` and the from-scratch ``text_encoder`` with the epsilon loss.
 
     Latents are drawn from the stored posterior (mean + std * noise) and scaled by
@@ -482,9 +494,18 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
     loss history and the EMA of both networks' weights (copy it in before saving).
     ``on_step(step, ema)``, if given, is called after every optimizer step (e.g. to save
     intermediate checkpoints for a learning curve).
+
+    ``deadline`` (a ``time.time()`` value) sizes the run to the machine: after
+    ``probe_steps`` steps the measured seconds per step fix the total number of steps so
+    training ends by the deadline (``steps`` stays the upper bound; the learning-rate
+    warm-up depends only on ``steps``, so the schedule up to that point is unchanged). The
+    resolved count is ``hist.steps[-1]``; passing it as ``steps`` without a deadline
+    reproduces the run exactly. Data-parallel workers adopt rank 0's decision.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if deadline is not None and probe_steps < 2:
+        raise ValueError(f"probe_steps must be >= 2 to measure the speed, got {probe_steps}")
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     if latent_mean.shape[0] != token_ids.shape[0]:
@@ -499,9 +520,19 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
     hist, t0, running = LossHistory(), time.time(), []
     unet.train()
     text_encoder.train()
-    for step in range(steps):
+    warmup = min(200, max(1, steps // 10))
+    t_probe = t0
+    step = 0
+    while step < steps:
+        if deadline is not None and step == min(10, probe_steps // 2):
+            t_probe = time.time()
+        if deadline is not None and step == probe_steps:
+            per_step = (time.time() - t_probe) / (probe_steps - min(10, probe_steps // 2))
+            affordable = probe_steps + int(max(0.0, deadline - time.time()) / per_step)
+            steps = _agree(max(probe_steps, min(steps, affordable)))
+            log(f"time budget: {per_step:.2f}s/step -> {steps} UNet steps in all")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=min(200, max(1, steps // 10)))
+            g["lr"] = lr_at(step, steps, lr, warmup=warmup)
         idx = torch.randint(0, N, (batch_size,), generator=generator)
         z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
         z0 = z0 * scaling_factor
@@ -535,6 +566,7 @@ def train_unet(unet, text_encoder, latent_mean: torch.Tensor, latent_std: torch.
             el = time.time() - t0
             log(f"unet step {step + 1}/{steps} loss {mean_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{el:.0f}s ({el / (step + 1):.2f}s/step)")
+        step += 1
     hist.seconds = time.time() - t0
     unet.eval()
     text_encoder.eval()
@@ -561,6 +593,7 @@ class TrainingSettings:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     log_every: int = 50
+    unet_deadline: float | None = None  # time.time() by which UNet training must end (None: run all steps)
 
 
 def _gather_rows(x: torch.Tensor, n_total: int) -> torch.Tensor:
@@ -625,7 +658,7 @@ def train_teacher(rank: int, world: int, settings: TrainingSettings, images_u8: 
     unet_hist, ema = train_unet(
         unet, text_encoder, lat_mean, lat_std, scaling_factor, token_ids, empty_ids, settings.unet_steps,
         settings.batch_size, settings.lr, settings.caption_dropout, settings.snr_gamma or None,
-        settings.ema_decay, gen, log, settings.log_every,
+        settings.ema_decay, gen, log, settings.log_every, deadline=settings.unet_deadline,
     )
     timings["unet_s"] = unet_hist.seconds
     ema.copy_to_model()

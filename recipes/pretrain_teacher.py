@@ -59,6 +59,7 @@ class PretrainConfig:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     log_every: int = 50
+    time_budget_min: float = 0.0
     architecture: T.TeacherArchitecture = field(default_factory=T.TeacherArchitecture)
 
     def __post_init__(self):
@@ -84,6 +85,8 @@ class PretrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0 (0 disables Min-SNR weighting), got {self.snr_gamma}")
+        if self.time_budget_min < 0:
+            raise ValueError(f"time_budget_min must be >= 0 (0 = no budget), got {self.time_budget_min}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         res, f = self.architecture.resolution, self.architecture.downsample_factor
@@ -128,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--snr-gamma", type=float, default=d.snr_gamma,
                    help="Min-SNR loss weighting gamma; 0 trains with the plain epsilon MSE")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the saved weights")
+    p.add_argument("--time-budget-min", type=float, default=d.time_budget_min,
+                   help="wall-clock budget of the whole run in minutes: the UNet phase measures its speed over "
+                        "its first steps and trains for as many steps (at most --unet-steps) as fit; the "
+                        "resolved count is written to training_config.json. 0 = always run --unet-steps")
     p.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps")
     p.add_argument("--unet-channels", default=",".join(map(str, d.architecture.unet_channels)),
                    help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents)")
@@ -145,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
             vae_steps=a.vae_steps, vae_batch_size=a.vae_batch_size, vae_lr=a.vae_lr, vae_crop=a.vae_crop,
             vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
             unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
-            snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every, architecture=arch,
+            snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every,
+            time_budget_min=a.time_budget_min, architecture=arch,
         )
     except ValueError as e:
         p.error(str(e))
@@ -177,7 +185,11 @@ def run(cfg: PretrainConfig, log=print) -> dict:
 
     token_ids = T.tokenize(tokenizer, captions)
     empty_ids = T.tokenize(tokenizer, [""])[0]
-    settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)})
+    settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)
+                                     if f.name != "unet_deadline"})
+    if cfg.time_budget_min:
+        # keep ~1 minute for the held-out reconstruction check and saving
+        settings.unet_deadline = t_start + 60.0 * cfg.time_budget_min - 60.0
     report = T.train_teacher_parallel(cfg.workers, settings, images, token_ids, empty_ids, vae, text_encoder,
                                       unet, tokenizer, arch, log)
     report["timings"]["render_scenes_s"] = render_s
@@ -194,7 +206,10 @@ def run(cfg: PretrainConfig, log=print) -> dict:
                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
     }
-    (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    resolved = cfg.to_dict()
+    resolved["unet_steps"] = report["unet_loss"]["steps"][-1] if report["unet_loss"]["steps"] else cfg.unet_steps
+    resolved["unet_steps_requested"] = cfg.unet_steps
+    (out / "training_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["folder_bytes"] = T.folder_size_bytes(out)
     log(f"saved {out} ({summary['folder_bytes'] / 1e6:.1f} MB) in {report['timings']['total_s'] / 60:.1f} min")
