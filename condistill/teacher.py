@@ -642,8 +642,11 @@ def train_teacher(rank: int, world: int, settings: TrainingSettings, images_u8: 
     # the same draw on every worker: the scaling factor must be identical everywhere
     draw = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(settings.seed))
     latent_std = float(draw.std())
-    scaling_factor = 1.0 / latent_std
-    vae.register_to_config(scaling_factor=scaling_factor)
+    if settings.vae_steps > 0:
+        scaling_factor = 1.0 / latent_std
+        vae.register_to_config(scaling_factor=scaling_factor)
+    else:  # a pretrained VAE is kept as it is: the UNet it came with was trained on this scaling
+        scaling_factor = float(vae.config.scaling_factor)
     timings["encode_s"] = time.time() - t
     latent_stats = {
         "std": latent_std,
@@ -677,6 +680,7 @@ def _worker(rank: int, world: int, init_file: str, result_file: str, settings: T
         vae, unet = build_vae(arch), build_unet(arch)
         text_encoder = build_text_encoder(arch, _SizedTokenizerInfo(tokenizer_size, states["special_ids"]))
         vae.load_state_dict(states["vae"])
+        vae.register_to_config(scaling_factor=states["scaling_factor"])
         unet.load_state_dict(states["unet"])
         text_encoder.load_state_dict(states["text_encoder"])
         report = train_teacher(rank, world, settings, images_u8, token_ids, empty_ids, vae, text_encoder, unet,
@@ -731,7 +735,8 @@ def train_teacher_parallel(workers: int, settings: TrainingSettings, images_u8: 
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1:
         return train_teacher(0, 1, settings, images_u8, token_ids, empty_ids, vae, text_encoder, unet, log)
-    states = {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+    states = {"vae": vae.state_dict(), "scaling_factor": float(vae.config.scaling_factor),
+              "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
               "vocab_size": len(tokenizer),
               "special_ids": (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)}
     with tempfile.TemporaryDirectory(prefix="condistill-teacher-") as tmp:
@@ -751,6 +756,26 @@ def train_teacher_parallel(workers: int, settings: TrainingSettings, images_u8: 
 
 
 # --------------------------------------------------------------------------- saving
+def load_weights_from(folder: str | Path, vae, text_encoder, unet) -> None:
+    """Load a saved teacher folder's weights into freshly built models of the same architecture.
+
+    The VAE's ``scaling_factor`` comes along (it is part of its config, not its weights).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    src_vae = AutoencoderKL.from_pretrained(folder / "vae")
+    for name, model, src in (("vae", vae, src_vae),
+                             ("unet", unet, UNet2DConditionModel.from_pretrained(folder / "unet")),
+                             ("text_encoder", text_encoder, CLIPTextModel.from_pretrained(folder / "text_encoder"))):
+        try:
+            model.load_state_dict(src.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{folder / name} does not match the architecture in its training_config.json: {e}")
+    vae.register_to_config(scaling_factor=src_vae.config.scaling_factor)
+
+
 def save_teacher(output_dir: str | Path, vae, text_encoder, tokenizer, unet, scheduler) -> Path:
     """Save a standard ``StableDiffusionPipeline`` folder (fp32 safetensors, no safety checker)."""
     from diffusers import StableDiffusionPipeline

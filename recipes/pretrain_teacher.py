@@ -15,6 +15,12 @@ The committed ``data/tiny-teacher`` is exactly::
 
     python recipes/pretrain_teacher.py --output-dir data/tiny-teacher
 
+Continue training an existing teacher (its VAE and scaling factor are kept; only the
+UNet and text encoder train further, from their saved weights)::
+
+    python recipes/pretrain_teacher.py --init-from data/tiny-teacher --unet-steps 4000 --lr 5e-4 \
+        --output-dir runs/teacher-continued
+
 Smoke test (seconds)::
 
     python recipes/pretrain_teacher.py --output-dir /tmp/t --vae-steps 2 --unet-steps 2 --num-scenes 16
@@ -60,6 +66,9 @@ class PretrainConfig:
     ema_decay: float = 0.999
     log_every: int = 50
     time_budget_min: float = 0.0
+    # continue from an existing teacher folder: its VAE is kept (vae_steps is ignored), its
+    # UNet and text encoder are the starting point, its architecture is used
+    init_from: str = ""
     architecture: T.TeacherArchitecture = field(default_factory=T.TeacherArchitecture)
 
     def __post_init__(self):
@@ -71,7 +80,18 @@ class PretrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_from:
+            cfg_file = Path(self.init_from) / "training_config.json"
+            if not cfg_file.is_file():
+                raise ValueError(f"init_from {self.init_from!r} is not a teacher folder written by this recipe "
+                                 f"(no training_config.json); pass the folder of a finished run")
+            if Path(self.init_from).resolve() == Path(self.output_dir).resolve():
+                raise ValueError("init_from and output_dir are the same folder; write the continued teacher to a "
+                                 "new --output-dir so the starting weights are not overwritten")
+            self.architecture = T.TeacherArchitecture(**json.loads(cfg_file.read_text())["architecture"])
         for name in ("vae_steps", "unet_steps"):
+            if name == "vae_steps" and self.init_from:
+                continue
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (the saved model must be trained), got {getattr(self, name)}")
         for name in ("vae_lr", "lr"):
@@ -135,6 +155,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
                    help="wall-clock budget of the whole run in minutes: the UNet phase measures its speed over "
                         "its first steps and trains for as many steps (at most --unet-steps) as fit; the "
                         "resolved count is written to training_config.json. 0 = always run --unet-steps")
+    p.add_argument("--init-from", default=d.init_from,
+                   help="teacher folder written by this recipe to continue from: its VAE (and scaling factor) is "
+                        "kept, its UNet and text encoder train for --unet-steps more steps; the architecture "
+                        "flags are ignored")
     p.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps")
     p.add_argument("--unet-channels", default=",".join(map(str, d.architecture.unet_channels)),
                    help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents)")
@@ -153,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
             vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
             unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
             snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every,
-            time_budget_min=a.time_budget_min, architecture=arch,
+            time_budget_min=a.time_budget_min, init_from=a.init_from, architecture=arch,
         )
     except ValueError as e:
         p.error(str(e))
@@ -178,6 +202,9 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     text_encoder = T.build_text_encoder(arch, tokenizer)
     vae = T.build_vae(arch)
     unet = T.build_unet(arch)
+    if cfg.init_from:
+        T.load_weights_from(cfg.init_from, vae=vae, text_encoder=text_encoder, unet=unet)
+        log(f"continuing from {cfg.init_from}: VAE kept, UNet and text encoder train {cfg.unet_steps} more steps")
     scheduler = T.build_scheduler()
     params = {"vae": T.count_parameters(vae), "text_encoder": T.count_parameters(text_encoder),
               "unet": T.count_parameters(unet)}
@@ -187,6 +214,8 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     empty_ids = T.tokenize(tokenizer, [""])[0]
     settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)
                                      if f.name != "unet_deadline"})
+    if cfg.init_from:
+        settings.vae_steps = 0
     if cfg.time_budget_min:
         # keep ~1 minute for the held-out reconstruction check and saving
         settings.unet_deadline = t_start + 60.0 * cfg.time_budget_min - 60.0
@@ -206,9 +235,16 @@ def run(cfg: PretrainConfig, log=print) -> dict:
                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
     }
+    if cfg.init_from:
+        prev = Path(cfg.init_from) / "training_summary.json"
+        if prev.is_file():  # keep the history: total cost = the earlier run(s) + this one
+            summary["continued_from"] = json.loads(prev.read_text())
     resolved = cfg.to_dict()
     resolved["unet_steps"] = report["unet_loss"]["steps"][-1] if report["unet_loss"]["steps"] else cfg.unet_steps
     resolved["unet_steps_requested"] = cfg.unet_steps
+    if cfg.init_from:
+        resolved["vae_steps"] = 0
+        resolved["continued_from"] = json.loads((Path(cfg.init_from) / "training_config.json").read_text())
     (out / "training_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["folder_bytes"] = T.folder_size_bytes(out)

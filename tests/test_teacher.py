@@ -205,3 +205,36 @@ def test_committed_scaling_factor_normalises_latents(committed):
         rec = vae.decode(z / vae.config.scaling_factor).sample
     assert 0.8 < float(z.std()) < 1.25
     assert float((rec.clamp(-1, 1) - T.to_unit_range(images)).abs().mean()) * 127.5 < 10.0
+
+
+def test_recipe_continues_a_saved_teacher(tmp_path):
+    """--init-from keeps the VAE and its scaling factor and trains the UNet further."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--num-scenes", "16", "--log-every", "1", "--workers", "1", "--unet-channels", "16,32,32"]
+    pretrain_teacher.run(pretrain_teacher.parse_args(["--output-dir", str(first), "--vae-steps", "2",
+                                                      "--unet-steps", "1", *small]), log=lambda _: None)
+    lines: list[str] = []
+    summary = pretrain_teacher.run(pretrain_teacher.parse_args(
+        ["--output-dir", str(second), "--init-from", str(first), "--unet-steps", "2", *small[:-2]]),
+        log=lines.append)
+    assert any(line.startswith("continuing from") for line in lines)
+    vae_a, vae_b = AutoencoderKL.from_pretrained(first / "vae"), AutoencoderKL.from_pretrained(second / "vae")
+    assert vae_a.config.scaling_factor == vae_b.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values()))
+    unet_a = UNet2DConditionModel.from_pretrained(first / "unet")
+    unet_b = UNet2DConditionModel.from_pretrained(second / "unet")
+    assert list(unet_b.config.block_out_channels) == list(unet_a.config.block_out_channels) == [16, 32, 32]
+    assert not all(torch.equal(a, b) for a, b in zip(unet_a.state_dict().values(), unet_b.state_dict().values()))
+    resolved = json.loads((second / "training_config.json").read_text())
+    assert resolved["vae_steps"] == 0 and resolved["continued_from"]["unet_steps"] == 1
+    assert summary["continued_from"]["unet_loss"]["steps"] == [1]
+
+
+def test_continuing_refuses_its_own_folder_and_non_teacher_folders(tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain_teacher.parse_args(["--output-dir", str(tmp_path), "--init-from", str(tmp_path)])
+    with pytest.raises(ValueError, match="same folder"):
+        (tmp_path / "training_config.json").write_text(json.dumps({"architecture": {}}))
+        pretrain_teacher.PretrainConfig(output_dir=str(tmp_path), init_from=str(tmp_path))
