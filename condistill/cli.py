@@ -7,7 +7,7 @@ import sys
 
 
 def _eval(args) -> int:
-    from condistill.evaluate import default_rows, evaluate, markdown_table, parse_rows
+    from condistill.evaluate import default_rows, evaluate, markdown_table, parse_rows, skipped_note
 
     if args.row:
         rows = parse_rows(args.row)
@@ -18,8 +18,8 @@ def _eval(args) -> int:
         return 2
     report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
                       seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
-                      cache_dir=args.cache_dir)
-    print(markdown_table(report))
+                      cache_dir=args.cache_dir, log=lambda msg: print(msg, file=sys.stderr))
+    print(markdown_table(report) + skipped_note(report))
     if args.out:
         print(f"wrote {args.out}/results.json, results.md, samples.png", file=sys.stderr)
     else:

@@ -8,7 +8,11 @@ scored with the same metrics:
   against the ground truth (sr), PSNR inside the hole (inpaint);
 - realism: Frechet distance of judge features against the real held-out images;
 - prompt adherence: the judge's background + main-colour accuracy against the prompt;
-- wall-clock seconds per image (sampling and VAE decoding, batch as given).
+- wall-clock seconds per image (sampling and VAE decoding, batch as given);
+- optional, only when their packages and weights are already on the machine (never
+  downloaded; see :mod:`condistill.optional_metrics`): LPIPS against the ground truth (sr,
+  inpaint) and FID on Inception features. Skipped ones are listed with the reason in
+  ``report["skipped_metrics"]`` and under the table in ``results.md``.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -151,14 +156,18 @@ def evaluate(
     grid_count: int = 8,
     device: str = "cpu",
     cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Score every row on ``num_images`` held-out synthetic scenes; optionally write results.
 
     ``condition`` is a condition name or a recorded condition config (taken from the first
     adapter row when omitted there). ``base`` defaults to the base recorded by the first
     adapter row. Writes ``results.json``, ``results.md`` and ``samples.png`` to ``out_dir``.
+    Each unavailable optional metric (LPIPS, FID on Inception features) is reported once
+    through ``log`` (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``.
     """
     from condistill.judge import load_judge
+    from condistill.optional_metrics import OptionalMetrics
 
     adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
     if base is None:
@@ -177,17 +186,20 @@ def evaluate(
     dataset = ConditionDataset(source, cond, base_obj.resolution, seed=seed + 12345)
     data = collate([dataset[i] for i in range(len(dataset))])
     judge = load_judge(judge_path)
-    real_features = judge.features((data["pixel_values"] + 1) / 2)
+    real_images = (data["pixel_values"] + 1) / 2
+    real_features = judge.features(real_images)
+    optional = OptionalMetrics(name, device=device, log=log)
 
     results, samples, students = [], [], {}
     for spec in rows:
         images, latency = _generate(spec, base_obj, data, batch_size, seed, students, cache_dir)
         metrics = score(name, images, data, judge, real_features, cond)
+        metrics.update(optional.score(images, real_images))
         metrics["seconds_per_image"] = latency
         results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
         samples.append(images[:grid_count])
     report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
-              "device": device, "rows": [asdict(r) for r in results]}
+              "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped)}
     if out_dir is not None:
         write_report(report, Path(out_dir), data, samples, [r.name for r in results], grid_count)
     return report
@@ -196,10 +208,12 @@ def evaluate(
 def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a markdown table (fidelity metric first)."""
     fid_key, better = FIDELITY[report["condition"]]
-    keys = [fid_key] + [k for k in ("ssim", "frechet_distance", "prompt_accuracy", "seconds_per_image")
+    keys = [fid_key] + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
+                                    "seconds_per_image")
                         if any(k in r["metrics"] for r in report["rows"])]
     arrows = {fid_key: " (higher better)" if better == "higher" else " (lower better)",
-              "frechet_distance": " (lower)", "prompt_accuracy": " (higher)"}
+              "lpips": " (lower)", "frechet_distance": " (lower)", "fid_inception": " (lower)",
+              "prompt_accuracy": " (higher)"}
     lines = ["| row | sampler | steps | CFG | " + " | ".join(k + arrows.get(k, "") for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]
     for r in report["rows"]:
@@ -211,10 +225,19 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def skipped_note(report: dict) -> str:
+    """One line naming the optional metrics the report skipped and why ("" when none was)."""
+    skipped = report.get("skipped_metrics") or {}
+    if not skipped:
+        return ""
+    return "Skipped metrics: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "\n"
+
+
 def write_report(report: dict, out_dir: Path, data: dict, samples: list, names: list[str], count: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown_table(report))
+    note = skipped_note(report)
+    (out_dir / "results.md").write_text(markdown_table(report) + ("\n" + note if note else ""))
     rows = [[to_pil(c) for c in data["conditioning"][:count]],
             [to_pil((p + 1) / 2) for p in data["pixel_values"][:count]]]
     rows += [[to_pil(x) for x in s] for s in samples]

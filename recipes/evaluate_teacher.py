@@ -40,7 +40,7 @@ class EvalConfig:
     judge: str = "data/judge"
     num_prompts: int = 256
     steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float = 4.0
     batch_size: int = 32
     seed: int = 0
     threads: int = 1

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Sampling latency against the number of steps, measured in one run and reported as ratios.
+
+Seconds per image of sampling plus VAE decoding, timed as ``condistill.evaluate`` times a row
+(condition encoding, sampling, decoding and the copy back to the CPU), for these rows:
+
+* with ``--adapter``: the distilled student at 1, 2 and 4 steps (CoDi sampler, CFG 1) and the
+  same base + adapter at 4 and 50 DDIM steps with classifier-free guidance (``--guidance``,
+  default 4; CFG doubles the batch of every network call);
+* without it: the base's teacher UNet for every row. The CoDi rows are then still run, with the
+  teacher UNet on the CoDi scheduler: their images mean nothing, but their time is what a
+  k-step sampler costs on the base network alone, so the ratios show the pure step-count
+  and CFG saving without the adapter's overhead.
+
+Every row samples the same batch (``--batch-size`` held-out synthetic scenes and captions).
+Each row is first run ``--warmup`` times untimed, then the rows are timed in turn, one batch
+of each per repeat, ``--repeats`` times, so that a change in machine load hits every row alike;
+the median is reported. Speed-up is the 50-step DDIM + CFG row's seconds per image divided by
+the row's. Prints a markdown table; ``--out`` also writes the JSON report.
+
+    python benchmarks/sampling_latency.py --adapter runs/edge --batch-size 8 --repeats 5 --out latency.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from condistill.base import load_base
+from condistill.conditions import condition_from_config, get_condition
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import open_source
+from condistill.export import load_student, read_adapter_config
+from condistill.sampling import sample_images
+from condistill.train import make_model_fn
+
+REFERENCE = "ddim-50-cfg"
+
+
+def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float) -> list[dict]:
+    """The rows: CoDi at each of ``student_steps`` with CFG 1, DDIM at each of ``ddim_steps`` with CFG."""
+    rows = [{"name": f"codi-{k}", "sampler": "codi", "steps": k, "guidance": 1.0} for k in student_steps]
+    rows += [{"name": f"ddim-{k}-cfg", "sampler": "ddim", "steps": k, "guidance": guidance} for k in ddim_steps]
+    return rows
+
+
+def make_runner(base, student, cond: torch.Tensor, prompts: list[str], row: dict, num_grid: int, seed: int):
+    """A function sampling the whole batch once for ``row`` and returning the images on the CPU."""
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        c = cond.to(base.device)
+        if student is None:
+            fn = lambda z, t, e: base.unet(z, t, encoder_hidden_states=e).sample  # noqa: E731
+        else:
+            fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
+        images = sample_images(base, fn, prompts, row["steps"], sampler=row["sampler"], num_grid=num_grid,
+                               guidance_scale=row["guidance"], seed=seed).cpu()
+        if base.device.type == "cuda":
+            torch.cuda.synchronize()
+        return images
+
+    return run
+
+
+def markdown(report: dict) -> str:
+    ref = next(r for r in report["rows"] if r["name"] == report["reference"])
+    lines = [f"| row | model | sampler | steps | CFG | seconds/image | speed-up vs {ref['steps']}-step DDIM+CFG |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | "
+                     f"{r['seconds_per_image']:.4f} | {r['speedup']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_steps(text: str) -> list[int]:
+    steps = [int(s) for s in text.split(",") if s.strip()]
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive step counts, got {text!r}")
+    return steps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=None,
+                   help="diffusers folder or hub id (default: the adapter's recorded base, else data/tiny-teacher)")
+    p.add_argument("--adapter", default=None, help="adapter folder (e.g. runs/edge); without it the teacher UNet runs every row")
+    p.add_argument("--condition", default="edge", help="condition of the held-out batch when no adapter is given")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the DDIM rows")
+    p.add_argument("--student-steps", type=parse_steps, default=[1, 2, 4], help="CoDi rows (CFG 1)")
+    p.add_argument("--ddim-steps", type=parse_steps, default=[4, 50],
+                   help="DDIM + CFG rows; the largest is the speed-up reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    adapter_cfg = read_adapter_config(args.adapter) if args.adapter else None
+    base_name = args.base or (adapter_cfg["base_name_or_path"] if adapter_cfg else "data/tiny-teacher")
+    base = load_base(base_name, device=args.device)
+    if adapter_cfg:
+        cond = condition_from_config(adapter_cfg["condition_config"])
+        student = load_student(args.adapter, base).to(base.device).eval()
+        num_grid = adapter_cfg["num_grid"]
+    else:
+        cond, student, num_grid = get_condition(args.condition), None, 50
+    source = open_source(f"synthetic:heldout:{args.batch_size}", resolution=base.resolution)
+    dataset = ConditionDataset(source, cond, base.resolution, seed=args.seed + 12345)
+    data = collate([dataset[i] for i in range(len(dataset))])
+
+    model = "adapter" if student is not None else "teacher"
+    rows = row_specs(args.student_steps, args.ddim_steps, args.guidance)
+    reference = f"ddim-{max(args.ddim_steps)}-cfg"
+    runners = [make_runner(base, student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
+               for row in rows]
+    for run in runners:
+        for _ in range(args.warmup):
+            run()
+    times = [[] for _ in rows]
+    for _ in range(args.repeats):
+        for run, ts in zip(runners, times):
+            t0 = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t0)
+
+    results = []
+    for row, ts in zip(rows, times):
+        results.append({**row, "model": model, "seconds_per_image": statistics.median(ts) / args.batch_size,
+                        "seconds_per_batch_all": ts})
+    ref_spi = next(r for r in results if r["name"] == reference)["seconds_per_image"]
+    for r in results:
+        r["speedup"] = ref_spi / max(r["seconds_per_image"], 1e-12)
+    report = {"device": str(base.device), "base": str(base_name), "adapter": args.adapter, "batch_size": args.batch_size,
+              "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+              "num_grid": num_grid, "reference": reference, "rows": results}
+    print(markdown(report), end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
