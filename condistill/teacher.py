@@ -272,6 +272,35 @@ def build_unet(arch: TeacherArchitecture):
     )
 
 
+def with_cross_attention_everywhere(unet, arch: "TeacherArchitecture"):
+    """The same function as ``unet`` in a UNet with cross-attention at every level.
+
+    diffusers adds T2I-Adapter features *after* a plain ``DownBlock2D``'s downsampler but
+    *before* a ``CrossAttnDownBlock2D``'s, so a UNet whose first down block has no
+    cross-attention takes features at a layout no stock ``T2IAdapter`` produces (Stable
+    Diffusion has cross-attention in its first three down blocks, like the result here).
+    The new attention layers get a zero output projection, so every output is unchanged
+    (up to float rounding) and training can take them from there. Returns ``(unet, arch)``.
+    """
+    import dataclasses
+
+    import torch.nn as nn
+
+    new_arch = dataclasses.replace(arch, unet_cross_attention=(True,) * len(arch.unet_channels))
+    new = build_unet(new_arch)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(".attentions." not in k for k in missing):
+        raise ValueError(f"cannot move these weights into the all-cross-attention layout: missing {missing}, "
+                         f"unexpected {unexpected}")
+    added = {k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0] for k in missing}
+    with torch.no_grad():
+        for prefix in added:
+            proj_out = new.get_submodule(prefix + ".proj_out")
+            nn.init.zeros_(proj_out.weight)
+            nn.init.zeros_(proj_out.bias)
+    return new.eval(), new_arch
+
+
 def build_scheduler():
     """The SD 1.5 scheduler folder: PNDM with the scaled_linear schedule, epsilon prediction."""
     from diffusers import PNDMScheduler

@@ -69,6 +69,9 @@ class PretrainConfig:
     # continue from an existing teacher folder: its VAE is kept (vae_steps is ignored), its
     # UNet and text encoder are the starting point, its architecture is used
     init_from: str = ""
+    # with init_from: move the weights into a UNet with cross-attention at every level (new
+    # attention layers start as exact no-ops), the layout stock T2I-Adapters need
+    cross_attention_everywhere: bool = False
     architecture: T.TeacherArchitecture = field(default_factory=T.TeacherArchitecture)
 
     def __post_init__(self):
@@ -89,9 +92,13 @@ class PretrainConfig:
                 raise ValueError("init_from and output_dir are the same folder; write the continued teacher to a "
                                  "new --output-dir so the starting weights are not overwritten")
             self.architecture = T.TeacherArchitecture(**json.loads(cfg_file.read_text())["architecture"])
+        if self.cross_attention_everywhere and not self.init_from:
+            raise ValueError("cross_attention_everywhere converts a saved teacher: pass init_from too")
         for name in ("vae_steps", "unet_steps"):
-            if name == "vae_steps" and self.init_from:
+            if self.init_from and name == "vae_steps":
                 continue
+            if self.init_from and name == "unet_steps" and self.unet_steps == 0:
+                continue  # a pure conversion/copy of the saved teacher
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (the saved model must be trained), got {getattr(self, name)}")
         for name in ("vae_lr", "lr"):
@@ -158,7 +165,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--init-from", default=d.init_from,
                    help="teacher folder written by this recipe to continue from: its VAE (and scaling factor) is "
                         "kept, its UNet and text encoder train for --unet-steps more steps; the architecture "
-                        "flags are ignored")
+                        "flags are ignored; --unet-steps 0 only copies (or converts) it")
+    p.add_argument("--cross-attention-everywhere", action="store_true",
+                   help="with --init-from: move the weights into a UNet with cross-attention at every level (the "
+                        "added layers start as exact no-ops), the layout stock T2I-Adapters can feed")
     p.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps")
     p.add_argument("--unet-channels", default=",".join(map(str, d.architecture.unet_channels)),
                    help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents)")
@@ -177,7 +187,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
             vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
             unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
             snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every,
-            time_budget_min=a.time_budget_min, init_from=a.init_from, architecture=arch,
+            time_budget_min=a.time_budget_min, init_from=a.init_from,
+            cross_attention_everywhere=a.cross_attention_everywhere, architecture=arch,
         )
     except ValueError as e:
         p.error(str(e))
@@ -205,11 +216,15 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     if cfg.init_from:
         T.load_weights_from(cfg.init_from, vae=vae, text_encoder=text_encoder, unet=unet)
         log(f"continuing from {cfg.init_from}: VAE kept, UNet and text encoder train {cfg.unet_steps} more steps")
+        if cfg.cross_attention_everywhere:
+            unet, arch = T.with_cross_attention_everywhere(unet, arch)
+            cfg.architecture = arch
+            log(f"UNet now has cross-attention at every level ({T.count_parameters(unet)} parameters)")
     scheduler = T.build_scheduler()
+
     params = {"vae": T.count_parameters(vae), "text_encoder": T.count_parameters(text_encoder),
               "unet": T.count_parameters(unet)}
     log(f"parameters: {params}")
-
     token_ids = T.tokenize(tokenizer, captions)
     empty_ids = T.tokenize(tokenizer, [""])[0]
     settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)

@@ -182,7 +182,8 @@ def test_committed_teacher_layout_and_size(committed):
     summary = json.loads((committed / "training_summary.json").read_text())
     assert 2e6 <= summary["parameters"]["unet"] <= 5e6
     # the recorded latent statistics justify the scaling factor: scaled latents have unit std
-    assert summary["latents"]["std"] * vae_cfg["scaling_factor"] == pytest.approx(1.0)
+    # (a continued teacher keeps its scaling factor and re-measures the std: equal to float rounding)
+    assert summary["latents"]["std"] * vae_cfg["scaling_factor"] == pytest.approx(1.0, rel=1e-4)
 
 
 def test_committed_tokenizer_matches_builder(committed):
@@ -238,3 +239,30 @@ def test_continuing_refuses_its_own_folder_and_non_teacher_folders(tmp_path):
     with pytest.raises(ValueError, match="same folder"):
         (tmp_path / "training_config.json").write_text(json.dumps({"architecture": {}}))
         pretrain_teacher.PretrainConfig(output_dir=str(tmp_path), init_from=str(tmp_path))
+
+
+def test_cross_attention_everywhere_keeps_the_function_and_fits_a_t2i_adapter():
+    from condistill.adapters.t2i_adapter import t2i_adapter_fits
+
+    torch.manual_seed(0)
+    arch = T.TeacherArchitecture(text_hidden=16, text_heads=2, text_intermediate=32, text_layers=1,
+                                 unet_channels=(8, 16, 16), unet_heads=2, unet_norm_groups=8,
+                                 unet_cross_attention=(False, True, True))
+    unet = T.build_unet(arch).eval()
+    for p in unet.parameters():  # non-trivial weights everywhere
+        p.data.add_(0.05 * torch.randn_like(p))
+    assert not t2i_adapter_fits(unet, "full_adapter")[0]  # the layout diffusers cannot feed
+    new, new_arch = T.with_cross_attention_everywhere(unet, arch)
+    assert new_arch.unet_cross_attention == (True, True, True)
+    assert set(new.config.down_block_types) == {"CrossAttnDownBlock2D"}
+    assert t2i_adapter_fits(new, "full_adapter")[0]
+    z, e, t = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.allclose(unet(z, t, e).sample, new(z, t, e).sample, atol=1e-6)
+    # the added layers are live: they train from their zero projection
+    assert any(p.requires_grad for n, p in new.named_parameters() if "down_blocks.0.attentions" in n)
+
+
+def test_cross_attention_everywhere_needs_a_teacher_to_convert(tmp_path):
+    with pytest.raises(ValueError, match="pass init_from"):
+        pretrain_teacher.PretrainConfig(output_dir=str(tmp_path), cross_attention_everywhere=True)
