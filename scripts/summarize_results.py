@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Print the summary tables of docs/results.md from the committed results JSON.
+
+Reads ``docs/results/<condition>-<adapter>/results.json`` (written by ``condistill eval`` in
+``scripts/reproduce_results.sh``) and prints, as markdown:
+
+1. the project's targets per (condition, adapter): the 4-step student against the teacher
+   (and bicubic for sr), against the conventionally trained adapter sampled with 50 DDIM steps
+   + CFG (fidelity, Frechet distance within 10%, speed-up at least 20x);
+2. every row of every evaluation.
+
+    python scripts/summarize_results.py [docs/results]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from condistill.evaluate import FIDELITY, markdown_table  # noqa: E402
+
+ORDER = ["edge-controlnet", "depth-controlnet", "sr-controlnet", "inpaint-controlnet",
+         "edge-t2i_adapter", "sr-t2i_adapter", "edge-lora", "sr-lora"]
+
+
+def _rows(report: dict) -> dict:
+    return {r["name"]: r["metrics"] for r in report["rows"]}
+
+
+def teacher_target(condition: str, rows: dict) -> tuple[str, bool | None]:
+    """The distillation target of the condition (issue text) and whether student-4 meets it."""
+    s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
+    if s is None or t is None:
+        return "-", None
+    if condition == "edge":
+        return f"F1 >= 2 x teacher ({2 * t['edge_f1']:.3f})", s["edge_f1"] >= 2 * t["edge_f1"]
+    if condition == "depth":
+        return f"error <= teacher / 2 ({t['depth_error'] / 2:.3f})", s["depth_error"] <= t["depth_error"] / 2
+    if condition == "sr":
+        b = rows.get("bicubic")
+        if b is None:
+            return "-", None
+        ok = s["psnr"] >= b["psnr"] - 1 and s["frechet_distance"] < b["frechet_distance"]
+        return f"PSNR >= bicubic - 1 ({b['psnr'] - 1:.2f}) and FD < bicubic ({b['frechet_distance']:.1f})", ok
+    if condition == "inpaint":
+        return f"hole PSNR >= teacher + 3 ({t['masked_psnr'] + 3:.2f})", s["masked_psnr"] >= t["masked_psnr"] + 3
+    raise ValueError(condition)
+
+
+def baseline_targets(condition: str, rows: dict) -> tuple[bool | None, float | None, float | None]:
+    """(fidelity >= 50-step baseline, FD ratio, speed-up) of student-4 vs baseline-ddim-50."""
+    s, b = rows.get("student-4"), rows.get("baseline-ddim-50")
+    if s is None or b is None:
+        return None, None, None
+    key, better = FIDELITY[condition]
+    fid_ok = s[key] >= b[key] if better == "higher" else s[key] <= b[key]
+    return fid_ok, s["frechet_distance"] / b["frechet_distance"], b["seconds_per_image"] / s["seconds_per_image"]
+
+
+def _yes(v: bool | None) -> str:
+    return "-" if v is None else ("**yes**" if v else "no")
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[0]) if argv else Path("docs/results")
+    found = [n for n in ORDER if (root / n / "results.json").is_file()]
+    if not found:
+        print(f"no results.json under {root}/<condition>-<adapter>/; run scripts/reproduce_results.sh", file=sys.stderr)
+        return 1
+    reports = {n: json.loads((root / n / "results.json").read_text()) for n in found}
+
+    print("| condition | adapter | fidelity metric | student-4 | baseline 50 DDIM + CFG | teacher | "
+          "target vs teacher | met | fidelity >= baseline | FD student / baseline | speed-up vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in found:
+        rep = reports[name]
+        cond = rep["condition"]
+        adapter = name[len(cond) + 1:]
+        rows = _rows(rep)
+        key, _ = FIDELITY[cond]
+        target, met = teacher_target(cond, rows)
+        fid_ok, fd_ratio, speed = baseline_targets(cond, rows)
+
+        def val(row: str) -> str:
+            return f"{rows[row][key]:.3f}" if row in rows else "-"
+
+        print(f"| {cond} | {adapter} | {key} | {val('student-4')} | {val('baseline-ddim-50')} | "
+              f"{val('teacher-ddim-50')} | {target} | {_yes(met)} | {_yes(fid_ok)} | "
+              f"{'-' if fd_ratio is None else f'{fd_ratio:.2f}'} | {'-' if speed is None else f'{speed:.1f}x'} |")
+    for name in found:
+        print(f"\n### {name}\n")
+        print(markdown_table(reports[name]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
