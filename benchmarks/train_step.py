@@ -2,8 +2,10 @@
 """Time and memory of one distillation step against one conventional adapter step.
 
 Both steps use the same base, adapter, batch and device; each is warmed up, then timed over
-``--steps`` optimizer steps. On CUDA the peak allocated memory of each step is reported; on
-the CPU the peak resident-set growth of the process while running each.
+``--steps`` optimizer steps. On CUDA the peak allocated memory of each step is reported. On
+the CPU each kind of step runs in its own fresh Python process (the script re-runs itself with
+``--only``) and the peak resident set of that whole process is reported: a process's maximum
+RSS only grows, so one process running both steps could not tell them apart.
 
     python benchmarks/train_step.py --adapter controlnet --batch-size 32 --steps 10
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -65,8 +69,18 @@ def run(loss: str, args, base, batch) -> dict:
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         out["peak_rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return out
+
+
+def _in_fresh_process(loss: str) -> dict:
+    """Re-run this script for one kind of step only and read its JSON line."""
+    argv = [a for a in sys.argv[1:]]
+    res = subprocess.run([sys.executable, __file__, *argv, "--only", loss], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"the {loss} benchmark process failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -81,7 +95,18 @@ def main():
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--only", choices=["diffusion", "codi"], default=None,
+                   help="run one kind of step and print its figures as one JSON line (used on the CPU)")
     args = p.parse_args()
+    if args.device == "cpu" and args.only is None:
+        conventional, codi = _in_fresh_process("diffusion"), _in_fresh_process("codi")
+        report = {"device": "cpu", "adapter": args.adapter, "batch_size": args.batch_size,
+                  "mixed_precision": args.mixed_precision, "separate_processes": True,
+                  "conventional": conventional, "codi": codi,
+                  "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"],
+                  "memory_ratio": codi["peak_rss_mib"] / conventional["peak_rss_mib"]}
+        print(json.dumps(report, indent=2))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args.base, device=args.device, dtype=DTYPES[args.mixed_precision])
@@ -89,6 +114,9 @@ def main():
     ds = ConditionDataset(open_source(f"synthetic:train:{args.batch_size}", resolution=base.resolution), cond,
                           base.resolution)
     batch = collate([ds[i] for i in range(args.batch_size)])
+    if args.only:
+        print(json.dumps(run(args.only, args, base, batch)))
+        return
     # the conventional step runs first so the distillation step cannot benefit from its warm caches
     conventional = run("diffusion", args, base, batch)
     codi = run("codi", args, base, batch)
