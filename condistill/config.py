@@ -55,6 +55,10 @@ class DistillConfig:
     ode_source: str = _h("one-step ODE predictor: ema (EMA conditional student) or teacher (frozen, no adapter)", default="ema")
     guidance_min: float = _h("CFG-aware distillation: lowest guidance scale w drawn per sample (1 = off)", default=1.0)
     guidance_max: float = _h("CFG-aware distillation: highest guidance scale w drawn per sample", default=1.0)
+    guidance_branches: str = _h("where the drawn w is applied: all (online, target and ODE; the student then samples "
+                                "with CFG at w, the paper's CFG-aware distillation) or ode (only the one-step ODE "
+                                "solver; the student learns the guided trajectory and samples without CFG, at the "
+                                "cost of one unguided model call per step)", default="all")
     caption_dropout: float = _h("probability of training on an empty caption", default=0.1)
     resolution: int = _h("training resolution in pixels (0 = the base's native resolution)", default=0)
     mixed_precision: str = _h("no, fp16 or bf16 (GPU); the frozen base runs in that dtype", default="no")
@@ -107,6 +111,8 @@ class DistillConfig:
             p.append(f"distance={self.distance!r}: choose l2 or huber")
         if self.ode_source not in ("ema", "teacher"):
             p.append(f"ode_source={self.ode_source!r}: choose ema or teacher")
+        if self.guidance_branches not in ("all", "ode"):
+            p.append(f"guidance_branches={self.guidance_branches!r}: choose all or ode")
         if not 1.0 <= self.guidance_min <= self.guidance_max:
             p.append(f"guidance range [{self.guidance_min}, {self.guidance_max}]: need 1 <= guidance_min <= guidance_max")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -124,6 +130,13 @@ class DistillConfig:
     @property
     def guidance_enabled(self) -> bool:
         return self.guidance_max > 1.0
+
+    @property
+    def sampling_guidance(self) -> float:
+        """The guidance scale the trained student should sample with (recorded in its config)."""
+        if not self.guidance_enabled or self.guidance_branches == "ode":
+            return 1.0
+        return (self.guidance_min + self.guidance_max) / 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

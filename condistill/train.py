@@ -110,10 +110,14 @@ def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, al
         loss = diffusion_loss(lambda z, tt: online(z, tt, emb), z0, noise, t, alphas, base.prediction_type)
         return loss, {}
 
-    def ema_fn(z, t):
+    # guidance_branches="ode": only the ODE solver is guided, so the student learns to land on
+    # the guided trajectory by itself and samples without CFG (like guided LCM distillation)
+    w_student = None if cfg.guidance_branches == "ode" else w
+
+    def ema_fn(z, t, scale=w_student):
         with ema.swapped_in(student), torch.no_grad():
             f = make_model_fn(student, student.encode_condition(cond), b)
-            return guided_output(f, z, t, emb, uncond, w)
+            return guided_output(f, z, t, emb, uncond, scale)
 
     def teacher_fn(z, t):
         with torch.no_grad():
@@ -121,8 +125,8 @@ def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, al
 
     k = sample_grid_index(b, cfg.num_grid, g).to(device)
     return codi_loss(
-        lambda z, t: guided_output(online, z, t, emb, uncond, w), ema_fn,
-        ema_fn if cfg.ode_source == "ema" else teacher_fn,
+        lambda z, t: guided_output(online, z, t, emb, uncond, w_student), ema_fn,
+        (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
         z0, noise, k, grid, alphas, base.prediction_type,
         distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
     )
@@ -227,7 +231,7 @@ def distill(cfg: DistillConfig) -> Path:
             save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
                          condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
                          prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
-                         recommended_guidance=1.0 if not cfg.guidance_enabled else (cfg.guidance_min + cfg.guidance_max) / 2,
+                         recommended_guidance=cfg.sampling_guidance,
                          resolution=resolution, noise_schedule=base.noise_schedule_config(),
                          extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
@@ -254,6 +258,7 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
         features = student.encode_condition(cond)
         fn = make_model_fn(student, features, cond.shape[0])
         for steps in (1, 2, 4):
-            rows.append(sample_images(base, fn, batch["caption"], steps, num_grid=cfg.num_grid, seed=cfg.seed))
+            rows.append(sample_images(base, fn, batch["caption"], steps, num_grid=cfg.num_grid, seed=cfg.seed,
+                                        guidance_scale=cfg.sampling_guidance))
     student.train()
     return save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch, rows, ["1 step", "2 steps", "4 steps"])

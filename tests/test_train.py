@@ -83,3 +83,45 @@ def test_batches_depend_only_on_the_step():
     assert list(a)[3:] == list(b)
     epoch0 = sum((a.batch(m) for m in range(5)), [])[:10]
     assert sorted(epoch0) == list(range(10))
+
+
+@pytest.mark.parametrize("branches, guided_calls", [("all", 3), ("ode", 1)])
+def test_guidance_branches_choose_which_calls_are_guided(tiny_base, branches, guided_calls):
+    """CFG-aware distillation doubles every model call; guidance_branches="ode" only the ODE solver's."""
+    from condistill.base import load_base
+    from condistill.conditions import get_condition
+    from condistill.data.dataset import ConditionDataset, collate
+    from condistill.data.sources import open_source
+    from condistill.adapters import build_student
+    from condistill.ema import EMA
+    from condistill.schedule import skip_grid
+    from condistill.train import training_loss
+
+    cfg = _cfg(tiny_base, "unused", guidance_min=2.0, guidance_max=3.0, guidance_branches=branches)
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student("controlnet", base, condition.channels)
+    ema = EMA(student.trainable_named_parameters())
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    batch = collate([dataset[i] for i in range(4)])
+    sizes = []
+    forward = student.forward
+
+    def spy(z, *args, **kwargs):
+        sizes.append(z.shape[0])
+        return forward(z, *args, **kwargs)
+
+    student.forward = spy
+    loss, _ = training_loss(cfg, student, student, ema, base, batch, skip_grid(base.num_train_timesteps, 50),
+                            base.alphas_cumprod, base.encode_prompts([""]), 0)
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    assert len(sizes) == 3 and sizes.count(8) == guided_calls and sizes.count(4) == 3 - guided_calls
+    # the ODE solver runs first and is guided in both modes
+    assert sizes[0] == 8
+    expected = 1.0 if branches == "ode" else 2.5
+    assert cfg.sampling_guidance == expected
+
+
+def test_guidance_branches_is_validated():
+    with pytest.raises(ConfigError, match="guidance_branches='online'"):
+        DistillConfig(guidance_branches="online")
