@@ -231,3 +231,63 @@ def test_recipe_config_validation():
         recipe.TrainJudgeConfig(train_scenes=10, batch_size=64)
     with pytest.raises(ValueError, match="save_dtype"):
         recipe.TrainJudgeConfig(save_dtype="int8")
+
+
+def _tiny_judge_folder(path):
+    torch.manual_seed(0)
+    net = JudgeNet(JudgeConfig(widths=(8, 8, 16, 16), decoder_widths=(8, 8, 8, 8), reduce_channels=4,
+                               feature_dim=32)).eval()
+    save_judge(net, path)
+    return net
+
+
+def test_depth_net_is_used_when_present_and_leaves_features_alone(tmp_path):
+    from condistill.judge import DepthNet, DepthNetConfig, save_depth_net
+
+    net = _tiny_judge_folder(tmp_path / "j")
+    assert load_judge(tmp_path / "j").depth_source == "judge_head"
+    depth_net = DepthNet(DepthNetConfig(widths=(4, 8, 8, 8))).eval()
+    with torch.no_grad():
+        depth_net.out.bias.fill_(3.0)  # a recognisable output: sigmoid(3 + ...) is near 0.95
+    save_depth_net(depth_net, tmp_path / "j")
+    loaded = load_judge(tmp_path / "j")
+    assert loaded.depth_source == "depth_net"
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        ref, want = net(x), depth_net(x)
+    assert torch.allclose(loaded.features(x), ref["features"], atol=1e-6)
+    assert torch.allclose(loaded.depth(x), want, atol=1e-6)
+    assert not torch.allclose(loaded.depth(x), ref["depth"], atol=1e-2)
+    assert loaded.depth(torch.rand(2, 3, 32, 32)).shape == (2, 32, 32)
+
+
+def test_depth_net_half_present_or_mismatched_is_refused(tmp_path):
+    from condistill.judge import DEPTH_CONFIG_NAME, DEPTH_WEIGHTS_NAME, DepthNet, DepthNetConfig, save_depth_net
+
+    _tiny_judge_folder(tmp_path / "j")
+    save_depth_net(DepthNet(DepthNetConfig(widths=(4, 8, 8, 8))), tmp_path / "j")
+    config = json.loads((tmp_path / "j" / DEPTH_CONFIG_NAME).read_text())
+    config["architecture"]["widths"] = [4, 8, 8, 16]
+    (tmp_path / "j" / DEPTH_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match"):
+        load_judge(tmp_path / "j")
+    (tmp_path / "j" / DEPTH_WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="train_depth_judge.py"):
+        load_judge(tmp_path / "j")
+
+
+def test_depth_recipe_smoke_mode(tmp_path):
+    out = tmp_path / "judge"
+    _tiny_judge_folder(out)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "train_depth_judge.py"), "--smoke", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "depth_net.json").read_text())
+    errors = info["heldout_depth_error"]
+    assert errors["scenes"] == 8 and 0 < errors["depth_net"] < 1 and 0 < errors["judge_head"] < 1
+    assert load_judge(out).depth_source == "depth_net"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_depth_judge.py"), "--smoke",
+                           "--output-dir", str(tmp_path / "empty")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "holds no judge" in proc.stderr
