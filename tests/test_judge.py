@@ -291,3 +291,11 @@ def test_depth_recipe_smoke_mode(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_depth_judge.py"), "--smoke",
                            "--output-dir", str(tmp_path / "empty")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "holds no judge" in proc.stderr
+
+
+def test_committed_depth_net_is_small_sharper_than_the_head_and_loaded(judge):
+    folder = ROOT / "data" / "judge"
+    assert (folder / "depth_net.safetensors").stat().st_size < 5 * 1024 * 1024
+    errors = json.loads((folder / "depth_net.json").read_text())["heldout_depth_error"]
+    assert errors["scenes"] == 1000 and errors["depth_net"] < errors["judge_head"] / 2
+    assert judge.depth_source == "depth_net"
