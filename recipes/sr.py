@@ -13,7 +13,7 @@ from condistill.recipe import recipe_main
 PRESETS = {
     "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (1600 steps, about 1 s each on one core; see docs/results.md)", output_dir="runs/sr",
                      batch_size=16, max_steps=1600, learning_rate=1e-3, ema_decay=0.9, checkpoint_every=100,
-                     validate_every=100, threads=1),
+                     validate_every=100, threads=0),
     "sd15-gpu": dict(_help="SD 1.5 on one GPU", base="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512, batch_size=8, learning_rate=1e-5, ema_decay=0.999, max_steps=10000, mixed_precision="fp16", gradient_checkpointing=True, checkpoint_every=1000, validate_every=500),
 }
 
