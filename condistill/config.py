@@ -48,6 +48,9 @@ class DistillConfig:
     weight_decay: float = _h("AdamW weight decay", default=0.0)
     max_grad_norm: float = _h("gradient clipping norm (0 disables)", default=1.0)
     ema_decay: float = _h("EMA decay of the adapter weights used by the target and ODE branches", default=0.95)
+    ema_decay_late: float = _h("EMA decay from step ema_late_from on (0 = keep ema_decay): a slower EMA late in "
+                               "training averages the exported weights over more steps", default=0.0)
+    ema_late_from: int = _h("optimizer step at which ema_decay_late takes over", default=0)
     num_grid: int = _h("N, the points of the skip grid shared by training and sampling", default=50)
     regression_weight: float = _h("lambda of the conditional regression term ||F - z0||^2", default=1.0)
     distance: str = _h("consistency distance: l2 or huber (pseudo-Huber)", default="l2")
@@ -103,6 +106,11 @@ class DistillConfig:
             p.append(f"learning_rate={self.learning_rate}: must be positive")
         if not 0.0 <= self.ema_decay < 1.0:
             p.append(f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        if not 0.0 <= self.ema_decay_late < 1.0:
+            p.append(f"ema_decay_late={self.ema_decay_late}: must be in [0, 1) (0 keeps ema_decay)")
+        if self.ema_late_from < 0 or (self.ema_decay_late and not 0 < self.ema_late_from < self.max_steps):
+            p.append(f"ema_late_from={self.ema_late_from}: with ema_decay_late set it must lie between 1 and "
+                     f"max_steps - 1 ({self.max_steps - 1})")
         if not 2 <= self.num_grid <= 1000:
             p.append(f"num_grid={self.num_grid}: must be between 2 and the teacher's 1000 training steps")
         if self.regression_weight < 0:
@@ -126,6 +134,12 @@ class DistillConfig:
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")
         return p
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay applied after optimizer step ``step`` (0-based)."""
+        if self.ema_decay_late and step >= self.ema_late_from:
+            return self.ema_decay_late
+        return self.ema_decay
 
     @property
     def guidance_enabled(self) -> bool:

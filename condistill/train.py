@@ -200,7 +200,7 @@ def distill(cfg: DistillConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             seen += batch["pixel_values"].shape[0]
         lr_scheduler.step()
-        ema.update(params, cfg.ema_decay)
+        ema.update(params, cfg.ema_decay_at(step))
         done = step + 1
         if not math.isfinite(loss.mean().item()):
             raise FloatingPointError(f"loss became {loss.mean().item()} at step {done}; lower --learning-rate "

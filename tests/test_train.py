@@ -125,3 +125,28 @@ def test_guidance_branches_choose_which_calls_are_guided(tiny_base, branches, gu
 def test_guidance_branches_is_validated():
     with pytest.raises(ConfigError, match="guidance_branches='online'"):
         DistillConfig(guidance_branches="online")
+
+
+def test_late_ema_decay_equals_resuming_with_a_slower_ema(tiny_base, tmp_path):
+    """ema_decay_late from step K is the same run as stopping at K and resuming with --ema-decay late."""
+    one = distill(_cfg(tiny_base, tmp_path / "one", max_steps=4, ema_decay=0.5, ema_decay_late=0.9, ema_late_from=2))
+    two = tmp_path / "two"
+    distill(_cfg(tiny_base, two, max_steps=2, ema_decay=0.5))
+    distill(_cfg(tiny_base, two, max_steps=4, ema_decay=0.9, resume="latest"))
+    plain = distill(_cfg(tiny_base, tmp_path / "plain", max_steps=4, ema_decay=0.5))
+    a = load_file(str(one / "checkpoints/step-0000004/ema.safetensors"))
+    b = load_file(str(two / "checkpoints/step-0000004/ema.safetensors"))
+    c = load_file(str(plain / "checkpoints/step-0000004/ema.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_ema_decay_at_and_its_validation():
+    cfg = DistillConfig(max_steps=10, ema_decay=0.9, ema_decay_late=0.99, ema_late_from=6)
+    assert [cfg.ema_decay_at(s) for s in (0, 5, 6, 9)] == [0.9, 0.9, 0.99, 0.99]
+    assert DistillConfig(max_steps=10, ema_decay=0.9).ema_decay_at(9) == 0.9
+    with pytest.raises(ConfigError, match="ema_late_from=10"):
+        DistillConfig(max_steps=10, ema_decay_late=0.99, ema_late_from=10)
+    with pytest.raises(ConfigError, match="ema_decay_late=1.0"):
+        DistillConfig(ema_decay_late=1.0, ema_late_from=1)
