@@ -108,9 +108,9 @@ class DistillConfig:
             p.append(f"ema_decay={self.ema_decay}: must be in [0, 1)")
         if not 0.0 <= self.ema_decay_late < 1.0:
             p.append(f"ema_decay_late={self.ema_decay_late}: must be in [0, 1) (0 keeps ema_decay)")
-        if self.ema_late_from < 0 or (self.ema_decay_late and not 0 < self.ema_late_from < self.max_steps):
-            p.append(f"ema_late_from={self.ema_late_from}: with ema_decay_late set it must lie between 1 and "
-                     f"max_steps - 1 ({self.max_steps - 1})")
+        if self.ema_late_from < 0 or (self.ema_decay_late and self.ema_late_from < 1):
+            p.append(f"ema_late_from={self.ema_late_from}: with ema_decay_late set it must be a step >= 1 "
+                     "(a step at or past max_steps leaves ema_decay in force for the whole run)")
         if not 2 <= self.num_grid <= 1000:
             p.append(f"num_grid={self.num_grid}: must be between 2 and the teacher's 1000 training steps")
         if self.regression_weight < 0:

@@ -20,7 +20,7 @@ JOBS=${JOBS:-3}
 NUM_IMAGES=${NUM_IMAGES:-64}
 GUIDANCE=${GUIDANCE:-4}
 # condition:adapter[:steps]; without steps the recipe preset's length is used (edge 700,
-# depth 400, sr 1600, inpaint 1000). The sr T2I-Adapter and LoRA rows were measured at 400.
+# depth 400, sr 2400, inpaint 1000). The sr T2I-Adapter and LoRA rows were measured at 400.
 PAIRS=${PAIRS:-"edge:controlnet edge:t2i_adapter edge:lora depth:controlnet sr:controlnet inpaint:controlnet sr:t2i_adapter:400 sr:lora:400"}
 
 train_jobs() {

@@ -146,7 +146,8 @@ def test_ema_decay_at_and_its_validation():
     cfg = DistillConfig(max_steps=10, ema_decay=0.9, ema_decay_late=0.99, ema_late_from=6)
     assert [cfg.ema_decay_at(s) for s in (0, 5, 6, 9)] == [0.9, 0.9, 0.99, 0.99]
     assert DistillConfig(max_steps=10, ema_decay=0.9).ema_decay_at(9) == 0.9
-    with pytest.raises(ConfigError, match="ema_late_from=10"):
-        DistillConfig(max_steps=10, ema_decay_late=0.99, ema_late_from=10)
+    assert DistillConfig(max_steps=10, ema_decay=0.9, ema_decay_late=0.99, ema_late_from=10).ema_decay_at(9) == 0.9
+    with pytest.raises(ConfigError, match="ema_late_from=0"):
+        DistillConfig(max_steps=10, ema_decay_late=0.99, ema_late_from=0)
     with pytest.raises(ConfigError, match="ema_decay_late=1.0"):
         DistillConfig(ema_decay_late=1.0, ema_late_from=1)
