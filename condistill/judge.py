@@ -344,32 +344,26 @@ class Judge:
         return self.config.feature_dim
 
     @torch.no_grad()
-    def _run(self, images, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    def _batched(self, images, net: nn.Module, resolution: int) -> tuple[list, tuple[int, int]]:
+        """``net`` applied batch by batch at ``resolution`` (resized when needed); the outputs and the input size."""
         x = images_to_tensor(images)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        R = self.config.resolution
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        for start in range(0, x.shape[0], self.batch_size):
-            xb = x[start:start + self.batch_size].to(self.device)
-            if size != (R, R):
-                xb = F.interpolate(xb, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
-            out = self.net(xb)
-            for k in keys:
-                outs[k].append(out[k].float().cpu())
-        return {k: torch.cat(v) for k, v in outs.items()}, size
-
-    @torch.no_grad()
-    def _run_depth_net(self, images) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = images_to_tensor(images)
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        R = self.depth_net.config.resolution
         outs = []
         for start in range(0, x.shape[0], self.batch_size):
             xb = x[start:start + self.batch_size].to(self.device)
-            if size != (R, R):
-                xb = F.interpolate(xb, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
-            outs.append(self.depth_net(xb).float().cpu())
-        return torch.cat(outs), size
+            if size != (resolution, resolution):
+                xb = F.interpolate(xb, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                                   antialias=True)
+            outs.append(net(xb))
+        return outs, size
+
+    def _run(self, images, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        outs, size = self._batched(images, self.net, self.config.resolution)
+        return {k: torch.cat([o[k].float().cpu() for o in outs]) for k in keys}, size
+
+    def _run_depth_net(self, images) -> tuple[torch.Tensor, tuple[int, int]]:
+        outs, size = self._batched(images, self.depth_net, self.depth_net.config.resolution)
+        return torch.cat([o.float().cpu() for o in outs]), size
 
     def logits(self, images) -> dict[str, torch.Tensor]:
         """Raw logits per attribute, ``{attr: [N, K]}``."""
