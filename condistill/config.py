@@ -75,6 +75,9 @@ class DistillConfig:
     num_workers: int = _h("data-loader worker processes", default=0)
     threads: int = _h("CPU threads for torch (0 = torch's default)", default=0)
     recommended_steps: int = _h("sampling steps recorded in the adapter config", default=4)
+    stochastic_sampling: bool = _h("the adapter's few-step sampler re-noises with fresh noise between steps "
+                                   "(consistency-model multistep sampling); false reuses the model's own noise "
+                                   "estimate (deterministic, DDIM-like)", default=True)
     condition_options: dict[str, Any] = _h("options passed to the condition", default_factory=dict)
     adapter_options: dict[str, Any] = _h("options passed to the adapter", default_factory=dict)
     data_options: dict[str, Any] = _h("options passed to the data source (e.g. image_column)", default_factory=dict)
@@ -151,6 +154,11 @@ class DistillConfig:
         if not self.guidance_enabled or self.guidance_branches == "ode":
             return 1.0
         return (self.guidance_min + self.guidance_max) / 2
+
+    @property
+    def student_sampler(self) -> str:
+        """The sampler name (:func:`condistill.sampling.make_scheduler`) the student samples with."""
+        return "codi-stochastic" if self.stochastic_sampling else "codi"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

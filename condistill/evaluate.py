@@ -30,11 +30,12 @@ from condistill.base import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.export import load_student, read_adapter_config
+from condistill.export import adapter_sampler, load_student, read_adapter_config
 from condistill.plots import grid, to_pil
 from condistill.sampling import sample_images
 from condistill.train import make_model_fn
 
+SAMPLERS = ("codi", "codi-stochastic", "ddim", "lcm")
 FIDELITY = {"edge": ("edge_f1", "higher"), "depth": ("depth_error", "lower"), "sr": ("psnr", "higher"),
             "inpaint": ("masked_psnr", "higher")}
 
@@ -49,7 +50,7 @@ class RowSpec:
 
     name: str
     model: str
-    sampler: str = "codi"  # codi | ddim | lcm
+    sampler: str = "codi"  # codi | codi-stochastic | ddim | lcm
     steps: int = 4
     guidance: float = 1.0
 
@@ -270,17 +271,20 @@ def parse_rows(texts: list[str]) -> list[RowSpec]:
         if model == "bicubic":
             specs.append(RowSpec(name, model, "none", 0, 0.0))
             continue
-        specs.append(RowSpec(name, model, parts[1] if len(parts) > 1 else "codi",
+        sampler = parts[1] if len(parts) > 1 else "codi"
+        if sampler not in SAMPLERS:
+            raise ValueError(f"row {name!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        specs.append(RowSpec(name, model, sampler,
                              int(parts[2]) if len(parts) > 2 else 4, float(parts[3]) if len(parts) > 3 else 1.0))
     return specs
 
 
 def default_rows(student: str, baseline: str | None = None, condition: str | None = None,
                  guidance: float = 5.0) -> list[RowSpec]:
-    """Students at 1/2/4 steps, the teacher at 50 DDIM steps with CFG, and (if given) the
+    """Students at 1/2/4 steps (with the sampler and guidance saved in the adapter), the teacher at 50 DDIM steps with CFG, and (if given) the
     conventionally trained baseline at 50 DDIM + CFG, 4 DDIM and 4 LCM steps."""
-    rows = [RowSpec(f"student-{k}", student, "codi", k, read_adapter_config(student)["recommended_guidance"])
-            for k in (1, 2, 4)]
+    sampler, guidance_1 = adapter_sampler(student), read_adapter_config(student)["recommended_guidance"]
+    rows = [RowSpec(f"student-{k}", student, sampler, k, guidance_1) for k in (1, 2, 4)]
     if baseline:
         rows += [RowSpec("baseline-ddim-50", baseline, "ddim", 50, guidance),
                  RowSpec("baseline-ddim-4", baseline, "ddim", 4, guidance),

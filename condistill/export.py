@@ -124,7 +124,7 @@ def save_adapter(
     resolution: int,
     extra: Mapping[str, Any] | None = None,
     noise_schedule: Mapping[str, Any] | None = None,
-    stochastic: bool = False,
+    stochastic: bool = True,
 ) -> Path:
     """Export a trained student's adapter to ``out_dir`` (see the module docstring for the layout).
 
@@ -144,7 +144,8 @@ def save_adapter(
         noise_schedule: the teacher's noise schedule (``base.noise_schedule_config()``); when
             None it is read from the base folder if found, else filled in at load time from the
             base pipeline's scheduler.
-        stochastic: sampler re-noises with fresh noise between steps (LCM-style) by default.
+        stochastic: the saved sampler re-noises with fresh noise between steps (consistency-model
+            multistep sampling, the default); False makes it reuse the model's noise estimate.
 
     Returns:
         ``Path(out_dir)``.
@@ -226,6 +227,14 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
         f"No {CONFIG_NAME} in {path} or {path / 'adapter'}. Pass a folder written by "
         "condistill.export.save_adapter (or a distillation run folder)."
     )
+
+
+def adapter_sampler(path: str | os.PathLike) -> str:
+    """The few-step sampler an adapter folder asks for: ``"codi-stochastic"`` when its saved
+    scheduler re-noises between steps, else ``"codi"`` (names of :func:`condistill.sampling.make_scheduler`)."""
+    file = find_adapter_dir(path) / SCHEDULER_SUBFOLDER / "scheduler_config.json"
+    stochastic = file.is_file() and bool(json.loads(file.read_text()).get("stochastic", False))
+    return "codi-stochastic" if stochastic else "codi"
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -18,10 +18,11 @@ ModelFn = Callable[..., torch.Tensor]
 
 
 def make_scheduler(base, kind: str = "codi", *, num_grid: int = 50, stochastic: bool = False):
-    """A scheduler on the base's noise schedule: ``codi`` (few-step), ``ddim`` or ``lcm``."""
+    """A scheduler on the base's noise schedule: ``codi`` (few-step), ``codi-stochastic`` (the
+    same, re-noising with fresh noise between steps), ``ddim`` or ``lcm``."""
     config = dict(base.scheduler_config)
-    if kind == "codi":
-        return CoDiScheduler.from_config(config, num_grid=num_grid, stochastic=stochastic,
+    if kind in ("codi", "codi-stochastic"):
+        return CoDiScheduler.from_config(config, num_grid=num_grid, stochastic=stochastic or kind == "codi-stochastic",
                                          prediction_type=base.prediction_type)
     if kind == "ddim":
         return DDIMScheduler.from_config(config, prediction_type=base.prediction_type,
@@ -29,7 +30,7 @@ def make_scheduler(base, kind: str = "codi", *, num_grid: int = 50, stochastic: 
     if kind == "lcm":
         return LCMScheduler.from_config(config, prediction_type=base.prediction_type,
                                         original_inference_steps=num_grid, clip_sample=False)
-    raise ValueError(f"unknown sampler {kind!r}; choose codi, ddim or lcm")
+    raise ValueError(f"unknown sampler {kind!r}; choose codi, codi-stochastic, ddim or lcm")
 
 
 @torch.no_grad()

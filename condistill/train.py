@@ -231,7 +231,7 @@ def distill(cfg: DistillConfig) -> Path:
             save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
                          condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
                          prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
-                         recommended_guidance=cfg.sampling_guidance,
+                         recommended_guidance=cfg.sampling_guidance, stochastic=cfg.stochastic_sampling,
                          resolution=resolution, noise_schedule=base.noise_schedule_config(),
                          extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
@@ -258,7 +258,7 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
         features = student.encode_condition(cond)
         fn = make_model_fn(student, features, cond.shape[0])
         for steps in (1, 2, 4):
-            rows.append(sample_images(base, fn, batch["caption"], steps, num_grid=cfg.num_grid, seed=cfg.seed,
-                                        guidance_scale=cfg.sampling_guidance))
+            rows.append(sample_images(base, fn, batch["caption"], steps, sampler=cfg.student_sampler,
+                                      num_grid=cfg.num_grid, seed=cfg.seed, guidance_scale=cfg.sampling_guidance))
     student.train()
     return save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch, rows, ["1 step", "2 steps", "4 steps"])

@@ -5,7 +5,8 @@ import pytest
 
 from condistill.cli import main
 from condistill.config import DistillConfig
-from condistill.evaluate import RowSpec, evaluate, markdown_table, parse_rows, ratio_summary
+from condistill.evaluate import RowSpec, default_rows, evaluate, markdown_table, parse_rows, ratio_summary
+from condistill.export import adapter_sampler
 from condistill.train import distill
 from helpers import make_tiny_base
 
@@ -48,7 +49,7 @@ def test_cached_teacher_rows_are_reused(tiny_run, tmp_path):
 
 
 def test_cli_eval(tiny_run, tmp_path, capsys):
-    code = main(["eval", "--condition", "sr", "--row", f"s=" + str(tiny_run) + ":codi:1", "--row", "b=bicubic",
+    code = main(["eval", "--condition", "sr", "--row", "s=" + str(tiny_run) + ":codi:1", "--row", "b=bicubic",
                  "--num-images", "2", "--batch-size", "2", "--out", str(tmp_path / "o")])
     assert code == 0
     assert "| s | codi | 1 |" in capsys.readouterr().out
@@ -60,6 +61,32 @@ def test_bad_rows_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         parse_rows([f"s={tmp_path}/missing:codi:4"])
     assert parse_rows(["b=bicubic"])[0].steps == 0
+    with pytest.raises(ValueError, match="unknown sampler 'euler'.*codi-stochastic"):
+        parse_rows([f"s={tmp_path}:euler:4"])
+    assert parse_rows([f"s={tmp_path}:codi-stochastic:2"])[0].sampler == "codi-stochastic"
+
+
+def test_student_rows_use_the_sampler_saved_with_the_adapter(tiny_run, tmp_path):
+    # training exports the re-noising sampler by default; an adapter saved deterministic keeps it
+    assert adapter_sampler(tiny_run) == "codi-stochastic"
+    assert {r.sampler for r in default_rows(str(tiny_run), condition="sr") if r.name.startswith("student")} == {
+        "codi-stochastic"}
+    import shutil
+
+    det = tmp_path / "det"
+    shutil.copytree(tiny_run, det)
+    sched = det / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "stochastic": False}))
+    assert adapter_sampler(det) == "codi"
+    assert default_rows(str(det))[0].sampler == "codi"
+
+
+def test_stochastic_sampler_changes_the_samples_but_not_their_seeding(tiny_run, tmp_path):
+    rows = [RowSpec("det", str(tiny_run), "codi", 2), RowSpec("sto", str(tiny_run), "codi-stochastic", 2),
+            RowSpec("sto-again", str(tiny_run), "codi-stochastic", 2)]
+    m = {r["name"]: r["metrics"] for r in evaluate("sr", rows, num_images=2, batch_size=2)["rows"]}
+    assert m["sto"]["psnr"] != m["det"]["psnr"]
+    assert m["sto"]["psnr"] == pytest.approx(m["sto-again"]["psnr"])  # the fresh noise comes from the seed
 
 
 def test_markdown_table_marks_direction():

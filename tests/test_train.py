@@ -61,6 +61,15 @@ def test_online_and_ema_are_saved_apart_and_differ(tiny_base, tmp_path):
     assert any(not torch.equal(online[k], ema[k]) for k in online)
 
 
+@pytest.mark.parametrize("stochastic, sampler", [(True, "codi-stochastic"), (False, "codi")])
+def test_exported_sampler_follows_stochastic_sampling(tiny_base, tmp_path, stochastic, sampler):
+    from condistill.export import adapter_sampler
+
+    out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=1, stochastic_sampling=stochastic))
+    assert adapter_sampler(out) == sampler
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic"] is stochastic
+
+
 def test_existing_run_is_not_overwritten(tiny_base, tmp_path):
     out = distill(_cfg(tiny_base, tmp_path / "run"))
     before = (out / "loss.jsonl").read_text()
