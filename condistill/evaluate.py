@@ -200,10 +200,19 @@ def evaluate(
         results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
         samples.append(images[:grid_count])
     report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
-              "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped)}
+              "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped),
+              "models": {path: _training_facts(path) for path in dict.fromkeys(adapters)}}
     if out_dir is not None:
         write_report(report, Path(out_dir), data, samples, [r.name for r in results], grid_count)
     return report
+
+
+def _training_facts(path: str) -> dict:
+    """What an evaluated adapter is: its kind, loss and training length, from its config."""
+    config = read_adapter_config(path)
+    extra = config.get("extra") or {}
+    return {"kind": config["kind"], "loss": extra.get("loss"), "steps_trained": extra.get("steps_trained"),
+            "sampler": adapter_sampler(path)}
 
 
 def markdown_table(report: dict) -> str:

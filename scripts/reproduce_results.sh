@@ -20,14 +20,20 @@ JOBS=${JOBS:-3}
 NUM_IMAGES=${NUM_IMAGES:-64}
 GUIDANCE=${GUIDANCE:-4}
 # condition:adapter[:steps]; without steps the recipe preset's length is used (edge 700,
-# depth 400, sr 2400, inpaint 1000). The sr T2I-Adapter and LoRA rows were measured at 400.
-PAIRS=${PAIRS:-"edge:controlnet edge:t2i_adapter edge:lora depth:controlnet sr:controlnet inpaint:controlnet sr:t2i_adapter:400 sr:lora:400"}
+# depth 400, sr 2400, inpaint 1000) and the pair is named <condition>-<adapter>; with steps it
+# is named <condition>-<adapter>-<steps>. The edge pairs are measured at the preset and at
+# 2,100 steps, the sr T2I-Adapter and LoRA pairs at 400.
+PAIRS=${PAIRS:-"edge:controlnet edge:t2i_adapter edge:lora edge:controlnet:2100 edge:t2i_adapter:2100 edge:lora:2100 depth:controlnet sr:controlnet inpaint:controlnet sr:t2i_adapter:400 sr:lora:400"}
+
+pair_name() {  # condition adapter [steps]
+  echo "$1-$2${3:+-$3}"
+}
 
 train_jobs() {
   for pair in $PAIRS; do
     IFS=: read -r c a steps <<< "$pair"
-    echo "$c $a codi runs/results/$c-$a ${steps:-preset}"
-    echo "$c $a diffusion runs/results/$c-$a-baseline ${steps:-preset}"
+    echo "$c $a codi runs/results/$(pair_name "$c" "$a" "$steps") ${steps:-preset}"
+    echo "$c $a diffusion runs/results/$(pair_name "$c" "$a" "$steps")-baseline ${steps:-preset}"
   done
 }
 
@@ -44,8 +50,9 @@ export PY
 train_jobs | xargs -P "$JOBS" -L 1 bash -c 'train_one "$@"' _
 
 for pair in $PAIRS; do
-  IFS=: read -r c a _ <<< "$pair"
-  $PY -m condistill.cli eval --condition "$c" --student "runs/results/$c-$a" \
-      --baseline "runs/results/$c-$a-baseline" --guidance "$GUIDANCE" --num-images "$NUM_IMAGES" \
-      --batch-size 64 --cache-dir runs/eval-cache --out "docs/results/$c-$a"
+  IFS=: read -r c a steps <<< "$pair"
+  name=$(pair_name "$c" "$a" "$steps")
+  $PY -m condistill.cli eval --condition "$c" --student "runs/results/$name" \
+      --baseline "runs/results/$name-baseline" --guidance "$GUIDANCE" --num-images "$NUM_IMAGES" \
+      --batch-size 64 --cache-dir runs/eval-cache --out "docs/results/$name"
 done

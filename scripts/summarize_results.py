@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print the summary tables of docs/results.md from the committed results JSON.
 
-Reads ``docs/results/<condition>-<adapter>/results.json`` (written by ``condistill eval`` in
+Reads ``docs/results/<condition>-<adapter>[-<steps>]/results.json`` (written by ``condistill eval`` in
 ``scripts/reproduce_results.sh``) and prints, as markdown:
 
 1. the project's targets per (condition, adapter): the 4-step student against the teacher
@@ -21,8 +21,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from condistill.evaluate import FIDELITY, markdown_table  # noqa: E402
 
-ORDER = ["edge-controlnet", "depth-controlnet", "sr-controlnet", "inpaint-controlnet",
-         "edge-t2i_adapter", "sr-t2i_adapter", "edge-lora", "sr-lora"]
+CONDITIONS = ["edge", "depth", "sr", "inpaint"]
+ADAPTERS = ["controlnet", "t2i_adapter", "lora"]
+
+
+def pair_dirs(root: Path) -> list[Path]:
+    """``<condition>-<adapter>[-<steps>]`` folders holding a results.json (sweeps excluded), in
+    table order: adapter kind, condition, then training length."""
+    def key(d: Path):
+        rep = json.loads((d / "results.json").read_text())
+        return (ADAPTERS.index(_adapter_kind(d.name, rep["condition"])), CONDITIONS.index(rep["condition"]),
+                _steps(rep) or 0)
+    found = [d for d in sorted(root.iterdir()) if (d / "results.json").is_file() and not d.name.startswith("sweep")]
+    return sorted(found, key=key)
+
+
+def _adapter_kind(name: str, condition: str) -> str:
+    rest = name[len(condition) + 1:]
+    for kind in ADAPTERS:
+        if rest == kind or rest.startswith(kind + "-"):
+            return kind
+    raise ValueError(f"{name}: expected <condition>-<adapter>[-<steps>] with adapter one of {ADAPTERS}")
+
+
+def _steps(report: dict) -> int | None:
+    """Training steps of the report's student (recorded by ``condistill eval``), if known."""
+    student = next((r["model"] for r in report["rows"] if r["name"] == "student-4"), None)
+    return (report.get("models", {}).get(student) or {}).get("steps_trained")
 
 
 def _rows(report: dict) -> dict:
@@ -65,19 +90,19 @@ def _yes(v: bool | None) -> str:
 
 def main(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else Path("docs/results")
-    found = [n for n in ORDER if (root / n / "results.json").is_file()]
+    found = pair_dirs(root) if root.is_dir() else []
     if not found:
         print(f"no results.json under {root}/<condition>-<adapter>/; run scripts/reproduce_results.sh", file=sys.stderr)
         return 1
-    reports = {n: json.loads((root / n / "results.json").read_text()) for n in found}
+    reports = {d.name: json.loads((d / "results.json").read_text()) for d in found}
 
-    print("| condition | adapter | fidelity metric | student-4 | baseline 50 DDIM + CFG | teacher | "
+    print("| condition | adapter | steps trained | fidelity metric | student-4 | baseline 50 DDIM + CFG | teacher | "
           "target vs teacher | met | fidelity >= baseline | FD student / baseline | speed-up vs baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in found:
-        rep = reports[name]
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rep in reports.items():
         cond = rep["condition"]
-        adapter = name[len(cond) + 1:]
+        adapter = _adapter_kind(name, cond)
+        steps = _steps(rep)
         rows = _rows(rep)
         key, _ = FIDELITY[cond]
         target, met = teacher_target(cond, rows)
@@ -86,10 +111,10 @@ def main(argv: list[str]) -> int:
         def val(row: str) -> str:
             return f"{rows[row][key]:.3f}" if row in rows else "-"
 
-        print(f"| {cond} | {adapter} | {key} | {val('student-4')} | {val('baseline-ddim-50')} | "
+        print(f"| {cond} | {adapter} | {'-' if steps is None else f'{steps:,}'} | {key} | {val('student-4')} | {val('baseline-ddim-50')} | "
               f"{val('teacher-ddim-50')} | {target} | {_yes(met)} | {_yes(fid_ok)} | "
               f"{'-' if fd_ratio is None else f'{fd_ratio:.2f}'} | {'-' if speed is None else f'{speed:.1f}x'} |")
-    for name in found:
+    for name in reports:
         print(f"\n### {name}\n")
         print(markdown_table(reports[name]), end="")
     return 0

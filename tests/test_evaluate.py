@@ -31,6 +31,8 @@ def test_eval_rows_metrics_and_files(tiny_run, tmp_path):
         assert m["frechet_distance"] >= 0 and 0 <= m["prompt_accuracy"] <= 1 and m["seconds_per_image"] >= 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"] == report["rows"]
+    assert saved["models"] == {str(tiny_run): {"kind": "controlnet", "loss": "codi", "steps_trained": 1,
+                                               "sampler": "codi-stochastic"}}
     assert "| student-1 |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0
     assert list((tmp_path / "cache").glob("teacher-*.safetensors"))
