@@ -4,9 +4,9 @@
 Seconds per image of sampling plus VAE decoding, timed as ``condistill.evaluate`` times a row
 (condition encoding, sampling, decoding and the copy back to the CPU), for these rows:
 
-* with ``--adapter``: the distilled student at 1, 2 and 4 steps (CoDi sampler, CFG 1) and the
-  same base + adapter at 4 and 50 DDIM steps with classifier-free guidance (``--guidance``,
-  default 4; CFG doubles the batch of every network call);
+* with ``--adapter``: the distilled student at 1, 2 and 4 steps (the CoDi sampler saved with
+  the adapter, CFG 1) and the same base + adapter at 4 and 50 DDIM steps with classifier-free
+  guidance (``--guidance``, default 4; CFG doubles the batch of every network call);
 * without it: the base's teacher UNet for every row. The CoDi rows are then still run, with the
   teacher UNet on the CoDi scheduler: their images mean nothing, but their time is what a
   k-step sampler costs on the base network alone, so the ratios show the pure step-count
@@ -34,16 +34,17 @@ from condistill.base import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.export import load_student, read_adapter_config
+from condistill.export import adapter_sampler, load_student, read_adapter_config
 from condistill.sampling import sample_images
 from condistill.train import make_model_fn
 
 REFERENCE = "ddim-50-cfg"
 
 
-def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float) -> list[dict]:
-    """The rows: CoDi at each of ``student_steps`` with CFG 1, DDIM at each of ``ddim_steps`` with CFG."""
-    rows = [{"name": f"codi-{k}", "sampler": "codi", "steps": k, "guidance": 1.0} for k in student_steps]
+def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float, sampler: str = "codi") -> list[dict]:
+    """The rows: CoDi (``sampler``: ``codi`` or ``codi-stochastic``) at each of ``student_steps``
+    with CFG 1, DDIM at each of ``ddim_steps`` with CFG."""
+    rows = [{"name": f"codi-{k}", "sampler": sampler, "steps": k, "guidance": 1.0} for k in student_steps]
     rows += [{"name": f"ddim-{k}-cfg", "sampler": "ddim", "steps": k, "guidance": guidance} for k in ddim_steps]
     return rows
 
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = collate([dataset[i] for i in range(len(dataset))])
 
     model = "adapter" if student is not None else "teacher"
-    rows = row_specs(args.student_steps, args.ddim_steps, args.guidance)
+    # the student samples as its adapter asks (re-noising or not); the cost is the same either way
+    rows = row_specs(args.student_steps, args.ddim_steps, args.guidance,
+                     adapter_sampler(args.adapter) if args.adapter else "codi")
     reference = f"ddim-{max(args.ddim_steps)}-cfg"
     runners = [make_runner(base, student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
                for row in rows]
