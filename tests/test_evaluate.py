@@ -97,3 +97,17 @@ def test_markdown_table_marks_direction():
                                                            "prompt_accuracy": 0.5, "seconds_per_image": 0.01}}]}
     table = markdown_table(report)
     assert "depth_error (lower better)" in table and "| x | codi | 4 | 1 | 0.100 |" in table
+
+
+@pytest.mark.parametrize("budget, passes", [(1e9, 5), (0.0, 1)])
+def test_cheap_rows_are_timed_over_several_passes(tiny_run, monkeypatch, budget, passes):
+    import condistill.evaluate as ev
+
+    calls = []
+    real = ev.sample_images
+    monkeypatch.setattr(ev, "sample_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ev, "TIMING_SECONDS", budget)
+    monkeypatch.setattr(ev, "MAX_TIMING_PASSES", 5)
+    report = evaluate("sr", [RowSpec("s", str(tiny_run), "codi", 1)], num_images=4, batch_size=2)
+    assert len(calls) == 1 + 2 * passes  # warm-up, then every pass samples both batches
+    assert report["rows"][0]["metrics"]["seconds_per_image"] > 0
