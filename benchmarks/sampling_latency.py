@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sampling latency against the number of steps, measured in one run and reported as ratios.
 
-Seconds per image of sampling plus VAE decoding, timed as ``condistill.evaluate`` times a row
+Seconds per image of sampling plus VAE decoding, timed as ``condistill.evaluation.evaluate`` times a row
 (condition encoding, sampling, decoding and the copy back to the CPU), for these rows:
 
 * with ``--adapter``: the distilled student at 1, 2 and 4 steps (the CoDi sampler saved with
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from condistill.base import load_base
+from condistill.frozen import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.export import adapter_sampler, load_student, read_adapter_config
-from condistill.sampling import sample_images
-from condistill.train import make_model_fn
+from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
+from condistill.method.sampler import sample_images
+from condistill.training.loop import make_model_fn
 
 REFERENCE = "ddim-50-cfg"
 
@@ -88,7 +88,7 @@ def parse_steps(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None,
-                   help="diffusers folder or hub id (default: the adapter's recorded base, else data/tiny-teacher)")
+                   help="diffusers folder or hub id (default: the adapter's recorded base, else embedded:tiny-teacher)")
     p.add_argument("--adapter", default=None, help="adapter folder (e.g. runs/edge); without it the teacher UNet runs every row")
     p.add_argument("--condition", default="edge", help="condition of the held-out batch when no adapter is given")
     p.add_argument("--batch-size", type=int, default=8)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     adapter_cfg = read_adapter_config(args.adapter) if args.adapter else None
-    base_name = args.base or (adapter_cfg["base_name_or_path"] if adapter_cfg else "data/tiny-teacher")
+    base_name = args.base or (adapter_cfg["base_name_or_path"] if adapter_cfg else "embedded:tiny-teacher")
     base = load_base(base_name, device=args.device)
     if adapter_cfg:
         cond = condition_from_config(adapter_cfg["condition_config"])

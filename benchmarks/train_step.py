@@ -23,11 +23,11 @@ import torch
 from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.ema import EMA
-from condistill.schedule import skip_grid
-from condistill.train import DTYPES, training_loss
+from condistill.training.ema import EMA
+from condistill.method.schedule import skip_grid
+from condistill.training.loop import DTYPES, training_loss
 from condistill.adapters import build_student
-from condistill.base import load_base
+from condistill.frozen import load_base
 from condistill.conditions import get_condition
 
 
@@ -85,7 +85,7 @@ def _in_fresh_process(loss: str) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="data/tiny-teacher")
+    p.add_argument("--base", default="embedded:tiny-teacher")
     p.add_argument("--condition", default="edge")
     p.add_argument("--adapter", default="controlnet")
     p.add_argument("--batch-size", type=int, default=32)

@@ -21,10 +21,10 @@ except Exception:  # running from a source tree that was never installed
 
 _EXPORTS = {
     "load_adapter": "condistill.pipeline",
-    "distill": "condistill.train",
+    "distill": "condistill.training.loop",
     "DistillConfig": "condistill.config",
-    "CoDiScheduler": "condistill.scheduler",
-    "load_base": "condistill.base",
+    "CoDiScheduler": "condistill.method.codi_scheduler",
+    "load_base": "condistill.frozen",
     "get_condition": "condistill.conditions",
     "open_source": "condistill.data.sources",
 }

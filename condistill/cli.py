@@ -1,13 +1,106 @@
-"""The ``condistill`` command: ``condistill eval ...`` (recipes train; see recipes/)."""
+"""The ``condistill`` command (also ``python -m condistill``).
+
+- ``condistill train CONDITION [options]``: one distillation run; the options are those of
+  :class:`condistill.config.DistillConfig`, over the condition's presets
+  (:mod:`condistill.presets`). ``recipes/<condition>.py`` runs the same code.
+- ``condistill eval [options]``: score students and baselines on held-out synthetic scenes.
+
+Each option of :class:`~condistill.config.DistillConfig` becomes ``--option-name`` with the
+field's help text. The resolved configuration is validated as a whole (every problem reported
+at once) and saved to the run folder.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
+
+from condistill.config import ConfigError, DistillConfig
+from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
+
+SKIP = {"condition"}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(condition: str, presets: dict[str, dict], description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Run the same command again with --resume latest to continue an interrupted run.",
+    )
+    parser.add_argument("--preset", choices=sorted(presets), default=DEFAULT_PRESET,
+                        help="a named set of defaults; explicit options override it: "
+                             + "; ".join(f"{k}: {v.get('_help', '')}" for k, v in presets.items()))
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = hints[f.name]
+        if f.name.endswith("_options"):
+            parser.add_argument(flag, type=json.loads, default=None, help=help_text + " (a JSON object)")
+        elif kind is bool:
+            parser.add_argument(flag, type=_parse_bool, default=None, help=help_text)
+        elif kind in (int, float):
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=str, default=None, help=help_text)
+    return parser
+
+
+def config_from_args(condition: str, argv=None, prog: str | None = None) -> DistillConfig:
+    """The validated :class:`DistillConfig` of ``condistill train CONDITION ARGV``.
+
+    Precedence: the explicit options, then the chosen preset, then the dataclass defaults.
+    Invalid values exit with status 2 and every problem listed.
+    """
+    presets = presets_for(condition)
+    parser = build_parser(condition, presets, recipe_description(condition), prog=prog)
+    args = vars(parser.parse_args(argv))
+    preset = {k: v for k, v in presets[args.pop("preset")].items() if not k.startswith("_")}
+    values = {"condition": condition, **preset, **{k: v for k, v in args.items() if v is not None}}
+    try:
+        return DistillConfig(**values)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
+    """Run ``condistill train CONDITION`` with ``argv`` (what ``recipes/<condition>.py`` calls)."""
+    cfg = config_from_args(condition, argv, prog)
+    from condistill.training.loop import distill
+
+    out = distill(cfg)
+    print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    usage = f"usage: condistill train {{{','.join(RECIPES)}}} [options]  (condistill train CONDITION --help lists them)"
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [usage, "", "Distil a frozen text-to-image teacher into a few-step conditional model.", ""]
+        lines += [f"  {name:8s} {text}" for name, (text, _) in RECIPES.items()]
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    condition, rest = argv[0], argv[1:]
+    if condition not in RECIPES:
+        print(f"{usage}\ncondistill train: error: unknown condition {condition!r}; choose one of {list(RECIPES)}",
+              file=sys.stderr)
+        return 2
+    return recipe_main(condition, rest, prog=f"condistill train {condition}")
 
 
 def _eval(args) -> int:
-    from condistill.evaluate import default_rows, evaluate, markdown_table, parse_rows, skipped_note
+    from condistill.evaluation.evaluate import default_rows, evaluate, markdown_table, parse_rows, skipped_note
 
     if args.row:
         rows = parse_rows(args.row)
@@ -27,11 +120,9 @@ def _eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="condistill", description="conditional diffusion distillation tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="score students and baselines on held-out synthetic scenes",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _eval_parser() -> argparse.ArgumentParser:
+    ev = argparse.ArgumentParser(prog="condistill eval", description="score students and baselines on held-out "
+                                 "synthetic scenes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--condition", required=True, choices=["edge", "depth", "sr", "inpaint"])
     ev.add_argument("--student", help="distilled adapter folder (rows at 1, 2 and 4 steps)")
     ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows)")
@@ -42,13 +133,29 @@ def main(argv=None) -> int:
     ev.add_argument("--num-images", type=int, default=256)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--judge", default="data/judge")
+    ev.add_argument("--judge", default="embedded:judge")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--cache-dir", help="reuse teacher samples across conditions (they ignore the condition)")
     ev.add_argument("--out", help="folder for results.json, results.md and samples.png")
-    ev.set_defaults(func=_eval)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return ev
+
+
+COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
+            "eval": "score students and baselines on held-out synthetic scenes"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: condistill {train,eval} ...\n\nconditional diffusion distillation\n\n"
+              + "\n".join(f"  {k:6s} {v}" for k, v in COMMANDS.items()), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "train":
+        return _train(argv[1:])
+    if argv[0] == "eval":
+        return _eval(_eval_parser().parse_args(argv[1:]))
+    print(f"condistill: error: unknown command {argv[0]!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BASE = "data/tiny-teacher"
+DEFAULT_BASE = "embedded:tiny-teacher"
 
 
 def _h(text: str, **kw):
@@ -157,7 +157,7 @@ class DistillConfig:
 
     @property
     def student_sampler(self) -> str:
-        """The sampler name (:func:`condistill.sampling.make_scheduler`) the student samples with."""
+        """The sampler name (:func:`condistill.method.sampler.make_scheduler`) the student samples with."""
         return "codi-stochastic" if self.stochastic_sampling else "codi"
 
     def to_dict(self) -> dict[str, Any]:

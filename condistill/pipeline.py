@@ -16,7 +16,7 @@ The pipeline is a plain diffusers one of the right flavour:
   ``load_lora_weights`` of its own, so the LoRA file is loaded by the stock
   ``StableDiffusionPipeline.load_lora_weights`` on a pipeline sharing the same components.
 
-Its scheduler is a :class:`condistill.scheduler.CoDiScheduler` configured from the adapter's
+Its scheduler is a :class:`condistill.method.codi_scheduler.CoDiScheduler` configured from the adapter's
 ``scheduler/scheduler_config.json`` (same skip grid as training). The recommended sampling
 settings are in ``pipe.condistill_defaults`` (``num_inference_steps``, ``guidance_scale``);
 stock pipelines do not read them by themselves, so pass them: ``pipe(..., **pipe.condistill_defaults)``.
@@ -32,13 +32,9 @@ from typing import Any
 
 import torch
 
-from condistill.base import (
-    NOISE_SCHEDULE_KEYS,
-    compute_fingerprint,
-    fingerprint_mismatch,
-    resolve_pretrained_dir,
-)
-from condistill.export import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
+from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, fingerprint_mismatch
+from condistill.hub import resolve_pretrained_dir
+from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
 
 __all__ = ["load_adapter", "resolve_adapter_dir"]
 
@@ -196,7 +192,7 @@ def load_adapter(
             "Use the base the adapter was trained on."
         )
 
-    from condistill.scheduler import CoDiScheduler
+    from condistill.method.codi_scheduler import CoDiScheduler
 
     scheduler = CoDiScheduler.from_config(_scheduler_config(adapter_dir, config, components["scheduler"].config))
     common = {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from condistill.evaluate import FIDELITY, markdown_table  # noqa: E402
+from condistill.evaluation.evaluate import FIDELITY, markdown_table  # noqa: E402
 
 CONDITIONS = ["edge", "depth", "sr", "inpaint"]
 ADAPTERS = ["controlnet", "t2i_adapter", "lora"]

@@ -8,7 +8,7 @@ import argparse
 
 from condistill.conditions import get_condition
 from condistill.plots import grid, to_pil
-from condistill.scenes import SyntheticScenes
+from condistill.world.scenes import SyntheticScenes
 
 
 def main():

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import make_fake_hub_cache, make_tiny_base, torch_single_thread  # noqa: E402,F401
 
-from condistill.base import compute_fingerprint, fingerprint_mismatch, load_base  # noqa: E402
+from condistill.frozen import compute_fingerprint, fingerprint_mismatch, load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from condistill.adapters import build_student
-from condistill.base import load_base
+from condistill.frozen import load_base
 from condistill.conditions import get_condition
-from condistill.export import save_adapter
+from condistill.adapters.save_load import save_adapter
 import helpers
 from helpers import make_tiny_base
 

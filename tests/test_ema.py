@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from condistill.ema import EMA
+from condistill.training.ema import EMA
 
 
 def _module(seed=0):

@@ -5,9 +5,9 @@ import pytest
 
 from condistill.cli import main
 from condistill.config import DistillConfig
-from condistill.evaluate import RowSpec, default_rows, evaluate, markdown_table, parse_rows, ratio_summary
-from condistill.export import adapter_sampler
-from condistill.train import distill
+from condistill.evaluation.evaluate import RowSpec, default_rows, evaluate, markdown_table, parse_rows, ratio_summary
+from condistill.adapters.save_load import adapter_sampler
+from condistill.training.loop import distill
 from helpers import make_tiny_base
 
 
@@ -101,7 +101,7 @@ def test_markdown_table_marks_direction():
 
 @pytest.mark.parametrize("budget, passes", [(1e9, 5), (0.0, 1)])
 def test_cheap_rows_are_timed_over_several_passes(tiny_run, monkeypatch, budget, passes):
-    import condistill.evaluate as ev
+    import condistill.evaluation.evaluate as ev
 
     calls = []
     real = ev.sample_images

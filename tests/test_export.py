@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import AdapterWeightsError, build_student  # noqa: E402
-from condistill.base import load_base  # noqa: E402
-from condistill.export import (  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
+from condistill.adapters.save_load import (  # noqa: E402
     condistill_version,
     load_student,
     load_student_weights,
@@ -86,7 +86,7 @@ def test_round_trip_with_perturbed_weights(kind, options, base_path, tmp_path):
 
 
 def test_config_contents_and_scheduler(base_path, tmp_path):
-    from condistill.scheduler import CoDiScheduler
+    from condistill.method.codi_scheduler import CoDiScheduler
 
     base = load_base(base_path)
     student = build_student("controlnet", base, 3)

@@ -1,4 +1,4 @@
-"""The committed judge (data/judge) and the recipe that makes it."""
+"""The committed judge (condistill/assets/judge) and the recipe that makes it."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condistill.judge import (
+from condistill.world.judge import (
     ATTRIBUTES,
     Judge,
     JudgeConfig,
@@ -17,8 +17,8 @@ from condistill.judge import (
     load_judge,
     save_judge,
 )
-from condistill.metrics import frechet_distance
-from condistill.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SyntheticScenes, attribute_labels
+from condistill.evaluation.metrics import frechet_distance
+from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SyntheticScenes, attribute_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 BAR = 0.95
@@ -36,7 +36,7 @@ def heldout():
 
 
 def test_committed_judge_files_are_small_and_documented():
-    folder = ROOT / "data" / "judge"
+    folder = ROOT / "condistill" / "assets" / "judge"
     weights = folder / "judge.safetensors"
     assert weights.stat().st_size < 5 * 1024 * 1024
     config = json.loads((folder / "config.json").read_text())
@@ -144,7 +144,7 @@ def test_bad_inputs(judge):
 
 
 def test_missing_weights_error_names_the_recipe(tmp_path):
-    with pytest.raises(FileNotFoundError, match="recipes/train_judge.py"):
+    with pytest.raises(FileNotFoundError, match="tools/train_judge.py"):
         load_judge(tmp_path / "nowhere")
 
 
@@ -171,7 +171,7 @@ def test_config_validation():
 def test_recipe_smoke_mode(tmp_path):
     out = tmp_path / "judge"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "train_judge.py"), "--smoke", "--output-dir", str(out)],
+        [sys.executable, str(ROOT / "tools" / "train_judge.py"), "--smoke", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -187,7 +187,7 @@ def test_recipe_smoke_mode(tmp_path):
 
 def test_recipe_rejects_bad_config(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "train_judge.py"), "--smoke", "--batch-size", "0",
+        [sys.executable, str(ROOT / "tools" / "train_judge.py"), "--smoke", "--batch-size", "0",
          "--output-dir", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=120,
     )
@@ -197,7 +197,7 @@ def test_recipe_rejects_bad_config(tmp_path):
 def _recipe_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_judge_recipe", ROOT / "recipes" / "train_judge.py")
+    spec = importlib.util.spec_from_file_location("train_judge_recipe", ROOT / "tools" / "train_judge.py")
     if spec.name in sys.modules:
         return sys.modules[spec.name]
     module = importlib.util.module_from_spec(spec)
@@ -242,7 +242,7 @@ def _tiny_judge_folder(path):
 
 
 def test_depth_net_is_used_when_present_and_leaves_features_alone(tmp_path):
-    from condistill.judge import DepthNet, DepthNetConfig, save_depth_net
+    from condistill.world.judge import DepthNet, DepthNetConfig, save_depth_net
 
     net = _tiny_judge_folder(tmp_path / "j")
     assert load_judge(tmp_path / "j").depth_source == "judge_head"
@@ -262,7 +262,7 @@ def test_depth_net_is_used_when_present_and_leaves_features_alone(tmp_path):
 
 
 def test_depth_net_half_present_or_mismatched_is_refused(tmp_path):
-    from condistill.judge import DEPTH_CONFIG_NAME, DEPTH_WEIGHTS_NAME, DepthNet, DepthNetConfig, save_depth_net
+    from condistill.world.judge import DEPTH_CONFIG_NAME, DEPTH_WEIGHTS_NAME, DepthNet, DepthNetConfig, save_depth_net
 
     _tiny_judge_folder(tmp_path / "j")
     save_depth_net(DepthNet(DepthNetConfig(widths=(4, 8, 8, 8))), tmp_path / "j")
@@ -280,7 +280,7 @@ def test_depth_recipe_smoke_mode(tmp_path):
     out = tmp_path / "judge"
     _tiny_judge_folder(out)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "train_depth_judge.py"), "--smoke", "--output-dir", str(out)],
+        [sys.executable, str(ROOT / "tools" / "train_depth_judge.py"), "--smoke", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -288,13 +288,13 @@ def test_depth_recipe_smoke_mode(tmp_path):
     errors = info["heldout_depth_error"]
     assert errors["scenes"] == 8 and 0 < errors["depth_net"] < 1 and 0 < errors["judge_head"] < 1
     assert load_judge(out).depth_source == "depth_net"
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_depth_judge.py"), "--smoke",
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_depth_judge.py"), "--smoke",
                            "--output-dir", str(tmp_path / "empty")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "holds no judge" in proc.stderr
 
 
 def test_committed_depth_net_is_small_sharper_than_the_head_and_loaded(judge):
-    folder = ROOT / "data" / "judge"
+    folder = ROOT / "condistill" / "assets" / "judge"
     assert (folder / "depth_net.safetensors").stat().st_size < 5 * 1024 * 1024
     errors = json.loads((folder / "depth_net.json").read_text())["heldout_depth_error"]
     assert errors["scenes"] == 1000 and errors["depth_net"] < errors["judge_head"] / 2

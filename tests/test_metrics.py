@@ -1,11 +1,11 @@
-"""Known-answer tests of condistill.metrics."""
+"""Known-answer tests of condistill.evaluation.metrics."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from condistill.metrics import align_scale_shift, depth_error, edge_f1, edge_scores, frechet_distance, psnr, ssim
+from condistill.evaluation.metrics import align_scale_shift, depth_error, edge_f1, edge_scores, frechet_distance, psnr, ssim
 
 
 def _feats(n=400, d=16, seed=0):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condistill import optional_metrics as om
-from condistill.evaluate import RowSpec, evaluate, markdown_table
+from condistill.evaluation import third_party as om
+from condistill.evaluation.evaluate import RowSpec, evaluate, markdown_table
 import helpers
 from helpers import make_tiny_base
 

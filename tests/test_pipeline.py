@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
-from condistill.base import load_base  # noqa: E402
-from condistill.export import save_adapter  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
+from condistill.adapters.save_load import save_adapter  # noqa: E402
 from condistill.pipeline import load_adapter  # noqa: E402
 
 PIPELINE_CLASS = {
@@ -74,7 +74,7 @@ def _manual_latents(student, scheduler, base, prompt, cond, latents, generator=N
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stock_pipeline_matches_student(kind, exports, base_path):
-    from condistill.scheduler import CoDiScheduler
+    from condistill.method.codi_scheduler import CoDiScheduler
 
     root, students = exports
     pipe = load_adapter(root / kind)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from condistill.scenes import (
+from condistill.world.scenes import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
     SHAPES,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 
-from condistill.schedule import (
+from condistill.method.schedule import (
     add_noise,
     alpha_sigma,
     boundary_scalings,

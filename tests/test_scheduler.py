@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler
 
-from condistill.schedule import sampling_timesteps, skip_grid
-from condistill.scheduler import CoDiScheduler, CoDiSchedulerOutput
+from condistill.method.schedule import sampling_timesteps, skip_grid
+from condistill.method.codi_scheduler import CoDiScheduler, CoDiSchedulerOutput
 
 
 def _oracle(z0: torch.Tensor, kind: str, alphas_cumprod: torch.Tensor):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from condistill import teacher as T
-from condistill.scenes import SyntheticScenes, vocabulary
+from worldbuild import teacher as T
+from condistill.world.scenes import SyntheticScenes, vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "data" / "tiny-teacher"
-sys.path.insert(0, str(ROOT / "recipes"))
+COMMITTED = ROOT / "condistill" / "assets" / "tiny-teacher"
+sys.path.insert(0, str(ROOT / "tools"))
 import pretrain_teacher  # noqa: E402
 
 # Loads a folder with nothing but diffusers and samples with it; prints shape facts as JSON.
@@ -158,7 +158,7 @@ def test_smoke_recipe_builds_a_plain_diffusers_folder(tmp_path):
 @pytest.fixture(scope="module")
 def committed():
     if not (COMMITTED / "model_index.json").exists():
-        pytest.fail(f"the committed teacher is missing at {COMMITTED}; run recipes/pretrain_teacher.py")
+        pytest.fail(f"the committed teacher is missing at {COMMITTED}; run tools/pretrain_teacher.py")
     return COMMITTED
 
 

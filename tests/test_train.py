@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from condistill.config import ConfigError, DistillConfig
-from condistill.train import StepBatchSampler, distill
+from condistill.training.loop import StepBatchSampler, distill
 from helpers import make_tiny_base
 
 
@@ -63,7 +63,7 @@ def test_online_and_ema_are_saved_apart_and_differ(tiny_base, tmp_path):
 
 @pytest.mark.parametrize("stochastic, sampler", [(True, "codi-stochastic"), (False, "codi")])
 def test_exported_sampler_follows_stochastic_sampling(tiny_base, tmp_path, stochastic, sampler):
-    from condistill.export import adapter_sampler
+    from condistill.adapters.save_load import adapter_sampler
 
     out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=1, stochastic_sampling=stochastic))
     assert adapter_sampler(out) == sampler
@@ -97,14 +97,14 @@ def test_batches_depend_only_on_the_step():
 @pytest.mark.parametrize("branches, guided_calls", [("all", 3), ("ode", 1)])
 def test_guidance_branches_choose_which_calls_are_guided(tiny_base, branches, guided_calls):
     """CFG-aware distillation doubles every model call; guidance_branches="ode" only the ODE solver's."""
-    from condistill.base import load_base
+    from condistill.frozen import load_base
     from condistill.conditions import get_condition
     from condistill.data.dataset import ConditionDataset, collate
     from condistill.data.sources import open_source
     from condistill.adapters import build_student
-    from condistill.ema import EMA
-    from condistill.schedule import skip_grid
-    from condistill.train import training_loss
+    from condistill.training.ema import EMA
+    from condistill.method.schedule import skip_grid
+    from condistill.training.loop import training_loss
 
     cfg = _cfg(tiny_base, "unused", guidance_min=2.0, guidance_max=3.0, guidance_branches=branches)
     base = load_base(tiny_base)

@@ -7,7 +7,7 @@ Each kind lives in its own module and registers itself with one explicit
 * ``t2i_adapter`` - :class:`~condistill.adapters.t2i_adapter.T2IAdapterStudent`
 * ``lora`` - :class:`~condistill.adapters.lora.LoRAStudent`
 """
-from condistill.adapters.base import (
+from condistill.adapters.student import (
     AdapterWeightsError,
     Student,
     available_adapters,

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from condistill.adapters.base import (
+from condistill.adapters.student import (
     AdapterWeightsError,
     Student,
     _pretrained_folder,

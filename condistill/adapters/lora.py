@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from condistill.adapters.base import (
+from condistill.adapters.student import (
     AdapterWeightsError,
     Student,
     check_state_dict_keys,

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from condistill.adapters.base import (
+from condistill.adapters.student import (
     Student,
     _pretrained_folder,
     check_state_dict_keys,

@@ -11,7 +11,7 @@ Example::
     edge.save_png(c, "edge.png")
     same = condition_from_config(edge.config())
 """
-from condistill.conditions.base import (
+from condistill.conditions.condition import (
     Condition,
     available_conditions,
     condition_from_config,

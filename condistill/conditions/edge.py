@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condistill.conditions.base import Condition, import_controlnet_aux, register_condition
+from condistill.conditions.condition import Condition, import_controlnet_aux, register_condition
 from condistill.data.record import Record
 
 __all__ = ["EdgeCondition", "canny_edges"]

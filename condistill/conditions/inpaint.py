@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from condistill.conditions.base import (
+from condistill.conditions.condition import (
     Condition,
     check_probability,
     make_rng,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from condistill.conditions.base import (
+from condistill.conditions.condition import (
     Condition,
     check_probability,
     check_range,

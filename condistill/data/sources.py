@@ -229,7 +229,7 @@ class SyntheticSource(RecordSequenceSource):
     """
 
     def __init__(self, split: str = "train", size: int | None = None, resolution: int = 64, seed: int = 0):
-        from condistill.scenes import SPLITS, SyntheticScenes
+        from condistill.world.scenes import SPLITS, SyntheticScenes
 
         if split not in SPLITS:
             raise ValueError(f"unknown synthetic split {split!r}; expected one of {sorted(SPLITS)}")

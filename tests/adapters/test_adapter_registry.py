@@ -18,7 +18,7 @@ from condistill.adapters import (  # noqa: E402
     get_adapter_class,
     register_adapter,
 )
-from condistill.base import load_base  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
 
 KINDS = [
     ("controlnet", {}),

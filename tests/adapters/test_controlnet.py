@@ -13,7 +13,7 @@ from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread 
 
 from condistill.adapters import build_student  # noqa: E402
 from condistill.adapters.controlnet import default_conditioning_embedding_channels  # noqa: E402
-from condistill.base import load_base  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
-from condistill.base import load_base  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")

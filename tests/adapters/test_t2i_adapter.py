@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
 
 from condistill.adapters import build_student  # noqa: E402
-from condistill.adapters.base import unet_residual_layout  # noqa: E402
+from condistill.adapters.student import unet_residual_layout  # noqa: E402
 from condistill.adapters.t2i_adapter import t2i_adapter_fits  # noqa: E402
-from condistill.base import load_base  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")

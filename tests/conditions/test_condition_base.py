@@ -17,7 +17,7 @@ from condistill.conditions import (
     get_condition,
     register_condition,
 )
-from condistill.conditions import base
+from condistill.conditions import condition as base
 from condistill.data.record import Record
 
 

@@ -1,8 +1,8 @@
 """Train the judge network on freshly generated synthetic scenes and measure it on held-out ones.
 
-    python recipes/train_judge.py                      # the committed data/judge (CPU, 1 thread)
-    python recipes/train_judge.py --smoke --output-dir runs/judge-smoke
-    python recipes/train_judge.py --eval-only          # re-measure data/judge on held-out scenes
+    python tools/train_judge.py                      # the committed condistill/assets/judge (CPU, 1 thread)
+    python tools/train_judge.py --smoke --output-dir runs/judge-smoke
+    python tools/train_judge.py --eval-only          # re-measure condistill/assets/judge on held-out scenes
 
 Scenes of the ``train`` split are rendered once into memory (uint8 images + float16
 depth). Each batch is lightly degraded in ways that keep colours (horizontal flip, JPEG,
@@ -38,7 +38,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from condistill.judge import (  # noqa: E402
+from condistill.world.judge import (  # noqa: E402
     ATTRIBUTES,
     CONFIG_NAME,
     METRICS_NAME,
@@ -49,15 +49,15 @@ from condistill.judge import (  # noqa: E402
     load_judge,
     save_judge,
 )
-from condistill.metrics import frechet_distance  # noqa: E402
-from condistill.scenes import SHAPES, SyntheticScenes, attribute_labels  # noqa: E402
+from condistill.evaluation.metrics import frechet_distance  # noqa: E402
+from condistill.world.scenes import SHAPES, SyntheticScenes, attribute_labels  # noqa: E402
 
 
 @dataclass
 class TrainJudgeConfig:
     """Everything that determines a judge training run."""
 
-    output_dir: str = "data/judge"
+    output_dir: str = "condistill/assets/judge"
     train_scenes: int = 24000
     heldout_scenes: int = 1000
     resolution: int = 64
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    command = "python recipes/train_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python tools/train_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)
     command = command.strip()
     if args.eval_only:
         out_dir = Path(cfg.output_dir)

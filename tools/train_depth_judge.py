@@ -1,12 +1,12 @@
 """Train the judge's dedicated depth estimator and measure it on held-out scenes.
 
-    python recipes/train_depth_judge.py                    # adds depth_net.* to data/judge (CPU, 1 thread)
-    python recipes/train_depth_judge.py --smoke --output-dir runs/depth-judge-smoke
+    python tools/train_depth_judge.py                    # adds depth_net.* to condistill/assets/judge (CPU, 1 thread)
+    python tools/train_depth_judge.py --smoke --output-dir runs/depth-judge-smoke
 
-The judge network's own depth head (``recipes/train_judge.py``) shares its encoder with the
+The judge network's own depth head (``tools/train_judge.py``) shares its encoder with the
 attribute heads and has 8 channels at full resolution; its aligned error on real held-out
 scenes is a floor under every depth-fidelity figure measured with it. This recipe trains a
-small U-Net (:class:`condistill.judge.DepthNet`) on depth alone, with the same scenes,
+small U-Net (:class:`condistill.world.judge.DepthNet`) on depth alone, with the same scenes,
 colour-preserving degradations and L1 + gradient-L1 loss as the judge, and writes
 ``depth_net.safetensors`` + ``depth_net.json`` into the judge folder. ``load_judge`` then
 uses it for ``judge.depth``; the judge's weights, features and Frechet distances are not
@@ -31,9 +31,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from condistill.judge import DepthNet, DepthNetConfig, load_judge, save_depth_net  # noqa: E402
-from condistill.metrics import depth_error  # noqa: E402
-from condistill.scenes import SyntheticScenes  # noqa: E402
+from condistill.world.judge import DepthNet, DepthNetConfig, load_judge, save_depth_net  # noqa: E402
+from condistill.evaluation.metrics import depth_error  # noqa: E402
+from condistill.world.scenes import SyntheticScenes  # noqa: E402
 from train_judge import TrainJudgeConfig, augment_batch, depth_loss, render_scenes  # noqa: E402
 
 
@@ -41,7 +41,7 @@ from train_judge import TrainJudgeConfig, augment_batch, depth_loss, render_scen
 class TrainDepthConfig:
     """Everything that determines a depth-estimator training run."""
 
-    output_dir: str = "data/judge"
+    output_dir: str = "condistill/assets/judge"
     train_scenes: int = 24000
     heldout_scenes: int = 1000
     steps: int = 1000
@@ -100,7 +100,7 @@ def train(cfg: TrainDepthConfig, command: str) -> dict:
     out_dir = Path(cfg.output_dir)
     if not (out_dir / "judge.safetensors").is_file():
         raise FileNotFoundError(f"{out_dir} holds no judge; the depth estimator is added to an existing judge "
-                                f"folder (train one with `python recipes/train_judge.py --output-dir {out_dir}`)")
+                                f"folder (train one with `python tools/train_judge.py --output-dir {out_dir}`)")
     resolution = load_judge(out_dir).config.resolution
     t0 = time.perf_counter()
     images, depth_np, _, _ = render_scenes("train", cfg.train_scenes, resolution, cfg.seed)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = TrainDepthConfig.smoke(**overrides) if args.smoke else TrainDepthConfig(**overrides)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    command = ("python recipes/train_depth_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = ("python tools/train_depth_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     return train(cfg, command)
 
 

@@ -10,12 +10,12 @@ It answers three questions about an image of the embedded world:
 
 The network works at its training resolution (64 x 64); other sizes are resized to it
 (antialiased bilinear) and depth maps are resized back. Weights live in
-``data/judge/`` (``judge.safetensors`` + ``config.json``) and are made by
-``python recipes/train_judge.py``; see ``docs/judge.md``.
+``condistill/assets/judge/`` (``judge.safetensors`` + ``config.json``) and are made by
+``python tools/train_judge.py``; see ``docs/judge.md``.
 
 Typical use::
 
-    judge = load_judge()                     # data/judge, on CPU
+    judge = load_judge()                     # embedded:judge, on CPU
     judge.predict(images)                    # {"background": [...], "colour": [...], "shape": [...]}
     judge.score(images, prompts)             # prompt adherence accuracies
     judge.features(images)                   # [N, D] for metrics.frechet_distance
@@ -34,16 +34,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from condistill.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, parse_caption
+from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, parse_caption
 
 WEIGHTS_NAME = "judge.safetensors"
 CONFIG_NAME = "config.json"
 DEPTH_WEIGHTS_NAME = "depth_net.safetensors"
 DEPTH_CONFIG_NAME = "depth_net.json"
-DEPTH_RECIPE = "python recipes/train_depth_judge.py"
+DEPTH_RECIPE = "python tools/train_depth_judge.py"
 METRICS_NAME = "metrics.json"
-DEFAULT_PATH = "data/judge"
-TRAIN_RECIPE = "python recipes/train_judge.py"
+DEFAULT_PATH = "embedded:judge"
+TRAIN_RECIPE = "python tools/train_judge.py"
 ATTRIBUTES: tuple[str, ...] = ("background", "colour", "shape")
 
 
@@ -402,7 +402,7 @@ class Judge:
     def score(self, images, prompts: Sequence[str]) -> dict:
         """Prompt adherence: how often the judged attributes match what each prompt names.
 
-        Each prompt is parsed with :func:`condistill.scenes.parse_caption`; an attribute the
+        Each prompt is parsed with :func:`condistill.world.scenes.parse_caption`; an attribute the
         prompt does not name is skipped for that image. Returns accuracies in [0, 1] (or
         ``None`` when no prompt names the attribute) for ``background``, ``colour``
         (main object colour), ``shape`` (main object shape) and ``both`` (background *and*
@@ -441,11 +441,11 @@ def evaluate_on_records(judge: Judge, records: Sequence, images=None) -> dict:
     depth error of ``judge`` on synthetic scene records, against their exact labels and depth.
 
     ``images`` optionally replaces the records' own images (e.g. degraded copies).
-    ``depth_error`` is the scale-and-shift aligned MAE of :func:`condistill.metrics.depth_error`;
+    ``depth_error`` is the scale-and-shift aligned MAE of :func:`condistill.evaluation.metrics.depth_error`;
     ``depth_mae`` is the plain MAE of the raw prediction.
     """
-    from condistill.metrics import depth_error
-    from condistill.scenes import attribute_labels
+    from condistill.evaluation.metrics import depth_error
+    from condistill.world.scenes import attribute_labels
 
     records = list(records)
     if not records:
@@ -467,18 +467,15 @@ def evaluate_on_records(judge: Judge, records: Sequence, images=None) -> dict:
     return out
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def resolve_judge_path(path: str | Path = DEFAULT_PATH) -> Path:
-    """Where a judge folder is: as given if it exists (absolute or from the cwd), else relative
-    to the repository that holds this package."""
+    """The judge folder ``path`` names: a local folder, or a packaged one (``embedded:judge``, the
+    default; see :mod:`condistill.hub`)."""
+    from condistill.hub import embedded_path
+
     p = Path(path)
-    if p.is_absolute() or p.exists():
+    if p.is_dir():
         return p
-    candidate = _repo_root() / p
-    return candidate if candidate.exists() else p
+    return embedded_path(path) or p
 
 
 def save_judge(net: JudgeNet, path: str | Path, extra: dict | None = None) -> Path:
@@ -499,8 +496,8 @@ def save_judge(net: JudgeNet, path: str | Path, extra: dict | None = None) -> Pa
 def load_judge(path: str | Path = DEFAULT_PATH, device: str | torch.device = "cpu", batch_size: int = 256) -> Judge:
     """Load the judge from a folder holding ``judge.safetensors`` and ``config.json``.
 
-    A relative ``path`` is tried from the current directory first, then from the
-    repository root, so the default works from anywhere inside or outside the checkout.
+    ``path`` is a local folder or ``embedded:judge`` (the packaged judge, the default), so the
+    default works from any working directory, with or without a checkout.
     """
     from safetensors.torch import load_file
 
@@ -509,7 +506,7 @@ def load_judge(path: str | Path = DEFAULT_PATH, device: str | torch.device = "cp
     for f in (weights, config_file):
         if not f.is_file():
             raise FileNotFoundError(
-                f"judge file {f} is missing (looked for {path!r} from {Path.cwd()} and from {_repo_root()}); "
+                f"judge file {f} is missing (looked for {path!r} from {Path.cwd()}); "
                 f"train the judge with `{TRAIN_RECIPE} --output-dir {path}` or pass the folder that holds "
                 f"{WEIGHTS_NAME} and {CONFIG_NAME}"
             )

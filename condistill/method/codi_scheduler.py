@@ -7,7 +7,7 @@
     image = pipe(prompt, image=control, num_inference_steps=4, guidance_scale=1.0).images[0]
 
 Sampling uses K timesteps taken from the SAME N-point skip grid the student was distilled on
-(:func:`condistill.schedule.skip_grid` / :func:`condistill.schedule.sampling_timesteps`).  At each
+(:func:`condistill.method.schedule.skip_grid` / :func:`condistill.method.schedule.sampling_timesteps`).  At each
 timestep ``t`` with model output ``out``::
 
     x0_est = F(z, t) = c_skip(t) z + c_out(t) x0_hat(out, z, t)

@@ -4,7 +4,7 @@ Loads the teacher with plain ``diffusers.StableDiffusionPipeline`` (DDIM, classi
 guidance), samples one image per held-out scene caption (fixed seed per prompt, batched),
 then reports, as JSON:
 
-* ``judge``: accuracies of the trained judge (``data/judge``) on background colour, main
+* ``judge``: accuracies of the trained judge (``condistill/assets/judge``) on background colour, main
   object colour, both, and shape, against each prompt (``Judge.score``);
 * ``frechet_distance``: Frechet distance between judge features of the samples and of the
   real held-out scenes with the same captions;
@@ -13,7 +13,7 @@ then reports, as JSON:
 
 It also saves a grid of the first samples with their prompts. The documented figures::
 
-    python recipes/evaluate_teacher.py --model data/tiny-teacher
+    python tools/evaluate_teacher.py --model condistill/assets/tiny-teacher
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from condistill.scenes import SyntheticScenes  # noqa: E402
-from condistill.teacher import heuristic_score  # noqa: E402
+from condistill.world.scenes import SyntheticScenes  # noqa: E402
+from worldbuild.teacher import heuristic_score  # noqa: E402
 
 
 @dataclass
 class EvalConfig:
-    model: str = "data/tiny-teacher"
-    judge: str = "data/judge"
+    model: str = "condistill/assets/tiny-teacher"
+    judge: str = "condistill/assets/judge"
     num_prompts: int = 256
     steps: int = 50
     guidance_scale: float = 4.0
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d["model"].default, help="diffusers Stable Diffusion folder of the teacher")
-    p.add_argument("--judge", default=d["judge"].default, help="judge folder (data/judge); skipped if missing")
+    p.add_argument("--judge", default=d["judge"].default, help="judge folder (condistill/assets/judge); skipped if missing")
     p.add_argument("--num-prompts", type=int, default=d["num_prompts"].default,
                    help="held-out captions to sample (SyntheticScenes('heldout') indices 0..N-1)")
     p.add_argument("--steps", type=int, default=d["steps"].default, help="DDIM sampling steps")
@@ -137,15 +137,15 @@ def run(cfg: EvalConfig, log=print) -> dict:
                     "heuristic_on_real_scenes": heuristic_score(real, prompts)}
     judge_path = Path(cfg.judge)
     if (judge_path / "config.json").exists():
-        from condistill.judge import load_judge
-        from condistill.metrics import frechet_distance
+        from condistill.world.judge import load_judge
+        from condistill.evaluation.metrics import frechet_distance
 
         judge = load_judge(cfg.judge)
         result["judge"] = judge.score(images, prompts)
         result["judge_on_real_scenes"] = judge.score(real, prompts)
         result["frechet_distance"] = frechet_distance(judge.features(images), judge.features(real))
     elif cfg.require_judge:
-        raise FileNotFoundError(f"no judge at {cfg.judge!r} (train it with recipes/train_judge.py)")
+        raise FileNotFoundError(f"no judge at {cfg.judge!r} (train it with tools/train_judge.py)")
     else:
         log(f"judge folder {cfg.judge!r} not found: reporting only the pixel heuristic")
         result["judge"] = None

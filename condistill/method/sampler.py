@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from condistill.losses import guided_output
-from condistill.scheduler import CoDiScheduler
+from condistill.method.losses import guided_output
+from condistill.method.codi_scheduler import CoDiScheduler
 
 ModelFn = Callable[..., torch.Tensor]
 

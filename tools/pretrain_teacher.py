@@ -11,19 +11,19 @@ scheduler, model_index.json) that loads with plain ``StableDiffusionPipeline``:
 4. save the folder plus ``training_config.json`` (resolved config) and
    ``training_summary.json`` (losses, timings, parameter counts).
 
-The committed ``data/tiny-teacher`` is exactly::
+The committed ``condistill/assets/tiny-teacher`` is exactly::
 
-    python recipes/pretrain_teacher.py --output-dir data/tiny-teacher
+    python tools/pretrain_teacher.py --output-dir condistill/assets/tiny-teacher
 
 Continue training an existing teacher (its VAE and scaling factor are kept; only the
 UNet and text encoder train further, from their saved weights)::
 
-    python recipes/pretrain_teacher.py --init-from data/tiny-teacher --unet-steps 4000 --lr 5e-4 \
+    python tools/pretrain_teacher.py --init-from condistill/assets/tiny-teacher --unet-steps 4000 --lr 5e-4 \
         --output-dir runs/teacher-continued
 
 Smoke test (seconds)::
 
-    python recipes/pretrain_teacher.py --output-dir /tmp/t --vae-steps 2 --unet-steps 2 --num-scenes 16
+    python tools/pretrain_teacher.py --output-dir /tmp/t --vae-steps 2 --unet-steps 2 --num-scenes 16
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from condistill import teacher as T  # noqa: E402
+from worldbuild import teacher as T  # noqa: E402
 
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = "data/tiny-teacher"
+    output_dir: str = "condistill/assets/tiny-teacher"
     num_scenes: int = 10000
     seed: int = 0
     workers: int = 2

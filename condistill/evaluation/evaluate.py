@@ -12,7 +12,7 @@ scored with the same metrics:
   batch; rows cheaper than ``TIMING_SECONDS`` are timed over several passes and the median
   pass counts;
 - optional, only when their packages and weights are already on the machine (never
-  downloaded; see :mod:`condistill.optional_metrics`): LPIPS against the ground truth (sr,
+  downloaded; see :mod:`condistill.evaluation.third_party`): LPIPS against the ground truth (sr,
   inpaint) and FID on Inception features. Skipped ones are listed with the reason in
   ``report["skipped_metrics"]`` and under the table in ``results.md``.
 """
@@ -29,14 +29,14 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from condistill.base import load_base
+from condistill.frozen import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.export import adapter_sampler, load_student, read_adapter_config
+from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
 from condistill.plots import grid, to_pil
-from condistill.sampling import sample_images
-from condistill.train import make_model_fn
+from condistill.method.sampler import sample_images
+from condistill.training.loop import make_model_fn
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
 # while their total stays under TIMING_SECONDS, at most MAX_TIMING_PASSES of them.
@@ -141,7 +141,7 @@ def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, stude
 def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_features: torch.Tensor,
           condition=None) -> dict:
     """All metrics of generated ``images [N,3,H,W]`` in [0,1] against the held-out ``data``."""
-    from condistill import metrics
+    from condistill.evaluation import metrics
 
     real = (data["pixel_values"] + 1) / 2
     out = {
@@ -172,7 +172,7 @@ def evaluate(
     num_images: int = 256,
     batch_size: int = 64,
     seed: int = 0,
-    judge_path: str = "data/judge",
+    judge_path: str = "embedded:judge",
     out_dir: str | Path | None = None,
     grid_count: int = 8,
     device: str = "cpu",
@@ -187,8 +187,8 @@ def evaluate(
     Each unavailable optional metric (LPIPS, FID on Inception features) is reported once
     through ``log`` (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``.
     """
-    from condistill.judge import load_judge
-    from condistill.optional_metrics import OptionalMetrics
+    from condistill.world.judge import load_judge
+    from condistill.evaluation.third_party import OptionalMetrics
 
     adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
     if base is None:

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from condistill.base import NOISE_SCHEDULE_KEYS
+from condistill.frozen import NOISE_SCHEDULE_KEYS
 
 __all__ = [
     "CONFIG_NAME",
@@ -84,7 +84,8 @@ def _jsonable(value, what: str):
 
 def _noise_schedule_from_base(base_name_or_path: str) -> dict[str, Any] | None:
     """The base's noise-schedule keys when its scheduler config can be found locally, else None."""
-    from condistill.base import _NOISE_SCHEDULE_DEFAULTS, resolve_pretrained_dir
+    from condistill.frozen import NOISE_SCHEDULE_DEFAULTS
+    from condistill.hub import resolve_pretrained_dir
 
     try:
         root = resolve_pretrained_dir(base_name_or_path, what="base model")
@@ -94,14 +95,14 @@ def _noise_schedule_from_base(base_name_or_path: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     cfg = json.loads(path.read_text())
-    return {k: cfg.get(k, _NOISE_SCHEDULE_DEFAULTS[k]) for k in NOISE_SCHEDULE_KEYS}
+    return {k: cfg.get(k, NOISE_SCHEDULE_DEFAULTS[k]) for k in NOISE_SCHEDULE_KEYS}
 
 
 def _write_scheduler_config(out_dir: Path, config: dict[str, Any]) -> None:
     folder = out_dir / SCHEDULER_SUBFOLDER
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        from condistill.scheduler import CoDiScheduler
+        from condistill.method.codi_scheduler import CoDiScheduler
     except ImportError:  # scheduler module unavailable: write the config dict diffusers-style
         data = {"_class_name": "CoDiScheduler", **config}
         (folder / "scheduler_config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -150,7 +151,7 @@ def save_adapter(
     Returns:
         ``Path(out_dir)``.
     """
-    from condistill.schedule import normalize_prediction_type
+    from condistill.method.schedule import normalize_prediction_type
 
     kind = getattr(student, "kind", "")
     if not kind or not hasattr(student, "save_weights"):
@@ -225,13 +226,13 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
             return candidate
     raise FileNotFoundError(
         f"No {CONFIG_NAME} in {path} or {path / 'adapter'}. Pass a folder written by "
-        "condistill.export.save_adapter (or a distillation run folder)."
+        "condistill.adapters.save_load.save_adapter (or a distillation run folder)."
     )
 
 
 def adapter_sampler(path: str | os.PathLike) -> str:
     """The few-step sampler an adapter folder asks for: ``"codi-stochastic"`` when its saved
-    scheduler re-noises between steps, else ``"codi"`` (names of :func:`condistill.sampling.make_scheduler`)."""
+    scheduler re-noises between steps, else ``"codi"`` (names of :func:`condistill.method.sampler.make_scheduler`)."""
     file = find_adapter_dir(path) / SCHEDULER_SUBFOLDER / "scheduler_config.json"
     stochastic = file.is_file() and bool(json.loads(file.read_text()).get("stochastic", False))
     return "codi-stochastic" if stochastic else "codi"
@@ -256,7 +257,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ValueError(
             f"{file} is missing required key(s) {missing}; it was not written by "
-            "condistill.export.save_adapter or is damaged. Re-export the adapter."
+            "condistill.adapters.save_load.save_adapter or is damaged. Re-export the adapter."
         )
     unknown = sorted(set(config) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
@@ -302,13 +303,13 @@ def load_student_weights(student, path: str | os.PathLike) -> None:
 
 
 def load_student(path: str | os.PathLike, base, check_base: bool = True):
-    """Rebuild the student saved in ``path`` around ``base`` (a :class:`condistill.base.Base`) and load its weights.
+    """Rebuild the student saved in ``path`` around ``base`` (a :class:`condistill.frozen.Base`) and load its weights.
 
     Raises:
         ValueError: the base's fingerprint differs from the one recorded with the adapter.
     """
     from condistill.adapters import build_student
-    from condistill.base import fingerprint_mismatch
+    from condistill.frozen import fingerprint_mismatch
 
     config = read_adapter_config(path)
     if check_base:

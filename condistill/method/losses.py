@@ -233,7 +233,7 @@ def codi_loss(
         z0: ``[B, C, H, W]`` clean latents.
         noise: ``[B, C, H, W]`` standard normal noise.
         grid_index: LongTensor ``[B]``, values in ``[1, N-1]`` (:func:`sample_grid_index`).
-        grid: LongTensor ``[N]`` from :func:`condistill.schedule.skip_grid`.
+        grid: LongTensor ``[N]`` from :func:`condistill.method.schedule.skip_grid`.
         alphas_cumprod: ``[T]`` teacher ``abar``.
         prediction_type: teacher's prediction type (aliases accepted).
         distance: ``"l2"`` or ``"huber"`` (see :func:`distance`).

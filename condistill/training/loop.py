@@ -1,6 +1,6 @@
 """The training loop: frozen base + trainable adapter + condition + data -> adapter files.
 
-One visible loop (``distill``); the loss itself is the pure ``condistill.losses.codi_loss``
+One visible loop (``distill``); the loss itself is the pure ``condistill.method.losses.codi_loss``
 and every random draw of step ``i`` comes from a generator seeded by ``(seed, i)``, so a
 resumed run replays exactly what an uninterrupted one would have done.
 """
@@ -19,17 +19,17 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from condistill.adapters import build_student
-from condistill.base import load_base
-from condistill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from condistill.frozen import load_base
+from condistill.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from condistill.conditions import get_condition
 from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.ema import EMA
-from condistill.export import save_adapter
-from condistill.losses import codi_loss, diffusion_loss, guided_output, sample_grid_index
+from condistill.training.ema import EMA
+from condistill.adapters.save_load import save_adapter
+from condistill.method.losses import codi_loss, diffusion_loss, guided_output, sample_grid_index
 from condistill.plots import plot_loss_curve, save_validation_grid
-from condistill.schedule import skip_grid
+from condistill.method.schedule import skip_grid
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -248,7 +248,7 @@ def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int
 
 @torch.no_grad()
 def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig) -> Path:
-    from condistill.sampling import sample_images
+    from condistill.method.sampler import sample_images
 
     student.eval()
     device = base.device

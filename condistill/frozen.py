@@ -15,15 +15,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from condistill.schedule import make_alphas_cumprod, normalize_prediction_type
+from condistill.hub import resolve_pretrained_dir
+from condistill.method.schedule import make_alphas_cumprod, normalize_prediction_type
 
 __all__ = [
     "Base",
     "load_base",
     "compute_fingerprint",
     "fingerprint_mismatch",
-    "resolve_pretrained_dir",
     "NOISE_SCHEDULE_KEYS",
+    "NOISE_SCHEDULE_DEFAULTS",
 ]
 
 #: Scheduler config keys that define the teacher's noise schedule (copied into the few-step
@@ -37,7 +38,7 @@ NOISE_SCHEDULE_KEYS = (
     "rescale_betas_zero_snr",
 )
 
-_NOISE_SCHEDULE_DEFAULTS = {
+NOISE_SCHEDULE_DEFAULTS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
@@ -45,97 +46,6 @@ _NOISE_SCHEDULE_DEFAULTS = {
     "trained_betas": None,
     "rescale_betas_zero_snr": False,
 }
-
-
-# --------------------------------------------------------------------------------------
-# path resolution (local folder or hub id in the local cache)
-# --------------------------------------------------------------------------------------
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_offline() -> bool:
-    """Offline mode, read from the environment at call time (huggingface_hub reads it at import)."""
-    from huggingface_hub import constants
-
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> str:
-    """The hub cache folder, read from the environment at call time."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return constants.HF_HUB_CACHE
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1:
-        return False
-    org, repo = name.split("/")
-    return bool(org) and bool(repo)
-
-
-def resolve_pretrained_dir(name_or_path: str | os.PathLike, revision: str | None = None, what: str = "model") -> Path:
-    """Return a local folder for ``name_or_path``: the folder itself, or a hub snapshot.
-
-    A local folder is used as is. Otherwise ``name_or_path`` must look like a hub repo id
-    (``"org/name"``); it is first looked up in the local Hugging Face cache (``HF_HUB_CACHE``,
-    else ``HF_HOME/hub``, read at call time), and downloaded with
-    ``huggingface_hub.snapshot_download`` only when the hub is not in offline mode
-    (``HF_HUB_OFFLINE=1`` forbids downloads).
-
-    Args:
-        name_or_path: a local folder or a hub repo id.
-        revision: branch, tag or commit of the hub repo (ignored for local folders).
-        what: what is being loaded, for the error message ("base model", "adapter").
-
-    Raises:
-        FileNotFoundError: when neither a local folder nor a cached / downloadable repo is found;
-            the message says how to pass a local path.
-    """
-    name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(
-            f"The {what} {name!r} is a file, not a folder. Pass the folder that contains it "
-            "(a diffusers folder with model_index.json / config files)."
-        )
-    hint = (
-        f"Pass the path of a local folder, or a hub repo id ('org/name') that is in the local "
-        f"Hugging Face cache ({_hub_cache_dir()}); download it beforehand with "
-        f"`huggingface-cli download <repo_id>` on a machine with internet access and set "
-        f"HF_HOME/HF_HUB_CACHE to that cache."
-    )
-    if not _looks_like_repo_id(name):
-        raise FileNotFoundError(f"The {what} {name!r} is not an existing local folder. {hint}")
-
-    from huggingface_hub import snapshot_download
-
-    cache_dir = _hub_cache_dir()
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except Exception as cached_error:  # noqa: BLE001 - any failure means "not cached"
-        if _hub_offline():
-            raise FileNotFoundError(
-                f"The {what} {name!r} is neither a local folder nor in the Hugging Face cache "
-                f"{cache_dir!r} (revision {revision or 'main'}), and HF_HUB_OFFLINE=1 forbids "
-                f"downloading it. {hint}"
-            ) from cached_error
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir))
-    except Exception as error:  # noqa: BLE001
-        raise FileNotFoundError(
-            f"The {what} {name!r} is not a local folder and could not be downloaded from the "
-            f"Hugging Face hub ({type(error).__name__}: {error}). {hint}"
-        ) from error
 
 
 # --------------------------------------------------------------------------------------
@@ -240,12 +150,12 @@ class Base:
         """The noise-schedule part of the teacher's scheduler config (keys :data:`NOISE_SCHEDULE_KEYS`).
 
         Missing keys get diffusers' scheduler defaults. Pass the result as ``noise_schedule`` to
-        :func:`condistill.export.save_adapter` so the exported few-step scheduler uses exactly
+        :func:`condistill.adapters.save_load.save_adapter` so the exported few-step scheduler uses exactly
         the teacher's ``abar_t``.
         """
         out = {}
         for key in NOISE_SCHEDULE_KEYS:
-            value = self.scheduler_config.get(key, _NOISE_SCHEDULE_DEFAULTS[key])
+            value = self.scheduler_config.get(key, NOISE_SCHEDULE_DEFAULTS[key])
             out[key] = list(value) if isinstance(value, (tuple, list)) else value
         return out
 
@@ -368,7 +278,7 @@ def load_base(
             f"The base {os.fspath(name_or_path)!r} predicts {prediction_type!r}; condistill supports "
             "'epsilon' (SD 1.x) and 'v_prediction' (SD 2.x) teachers."
         )
-    schedule = {k: scheduler_config.get(k, _NOISE_SCHEDULE_DEFAULTS[k]) for k in NOISE_SCHEDULE_KEYS}
+    schedule = {k: scheduler_config.get(k, NOISE_SCHEDULE_DEFAULTS[k]) for k in NOISE_SCHEDULE_KEYS}
     alphas_cumprod = make_alphas_cumprod(**schedule)
 
     vae = _freeze(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))

@@ -1,10 +1,10 @@
 """Building blocks of the tiny embedded text-to-image teacher.
 
 The teacher is a real (small) Stable-Diffusion-style latent diffusion model in the
-standard diffusers layout, trained from scratch on :mod:`condistill.scenes`:
+standard diffusers layout, trained from scratch on :mod:`condistill.world.scenes`:
 
 * tokenizer: a ``transformers.CLIPTokenizer`` whose byte-level BPE files are generated
-  offline from :func:`condistill.scenes.vocabulary` so every scene word is one token;
+  offline from :func:`condistill.world.scenes.vocabulary` so every scene word is one token;
 * text encoder: ``CLIPTextModel`` built from a small ``CLIPTextConfig``;
 * VAE: ``AutoencoderKL`` that downsamples by 4 (64x64 RGB -> 4x16x16 latents);
 * UNet: ``UNet2DConditionModel`` with cross-attention on the text encoder, epsilon
@@ -12,7 +12,7 @@ standard diffusers layout, trained from scratch on :mod:`condistill.scenes`:
 * scheduler: the SD-1.x noise schedule (scaled_linear, 0.00085..0.012, 1000 steps),
   stored as a ``PNDMScheduler`` config exactly like real SD 1.5 folders.
 
-``recipes/pretrain_teacher.py`` wires these together; nothing here is specific to a
+``tools/pretrain_teacher.py`` wires these together; nothing here is specific to a
 command line. The saved folder loads with plain ``diffusers.StableDiffusionPipeline``
 and needs no condistill import.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from condistill.scenes import generate_scene, vocabulary
+from condistill.world.scenes import generate_scene, vocabulary
 
 SPECIAL_BOS = "<|startoftext|>"
 SPECIAL_EOS = "<|endoftext|>"
@@ -153,7 +153,7 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 # --------------------------------------------------------------------------- model configs
 @dataclass
 class TeacherArchitecture:
-    """Sizes of the teacher's networks (defaults: the committed ``data/tiny-teacher``)."""
+    """Sizes of the teacher's networks (defaults: the committed ``condistill/assets/tiny-teacher``)."""
 
     resolution: int = 64
     # text encoder
@@ -832,7 +832,7 @@ def folder_size_bytes(path: str | Path) -> int:
 # --------------------------------------------------------------------------- pixel heuristic
 def _palette_variants() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Colours a wall/floor/object of each palette entry can take in a scene (see scenes.py)."""
-    from condistill.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS
+    from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS
 
     bg_cols, bg_ids = [], []
     for i, c in enumerate(BACKGROUND_COLOURS.values()):
@@ -860,7 +860,7 @@ def pixel_attributes(image, max_distance: float = 60.0, min_pixels: int = 12) ->
     sanity check of generated samples (validated against real scenes by the evaluation
     recipe); the trained judge is the real measure.
     """
-    from condistill.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS
+    from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS
 
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -893,7 +893,7 @@ def pixel_attributes(image, max_distance: float = 60.0, min_pixels: int = 12) ->
 
 def heuristic_score(images, prompts: Sequence[str]) -> dict:
     """Fraction of images whose :func:`pixel_attributes` match what each prompt names."""
-    from condistill.scenes import parse_caption
+    from condistill.world.scenes import parse_caption
 
     images, prompts = list(images), list(prompts)
     if len(images) != len(prompts):

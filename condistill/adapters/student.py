@@ -72,12 +72,12 @@ def build_student(kind: str, unet, condition_channels: int, **options) -> "Stude
     Args:
         kind: a registered adapter name (:func:`available_adapters`): ``"controlnet"``,
             ``"t2i_adapter"`` or ``"lora"``.
-        unet: the teacher's ``UNet2DConditionModel``, or a :class:`condistill.base.Base`
+        unet: the teacher's ``UNet2DConditionModel``, or a :class:`condistill.frozen.Base`
             (then its UNet and ``vae_scale_factor`` are used).
         condition_channels: channels ``C`` of the condition tensor ``[B, C, H, W]``.
         **options: kind-specific options (see each class), plus ``vae_scale_factor``
             (pixels per latent pixel, 8 for SD): taken from the base when a
-            :class:`~condistill.base.Base` is passed, required with a bare UNet.
+            :class:`~condistill.frozen.Base` is passed, required with a bare UNet.
 
     Trainable parameter names (:meth:`Student.trainable_named_parameters`) are the student's
     own ``named_parameters()`` names (``controlnet.*``, ``adapter.*``, ``unet.*lora*``), so an
@@ -88,7 +88,7 @@ def build_student(kind: str, unet, condition_channels: int, **options) -> "Stude
         the student's own forward, so the UNet called directly stays the teacher.
     """
     cls = get_adapter_class(kind)
-    from condistill.base import Base
+    from condistill.frozen import Base
 
     if isinstance(unet, Base):
         base_factor = unet.vae_scale_factor
@@ -121,7 +121,7 @@ def check_state_dict_keys(expected: Iterable[str], found: Iterable[str], source:
     raise AdapterWeightsError(
         f"The weights in {source} do not fit this student: " + "; ".join(parts) + ". "
         "Build the student with the same adapter kind, options and base as the saved adapter "
-        "(condistill.export.load_student does this from condistill_config.json)."
+        "(condistill.adapters.save_load.load_student does this from condistill_config.json)."
     )
 
 
@@ -157,7 +157,7 @@ def load_safetensors_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def _pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
     """Folder holding ``config_name`` for a pretrained adapter: ``path`` itself or ``path/subfolder``."""
-    from condistill.base import resolve_pretrained_dir
+    from condistill.hub import resolve_pretrained_dir
 
     root = resolve_pretrained_dir(name_or_path, revision=revision, what=f"pretrained {subfolder}")
     for candidate in (root, root / subfolder, root / "adapter" / subfolder):

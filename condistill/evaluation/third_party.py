@@ -218,7 +218,7 @@ def inception_features(images: torch.Tensor, net: Callable | None = None, *, dev
 def fid_inception(images: torch.Tensor, reference: torch.Tensor, net: Callable | None = None, *,
                   device: str | torch.device = "cpu", batch_size: int = 32) -> float:
     """FID between generated ``images`` and real ``reference`` images (both ``[N, 3, H, W]`` in [0, 1])."""
-    from condistill.metrics import frechet_distance
+    from condistill.evaluation.metrics import frechet_distance
 
     if net is None:
         net = load_inception(device)
@@ -283,7 +283,7 @@ class OptionalMetrics:
         if "lpips" in self.wanted and (net := self._net("lpips")) is not None:
             out["lpips"] = lpips_distance(images, real, net, device=self.device, batch_size=self.batch_size)
         if (net := self._net("fid_inception")) is not None:
-            from condistill.metrics import frechet_distance
+            from condistill.evaluation.metrics import frechet_distance
 
             if self._real is None or not (self._real[0] is real or (self._real[0].shape == real.shape
                                                                    and torch.equal(self._real[0], real))):
