@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from condistill.frozen import NOISE_SCHEDULE_KEYS
+from condistill.utils import jsonable
 
 __all__ = [
     "CONFIG_NAME",
@@ -73,13 +74,6 @@ def _major(version: str) -> int:
     head = str(version).strip().lstrip("vV").split(".")[0]
     digits = "".join(ch for ch in head if ch.isdigit())
     return int(digits) if digits else 0
-
-
-def _jsonable(value, what: str):
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{what} must be JSON-serialisable (plain dicts, lists, numbers, strings): {error}") from None
 
 
 def _noise_schedule_from_base(base_name_or_path: str) -> dict[str, Any] | None:
@@ -163,7 +157,7 @@ def save_adapter(
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int (pixels), got {resolution!r}.")
     prediction_type = normalize_prediction_type(prediction_type)
-    fingerprint = _jsonable(dict(base_fingerprint), "base_fingerprint")
+    fingerprint = jsonable(dict(base_fingerprint), "base_fingerprint")
     if fingerprint.get("prediction_type", prediction_type) != prediction_type:
         raise ValueError(
             f"prediction_type {prediction_type!r} differs from the base fingerprint's "
@@ -183,7 +177,7 @@ def save_adapter(
         timestep_scaling=10.0,
         stochastic=bool(stochastic),
     )
-    scheduler_config = _jsonable(scheduler_config, "noise_schedule")
+    scheduler_config = jsonable(scheduler_config, "noise_schedule")
     _write_scheduler_config(out, scheduler_config)
 
     config = {
@@ -194,17 +188,17 @@ def save_adapter(
         # absolute path of a local base folder: found again when loading from another directory
         "base_resolved_path": str(Path(base_name_or_path).resolve()) if Path(base_name_or_path).is_dir() else None,
         "condition_name": condition_name,
-        "condition_config": _jsonable(dict(condition_config), "condition_config"),
+        "condition_config": jsonable(dict(condition_config), "condition_config"),
         "num_grid": num_grid,
         "prediction_type": prediction_type,
         "recommended_steps": recommended_steps,
         "recommended_guidance": float(recommended_guidance),
         "resolution": resolution,
         "weight_files": dict(weight_files),
-        "adapter_options": _jsonable(student.adapter_options, "adapter_options"),
+        "adapter_options": jsonable(student.adapter_options, "adapter_options"),
         "scheduler": f"{SCHEDULER_SUBFOLDER}/scheduler_config.json",
         "initialized_from": student.initialized_from,
-        "extra": _jsonable(dict(extra or {}), "extra"),
+        "extra": jsonable(dict(extra or {}), "extra"),
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

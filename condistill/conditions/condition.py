@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from condistill.data.record import Record
+from condistill.utils import jsonable
 
 __all__ = [
     "Condition",
@@ -190,7 +191,7 @@ class Condition(abc.ABC):
         """
         out: dict[str, Any] = {"name": self.name}
         for key in self.option_names():
-            out[key] = _jsonable(getattr(self, key))
+            out[key] = jsonable(getattr(self, key), f"condition option {key}")
         return out
 
     @classmethod
@@ -305,11 +306,6 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def make_rng(seed: int, salt: int) -> np.random.Generator:
-    """A NumPy generator that depends only on ``(seed, salt)`` (salt separates conditions)."""
-    return np.random.default_rng([check_seed(seed), salt])
-
-
 def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
     """``uint8 [H, W, C]`` (or ``[H, W]``) array -> ``float32 [C, H, W]`` tensor in ``[0, 1]``."""
     if array.ndim == 2:
@@ -359,15 +355,3 @@ def import_controlnet_aux(attribute: str) -> Any:
                 f"this condition needs controlnet-aux ({attribute}); install it with `pip install controlnet-aux`"
             ) from err
     return getattr(controlnet_aux, attribute)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"condition option value {value!r} is not JSON-serialisable")

@@ -17,13 +17,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from condistill.conditions.condition import (
+    check_seed,
     Condition,
     check_probability,
-    make_rng,
     register_condition,
     uint8_to_tensor,
 )
 from condistill.data.record import Record
+from condistill.seeding import numpy_rng
 
 __all__ = ["InpaintCondition"]
 
@@ -140,7 +141,7 @@ class InpaintCondition(Condition):
                 f"a {height}x{width} image has no whole number of pixels covering "
                 f"[{self.min_coverage}, {self.max_coverage}] of its area; widen the coverage range"
             )
-        rng = make_rng(seed, _SALT)
+        rng = numpy_rng(check_seed(seed), _SALT)
         target = int(rng.integers(n_min, n_max + 1))
         mask = np.zeros((height, width), dtype=bool)
         count = 0

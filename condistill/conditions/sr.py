@@ -17,14 +17,15 @@ import torch
 from PIL import Image, ImageFilter
 
 from condistill.conditions.condition import (
+    check_seed,
     Condition,
     check_probability,
     check_range,
-    make_rng,
     register_condition,
     uint8_to_tensor,
 )
 from condistill.data.record import Record
+from condistill.seeding import numpy_rng
 
 __all__ = ["SRCondition", "bicubic_upscale"]
 
@@ -101,7 +102,7 @@ class SRCondition(Condition):
         random number is drawn whatever the outcome, so changing one probability does
         not reshuffle the other choices.
         """
-        rng = make_rng(seed, _SALT)
+        rng = numpy_rng(check_seed(seed), _SALT)
         scale = self.scales[int(rng.integers(len(self.scales)))]
         do_blur, do_noise, do_jpeg = rng.random(3)
         sigma = float(rng.uniform(*self.blur_sigma))
@@ -132,7 +133,7 @@ class SRCondition(Condition):
         low_size = (max(1, round(width / params["scale"])), max(1, round(height / params["scale"])))
         low = hr.resize(low_size, _RESAMPLE[self.downsample])
         if params["noise_std"] > 0:
-            noise_rng = np.random.default_rng(params["noise_seed"])
+            noise_rng = numpy_rng(params["noise_seed"])
             pixels = np.asarray(low, dtype=np.float32) / 255.0
             pixels = pixels + noise_rng.normal(0.0, params["noise_std"], pixels.shape).astype(np.float32)
             low = Image.fromarray(np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8), "RGB")

@@ -4,7 +4,7 @@ Every source yields :class:`Record` objects with clean ``resolution x resolution
 images; :func:`open_source` picks one from a short spec, and :class:`ConditionDataset`
 turns a source plus a condition into the tensors the training loop reads.
 """
-from condistill.data.dataset import ConditionDataset, collate, derive_seed, image_to_tensor
+from condistill.data.dataset import ConditionDataset, collate, image_to_tensor
 from condistill.data.images import (
     IMAGE_EXTENSIONS,
     EmptySourceError,
@@ -39,7 +39,6 @@ __all__ = [
     "expand_braces",
     "ConditionDataset",
     "collate",
-    "derive_seed",
     "image_to_tensor",
     "ImageSanitizer",
     "SourceStats",

@@ -11,19 +11,9 @@ from torch.utils.data import Dataset
 from condistill.data.images import EmptySourceError
 from condistill.data.record import Record
 from condistill.data.sources import DataSource, IndexedSource, RecordSequenceSource
+from condistill.seeding import derive_seed
 
-__all__ = ["ConditionDataset", "collate", "derive_seed", "image_to_tensor"]
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A per-item seed in ``[0, 2**31)`` that depends only on ``(seed, index)``.
-
-    Neighbouring indices and seeds give unrelated values (``numpy.random.SeedSequence``
-    mixing), so per-item randomness does not correlate across items.
-    """
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] >> 1)
+__all__ = ["ConditionDataset", "collate", "image_to_tensor"]
 
 
 def image_to_tensor(image) -> torch.Tensor:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from condistill.seeding import numpy_rng, text_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -317,7 +318,7 @@ def _on_white(rgba: Image.Image) -> Image.Image:
 
 def key_rng(seed: int, key: str) -> np.random.Generator:
     """A generator seeded by ``(seed, key)``: deterministic per item, independent of order."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(key.encode("utf-8"))])
+    return numpy_rng(int(seed) & 0xFFFFFFFF, text_key(key))
 
 
 def crop_box(

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, LCMScheduler
 
 from condistill.method.losses import guided_output
 from condistill.method.codi_scheduler import CoDiScheduler
+from condistill.seeding import torch_generator
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -90,7 +91,7 @@ def sample_images(
     uncond = base.encode_prompts([""])
     scheduler = make_scheduler(base, sampler, num_grid=num_grid)
     h = base.resolution // base.vae_scale_factor
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, h, h), text, uncond,
                        num_steps, guidance_scale=guidance_scale, generator=generator, device=device,
                        dtype=text.dtype, **model_kwargs)

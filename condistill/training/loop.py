@@ -30,6 +30,7 @@ from condistill.adapters.save_load import save_adapter
 from condistill.method.losses import codi_loss, diffusion_loss, guided_output, sample_grid_index
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.method.schedule import skip_grid
+from condistill.seeding import BATCH_ORDER_STRIDE, STEP_STRIDE, torch_generator
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,7 +50,7 @@ class StepBatchSampler(Sampler):
         out = []
         for pos in range(first, first + self.batch_size):
             epoch, i = divmod(pos, self.size)
-            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            perm = torch.randperm(self.size, generator=torch_generator(self.seed, epoch, BATCH_ORDER_STRIDE))
             out.append(int(perm[i]))
         return out
 
@@ -79,7 +80,7 @@ def make_model_fn(model, features, batch: int, use_adapter: bool = True):
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+    return torch_generator(seed, micro_step, STEP_STRIDE)
 
 
 def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, alphas, uncond, micro_step):

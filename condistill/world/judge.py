@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from condistill.utils import count_parameters
 from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, parse_caption
 
 WEIGHTS_NAME = "judge.safetensors"
@@ -278,10 +279,6 @@ class DepthNet(nn.Module):
         for block, skip in zip(self.up, (skips[2], skips[1], torch.cat([skips[0], x], dim=1))):
             y = block(torch.cat([_up_to(y, skip), skip], dim=1))
         return torch.sigmoid(self.out(y)).squeeze(1)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def images_to_tensor(images) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from condistill.data.record import Record
+from condistill.seeding import numpy_rng
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -129,7 +130,7 @@ def generate_scene(index: int, split: str = "train", resolution: int = 64, seed:
         raise ValueError(f"resolution must be at least 16 pixels, got {resolution}")
     if index < 0:
         raise ValueError(f"scene index must be >= 0, got {index}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    rng = numpy_rng(seed, SPLITS[split], index)
     R = resolution
     yy, xx = np.mgrid[0:R, 0:R].astype(np.float32) + 0.5
 

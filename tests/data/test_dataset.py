@@ -19,8 +19,8 @@ from condistill.data import (
     SyntheticSource,
     WebDatasetSource,
     collate,
-    derive_seed,
 )
+from condistill.seeding import derive_seed
 
 RES = 32
 

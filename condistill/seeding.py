@@ -1,0 +1,61 @@
+"""Every random stream of condistill, derived from the run's seed in one place.
+
+A stream is named by a tuple of non-negative integers: the run's seed first, then what the
+stream is for (a salt, a split, an index, a crc32 of a text key). Two rules derive from it:
+
+* NumPy streams and integer seeds mix the whole tuple with ``numpy.random.SeedSequence``
+  (:func:`numpy_rng`, :func:`derive_seed`), so neighbouring seeds and indices give unrelated
+  draws;
+* torch streams (:func:`torch_generator`) are seeded ``seed * stride + index``, with one stride
+  per stream (:data:`BATCH_ORDER_STRIDE`, :data:`STEP_STRIDE`). They are the training loop's
+  batch order and per-step draws; their seeds stay linear in ``(seed, step)`` so that every
+  recorded run and resumed run replays bit-identically.
+
+Item ``i`` of a dataset, step ``k`` of a run and scene ``j`` of a split are therefore pure
+functions of the seed, whatever process, worker or resume computes them.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+__all__ = ["BATCH_ORDER_STRIDE", "STEP_STRIDE", "derive_seed", "numpy_rng", "text_key", "torch_generator"]
+
+#: stride of the per-epoch permutation of the training data
+BATCH_ORDER_STRIDE = 7919
+#: stride of the per-micro-step draws (noise, grid index, caption dropout, guidance scale)
+STEP_STRIDE = 1_000_003
+
+
+def _check(keys: tuple) -> list[int]:
+    out = []
+    for k in keys:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
+        out.append(int(k))
+    if not out:
+        raise ValueError("a random stream needs at least one key (the seed)")
+    return out
+
+
+def numpy_rng(*keys: int) -> np.random.Generator:
+    """A NumPy generator that depends only on ``keys`` (``default_rng(SeedSequence(keys))``)."""
+    return np.random.default_rng(_check(keys))
+
+
+def derive_seed(*keys: int) -> int:
+    """An integer seed in ``[0, 2**31)`` that depends only on ``keys`` (SeedSequence mixing)."""
+    return int(np.random.SeedSequence(_check(keys)).generate_state(1)[0] >> 1)
+
+
+def text_key(text: str) -> int:
+    """A stable integer key for a text (crc32 of its UTF-8 bytes), e.g. an image's file key."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def torch_generator(seed: int, index: int = 0, stride: int = 1) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded ``seed * stride + index``."""
+    seed, index, stride = _check((seed, index, stride))
+    return torch.Generator().manual_seed(seed * stride + index)
