@@ -36,7 +36,7 @@ from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
 from condistill.method.sampler import sample_images
-from condistill.training.loop import make_model_fn
+from condistill.method.guidance import make_model_fn
 
 REFERENCE = "ddim-50-cfg"
 

@@ -24,8 +24,7 @@ from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.training.ema import EMA
-from condistill.method.schedule import skip_grid
-from condistill.training.loop import DTYPES, training_loss
+from condistill.training.objective import DTYPES, build_objective
 from condistill.adapters import build_student
 from condistill.frozen import load_base
 from condistill.conditions import get_condition
@@ -41,13 +40,12 @@ def run(loss: str, args, base, batch) -> dict:
     params = student.trainable_named_parameters()
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
     ema = EMA(params)
-    grid = skip_grid(base.num_train_timesteps, cfg.num_grid).to(device)
-    alphas, uncond = base.alphas_cumprod.to(device), base.encode_prompts([""])
+    objective = build_objective(cfg, student, student, ema, base)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
 
     def step(i):
         with autocast:
-            l, _ = training_loss(cfg, student, student, ema, base, batch, grid, alphas, uncond, i)
+            l, _ = objective(batch, i)
         l.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from condistill.method.losses import codi_loss, diffusion_loss, distance, guided_output, sample_grid_index
+from condistill.method.guidance import guided_output
+from condistill.method.losses import codi_loss, diffusion_loss, distance, sample_grid_index
 from condistill.method.schedule import make_alphas_cumprod, skip_grid
 
 AC = make_alphas_cumprod()

@@ -103,8 +103,7 @@ def test_guidance_branches_choose_which_calls_are_guided(tiny_base, branches, gu
     from condistill.data.sources import open_source
     from condistill.adapters import build_student
     from condistill.training.ema import EMA
-    from condistill.method.schedule import skip_grid
-    from condistill.training.loop import training_loss
+    from condistill.training.objective import build_objective
 
     cfg = _cfg(tiny_base, "unused", guidance_min=2.0, guidance_max=3.0, guidance_branches=branches)
     base = load_base(tiny_base)
@@ -121,8 +120,7 @@ def test_guidance_branches_choose_which_calls_are_guided(tiny_base, branches, gu
         return forward(z, *args, **kwargs)
 
     student.forward = spy
-    loss, _ = training_loss(cfg, student, student, ema, base, batch, skip_grid(base.num_train_timesteps, 50),
-                            base.alphas_cumprod, base.encode_prompts([""]), 0)
+    loss, _ = build_objective(cfg, student, student, ema, base)(batch, 0)
     assert loss.shape == (4,) and torch.isfinite(loss).all()
     assert len(sizes) == 3 and sizes.count(8) == guided_calls and sizes.count(4) == 3 - guided_calls
     # the ODE solver runs first and is guided in both modes

@@ -36,7 +36,7 @@ from condistill.data.sources import open_source
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
 from condistill.plots import grid, to_pil
 from condistill.method.sampler import sample_images
-from condistill.training.loop import make_model_fn
+from condistill.method.guidance import make_model_fn
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
 # while their total stays under TIMING_SECONDS, at most MAX_TIMING_PASSES of them.

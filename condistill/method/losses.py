@@ -17,7 +17,7 @@ and the consistency function ``F(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t)``::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 
@@ -26,7 +26,6 @@ from .schedule import add_noise, alpha_sigma, consistency_function, normalize_pr
 __all__ = [
     "DISTANCES",
     "distance",
-    "guided_output",
     "sample_grid_index",
     "codi_loss",
     "diffusion_loss",
@@ -73,104 +72,6 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c
 
 
 _distance = distance  # codi_loss has a keyword argument named ``distance``
-
-
-def _duplicate(value: Any, batch: int, name: str) -> Any:
-    """``[B, ...]`` tensors -> ``[2B, ...]`` (``cat([v, v])``); lists/tuples/dicts recursively; others unchanged."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0:
-            return value
-        if value.shape[0] != batch:
-            raise ValueError(
-                f"model kwarg {name!r} has leading size {value.shape[0]} but the batch size is {batch}; "
-                "pass per-sample tensors [B, ...] (expand them first) or a 0-d tensor."
-            )
-        return torch.cat([value, value], dim=0)
-    if isinstance(value, Mapping):
-        return {k: _duplicate(v, batch, f"{name}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_duplicate(v, batch, f"{name}[{i}]") for i, v in enumerate(value))
-    return value
-
-
-def _expand_batch(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if not isinstance(emb, torch.Tensor) or emb.ndim < 1:
-        raise ValueError(f"{name} must be a tensor [B, ...] or [1, ...], got {type(emb).__name__}.")
-    if emb.shape[0] == batch:
-        return emb
-    if emb.shape[0] == 1:
-        return emb.expand(batch, *emb.shape[1:])
-    raise ValueError(f"{name} has batch size {emb.shape[0]}; expected {batch} (the latent batch) or 1.")
-
-
-def guided_output(
-    model_fn: Callable[..., torch.Tensor],
-    z: torch.Tensor,
-    t: int | torch.Tensor,
-    cond_emb: torch.Tensor,
-    uncond_emb: torch.Tensor | None,
-    guidance: float | torch.Tensor | None,
-    **model_kwargs: Any,
-) -> torch.Tensor:
-    """Classifier-free guidance with one model call: ``out = uncond + w * (cond - uncond)``.
-
-    ``model_fn(z, t, emb, **model_kwargs)`` is called:
-
-    * once on ``(z, t, cond_emb)`` when ``guidance`` is ``None`` or every scale equals 1 (no doubling);
-    * otherwise once on the batch concatenated as **[uncond, cond]**: ``z``, a per-sample ``t`` and
-      every per-sample tensor in ``model_kwargs`` (also inside lists/tuples/dicts, e.g. ControlNet
-      conditioning or SDXL ``added_cond_kwargs``) are duplicated as ``cat([x, x])``, the embeddings as
-      ``cat([uncond_emb, cond_emb])``; the output is split in that same order (first half uncond).
-
-    Args:
-        model_fn: callable returning ``[B', C, H, W]`` for a batch of ``B'`` latents.
-        z: ``[B, C, H, W]`` latents.
-        t: LongTensor ``[B]`` or a scalar timestep (not duplicated).
-        cond_emb: ``[B, L, D]`` (or ``[1, L, D]``) conditional text embedding.
-        uncond_emb: ``[B, L, D]`` or ``[1, L, D]`` unconditional (empty-prompt) embedding; may be
-            ``None`` only when no guidance is applied.
-        guidance: ``w`` as a float, a tensor ``[B]`` (one scale per sample) or ``None``.
-
-    Returns:
-        ``[B, C, H, W]`` guided output.
-    """
-    batch = z.shape[0]
-    cond_emb = _expand_batch(cond_emb, batch, "cond_emb")
-    if guidance is None:
-        return model_fn(z, t, cond_emb, **model_kwargs)
-    if isinstance(guidance, torch.Tensor):
-        w = guidance.to(device=z.device, dtype=torch.float32)
-        if w.ndim == 0:
-            w = w.reshape(1)
-        if w.ndim != 1 or w.shape[0] not in (1, batch):
-            raise ValueError(f"guidance must be a float or a tensor [B] with B={batch}, got shape {tuple(guidance.shape)}.")
-        single = bool((w == 1).all())
-    else:
-        w = torch.tensor([float(guidance)], device=z.device, dtype=torch.float32)
-        single = float(guidance) == 1.0
-    if single:
-        return model_fn(z, t, cond_emb, **model_kwargs)
-    if uncond_emb is None:
-        raise ValueError("uncond_emb is required when guidance != 1; pass the empty-prompt embedding.")
-    uncond_emb = _expand_batch(uncond_emb, batch, "uncond_emb")
-    if uncond_emb.shape[1:] != cond_emb.shape[1:]:
-        raise ValueError(
-            f"uncond_emb shape {tuple(uncond_emb.shape)} and cond_emb shape {tuple(cond_emb.shape)} must match "
-            "after the batch dimension (encode the empty prompt with the same tokenizer length)."
-        )
-    t_in = t
-    if isinstance(t, torch.Tensor) and t.ndim >= 1:
-        if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(f"t must be a scalar or have shape [B] with B={batch}, got {tuple(t.shape)}.")
-        if t.shape[0] == batch:
-            t_in = torch.cat([t, t], dim=0)
-    kwargs = {k: _duplicate(v, batch, k) for k, v in model_kwargs.items()}
-    out = model_fn(torch.cat([z, z], dim=0), t_in, torch.cat([uncond_emb, cond_emb], dim=0), **kwargs)
-    if out.shape[0] != 2 * batch:
-        raise ValueError(f"model_fn returned batch {out.shape[0]} for an input batch of {2 * batch}.")
-    uncond, cond = out[:batch], out[batch:]
-    w = w.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype)
-    return uncond + w * (cond - uncond)
 
 
 def sample_grid_index(

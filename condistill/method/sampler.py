@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from condistill.method.losses import guided_output
+from condistill.method.guidance import guided_output
 from condistill.method.codi_scheduler import CoDiScheduler
 from condistill.seeding import torch_generator
 

@@ -1,8 +1,9 @@
 """The training loop: frozen base + trainable adapter + condition + data -> adapter files.
 
-One visible loop (``distill``); the loss itself is the pure ``condistill.method.losses.codi_loss``
-and every random draw of step ``i`` comes from a generator seeded by ``(seed, i)``, so a
-resumed run replays exactly what an uninterrupted one would have done.
+One visible loop (``distill``). The loss is the objective built once from the config
+(:mod:`condistill.training.objective`) over the pure functions of :mod:`condistill.method.losses`;
+every random draw of step ``i`` comes from a generator seeded by ``(seed, i)``, so a resumed run
+replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
@@ -14,25 +15,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from condistill.adapters import build_student
-from condistill.frozen import load_base
-from condistill.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from condistill.adapters.save_load import save_adapter
 from condistill.conditions import get_condition
 from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
-from condistill.training.ema import EMA
-from condistill.adapters.save_load import save_adapter
-from condistill.method.losses import codi_loss, diffusion_loss, guided_output, sample_grid_index
+from condistill.frozen import load_base
+from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
-from condistill.method.schedule import skip_grid
-from condistill.seeding import BATCH_ORDER_STRIDE, STEP_STRIDE, torch_generator
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
+from condistill.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from condistill.training.ema import EMA
+from condistill.training.lr import warmup_schedule
+from condistill.training.objective import DTYPES, build_objective
 
 
 class StepBatchSampler(Sampler):
@@ -59,78 +58,6 @@ class StepBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-
-def _repeat(features, n: int):
-    if features is None:
-        return None
-    if isinstance(features, torch.Tensor):
-        return features.repeat(n, *([1] * (features.dim() - 1)))
-    return type(features)(_repeat(f, n) for f in features)
-
-
-def make_model_fn(model, features, batch: int, use_adapter: bool = True):
-    """``fn(z, t, emb)`` for ``guided_output``: features follow a doubled CFG batch."""
-
-    def fn(z, t, emb):
-        feats = features if z.shape[0] == batch else _repeat(features, z.shape[0] // batch)
-        return model(z, t, emb, feats, use_adapter=use_adapter)
-
-    return fn
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    return torch_generator(seed, micro_step, STEP_STRIDE)
-
-
-def training_loss(cfg: DistillConfig, student, model, ema, base, batch, grid, alphas, uncond, micro_step):
-    """Per-sample loss ``[B]`` and diagnostics for one micro-batch (codi or diffusion)."""
-    device = alphas.device
-    g = step_generator(cfg.seed, micro_step)
-    with torch.no_grad():
-        z0 = base.encode_images(batch["pixel_values"].to(device, base.dtype)).float()
-        captions = ["" if torch.rand((), generator=g) < cfg.caption_dropout else c for c in batch["caption"]]
-        emb = base.encode_prompts(captions)
-    b = z0.shape[0]
-    noise = torch.randn(z0.shape, generator=g).to(device)
-    cond = batch["conditioning"].to(device)
-    w = None
-    if cfg.guidance_enabled:
-        w = (cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=g)).to(device)
-    cache = {}
-
-    def online(z, t, e):
-        # encoded on first use: codi_loss runs the EMA branches first, and swapping EMA
-        # weights in place would invalidate features computed from the online weights earlier
-        if "features" not in cache:
-            cache["features"] = student.encode_condition(cond)
-        return make_model_fn(model, cache["features"], b)(z, t, e)
-
-    if cfg.loss == "diffusion":
-        t = torch.randint(0, alphas.shape[0], (b,), generator=g).to(device)
-        loss = diffusion_loss(lambda z, tt: online(z, tt, emb), z0, noise, t, alphas, base.prediction_type)
-        return loss, {}
-
-    # guidance_branches="ode": only the ODE solver is guided, so the student learns to land on
-    # the guided trajectory by itself and samples without CFG (like guided LCM distillation)
-    w_student = None if cfg.guidance_branches == "ode" else w
-
-    def ema_fn(z, t, scale=w_student):
-        with ema.swapped_in(student), torch.no_grad():
-            f = make_model_fn(student, student.encode_condition(cond), b)
-            return guided_output(f, z, t, emb, uncond, scale)
-
-    def teacher_fn(z, t):
-        with torch.no_grad():
-            return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
-
-    k = sample_grid_index(b, cfg.num_grid, g).to(device)
-    return codi_loss(
-        lambda z, t: guided_output(online, z, t, emb, uncond, w_student), ema_fn,
-        (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
-        z0, noise, k, grid, alphas, base.prediction_type,
-        distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
-    )
 
 
 def _guard_output_dir(out: Path, cfg: DistillConfig, resume_from: Path | None) -> None:
@@ -166,7 +93,7 @@ def distill(cfg: DistillConfig) -> Path:
         student.enable_gradient_checkpointing()
     params = student.trainable_named_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    lr_scheduler = warmup_schedule(optimizer, cfg.lr_warmup_steps)
     ema = EMA(params)
     start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
     cfg.save(out / "config.json")
@@ -179,9 +106,7 @@ def distill(cfg: DistillConfig) -> Path:
     model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
-    grid = skip_grid(base.num_train_timesteps, cfg.num_grid).to(device)
-    alphas = base.alphas_cumprod.to(device)
-    uncond = base.encode_prompts([""])
+    objective = build_objective(cfg, student, model, ema, base)
     validation = _validation_batch(cfg, condition, resolution)
     log_path = out / "loss.jsonl"
     if start == 0 and log_path.exists():
@@ -193,7 +118,7 @@ def distill(cfg: DistillConfig) -> Path:
         for j in range(accum):
             batch = next(it)
             with accelerator.accumulate(model):
-                loss, info = training_loss(cfg, student, model, ema, base, batch, grid, alphas, uncond, step * accum + j)
+                loss, info = objective(batch, step * accum + j)
                 accelerator.backward(loss.mean())
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
