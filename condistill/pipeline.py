@@ -34,11 +34,10 @@ import torch
 
 from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, fingerprint_mismatch
 from condistill.hub import resolve_pretrained_dir
+from condistill.adapters import get_adapter_class
 from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
 
 __all__ = ["load_adapter", "resolve_adapter_dir"]
-
-_LORA_ADAPTER_NAME = "condistill"
 
 
 def resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -204,35 +203,10 @@ def load_adapter(
         "safety_checker": components.get("safety_checker"),
         "feature_extractor": components.get("feature_extractor"),
         "requires_safety_checker": False,
+        "image_encoder": components.get("image_encoder"),
     }
-    files = config["weight_files"]
-    if kind == "controlnet":
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-        sub = Path(files["controlnet"]).parent.as_posix()
-        controlnet = ControlNetModel.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
-        pipe = StableDiffusionControlNetPipeline(
-            **common, controlnet=controlnet, image_encoder=components.get("image_encoder")
-        )
-    elif kind in ("t2i_adapter", "lora"):
-        from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
-
-        sub = Path(files["t2i_adapter"]).parent.as_posix()
-        adapter = T2IAdapter.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
-        if kind == "lora":
-            if _LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
-                raise ValueError(
-                    f"This pipeline's UNet already carries a LoRA named {_LORA_ADAPTER_NAME!r} (a condistill "
-                    f"adapter was loaded before); remove it with pipe.unet.delete_adapters({_LORA_ADAPTER_NAME!r}) "
-                    "or start from a fresh pipeline."
-                )
-            # StableDiffusionAdapterPipeline has no load_lora_weights: load with the stock
-            # StableDiffusionPipeline loader on the same (shared) components.
-            loader = StableDiffusionPipeline(**common)
-            loader.load_lora_weights(adapter_dir, weight_name=files["lora"], adapter_name=_LORA_ADAPTER_NAME)
-        pipe = StableDiffusionAdapterPipeline(**common, adapter=adapter)
-    else:  # read_adapter_config already rejects unknown kinds
-        raise ValueError(f"Unsupported adapter kind {kind!r}.")
+    # each adapter kind builds its own stock pipeline (condistill.adapters registry)
+    pipe = get_adapter_class(kind).stock_pipeline(adapter_dir, config["weight_files"], common, dtype)
 
     if device is not None:
         pipe.to(device)

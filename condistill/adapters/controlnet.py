@@ -18,13 +18,11 @@ from typing import Mapping, Sequence
 import torch
 
 from condistill.adapters.student import (
-    AdapterWeightsError,
     Student,
-    _pretrained_folder,
-    check_state_dict_keys,
-    check_state_dict_shapes,
-    load_safetensors_weights,
+    load_module_folder,
+    pretrained_folder,
     register_adapter,
+    save_module_folder,
 )
 
 __all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
@@ -76,7 +74,7 @@ class ControlNetStudent(Student):
         from diffusers import ControlNetModel
 
         if pretrained_controlnet is not None:
-            folder = _pretrained_folder(pretrained_controlnet, SUBFOLDER, revision=revision)
+            folder = pretrained_folder(pretrained_controlnet, SUBFOLDER, revision=revision)
             controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
             self._check_pretrained(controlnet, pretrained_controlnet)
             embedding = tuple(controlnet.config.conditioning_embedding_out_channels)
@@ -161,29 +159,20 @@ class ControlNetStudent(Student):
 
     def save_weights(self, out_dir):
         """Save a stock ``ControlNetModel`` folder ``out_dir/controlnet`` (safetensors)."""
-        folder = Path(out_dir) / SUBFOLDER
-        self.controlnet.save_pretrained(folder, safe_serialization=True)
-        return {"controlnet": _weights_file(folder, Path(out_dir))}
+        return {"controlnet": save_module_folder(self.controlnet, out_dir, SUBFOLDER)}
 
     def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
         """Load ``controlnet/diffusion_pytorch_model.safetensors`` (or the file in ``weight_files``)."""
-        folder = Path(folder)
-        rel = (weight_files or {}).get("controlnet") or _weights_file(folder / SUBFOLDER, folder)
-        state = load_safetensors_weights(folder / rel)
-        expected = self.controlnet.state_dict()
-        check_state_dict_keys(expected, state, str(folder / rel))
-        check_state_dict_shapes(expected, state, str(folder / rel))
-        self.controlnet.load_state_dict(state, strict=True)
+        load_module_folder(self.controlnet, folder, SUBFOLDER, (weight_files or {}).get("controlnet"))
 
+    @classmethod
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
+        """``StableDiffusionControlNetPipeline`` with the exported ``ControlNetModel`` (``image=`` is the condition)."""
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-def _weights_file(folder: Path, root: Path) -> str:
-    """Relative path (to ``root``) of the safetensors weights (or shard index) in ``folder``."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"):
-        if (folder / name).is_file():
-            return (folder / name).relative_to(root).as_posix()
-    if folder.is_dir():
-        raise AdapterWeightsError(f"No safetensors weights in {folder}; re-export the adapter with save_adapter.")
-    return (folder / "diffusion_pytorch_model.safetensors").relative_to(root).as_posix()
+        sub = Path(weight_files["controlnet"]).parent.as_posix()
+        controlnet = ControlNetModel.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+        return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
 
 
 register_adapter("controlnet", ControlNetStudent)

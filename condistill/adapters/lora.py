@@ -40,7 +40,7 @@ from condistill.adapters.student import (
     check_state_dict_shapes,
     register_adapter,
 )
-from condistill.adapters.t2i_adapter import _T2IFeatureMixin, make_t2i_adapter, t2i_adapter_fits
+from condistill.adapters.t2i_adapter import T2IAdapterFeatures, make_t2i_adapter, t2i_adapter_fits
 
 __all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME"]
 
@@ -71,7 +71,7 @@ def _resolve_targets(targets) -> list[str]:
     raise ValueError(f"targets must be one of {sorted(LORA_TARGETS)} or a non-empty list of module names, got {targets!r}.")
 
 
-class LoRAStudent(_T2IFeatureMixin, Student):
+class LoRAStudent(T2IAdapterFeatures, Student):
     """Frozen UNet with trainable LoRA layers + a trainable light T2I-Adapter for the condition.
 
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
@@ -287,6 +287,28 @@ class LoRAStudent(_T2IFeatureMixin, Student):
         if unexpected:
             check_state_dict_keys([], unexpected, str(path))
         self._load_adapter_folder(folder, weight_files)
+
+    @classmethod
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
+        """``StableDiffusionAdapterPipeline`` whose UNet carries the LoRA (adapter name ``"condistill"``, not fused).
+
+        ``StableDiffusionAdapterPipeline`` has no ``load_lora_weights`` of its own, so the LoRA
+        file is loaded by the stock ``StableDiffusionPipeline.load_lora_weights`` on a pipeline
+        sharing the same components.
+        """
+        from diffusers import StableDiffusionPipeline
+
+        adapter = cls.load_stock_adapter(adapter_dir, weight_files, dtype)
+        unet = components["unet"]
+        if LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
+            raise ValueError(
+                f"This pipeline's UNet already carries a LoRA named {LORA_ADAPTER_NAME!r} (a condistill "
+                f"adapter was loaded before); remove it with pipe.unet.delete_adapters({LORA_ADAPTER_NAME!r}) "
+                "or start from a fresh pipeline."
+            )
+        loader = StableDiffusionPipeline(**{k: v for k, v in components.items() if k != "image_encoder"})
+        loader.load_lora_weights(adapter_dir, weight_name=weight_files["lora"], adapter_name=LORA_ADAPTER_NAME)
+        return cls.adapter_pipeline(components, adapter)
 
 
 register_adapter("lora", LoRAStudent)

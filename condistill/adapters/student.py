@@ -35,6 +35,10 @@ __all__ = [
     "build_student",
     "check_state_dict_keys",
     "load_safetensors_weights",
+    "pretrained_folder",
+    "weights_file",
+    "save_module_folder",
+    "load_module_folder",
 ]
 
 _REGISTRY: dict[str, type["Student"]] = {}
@@ -155,7 +159,7 @@ def load_safetensors_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return load_file(path)
 
 
-def _pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
+def pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
     """Folder holding ``config_name`` for a pretrained adapter: ``path`` itself or ``path/subfolder``."""
     from condistill.hub import resolve_pretrained_dir
 
@@ -167,6 +171,38 @@ def _pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.
         f"No {config_name} found in {root} or {root / subfolder}; pass a folder saved with "
         f"save_pretrained (a diffusers {subfolder} folder) or a condistill adapter export."
     )
+
+
+def weights_file(folder: Path, root: Path) -> str:
+    """Relative path (to ``root``) of the safetensors weights (or shard index) in ``folder``."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"):
+        if (folder / name).is_file():
+            return (folder / name).relative_to(root).as_posix()
+    if folder.is_dir():
+        raise AdapterWeightsError(f"No safetensors weights in {folder}; re-export the adapter with save_adapter.")
+    return (folder / "diffusion_pytorch_model.safetensors").relative_to(root).as_posix()
+
+
+def save_module_folder(module, out_dir: str | os.PathLike, subfolder: str) -> str:
+    """``module.save_pretrained(out_dir/subfolder)`` in safetensors; returns the weights' path relative to ``out_dir``."""
+    folder = Path(out_dir) / subfolder
+    module.save_pretrained(folder, safe_serialization=True)
+    return weights_file(folder, Path(out_dir))
+
+
+def load_module_folder(module: nn.Module, folder: str | os.PathLike, subfolder: str, rel: str | None = None) -> None:
+    """Load the weights written by :func:`save_module_folder` into ``module`` (strict key and shape checks).
+
+    ``rel`` is the weights' path relative to ``folder`` as recorded in the adapter config; by
+    default the stock file name in ``folder/subfolder``.
+    """
+    folder = Path(folder)
+    rel = rel or weights_file(folder / subfolder, folder)
+    state = load_safetensors_weights(folder / rel)
+    expected = module.state_dict()
+    check_state_dict_keys(expected, state, str(folder / rel))
+    check_state_dict_shapes(expected, state, str(folder / rel))
+    module.load_state_dict(state, strict=True)
 
 
 class Student(nn.Module):
@@ -226,6 +262,20 @@ class Student(nn.Module):
 
     def load_weights(self, folder: str | os.PathLike, weight_files: Mapping[str, str] | None = None) -> None:
         """Load weights written by :meth:`save_weights` from ``folder`` (strict key checks)."""
+        raise NotImplementedError
+
+    @classmethod
+    def stock_pipeline(cls, adapter_dir: Path, weight_files: Mapping[str, str], components: Mapping[str, Any], dtype):
+        """The stock diffusers pipeline that runs this kind's exported adapter.
+
+        Args:
+            adapter_dir: the exported adapter folder.
+            weight_files: ``{component: relative file}`` recorded by :meth:`save_weights`.
+            components: the base pipeline's modules (``vae``, ``text_encoder``, ``tokenizer``,
+                ``unet``, ``scheduler`` already set to the few-step scheduler, and the optional
+                ``safety_checker``, ``feature_extractor``, ``image_encoder``); shared, not copied.
+            dtype: dtype of the adapter modules to load.
+        """
         raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------

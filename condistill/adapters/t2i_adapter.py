@@ -30,17 +30,16 @@ from torch import nn
 
 from condistill.adapters.student import (
     Student,
-    _pretrained_folder,
-    check_state_dict_keys,
-    check_state_dict_shapes,
-    load_safetensors_weights,
+    load_module_folder,
+    pretrained_folder,
     register_adapter,
+    save_module_folder,
     unet_residual_layout,
 )
-from condistill.adapters.controlnet import _weights_file
 
 __all__ = [
     "T2IAdapterStudent",
+    "T2IAdapterFeatures",
     "make_t2i_adapter",
     "zero_init_t2i_adapter",
     "t2i_adapter_fits",
@@ -147,7 +146,7 @@ def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale
     """Load a ``T2IAdapter`` folder / hub id and check it fits ``unet`` and the condition."""
     from diffusers import T2IAdapter
 
-    folder = _pretrained_folder(source, SUBFOLDER, revision=revision)
+    folder = pretrained_folder(source, SUBFOLDER, revision=revision)
     adapter = T2IAdapter.from_pretrained(folder, torch_dtype=torch.float32)
     cfg = adapter.config
     problems = []
@@ -168,7 +167,7 @@ def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale
     return adapter, cfg.adapter_type, int(cfg.num_res_blocks)
 
 
-class _T2IFeatureMixin:
+class T2IAdapterFeatures:
     """Shared T2I-Adapter parts of the ``t2i_adapter`` and ``lora`` students."""
 
     adapter: nn.Module
@@ -192,21 +191,29 @@ class _T2IFeatureMixin:
         )[0]
 
     def _save_adapter_folder(self, out_dir) -> dict[str, str]:
-        folder = Path(out_dir) / SUBFOLDER
-        self.adapter.save_pretrained(folder, safe_serialization=True)
-        return {"t2i_adapter": _weights_file(folder, Path(out_dir))}
+        return {"t2i_adapter": save_module_folder(self.adapter, out_dir, SUBFOLDER)}
 
     def _load_adapter_folder(self, folder, weight_files) -> None:
-        folder = Path(folder)
-        rel = (weight_files or {}).get("t2i_adapter") or _weights_file(folder / SUBFOLDER, folder)
-        state = load_safetensors_weights(folder / rel)
-        expected = self.adapter.state_dict()
-        check_state_dict_keys(expected, state, str(folder / rel))
-        check_state_dict_shapes(expected, state, str(folder / rel))
-        self.adapter.load_state_dict(state, strict=True)
+        load_module_folder(self.adapter, folder, SUBFOLDER, (weight_files or {}).get("t2i_adapter"))
+
+    @staticmethod
+    def load_stock_adapter(adapter_dir, weight_files, dtype):
+        """The exported diffusers ``T2IAdapter`` of an adapter folder."""
+        from diffusers import T2IAdapter
+
+        sub = Path(weight_files["t2i_adapter"]).parent.as_posix()
+        return T2IAdapter.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+
+    @staticmethod
+    def adapter_pipeline(components, adapter):
+        """``StableDiffusionAdapterPipeline`` on the shared ``components`` (it takes no image encoder)."""
+        from diffusers import StableDiffusionAdapterPipeline
+
+        return StableDiffusionAdapterPipeline(**{k: v for k, v in components.items() if k != "image_encoder"},
+                                              adapter=adapter)
 
 
-class T2IAdapterStudent(_T2IFeatureMixin, Student):
+class T2IAdapterStudent(T2IAdapterFeatures, Student):
     """Frozen UNet + trainable diffusers ``T2IAdapter``.
 
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
@@ -262,6 +269,11 @@ class T2IAdapterStudent(_T2IFeatureMixin, Student):
     def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
         """Load ``t2i_adapter/diffusion_pytorch_model.safetensors`` with strict key checks."""
         self._load_adapter_folder(folder, weight_files)
+
+    @classmethod
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
+        """``StableDiffusionAdapterPipeline`` with the exported ``T2IAdapter`` (``image=`` is the condition)."""
+        return cls.adapter_pipeline(components, cls.load_stock_adapter(adapter_dir, weight_files, dtype))
 
 
 register_adapter("t2i_adapter", T2IAdapterStudent)
