@@ -1,0 +1,66 @@
+"""The command line: ``condistill train CONDITION``, ``condistill eval``, ``python -m condistill`` and the recipes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from condistill.cli import config_from_args, main
+from condistill.presets import RECIPES, presets_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_without_condition_prints_usage(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: condistill train {edge,depth,sr,inpaint}" in err
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for condition in RECIPES:
+        assert f"  {condition}" in out
+
+
+def test_unknown_condition_and_command_are_refused(capsys):
+    assert main(["train", "canny"]) == 2
+    assert "unknown condition 'canny'" in capsys.readouterr().err
+    assert main(["fit"]) == 2
+    assert "unknown command 'fit'" in capsys.readouterr().err
+
+
+def test_train_help_lists_presets(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "sr", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: condistill train sr")
+    assert "cpu-demo" in out and "sd15-gpu" in out and "--ema-decay-late" in out
+
+
+def test_options_override_the_preset_which_overrides_defaults():
+    cfg = config_from_args("sr", ["--max-steps", "7", "--adapter", "lora"])
+    preset = presets_for("sr")["cpu-demo"]
+    assert (cfg.condition, cfg.max_steps, cfg.adapter) == ("sr", 7, "lora")
+    assert (cfg.ema_decay_late, cfg.ema_late_from, cfg.batch_size) == (preset["ema_decay_late"], 1600, 16)
+    gpu = config_from_args("edge", ["--preset", "sd15-gpu", "--data", "some/dataset"])
+    assert gpu.base == "stable-diffusion-v1-5/stable-diffusion-v1-5" and gpu.guidance_max == 4.0
+
+
+def test_all_config_problems_are_reported_together(capsys):
+    with pytest.raises(SystemExit) as info:
+        config_from_args("edge", ["--max-steps", "0", "--ema-decay", "1.5"], prog="condistill train edge")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_steps=0: must be at least 1" in err and "ema_decay=1.5" in err
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "condistill", "train", "depth", "--max-steps", "0"],
+    [sys.executable, str(ROOT / "recipes" / "depth.py"), "--max-steps", "0"],
+])
+def test_module_entry_and_recipe_script_share_the_command(command, tmp_path):
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "max_steps=0: must be at least 1" in proc.stderr
