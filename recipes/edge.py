@@ -1,12 +1,5 @@
 #!/usr/bin/env python
-"""The edge recipe: ``python recipes/edge.py [options]`` is ``condistill train edge [options]``.
-
-Presets and every option: ``python recipes/edge.py --help`` (the presets live in
-condistill/presets.py). Run the same command again with ``--resume latest`` to continue.
-
-    python recipes/edge.py --output-dir runs/edge
-    accelerate launch recipes/edge.py --preset sd15-gpu --data my/dataset --output-dir runs/edge-sd15
-"""
+"""``python recipes/edge.py [options]`` runs ``condistill train edge [options]``; ``--help`` lists the presets and options."""
 import sys
 
 from condistill.cli import recipe_main
