@@ -3,22 +3,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import make_fake_hub_cache, make_tiny_base, torch_single_thread  # noqa: F401
 
-from helpers import make_fake_hub_cache, make_tiny_base, torch_single_thread  # noqa: E402,F401
-
-from condistill.frozen import compute_fingerprint, fingerprint_mismatch, load_base  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
+from condistill.frozen import compute_fingerprint, fingerprint_mismatch, load_base
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
-
-from condistill.adapters import build_student  # noqa: E402
-from condistill.frozen import load_base  # noqa: E402
-from condistill.adapters.save_load import save_adapter  # noqa: E402
-from condistill.pipeline import load_adapter  # noqa: E402
+from condistill.adapters import build_student
+from condistill.frozen import load_base
+from condistill.adapters.save_load import save_adapter
+from condistill.pipeline import load_adapter
 
 PIPELINE_CLASS = {
     "controlnet": "StableDiffusionControlNetPipeline",
@@ -24,11 +21,6 @@ PIPELINE_CLASS = {
     "lora": "StableDiffusionAdapterPipeline",
 }
 KINDS = ["controlnet", "t2i_adapter", "lora"]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def _export(base, kind, out, seed=0, base_name=None, guidance=1.0, **options):

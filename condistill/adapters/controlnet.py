@@ -94,11 +94,7 @@ class ControlNetStudent(Student):
             )
             if next(controlnet.parameters()).dtype != torch.float32:
                 controlnet.to(torch.float32)
-        # Always trainable, also when started from pretrained weights (a from_pretrained model
-        # that silently stays frozen would train nothing).
-        controlnet.requires_grad_(True)
-        controlnet.train()
-        self.controlnet = controlnet.to(next(unet.parameters()).device)
+        self.controlnet = self._trainable(controlnet)
         self.adapter_options = {
             "condition_channels": condition_channels,
             "vae_scale_factor": vae_scale_factor,

@@ -128,11 +128,9 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         if condition_adapter == "auto":
             condition_adapter = "light_adapter" if t2i_adapter_fits(unet, "light_adapter")[0] else "full_adapter"
             logger.info("LoRA student: condition enters through a %s", condition_adapter)
-        self.adapter = make_t2i_adapter(
-            unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks
-        ).to(next(unet.parameters()).device)
-        self.adapter.requires_grad_(True)
-        self.adapter.train()
+        self.adapter = self._trainable(
+            make_t2i_adapter(unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks)
+        )
 
         self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules}
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)

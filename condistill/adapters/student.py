@@ -279,6 +279,16 @@ class Student(nn.Module):
         raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------
+    def _trainable(self, module: nn.Module) -> nn.Module:
+        """``module`` made trainable, in train mode, on the UNet's device.
+
+        Always trainable, also when started from pretrained weights: a ``from_pretrained`` model
+        that silently stayed frozen would train nothing.
+        """
+        module.requires_grad_(True)
+        module.train()
+        return module.to(next(self.unet.parameters()).device)
+
     def forward(
         self,
         z: torch.Tensor,

@@ -246,9 +246,7 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
             self.initialized_from = os.fspath(pretrained_adapter)
         else:
             adapter = make_t2i_adapter(unet, condition_channels, vae_scale_factor, adapter_type, num_res_blocks)
-        adapter.requires_grad_(True)
-        adapter.train()
-        self.adapter = adapter.to(next(unet.parameters()).device)
+        self.adapter = self._trainable(adapter)
         self.adapter_options = {
             "condition_channels": condition_channels,
             "vae_scale_factor": vae_scale_factor,

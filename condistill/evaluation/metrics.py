@@ -182,7 +182,8 @@ def ssim(a, b, max_val: float = 1.0, window_size: int = 11, sigma: float = 1.5, 
 # --------------------------------------------------------------------------- edges
 
 
-def _as_binary_maps(x, name: str) -> torch.Tensor:
+def _as_maps(x, name: str) -> torch.Tensor:
+    """``[H, W]``, ``[N, H, W]`` or ``[N, 1, H, W]`` -> ``[N, H, W]``."""
     t = _as_tensor(x, name)
     if t.dim() == 2:
         t = t[None]
@@ -192,6 +193,11 @@ def _as_binary_maps(x, name: str) -> torch.Tensor:
         t = t[:, 0]
     if t.dim() != 3:
         raise ValueError(f"{name} must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(t.shape)}")
+    return t
+
+
+def _as_binary_maps(x, name: str) -> torch.Tensor:
+    t = _as_maps(x, name)
     if t.dtype == torch.bool:
         return t
     return t.double() > 0.5
@@ -241,16 +247,7 @@ def edge_f1(pred_edges, target_edges, tolerance: int = 1, reduction: str = "mean
 
 
 def _as_depth(x, name: str) -> torch.Tensor:
-    t = _as_tensor(x, name).double()
-    if t.dim() == 2:
-        t = t[None]
-    elif t.dim() == 4:
-        if t.shape[1] != 1:
-            raise ValueError(f"{name} must have one channel when 4-D ([N, 1, H, W]), got shape {tuple(t.shape)}")
-        t = t[:, 0]
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(t.shape)}")
-    return t
+    return _as_maps(x, name).double()
 
 
 def align_scale_shift(pred, target, mask=None) -> torch.Tensor:

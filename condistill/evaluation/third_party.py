@@ -133,13 +133,22 @@ def no_downloads():
         hub.download_url_to_file = original
 
 
-def load_lpips(device: str | torch.device = "cpu") -> Callable:
-    """``fn(a, b) -> [B]``: LPIPS distances of image batches in [-1, 1]; raises if unavailable."""
-    if "lpips" in _BACKENDS:
-        return _BACKENDS["lpips"](device)
-    ok, reason = lpips_status()
+def _override_or_require(metric: str, device) -> Callable | None:
+    """The backend set by :func:`set_backend` for ``metric``, else ``None`` once the metric's
+    package and weights are known to be present (raises ``RuntimeError`` with the reason if not)."""
+    if metric in _BACKENDS:
+        return _BACKENDS[metric](device)
+    ok, reason = STATUS[metric]()
     if not ok:
         raise RuntimeError(reason)
+    return None
+
+
+def load_lpips(device: str | torch.device = "cpu") -> Callable:
+    """``fn(a, b) -> [B]``: LPIPS distances of image batches in [-1, 1]; raises if unavailable."""
+    override = _override_or_require("lpips", device)
+    if override is not None:
+        return override
     import lpips
 
     kwargs = {"pretrained": True, "net": "alex", "version": "0.1"}
@@ -157,11 +166,9 @@ def load_lpips(device: str | torch.device = "cpu") -> Callable:
 
 def load_inception(device: str | torch.device = "cpu") -> Callable:
     """``fn(x) -> [B, 2048]``: FID Inception pool features of images in [0, 1]; raises if unavailable."""
-    if "fid_inception" in _BACKENDS:
-        return _BACKENDS["fid_inception"](device)
-    ok, reason = fid_status()
-    if not ok:
-        raise RuntimeError(reason)
+    override = _override_or_require("fid_inception", device)
+    if override is not None:
+        return override
     from pytorch_fid.inception import InceptionV3
 
     with no_downloads():

@@ -1,24 +1,20 @@
 """The Student contract shared by every adapter kind: registry, zero init, teacher path, training."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
-
-from condistill.adapters import (  # noqa: E402
+from condistill.adapters import (
     Student,
     available_adapters,
     build_student,
     get_adapter_class,
     register_adapter,
 )
-from condistill.frozen import load_base  # noqa: E402
+from condistill.frozen import load_base
 
 KINDS = [
     ("controlnet", {}),
@@ -28,11 +24,6 @@ KINDS = [
     ("lora", {"targets": "all", "rank": 2, "lora_alpha": 4}),
 ]
 IDS = ["controlnet", "t2i_full", "t2i_light", "lora", "lora_all"]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

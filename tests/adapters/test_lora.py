@@ -2,22 +2,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
-
-from condistill.adapters import build_student  # noqa: E402
-from condistill.frozen import load_base  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
+from condistill.adapters import build_student
+from condistill.frozen import load_base
 
 
 def test_parameter_budget_vs_controlnet(base_path, capsys):

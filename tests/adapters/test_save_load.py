@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
-
-from condistill.adapters import AdapterWeightsError, build_student  # noqa: E402
-from condistill.frozen import load_base  # noqa: E402
-from condistill.adapters.save_load import (  # noqa: E402
+from condistill.adapters import AdapterWeightsError, build_student
+from condistill.frozen import load_base
+from condistill.adapters.save_load import (
     condistill_version,
     load_student,
     load_student_weights,
@@ -29,11 +25,6 @@ KINDS = [
     ("lora", {"rank": 2, "lora_alpha": 3, "targets": "all"}),
 ]
 KIND_IDS = [k for k, _ in KINDS]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def _export(student, base, out, **overrides):

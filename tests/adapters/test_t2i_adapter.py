@@ -1,25 +1,16 @@
 """T2I-Adapter student: features aligned with the UNet's residual slots, exact zero init, trainability."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from helpers import make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: E402,F401
-
-from condistill.adapters import build_student  # noqa: E402
-from condistill.adapters.student import unet_residual_layout  # noqa: E402
-from condistill.adapters.t2i_adapter import t2i_adapter_fits  # noqa: E402
-from condistill.frozen import load_base  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base"))
+from condistill.adapters import build_student
+from condistill.adapters.student import unet_residual_layout
+from condistill.adapters.t2i_adapter import t2i_adapter_fits
+from condistill.frozen import load_base
 
 
 @pytest.fixture(scope="module")
