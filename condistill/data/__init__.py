@@ -3,39 +3,39 @@
 Every source yields :class:`Record` objects with clean ``resolution x resolution`` RGB
 images; :func:`open_source` picks one from a short spec, and :class:`ConditionDataset`
 turns a source plus a condition into the tensors the training loop reads.
+
+One module per source kind: :mod:`~condistill.data.folder`,
+:mod:`~condistill.data.hf_datasets`, :mod:`~condistill.data.webdataset`; the base classes,
+``open_source`` and the registry of spec prefixes are in :mod:`~condistill.data.sources`,
+image sanitising in :mod:`~condistill.data.images`, skip counting in
+:mod:`~condistill.data.skips`. The ``synthetic`` source is part of the embedded world:
+``condistill.world.source.SyntheticSource``.
 """
 from condistill.data.dataset import ConditionDataset, collate, image_to_tensor
-from condistill.data.images import (
-    IMAGE_EXTENSIONS,
-    EmptySourceError,
-    ImageSanitizer,
-    SourceStats,
-    open_image,
-    to_rgb,
-)
+from condistill.data.folder import ImageFolderSource
+from condistill.data.hf_datasets import HFDatasetSource
+from condistill.data.images import IMAGE_EXTENSIONS, ImageSanitizer, open_image, to_rgb
 from condistill.data.record import Record
+from condistill.data.skips import EmptySourceError, SourceStats
 from condistill.data.sources import (
     DataSource,
-    HFDatasetSource,
-    ImageFolderSource,
     IndexedSource,
     RecordSequenceSource,
-    SyntheticSource,
-    WebDatasetSource,
-    expand_braces,
     open_source,
+    register_source_kind,
 )
+from condistill.data.webdataset import WebDatasetSource, expand_braces
 
 __all__ = [
     "Record",
     "DataSource",
     "IndexedSource",
     "RecordSequenceSource",
-    "SyntheticSource",
     "ImageFolderSource",
     "HFDatasetSource",
     "WebDatasetSource",
     "open_source",
+    "register_source_kind",
     "expand_braces",
     "ConditionDataset",
     "collate",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from condistill.data.images import EmptySourceError
+from condistill.data.skips import EmptySourceError
 from condistill.data.record import Record
 from condistill.data.sources import DataSource, IndexedSource, RecordSequenceSource
 from condistill.seeding import derive_seed

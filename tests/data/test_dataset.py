@@ -16,11 +16,11 @@ from condistill.data import (
     EmptySourceError,
     ImageFolderSource,
     Record,
-    SyntheticSource,
     WebDatasetSource,
     collate,
 )
 from condistill.seeding import derive_seed
+from condistill.world.source import SyntheticSource
 
 RES = 32
 

@@ -1,0 +1,193 @@
+"""Image folders: image files found recursively under a folder, with their captions.
+
+``open_source("path/to/images/")`` opens an :class:`ImageFolderSource`; it can also be
+built directly. :func:`caption_from_cell` normalises a caption cell (text, bytes, or a list
+of alternatives) and is shared with the ``datasets`` and webdataset sources.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from condistill.data.images import IMAGE_EXTENSIONS, ImageSanitizer, key_rng
+from condistill.data.record import Record
+from condistill.data.sources import IndexedSource
+
+__all__ = ["ImageFolderSource", "caption_from_cell"]
+
+
+def caption_from_cell(value: Any, seed: int, key: str) -> str:
+    """Normalise a caption cell: ``None`` -> ``""``, a list -> one entry chosen per (seed, key)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace").strip()
+    if isinstance(value, (list, tuple)):
+        options = [str(v).strip() for v in value if v is not None and str(v).strip()]
+        if not options:
+            return ""
+        return options[int(key_rng(seed, key).integers(len(options)))]
+    return str(value).strip()
+
+
+class ImageFolderSource(IndexedSource):
+    """Image files found recursively under a folder.
+
+    Captions come from, in order: the ``caption_column`` of a ``metadata.jsonl`` (or
+    ``metadata.csv``) row whose ``file_name`` is the image path relative to the metadata
+    file's folder; a sidecar text file next to the image (``cat.png`` -> ``cat.txt``);
+    otherwise the empty string. A metadata row may name a conditioning image in
+    ``conditioning_column`` (default ``conditioning_file_name``); those files are used as
+    ``Record.conditioning`` (cropped like their image) and are not training images
+    themselves. Hidden files and folders (starting with ``.``) are ignored.
+
+    Args:
+        path: the folder.
+        resolution: output side length.
+        caption_column: caption key in the metadata rows (``None``: ignore metadata captions).
+        conditioning_column: metadata key holding the conditioning image's file name.
+        min_size: skip images whose shorter side is smaller (default ``resolution // 2``).
+        crop: ``"center"`` or ``"random"`` (deterministic per ``(seed, file)``).
+        seed: random-crop seed.
+    """
+
+    METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resolution: int = 64,
+        *,
+        caption_column: str | None = "text",
+        conditioning_column: str = "conditioning_file_name",
+        min_size: int | None = None,
+        crop: str = "center",
+        seed: int = 0,
+    ):
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"image folder {os.fspath(path)!r} does not exist")
+        if not root.is_dir():
+            raise ValueError(f"{os.fspath(path)!r} is a file; ImageFolderSource needs the folder that contains the images")
+        super().__init__(resolution, f"ImageFolderSource({os.fspath(path)!r})")
+        self.root = root
+        self.sanitizer = ImageSanitizer(resolution, min_size=min_size, crop=crop, seed=seed)
+        self.caption_column = caption_column
+        self.conditioning_column = conditioning_column
+        self.seed = seed
+
+        image_files: list[str] = []
+        metadata_files: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in filenames:
+                if filename.startswith("."):
+                    continue
+                full = Path(dirpath) / filename
+                if filename in self.METADATA_NAMES:
+                    metadata_files.append(full)
+                elif full.suffix.lower() in IMAGE_EXTENSIONS:
+                    image_files.append(full.relative_to(root).as_posix())
+
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._conditioning: dict[str, str] = {}
+        for meta in sorted(metadata_files):
+            self._read_metadata(meta)
+        self._check_caption_column()
+        conditioning_files = set(self._conditioning.values())
+        self._items = sorted((set(image_files) | set(self._rows)) - conditioning_files)
+        if not self._items:
+            raise self.stats.empty_error(
+                f"No image files with extensions {', '.join(IMAGE_EXTENSIONS)} were found under {os.fspath(root)!r}."
+            )
+
+    def _read_metadata(self, meta: Path) -> None:
+        base = meta.parent
+        rows: list[tuple[int, dict[str, Any]]] = []
+        if meta.suffix == ".jsonl":
+            with open(meta, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{meta}, line {lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{meta}, line {lineno}: expected a JSON object like {{\"file_name\": ..., \"text\": ...}}")
+                    rows.append((lineno, row))
+        else:
+            with open(meta, encoding="utf-8", newline="") as fh:
+                rows = [(i, dict(row)) for i, row in enumerate(csv.DictReader(fh), 2)]
+        for lineno, row in rows:
+            if "file_name" not in row or not row["file_name"]:
+                raise ValueError(
+                    f"{meta}, line {lineno}: row has no 'file_name'; every metadata row needs the image path "
+                    f"relative to {os.fspath(base)!r} (found keys {sorted(row)})"
+                )
+            rel = self._relative(base / str(row["file_name"]))
+            self._rows[rel] = row
+            cond = row.get(self.conditioning_column)
+            if cond:
+                self._conditioning[rel] = self._relative(base / str(cond))
+
+    def _relative(self, path: Path) -> str:
+        normal = Path(os.path.normpath(path))
+        try:
+            return normal.relative_to(self.root).as_posix()
+        except ValueError:
+            return normal.as_posix()  # outside the root: keep the absolute path
+
+    def _check_caption_column(self) -> None:
+        if not self._rows or self.caption_column is None:
+            return
+        keys: set[str] = set()
+        for row in self._rows.values():
+            keys.update(row)
+        if self.caption_column in keys:
+            return
+        candidates = keys - {"file_name", self.conditioning_column}
+        if candidates:
+            raise KeyError(
+                f"{self.name}: the metadata has no caption column {self.caption_column!r}; available columns: "
+                f"{sorted(keys)}. Set caption_column to one of them, or caption_column=None to use "
+                "sidecar .txt captions (or empty captions)."
+            )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _key(self, index: int) -> str:
+        return self._items[index]
+
+    def _resolve(self, rel: str) -> Path:
+        return Path(rel) if os.path.isabs(rel) else self.root / rel
+
+    def _load(self, index: int) -> tuple[Record, list[str]]:
+        rel = self._items[index]
+        path = self._resolve(rel)
+        prepared = self.sanitizer.prepare(path, rel)
+        row = self._rows.get(rel, {})
+        caption = ""
+        if self.caption_column is not None and row.get(self.caption_column) is not None:
+            caption = caption_from_cell(row[self.caption_column], self.seed, rel)
+        else:
+            sidecar = path.with_suffix(".txt")
+            if sidecar.is_file():
+                try:
+                    caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+                except OSError:
+                    caption = ""
+        conditioning = None
+        if rel in self._conditioning:
+            conditioning = self.sanitizer.align_image(self._resolve(self._conditioning[rel]), prepared)
+        attributes: dict[str, Any] = {"path": os.fspath(path)}
+        extra = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column, self.conditioning_column)}
+        if extra:
+            attributes["metadata"] = extra
+        record = Record(image=prepared.image, caption=caption, conditioning=conditioning, attributes=attributes, key=rel)
+        return record, prepared.conversions
+
