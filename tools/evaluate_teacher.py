@@ -8,7 +8,7 @@ then reports, as JSON:
   object colour, both, and shape, against each prompt (``Judge.score``);
 * ``frechet_distance``: Frechet distance between judge features of the samples and of the
   real held-out scenes with the same captions;
-* ``heuristic``: a judge-free pixel check (``teacher.pixel_attributes``), with its
+* ``heuristic``: a judge-free pixel check (``worldbuild.heuristic.pixel_attributes``), with its
   accuracy on the real scenes for calibration.
 
 It also saves a grid of the first samples with their prompts. The documented figures::
@@ -17,9 +17,7 @@ It also saves a grid of the first samples with their prompts. The documented fig
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from condistill.world.scenes import SyntheticScenes  # noqa: E402
-from worldbuild.teacher import heuristic_score  # noqa: E402
+from condistill.world.scenes import SyntheticScenes
+from worldbuild.cli import config_from_args, parser_from_dataclass
+from worldbuild.heuristic import heuristic_score
 
 
 @dataclass
@@ -63,30 +60,25 @@ class EvalConfig:
             raise ValueError(f"grid_count must be >= 0, got {self.grid_count}")
 
 
+HELPS = {
+    "model": "diffusers Stable Diffusion folder of the teacher",
+    "judge": "judge folder (condistill/assets/judge); skipped if missing",
+    "num_prompts": "held-out captions to sample (SyntheticScenes('heldout') indices 0..N-1)",
+    "steps": "DDIM sampling steps",
+    "guidance_scale": "classifier-free guidance scale",
+    "batch_size": "prompts per pipeline call",
+    "seed": "prompt i uses generator seed seed + i",
+    "threads": "torch CPU threads",
+    "output_json": "where to write the figures",
+    "grid": "PNG grid of the first samples with their prompts",
+    "grid_count": "samples shown in the grid",
+    "require_judge": "fail instead of skipping when the judge is missing",
+}
+
+
 def parse_args(argv=None) -> EvalConfig:
-    d = EvalConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d["model"].default, help="diffusers Stable Diffusion folder of the teacher")
-    p.add_argument("--judge", default=d["judge"].default, help="judge folder (condistill/assets/judge); skipped if missing")
-    p.add_argument("--num-prompts", type=int, default=d["num_prompts"].default,
-                   help="held-out captions to sample (SyntheticScenes('heldout') indices 0..N-1)")
-    p.add_argument("--steps", type=int, default=d["steps"].default, help="DDIM sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=d["guidance_scale"].default,
-                   help="classifier-free guidance scale")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="prompts per pipeline call")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="prompt i uses generator seed seed + i")
-    p.add_argument("--threads", type=int, default=d["threads"].default, help="torch CPU threads")
-    p.add_argument("--output-json", default=d["output_json"].default, help="where to write the figures")
-    p.add_argument("--grid", default=d["grid"].default, help="PNG grid of the first samples with their prompts")
-    p.add_argument("--grid-count", type=int, default=d["grid_count"].default, help="samples shown in the grid")
-    p.add_argument("--require-judge", action="store_true", help="fail instead of skipping when the judge is missing")
-    a = p.parse_args(argv)
-    try:
-        return EvalConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
-    except ValueError as e:
-        p.error(str(e))
-    raise AssertionError("unreachable")
+    p = parser_from_dataclass(EvalConfig, __doc__.split("\n\n")[0], helps=HELPS)
+    return config_from_args(EvalConfig, p.parse_args(argv), p)
 
 
 def captioned_grid(images, prompts, cols: int = 8, scale: int = 2) -> Image.Image:

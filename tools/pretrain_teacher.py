@@ -31,40 +31,37 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from worldbuild import teacher as T  # noqa: E402
+from condistill.utils import count_parameters
+from worldbuild.architecture import (
+    TeacherArchitecture,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    with_cross_attention_everywhere,
+)
+from worldbuild.cli import config_from_args, parse_int_tuple, parser_from_dataclass
+from worldbuild.parallel import train_teacher_parallel
+from worldbuild.render import render_scenes
+from worldbuild.saving import folder_size_bytes, load_weights_from, save_teacher
+from worldbuild.tokenizer import build_tokenizer, tokenize, write_tokenizer_files
+from worldbuild.training import TrainingSettings, reconstruction_error
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingSettings):
+    """The training hyper-parameters (:class:`~worldbuild.training.TrainingSettings`) plus the data,
+    paths, workers and architecture of a run."""
+
     output_dir: str = "condistill/assets/tiny-teacher"
     num_scenes: int = 10000
-    seed: int = 0
     workers: int = 2
-    threads: int = 1
-    # VAE
-    vae_steps: int = 800
-    vae_batch_size: int = 16
-    vae_lr: float = 2e-3
-    vae_crop: int = 32
-    vae_full_res_fraction: float = 0.1
-    kl_weight: float = 1e-4
-    # UNet + text encoder
-    unet_steps: int = 2600
-    batch_size: int = 32
-    lr: float = 1e-3
-    caption_dropout: float = 0.1
-    snr_gamma: float = 5.0
-    ema_decay: float = 0.999
-    log_every: int = 50
     time_budget_min: float = 0.0
     # continue from an existing teacher folder: its VAE is kept (vae_steps is ignored), its
     # UNet and text encoder are the starting point, its architecture is used
@@ -72,11 +69,11 @@ class PretrainConfig:
     # with init_from: move the weights into a UNet with cross-attention at every level (new
     # attention layers start as exact no-ops), the layout stock T2I-Adapters need
     cross_attention_everywhere: bool = False
-    architecture: T.TeacherArchitecture = field(default_factory=T.TeacherArchitecture)
+    architecture: TeacherArchitecture = field(default_factory=TeacherArchitecture)
 
     def __post_init__(self):
         if isinstance(self.architecture, dict):
-            self.architecture = T.TeacherArchitecture(**self.architecture)
+            self.architecture = TeacherArchitecture(**self.architecture)
         if not str(self.output_dir).strip():
             raise ValueError("output_dir must be a non-empty path")
         positive = ("num_scenes", "workers", "threads", "vae_batch_size", "batch_size", "log_every", "vae_crop")
@@ -91,7 +88,7 @@ class PretrainConfig:
             if Path(self.init_from).resolve() == Path(self.output_dir).resolve():
                 raise ValueError("init_from and output_dir are the same folder; write the continued teacher to a "
                                  "new --output-dir so the starting weights are not overwritten")
-            self.architecture = T.TeacherArchitecture(**json.loads(cfg_file.read_text())["architecture"])
+            self.architecture = TeacherArchitecture(**json.loads(cfg_file.read_text())["architecture"])
         if self.cross_attention_everywhere and not self.init_from:
             raise ValueError("cross_attention_everywhere converts a saved teacher: pass init_from too")
         for name in ("vae_steps", "unet_steps"):
@@ -125,74 +122,61 @@ class PretrainConfig:
         return asdict(self)
 
 
+HELPS = {
+    "output_dir": "folder to write the diffusers pipeline into",
+    "num_scenes": "training scenes rendered (SyntheticScenes('train') indices 0..N-1)",
+    "seed": "seed of the scenes, the weight init and every random draw of training",
+    "workers": "data-parallel training processes (gradients averaged each step; batch sizes are per worker); "
+               "1 trains in this process",
+    "threads": "torch CPU threads per worker process (torch.set_num_threads)",
+    "vae_steps": "VAE optimisation steps",
+    "vae_batch_size": "images per VAE step and worker",
+    "vae_lr": "VAE peak learning rate (AdamW, cosine)",
+    "vae_crop": "side of the random crops most VAE steps train on (the last steps use full images)",
+    "vae_full_res_fraction": "fraction of VAE steps, at the end, that use whole images instead of crops",
+    "kl_weight": "weight of the per-pixel KL term of the VAE loss (keeps latents near N(0, I))",
+    "unet_steps": "UNet + text encoder optimisation steps",
+    "batch_size": "latents per UNet step and worker",
+    "lr": "UNet/text encoder peak learning rate (AdamW, cosine)",
+    "caption_dropout": "probability a caption is replaced by the empty prompt (for classifier-free guidance)",
+    "snr_gamma": "Min-SNR loss weighting gamma; 0 trains with the plain epsilon MSE",
+    "ema_decay": "EMA decay of the saved weights",
+    "time_budget_min": "wall-clock budget of the whole run in minutes: the UNet phase measures its speed over its "
+                       "first steps and trains for as many steps (at most --unet-steps) as fit; the resolved "
+                       "count is written to training_config.json. 0 = always run --unet-steps",
+    "init_from": "teacher folder written by this recipe to continue from: its VAE (and scaling factor) is kept, "
+                 "its UNet and text encoder train for --unet-steps more steps; the architecture flags are "
+                 "ignored; --unet-steps 0 only copies (or converts) it",
+    "cross_attention_everywhere": "with --init-from: move the weights into a UNet with cross-attention at every "
+                                  "level (the added layers start as exact no-ops), the layout stock "
+                                  "T2I-Adapters can feed",
+    "log_every": "print the mean loss every N steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser_from_dataclass(
+        PretrainConfig, "Train the tiny text-to-image teacher (diffusers Stable Diffusion layout) on synthetic "
+                        "scenes.", helps=HELPS, skip=("architecture",))
+    d = TeacherArchitecture()
+    p.add_argument("--unet-channels", type=parse_int_tuple, default=d.unet_channels, metavar="A,B,C",
+                   help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents) "
+                        f"(default {','.join(map(str, d.unet_channels))})")
+    p.add_argument("--text-layers", type=int, default=d.text_layers,
+                   help=f"text encoder layers (default {d.text_layers})")
+    return p
+
+
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    d = PretrainConfig()
-    p = argparse.ArgumentParser(
-        description="Train the tiny text-to-image teacher (diffusers Stable Diffusion layout) on synthetic scenes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--output-dir", default=d.output_dir, help="folder to write the diffusers pipeline into")
-    p.add_argument("--num-scenes", type=int, default=d.num_scenes,
-                   help="training scenes rendered (SyntheticScenes('train') indices 0..N-1)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the scenes, the weight init and every random draw of training")
-    p.add_argument("--workers", type=int, default=d.workers,
-                   help="data-parallel training processes (gradients averaged each step; batch sizes are per "
-                        "worker); 1 trains in this process")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads per worker process (torch.set_num_threads)")
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="VAE optimisation steps")
-    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help="images per VAE step and worker")
-    p.add_argument("--vae-lr", type=float, default=d.vae_lr, help="VAE peak learning rate (AdamW, cosine)")
-    p.add_argument("--vae-crop", type=int, default=d.vae_crop,
-                   help="side of the random crops most VAE steps train on (the last steps use full images)")
-    p.add_argument("--vae-full-res-fraction", type=float, default=d.vae_full_res_fraction,
-                   help="fraction of VAE steps, at the end, that use whole images instead of crops")
-    p.add_argument("--kl-weight", type=float, default=d.kl_weight,
-                   help="weight of the per-pixel KL term of the VAE loss (keeps latents near N(0, I))")
-    p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="UNet + text encoder optimisation steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per UNet step and worker")
-    p.add_argument("--lr", type=float, default=d.lr, help="UNet/text encoder peak learning rate (AdamW, cosine)")
-    p.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
-                   help="probability a caption is replaced by the empty prompt (for classifier-free guidance)")
-    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma,
-                   help="Min-SNR loss weighting gamma; 0 trains with the plain epsilon MSE")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the saved weights")
-    p.add_argument("--time-budget-min", type=float, default=d.time_budget_min,
-                   help="wall-clock budget of the whole run in minutes: the UNet phase measures its speed over "
-                        "its first steps and trains for as many steps (at most --unet-steps) as fit; the "
-                        "resolved count is written to training_config.json. 0 = always run --unet-steps")
-    p.add_argument("--init-from", default=d.init_from,
-                   help="teacher folder written by this recipe to continue from: its VAE (and scaling factor) is "
-                        "kept, its UNet and text encoder train for --unet-steps more steps; the architecture "
-                        "flags are ignored; --unet-steps 0 only copies (or converts) it")
-    p.add_argument("--cross-attention-everywhere", action="store_true",
-                   help="with --init-from: move the weights into a UNet with cross-attention at every level (the "
-                        "added layers start as exact no-ops), the layout stock T2I-Adapters can feed")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="print the mean loss every N steps")
-    p.add_argument("--unet-channels", default=",".join(map(str, d.architecture.unet_channels)),
-                   help="comma-separated UNet widths per level (16x16, 8x8, 4x4 latents)")
-    p.add_argument("--text-layers", type=int, default=d.architecture.text_layers, help="text encoder layers")
+    p = build_parser()
     a = p.parse_args(argv)
-    try:
-        unet_channels = tuple(int(c) for c in a.unet_channels.split(","))
-    except ValueError:
-        p.error(f"--unet-channels must be comma-separated integers, got {a.unet_channels!r}")
-    try:
-        arch = T.TeacherArchitecture(unet_channels=unet_channels, text_layers=a.text_layers,
-                                     unet_cross_attention=(False,) + (True,) * (len(unet_channels) - 1))
-        return PretrainConfig(
-            output_dir=a.output_dir, num_scenes=a.num_scenes, seed=a.seed, workers=a.workers, threads=a.threads,
-            vae_steps=a.vae_steps, vae_batch_size=a.vae_batch_size, vae_lr=a.vae_lr, vae_crop=a.vae_crop,
-            vae_full_res_fraction=a.vae_full_res_fraction, kl_weight=a.kl_weight,
-            unet_steps=a.unet_steps, batch_size=a.batch_size, lr=a.lr, caption_dropout=a.caption_dropout,
-            snr_gamma=a.snr_gamma, ema_decay=a.ema_decay, log_every=a.log_every,
-            time_budget_min=a.time_budget_min, init_from=a.init_from,
-            cross_attention_everywhere=a.cross_attention_everywhere, architecture=arch,
-        )
-    except ValueError as e:
-        p.error(str(e))
-    raise AssertionError("unreachable")
+
+    def build(**values) -> PretrainConfig:
+        arch = TeacherArchitecture(unet_channels=a.unet_channels, text_layers=a.text_layers,
+                                   unet_cross_attention=(False,) + (True,) * (len(a.unet_channels) - 1))
+        return PretrainConfig(**values, architecture=arch)
+
+    return config_from_args(PretrainConfig, a, p, build)
 
 
 def run(cfg: PretrainConfig, log=print) -> dict:
@@ -204,44 +188,44 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     out = Path(cfg.output_dir)
 
     t = time.time()
-    images, captions = T.render_scenes(cfg.num_scenes, "train", arch.resolution, cfg.seed)
-    heldout, _ = T.render_scenes(min(256, cfg.num_scenes), "heldout", arch.resolution, cfg.seed)
+    scenes = render_scenes("train", cfg.num_scenes, arch.resolution, cfg.seed, targets=False)
+    images, captions = scenes.images_chw(), scenes.captions
+    heldout = render_scenes("heldout", min(256, cfg.num_scenes), arch.resolution, cfg.seed,
+                            targets=False).images_chw()
     render_s = time.time() - t
     log(f"rendered {cfg.num_scenes} train scenes in {render_s:.1f}s")
 
-    tokenizer = T.build_tokenizer(model_max_length=arch.max_length)
-    text_encoder = T.build_text_encoder(arch, tokenizer)
-    vae = T.build_vae(arch)
-    unet = T.build_unet(arch)
+    tokenizer = build_tokenizer(model_max_length=arch.max_length)
+    text_encoder = build_text_encoder(arch, tokenizer)
+    vae = build_vae(arch)
+    unet = build_unet(arch)
     if cfg.init_from:
-        T.load_weights_from(cfg.init_from, vae=vae, text_encoder=text_encoder, unet=unet)
+        load_weights_from(cfg.init_from, vae=vae, text_encoder=text_encoder, unet=unet)
         log(f"continuing from {cfg.init_from}: VAE kept, UNet and text encoder train {cfg.unet_steps} more steps")
         if cfg.cross_attention_everywhere:
-            unet, arch = T.with_cross_attention_everywhere(unet, arch)
+            unet, arch = with_cross_attention_everywhere(unet, arch)
             cfg.architecture = arch
-            log(f"UNet now has cross-attention at every level ({T.count_parameters(unet)} parameters)")
-    scheduler = T.build_scheduler()
+            log(f"UNet now has cross-attention at every level ({count_parameters(unet)} parameters)")
+    scheduler = build_scheduler()
 
-    params = {"vae": T.count_parameters(vae), "text_encoder": T.count_parameters(text_encoder),
-              "unet": T.count_parameters(unet)}
+    params = {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
+              "unet": count_parameters(unet)}
     log(f"parameters: {params}")
-    token_ids = T.tokenize(tokenizer, captions)
-    empty_ids = T.tokenize(tokenizer, [""])[0]
-    settings = T.TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(T.TrainingSettings)
-                                     if f.name != "unet_deadline"})
+    token_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    settings = TrainingSettings(**{f.name: getattr(cfg, f.name) for f in fields(TrainingSettings)})
     if cfg.init_from:
         settings.vae_steps = 0
-    if cfg.time_budget_min:
-        # keep ~1 minute for the held-out reconstruction check and saving
-        settings.unet_deadline = t_start + 60.0 * cfg.time_budget_min - 60.0
-    report = T.train_teacher_parallel(cfg.workers, settings, images, token_ids, empty_ids, vae, text_encoder,
-                                      unet, tokenizer, arch, log)
+    # keep ~1 minute of a time budget for the held-out reconstruction check and saving
+    deadline = t_start + 60.0 * cfg.time_budget_min - 60.0 if cfg.time_budget_min else None
+    report = train_teacher_parallel(cfg.workers, settings, images, token_ids, empty_ids, vae, text_encoder,
+                                    unet, tokenizer, arch, log, deadline)
     report["timings"]["render_scenes_s"] = render_s
-    report["latents"]["heldout_reconstruction_mae_0_255"] = T.reconstruction_error(vae, heldout)
+    report["latents"]["heldout_reconstruction_mae_0_255"] = reconstruction_error(vae, heldout)
     log(f"VAE held-out reconstruction MAE {report['latents']['heldout_reconstruction_mae_0_255']:.2f} / 255")
 
-    T.save_teacher(out, vae, text_encoder, tokenizer, unet, scheduler)
-    T.write_tokenizer_files(out / "tokenizer")
+    save_teacher(out, vae, text_encoder, tokenizer, unet, scheduler)
+    write_tokenizer_files(out / "tokenizer")
     report["timings"]["total_s"] = time.time() - t_start
     summary = {
         "parameters": params,
@@ -262,7 +246,7 @@ def run(cfg: PretrainConfig, log=print) -> dict:
         resolved["continued_from"] = json.loads((Path(cfg.init_from) / "training_config.json").read_text())
     (out / "training_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    summary["folder_bytes"] = T.folder_size_bytes(out)
+    summary["folder_bytes"] = folder_size_bytes(out)
     log(f"saved {out} ({summary['folder_bytes'] / 1e6:.1f} MB) in {report['timings']['total_s'] / 60:.1f} min")
     return summary
 

@@ -16,55 +16,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-try:
-    import condistill  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from condistill.world.judge import DepthNet, DepthNetConfig, load_judge, save_depth_net  # noqa: E402
-from condistill.evaluation.metrics import depth_error  # noqa: E402
-from condistill.world.scenes import SyntheticScenes  # noqa: E402
-from train_judge import TrainJudgeConfig, augment_batch, depth_loss, render_scenes  # noqa: E402
+from condistill.evaluation.metrics import depth_error
+from condistill.world.judge import DepthNet, DepthNetConfig, load_judge, save_depth_net
+from condistill.world.scenes import SyntheticScenes
+from train_judge import SceneTrainingConfig, TrainJudgeConfig, augment_batch, depth_loss
+from worldbuild.cli import config_from_args, parser_from_dataclass
+from worldbuild.render import render_scenes
 
 
 @dataclass
-class TrainDepthConfig:
+class TrainDepthConfig(SceneTrainingConfig):
     """Everything that determines a depth-estimator training run."""
 
-    output_dir: str = "condistill/assets/judge"
-    train_scenes: int = 24000
-    heldout_scenes: int = 1000
     steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 30
     widths: tuple[int, int, int, int] = (16, 32, 64, 128)
-    seed: int = 0
-    threads: int = 1
-    log_every: int = 50
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
-        for name in ("train_scenes", "heldout_scenes", "steps", "batch_size", "threads", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.batch_size > self.train_scenes:
-            raise ValueError(f"batch_size ({self.batch_size}) cannot exceed train_scenes ({self.train_scenes})")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0 and warmup_steps >= 0, got {self.lr}, "
-                             f"{self.weight_decay}, {self.warmup_steps}")
+        super().__post_init__()
         DepthNetConfig(widths=self.widths)  # validates the architecture
 
     @classmethod
@@ -103,8 +82,8 @@ def train(cfg: TrainDepthConfig, command: str) -> dict:
                                 f"folder (train one with `python tools/train_judge.py --output-dir {out_dir}`)")
     resolution = load_judge(out_dir).config.resolution
     t0 = time.perf_counter()
-    images, depth_np, _, _ = render_scenes("train", cfg.train_scenes, resolution, cfg.seed)
-    depth_all = torch.from_numpy(depth_np)
+    scenes = render_scenes("train", cfg.train_scenes, resolution, cfg.seed)
+    images, depth_all = scenes.images, torch.from_numpy(scenes.depth)
     log(f"rendered {cfg.train_scenes} scenes in {time.perf_counter() - t0:.0f}s")
     net = DepthNet(DepthNetConfig(resolution=resolution, widths=cfg.widths))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -112,11 +91,7 @@ def train(cfg: TrainDepthConfig, command: str) -> dict:
     augment = TrainJudgeConfig()  # the judge's own degradations
     t1, running = time.perf_counter(), 0.0
     for step in range(cfg.steps):
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = rng.choice(cfg.train_scenes, cfg.batch_size, replace=False)
@@ -144,28 +119,15 @@ def train(cfg: TrainDepthConfig, command: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip() + " See docs/judge.md.")
+    parser = parser_from_dataclass(TrainDepthConfig, __doc__.split("\n\n")[0].strip() + " See docs/judge.md.")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few scenes (end-to-end check)")
-    defaults = TrainDepthConfig()
-    for f in fields(TrainDepthConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, tuple):
-            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                                metavar="A,B,C,D", help=f"(default {','.join(map(str, default))})")
-        else:
-            parser.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainDepthConfig) if getattr(args, f.name) is not None}
-    try:
-        cfg = TrainDepthConfig.smoke(**overrides) if args.smoke else TrainDepthConfig(**overrides)
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
+    cfg = config_from_args(TrainDepthConfig, args, parser, TrainDepthConfig.smoke if args.smoke else None)
     command = ("python tools/train_depth_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     return train(cfg, command)
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,45 +32,68 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-try:
-    import condistill  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from condistill.world.judge import (  # noqa: E402
+from condistill.evaluation.metrics import frechet_distance
+from condistill.training.lr import lr_factor
+from condistill.utils import count_parameters
+from condistill.world.judge import (
     ATTRIBUTES,
     CONFIG_NAME,
     METRICS_NAME,
     JudgeConfig,
     JudgeNet,
-    count_parameters,
     evaluate_on_records,
     load_judge,
     save_judge,
 )
-from condistill.evaluation.metrics import frechet_distance  # noqa: E402
-from condistill.world.scenes import SHAPES, SyntheticScenes, attribute_labels  # noqa: E402
+from condistill.world.scenes import SyntheticScenes
+from worldbuild.cli import config_from_args, parser_from_dataclass
+from worldbuild.render import MAIN_OBJECT, render_scenes
 
 
 @dataclass
-class TrainJudgeConfig:
-    """Everything that determines a judge training run."""
+class SceneTrainingConfig:
+    """What a run that trains a network on rendered scenes needs whatever the network (the judge here,
+    its depth estimator in ``tools/train_depth_judge.py``): data, optimizer, seed, threads, logging."""
 
     output_dir: str = "condistill/assets/judge"
     train_scenes: int = 24000
     heldout_scenes: int = 1000
-    resolution: int = 64
     steps: int = 900
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 30
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 50
+
+    def __post_init__(self):
+        positive_ints = ("train_scenes", "heldout_scenes", "steps", "batch_size", "threads", "log_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size > self.train_scenes:
+            raise ValueError(f"batch_size ({self.batch_size}) cannot exceed train_scenes ({self.train_scenes})")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 0 (:func:`condistill.training.lr.lr_factor`)."""
+        return self.lr * lr_factor(step, self.warmup_steps, self.steps, floor=0.0)
+
+
+@dataclass
+class TrainJudgeConfig(SceneTrainingConfig):
+    """Everything that determines a judge training run."""
+
+    resolution: int = 64
     label_smoothing: float = 0.05
     shape_weight: float = 2.0
     depth_weight: float = 1.0
     dense_weight: float = 1.0
-    seed: int = 0
-    threads: int = 1
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
     decoder_widths: tuple[int, int, int, int] = (64, 32, 16, 8)
     reduce_channels: int = 64
@@ -88,26 +110,15 @@ class TrainJudgeConfig:
     noise_prob: float = 0.5
     noise_std_max: float = 0.04
     save_dtype: str = "float16"
-    log_every: int = 50
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         self.decoder_widths = tuple(int(w) for w in self.decoder_widths)
-        positive_ints = ("train_scenes", "heldout_scenes", "steps", "batch_size", "threads", "log_every")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()
         if self.heldout_scenes < 2:
             raise ValueError(f"heldout_scenes must be at least 2 (a Frechet distance needs 2), got {self.heldout_scenes}")
-        if self.batch_size > self.train_scenes:
-            raise ValueError(f"batch_size ({self.batch_size}) cannot exceed train_scenes ({self.train_scenes})")
         if self.resolution < 16 or self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16 and at least 16, got {self.resolution}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if min(self.depth_weight, self.dense_weight, self.shape_weight) < 0:
@@ -140,27 +151,7 @@ class TrainJudgeConfig:
         return cls(**values)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def render_scenes(split: str, count: int, resolution: int, seed: int = 0):
-    """Render ``count`` scenes: uint8 images [N, H, W, 3], float16 depth [N, H, W], int64 labels [N, 3]
-    and uint8 dense maps [N, H, W] = per-pixel shape class (0 none, 1 + index in SHAPES) + 16 * main-object."""
-    scenes = SyntheticScenes(split, count, resolution, seed)
-    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
-    depth = np.empty((count, resolution, resolution), dtype=np.float16)
-    labels = np.empty((count, len(ATTRIBUTES)), dtype=np.int64)
-    dense = np.zeros((count, resolution, resolution), dtype=np.uint8)
-    for i in range(count):
-        rec = scenes[i]
-        images[i] = np.asarray(rec.image)
-        depth[i] = rec.depth
-        lab = attribute_labels(rec)
-        labels[i] = [lab[a] for a in ATTRIBUTES]
-        for k, obj in enumerate(rec.attributes["objects"]):
-            dense[i][rec.masks[k]] = 1 + SHAPES.index(obj["shape"])
-        dense[i][rec.masks[0]] += 16
-    return images, depth, labels, dense
+# --------------------------------------------------------------------------- data augmentation
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -237,16 +228,9 @@ def dense_loss(logits: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """Per-pixel shape cross-entropy + main-object mask BCE at the logits' resolution."""
     stride = dense.shape[-1] // logits.shape[-1]
     target = dense[:, ::stride, ::stride].long()
-    shape_ce = F.cross_entropy(logits[:, :-1], target % 16)
-    main_bce = F.binary_cross_entropy_with_logits(logits[:, -1], (target >= 16).float())
+    shape_ce = F.cross_entropy(logits[:, :-1], target % MAIN_OBJECT)
+    main_bce = F.binary_cross_entropy_with_logits(logits[:, -1], (target >= MAIN_OBJECT).float())
     return shape_ce + main_bce
-
-
-def lr_at(step: int, cfg: TrainJudgeConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def log(msg: str) -> None:
@@ -287,10 +271,11 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
     t_start = time.perf_counter()
 
     log(f"rendering {cfg.train_scenes} train scenes at {cfg.resolution}px")
-    images, depth_np, labels_np, dense_np = render_scenes("train", cfg.train_scenes, cfg.resolution, cfg.seed)
-    depth_all = torch.from_numpy(depth_np)
-    dense_all = torch.from_numpy(dense_np)
-    labels_all = torch.from_numpy(labels_np)
+    scenes = render_scenes("train", cfg.train_scenes, cfg.resolution, cfg.seed)
+    images = scenes.images
+    depth_all = torch.from_numpy(scenes.depth)
+    dense_all = torch.from_numpy(scenes.dense)
+    labels_all = torch.from_numpy(scenes.labels)
     t_data = time.perf_counter() - t_start
     log(f"rendered in {t_data:.1f}s")
 
@@ -320,7 +305,7 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
             x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
         y = labels_all[idx]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cfg.lr_at(step)
         out = net(x)
         loss = torch.zeros(())
         for k, attr in enumerate(ATTRIBUTES):
@@ -332,11 +317,11 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
         a_loss = dense_loss(out["dense"], target_dense)
         with torch.no_grad():
             stride = target_dense.shape[-1] // out["dense"].shape[-1]
-            pix = target_dense[:, ::stride, ::stride].long() % 16
+            pix = target_dense[:, ::stride, ::stride].long() % MAIN_OBJECT
             on_object = pix > 0
             pixel_hits = out["dense"][:, :-1].argmax(1)[on_object] == pix[on_object]
             running["pixel_shape"] += float(pixel_hits.float().mean()) if on_object.any() else 0.0
-            main_true = target_dense[:, ::stride, ::stride] >= 16
+            main_true = target_dense[:, ::stride, ::stride] >= MAIN_OBJECT
             main_pred = out["dense"][:, -1] > 0
             running["main_iou"] += float((main_true & main_pred).sum() / (main_true | main_pred).sum().clamp(min=1))
         loss = loss + cfg.depth_weight * d_loss + cfg.dense_weight * a_loss
@@ -354,7 +339,7 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
             log(f"step {step + 1}/{cfg.steps} loss={running['loss'] / n:.4f} depth={running['depth'] / n:.4f} "
                 f"dense={running['dense'] / n:.3f} pixel_shape={running['pixel_shape'] / n:.3f} "
                 f"main_iou={running['main_iou'] / n:.3f} "
-                f"{accs} lr={lr_at(step, cfg):.2e} {rate:.0f} img/s, {elapsed:.0f}s")
+                f"{accs} lr={cfg.lr_at(step):.2e} {rate:.0f} img/s, {elapsed:.0f}s")
             running = {k: 0.0 for k in running}
     train_seconds = time.perf_counter() - t_train
     total_seconds = time.perf_counter() - t_start
@@ -388,48 +373,21 @@ def train(cfg: TrainJudgeConfig, command: str = "") -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train the condistill judge (attribute classifier + Frechet features + depth head) "
-                    "on synthetic scenes and measure it on held-out scenes.")
+    parser = parser_from_dataclass(
+        TrainJudgeConfig, "Train the condistill judge (attribute classifier + Frechet features + depth head) "
+                          "on synthetic scenes and measure it on held-out scenes.")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps on a few scenes (end-to-end check); default output runs/judge-smoke")
     parser.add_argument("--eval-only", action="store_true",
                         help="do not train; re-measure the judge in --output-dir and rewrite its metrics.json")
-    defaults = TrainJudgeConfig()
-    for f in fields(TrainJudgeConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
-                                metavar="BOOL", help=f"(default {default})")
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=_parse_tuple, default=None, metavar="A,B,C,D",
-                                help=f"(default {','.join(map(str, default))})")
-        else:
-            parser.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainJudgeConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainJudgeConfig) if getattr(args, f.name) is not None}
-    return TrainJudgeConfig.smoke(**overrides) if args.smoke else TrainJudgeConfig(**overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
+    cfg = config_from_args(TrainJudgeConfig, args, parser, TrainJudgeConfig.smoke if args.smoke else None)
     command = "python tools/train_judge.py " + " ".join(sys.argv[1:] if argv is None else argv)
     command = command.strip()
     if args.eval_only:

@@ -20,7 +20,7 @@ from condistill.world.judge import (
 from condistill.evaluation.metrics import frechet_distance
 from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SyntheticScenes, attribute_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BAR = 0.95
 
 
