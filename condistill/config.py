@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,11 @@ class DistillConfig:
     validate_every: int = _h("write a validation grid every K steps (0 = only at the end)", default=200)
     log_every: int = _h("log loss and speed every K steps", default=10)
     resume: str | None = _h("'latest' or a checkpoint folder to continue from", default=None)
+    overwrite: bool = _h("replace a finished run's export in output_dir (without it such a folder is refused)",
+                         default=False)
+    max_skip_fraction: float = _h("stop when more than this fraction of the data items seen are unusable "
+                                  "(corrupt, missing, too small); every skip is listed in data_report.json",
+                                  default=0.1)
     seed: int = _h("seed of every random choice in the run", default=0)
     num_workers: int = _h("data-loader worker processes", default=0)
     threads: int = _h("CPU threads for torch (0 = torch's default)", default=0)
@@ -105,8 +111,10 @@ class DistillConfig:
                 p.append(f"{name}={getattr(self, name)}: must be 0 or more")
         if self.keep_checkpoints < 1:
             p.append(f"keep_checkpoints={self.keep_checkpoints}: keep at least 1")
-        if not self.learning_rate > 0:
-            p.append(f"learning_rate={self.learning_rate}: must be positive")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            p.append(f"learning_rate={self.learning_rate}: must be positive and finite")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            p.append(f"max_skip_fraction={self.max_skip_fraction}: must be in [0, 1] (1 never stops)")
         if not 0.0 <= self.ema_decay < 1.0:
             p.append(f"ema_decay={self.ema_decay}: must be in [0, 1)")
         if not 0.0 <= self.ema_decay_late < 1.0:
