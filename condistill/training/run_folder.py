@@ -1,0 +1,184 @@
+"""The run folder: finished work is never overwritten silently, one run writes a folder at a time,
+and a resumed run may change only the options that cannot alter what was already computed.
+
+- :func:`check_output_dir` refuses a file in the way, a folder that holds checkpoints when
+  ``--resume latest`` was not given, and a finished export (``condistill_config.json``) with
+  no checkpoint to resume unless ``--overwrite``.
+- :func:`run_lock` holds ``<output_dir>/.condistill.lock`` (pid and host of the writer) for the
+  whole run; a second run into the same folder fails at once, and a lock left by a process that
+  no longer runs on this host is removed with a message.
+- :func:`resume_changes` compares the new command's options with the checkpoint's: options in
+  :data:`CHANGEABLE_ON_RESUME` apply (and are reported), a ``max_steps`` below the checkpoint's
+  step and every other difference are refused with the list of differences.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from condistill.adapters.save_load import CONFIG_NAME
+from condistill.training.checkpoint import list_checkpoints
+
+__all__ = ["CHANGEABLE_ON_RESUME", "LOCK_NAME", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
+           "run_lock", "set_learning_rate"]
+
+LOCK_NAME = ".condistill.lock"
+
+#: Options a resumed run may change. They steer what happens from the resumed step on, never
+#: what the steps before it computed (a slower EMA from step K on is "stop at K, resume with a
+#: new --ema-decay"). Everything else (base, data, adapter, condition, batch, seed, grid, loss,
+#: precision, optimizer settings restored with its state) is refused. A new learning rate applies from the resumed step on,
+#: along the same warm-up schedule (the warm-up is not restarted: past it, the new rate is the
+#: constant rate).
+CHANGEABLE_ON_RESUME = frozenset({
+    "max_steps", "learning_rate", "ema_decay", "ema_decay_late", "ema_late_from", "max_grad_norm", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
+    "num_workers", "threads", "gradient_checkpointing", "resume", "output_dir", "overwrite", "max_skip_fraction",
+    "recommended_steps", "stochastic_sampling",
+})
+
+
+class RunLockedError(RuntimeError):
+    """Another run is writing the same output folder."""
+
+
+def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
+    """Refuse an output folder whose use would overwrite finished work or cannot be a folder.
+
+    Raises:
+        NotADirectoryError: ``out`` or one of its parents is a file.
+        FileExistsError: checkpoints without ``--resume latest``, or a finished export with no
+            checkpoint to resume and no ``--overwrite``. Nothing has been written at that point.
+    """
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise NotADirectoryError(
+                    f"--output-dir {out}: {path} is a file, not a folder; choose another --output-dir or move "
+                    "the file away (nothing was written)")
+            break
+    if resume_from is None and list_checkpoints(out) and cfg.resume != "latest":
+        raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue it "
+                              f"or choose another --output-dir (nothing was overwritten)")
+    if resume_from is None and (out / CONFIG_NAME).is_file() and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} holds a finished adapter export ({CONFIG_NAME}) and no checkpoint to resume from; pass "
+            "--overwrite true to replace it, or choose another --output-dir (nothing was overwritten)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def run_lock(out: Path, log: Callable[[str], None] = lambda message: None) -> Iterator[Path]:
+    """Hold ``out/.condistill.lock`` while the block runs; released (deleted) on exit, also on errors.
+
+    Raises:
+        RunLockedError: the lock is held by a live process, or by one on another host (whose
+            liveness cannot be checked from here): the message says who and how to clear it.
+    """
+    path = out / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            pid, host = holder.get("pid"), holder.get("host")
+            stale = isinstance(pid, int) and host == me["host"] and not _alive(pid)
+            if attempt or not stale:
+                who = f"pid {pid} on {host}, since {holder.get('started', '?')}" if pid else "an unreadable lock"
+                raise RunLockedError(
+                    f"another condistill run ({who}) is writing {out}; wait for it to finish or choose another "
+                    f"--output-dir. If no such run exists any more, delete {path}.") from None
+            log(f"removing the stale lock {path}: pid {pid} on {host} no longer runs")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        if _holder(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def _same_base(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    from condistill.hub import resolve_pretrained_dir
+
+    try:  # "data/tiny-teacher" (older runs) and "embedded:tiny-teacher" name one folder
+        return resolve_pretrained_dir(a).resolve() == resolve_pretrained_dir(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def resume_changes(saved: dict[str, Any], cfg, step: int) -> list[str]:
+    """The options of ``cfg`` that differ from the checkpoint's ``saved`` config, as ``"name: old -> new"``.
+
+    Options absent from one side (written by another condistill version) are not compared.
+
+    Raises:
+        ValueError: ``cfg.max_steps`` is below the checkpoint's ``step``, or an option outside
+            :data:`CHANGEABLE_ON_RESUME` differs; the message lists every such difference.
+    """
+    new = cfg.to_dict()
+    changed, refused = [], []
+    for key in sorted(set(saved) & set(new)):
+        old, value = saved[key], new[key]
+        if json.dumps(old, sort_keys=True) == json.dumps(value, sort_keys=True):
+            continue
+        if key == "base" and _same_base(old, value):
+            continue
+        (changed if key in CHANGEABLE_ON_RESUME else refused).append(f"{key}: {old!r} -> {value!r}")
+    problems = []
+    if cfg.max_steps < step:
+        problems.append(f"max_steps={cfg.max_steps} is below the checkpoint's step {step}; a finished or longer "
+                        f"run cannot be shortened (pass --max-steps {step} or more)")
+    if refused:
+        problems.append("these options differ from the checkpoint's and cannot change in a resumed run (they would "
+                        "change what the first steps computed): " + "; ".join(refused))
+    if problems:
+        raise ValueError(f"cannot resume from the checkpoint at step {step}: " + " ".join(problems)
+                         + ". Pass the checkpoint's values, or start a new --output-dir.")
+    return changed
+
+
+def check_resume(checkpoint: Path, cfg) -> list[str]:
+    """:func:`resume_changes` against the config saved in ``checkpoint/state.json`` (before any model loads)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    return resume_changes(state.get("config", {}), cfg, int(state["step"]))
+
+
+def set_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
+    """Make ``learning_rate`` the peak rate of a resumed schedule, from its current step on.
+
+    A restored ``LambdaLR`` keeps the checkpoint's base rates; this replaces them and sets each
+    parameter group's current rate to ``learning_rate * factor(step)``.
+    """
+    factor = [group["lr"] / base if base else 0.0 for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs)]
+    lr_scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
+    for group, f in zip(optimizer.param_groups, factor):
+        group["lr"] = learning_rate * f
+        group["initial_lr"] = learning_rate
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,118 @@
+"""The run folder: no silent overwrite, one writer at a time, resume options checked."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condistill.config import DistillConfig
+from condistill.training.loop import distill
+from condistill.training.run_folder import LOCK_NAME, RunLockedError, resume_changes, run_lock
+from helpers import make_tiny_base
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return str(make_tiny_base(tmp_path_factory.mktemp("base")))
+
+
+def _cfg(base, out, **kw):
+    opts = dict(condition="edge", adapter="controlnet", base=base, data="synthetic:train:24", output_dir=str(out),
+                max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
+    opts.update(kw)
+    return DistillConfig(**opts)
+
+
+def test_file_in_the_way_is_named(tiny_base, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+            distill(_cfg(tiny_base, out))
+    assert blocker.read_text() == "x"
+
+
+def test_finished_export_without_checkpoints_needs_overwrite(tiny_base, tmp_path):
+    out = distill(_cfg(tiny_base, tmp_path / "run"))
+    for ckpt in (out / "checkpoints").iterdir():
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    before = (out / "condistill_config.json").read_bytes()
+    for resume in (None, "latest"):
+        with pytest.raises(FileExistsError, match="finished adapter export .* --overwrite"):
+            distill(_cfg(tiny_base, out, resume=resume))
+    assert (out / "condistill_config.json").read_bytes() == before
+    distill(_cfg(tiny_base, out, overwrite=True))
+    assert (out / "checkpoints" / "step-0000002").is_dir()
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_cleared(tmp_path, capsys):
+    with run_lock(tmp_path) as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            with run_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    messages = []
+    with run_lock(tmp_path, log=messages.append):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert messages and "stale lock" in messages[0]
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(RunLockedError, match="another-machine"):
+        with run_lock(tmp_path):
+            pass
+
+
+def test_lock_is_released_when_the_run_fails(tiny_base, tmp_path, monkeypatch):
+    import condistill.training.loop as loop
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(loop, "build_objective", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        distill(_cfg(tiny_base, tmp_path / "run"))
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_shortening_a_finished_run_is_refused(tiny_base, tmp_path):
+    out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=3))
+    exported = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="max_steps=2 is below the checkpoint's step 3"):
+        distill(_cfg(tiny_base, out, max_steps=2, resume="latest"))
+    again = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(exported[k], again[k]) for k in exported)
+    assert json.loads((out / "condistill_config.json").read_text())["extra"]["steps_trained"] == 3
+
+
+def test_changed_options_are_listed_and_refused(tiny_base, tmp_path):
+    out = distill(_cfg(tiny_base, tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"cannot change in a resumed run.*batch_size: 4 -> 8.*seed: 0 -> 1"):
+        distill(_cfg(tiny_base, out, max_steps=3, batch_size=8, seed=1, resume="latest"))
+
+
+def test_new_learning_rate_applies_from_the_resumed_step(tiny_base, tmp_path, capsys):
+    out = distill(_cfg(tiny_base, tmp_path / "run", lr_warmup_steps=0, learning_rate=1e-3))
+    capsys.readouterr()
+    distill(_cfg(tiny_base, out, max_steps=4, lr_warmup_steps=0, learning_rate=5e-4, log_every=1, resume="latest"))
+    assert "changed options: learning_rate: 0.001 -> 0.0005; max_steps: 2 -> 4" in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert lrs[-2:] == [5e-4, 5e-4]
+    assert json.loads((out / "config.json").read_text())["learning_rate"] == 5e-4
+
+
+def test_resume_changes_ignores_unknown_keys_and_equal_bases(tmp_path):
+    cfg = DistillConfig(output_dir=str(tmp_path), max_steps=10)
+    saved = {**cfg.to_dict(), "base": "data/tiny-teacher", "an_old_option": 1}
+    saved.pop("overwrite")
+    assert resume_changes(saved, cfg, 5) == []
+    assert resume_changes({**saved, "log_every": 99}, cfg, 5) == [f"log_every: 99 -> {cfg.log_every}"]
