@@ -8,15 +8,15 @@ One module per source kind: :mod:`~condistill.data.folder`,
 :mod:`~condistill.data.hf_datasets`, :mod:`~condistill.data.webdataset`; the base classes,
 ``open_source`` and the registry of spec prefixes are in :mod:`~condistill.data.sources`,
 image sanitising in :mod:`~condistill.data.images`, skip counting in
-:mod:`~condistill.data.skips`. The ``synthetic`` source is part of the embedded world:
-``condistill.world.source.SyntheticSource``.
+:mod:`~condistill.data.skips`, a training run's skip report in :mod:`~condistill.data.report`.
+The ``synthetic`` source is part of the embedded world: ``condistill.world.source.SyntheticSource``.
 """
 from condistill.data.dataset import ConditionDataset, collate, image_to_tensor
 from condistill.data.folder import ImageFolderSource
 from condistill.data.hf_datasets import HFDatasetSource
 from condistill.data.images import IMAGE_EXTENSIONS, ImageSanitizer, open_image, to_rgb
 from condistill.data.record import Record
-from condistill.data.skips import EmptySourceError, SourceStats
+from condistill.data.skips import EmptySourceError, SourceStats, TooManySkipsError
 from condistill.data.sources import (
     DataSource,
     IndexedSource,
@@ -43,6 +43,7 @@ __all__ = [
     "ImageSanitizer",
     "SourceStats",
     "EmptySourceError",
+    "TooManySkipsError",
     "IMAGE_EXTENSIONS",
     "open_image",
     "to_rgb",

@@ -8,12 +8,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from condistill.data.skips import EmptySourceError
+from condistill.data.skips import EmptySourceError, SourceStats
 from condistill.data.record import Record
 from condistill.data.sources import DataSource, IndexedSource, RecordSequenceSource
 from condistill.seeding import derive_seed
 
-__all__ = ["ConditionDataset", "collate", "image_to_tensor"]
+__all__ = ["ConditionDataset", "DATA_EVENTS_KEY", "collate", "image_to_tensor"]
+
+#: The batch entry :meth:`ConditionDataset.collate` adds: the source's data events (new items
+#: seen, skips) from the process that built the batch, for :mod:`condistill.data.report`.
+DATA_EVENTS_KEY = "data_events"
 
 
 def image_to_tensor(image) -> torch.Tensor:
@@ -51,6 +55,11 @@ class ConditionDataset(Dataset):
     the next usable item (wrapping around), deterministically; ``source.stats`` counts it.
     Stream-only sources (tar shards, plain iterables of records) are read into memory
     once, on first access.
+
+    Skips made in a DataLoader worker are counted in that worker's copy of ``source.stats``
+    only. Use :meth:`collate` as the loader's ``collate_fn`` after :meth:`track_events`: each
+    batch then carries (under :data:`DATA_EVENTS_KEY`) the observations made while it was
+    built, in whichever process built it, for the main process to count.
 
     Args:
         source: a :class:`~condistill.data.sources.DataSource`, a sequence of
@@ -131,6 +140,28 @@ class ConditionDataset(Dataset):
                     self._substitute[index] = candidate
                 return record
         raise self.source.stats.empty_error()
+
+    # ------------------------------------------------------------------ data events
+    @property
+    def stats(self) -> SourceStats | None:
+        """The source's :class:`SourceStats` (``None`` for a plain iterable of records)."""
+        return getattr(self.source, "stats", None)
+
+    def track_events(self) -> None:
+        """Queue every new observation of the source so that :meth:`collate` can hand it over."""
+        if self.stats is not None:
+            self.stats.open_outbox()
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """:func:`collate`, plus ``batch[DATA_EVENTS_KEY]``: the source events queued in this process
+        since the last batch (empty unless :meth:`track_events` was called).
+
+        A DataLoader worker fetches a batch's items and collates them in the same process, on the
+        same copy of the dataset, so a batch carries exactly the observations its items caused.
+        """
+        batch = collate(items)
+        batch[DATA_EVENTS_KEY] = self.stats.drain() if self.stats is not None else []
+        return batch
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict[str, Any]:

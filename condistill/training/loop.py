@@ -23,6 +23,7 @@ from condistill.adapters.save_load import save_adapter
 from condistill.conditions import get_condition
 from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.report import REPORT_NAME, SkipMonitor
 from condistill.data.sources import open_source
 from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
@@ -100,9 +101,11 @@ def distill(cfg: DistillConfig) -> Path:
 
     source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
     dataset = ConditionDataset(source, condition, resolution, seed=cfg.seed)
+    monitor = SkipMonitor.for_dataset(dataset, cfg.max_skip_fraction,  # skips: lines, data_report.json, a stop
+                                      report_path=out / REPORT_NAME if accelerator.is_main_process else None)
     accum = cfg.gradient_accumulation_steps
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * accum, cfg.max_steps * accum)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=cfg.num_workers)
     model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
@@ -116,7 +119,7 @@ def distill(cfg: DistillConfig) -> Path:
     for step in range(start, cfg.max_steps):
         student.train()
         for j in range(accum):
-            batch = next(it)
+            batch = monitor.update(next(it))
             with accelerator.accumulate(model):
                 loss, info = objective(batch, step * accum + j)
                 accelerator.backward(loss.mean())
@@ -149,6 +152,7 @@ def distill(cfg: DistillConfig) -> Path:
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
                 _validate(out, done, base, student, ema, validation, cfg)
     bar.close()
+    monitor.finish()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints)
