@@ -33,7 +33,8 @@ class DistillConfig:
     """Options of one conditional distillation run."""
 
     condition: str = _h("condition type: edge, depth, sr or inpaint", default="edge")
-    base: str = _h("frozen teacher: a diffusers Stable Diffusion folder or hub id", default=DEFAULT_BASE)
+    base: str = _h("frozen teacher: a diffusers Stable Diffusion folder, a hub id, or embedded:tiny-teacher (the "
+                   "packaged tiny teacher)", default=DEFAULT_BASE)
     data: str = _h(
         "training images: 'synthetic[:split[:size]]', an image folder, a datasets "
         "save_to_disk folder, .tar webdataset shards, or a datasets hub id",

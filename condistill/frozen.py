@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from condistill.hub import resolve_pretrained_dir
 from condistill.method.schedule import make_alphas_cumprod, normalize_prediction_type
+from condistill.utils import jsonable
 
 __all__ = [
     "Base",
@@ -87,12 +87,10 @@ def fingerprint_mismatch(expected: Mapping[str, Any], actual: Mapping[str, Any])
     compare. Values are compared after a JSON round trip (tuples equal lists).
     """
 
-    def norm(value):
-        return json.loads(json.dumps(value))
 
     problems = []
     for key in sorted(set(expected) & set(actual)):
-        if norm(expected[key]) != norm(actual[key]):
+        if jsonable(expected[key]) != jsonable(actual[key]):
             problems.append(f"{key}: {expected[key]!r} != {actual[key]!r}")
     return problems
 

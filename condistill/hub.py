@@ -1,6 +1,7 @@
 """Where models live: local folders, the embedded assets, and hub ids in the local cache.
 
-One rule resolves every model reference condistill reads (base, adapter, judge):
+One rule resolves the model references condistill reads (base, adapter; the judge's packaged
+folder too):
 
 1. an existing local folder is used as it is;
 2. ``embedded:<name>`` is the folder ``<name>`` shipped inside the package

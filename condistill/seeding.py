@@ -56,6 +56,9 @@ def text_key(text: str) -> int:
 
 
 def torch_generator(seed: int, index: int = 0, stride: int = 1) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded ``seed * stride + index``."""
-    seed, index, stride = _check((seed, index, stride))
-    return torch.Generator().manual_seed(seed * stride + index)
+    """A CPU ``torch.Generator`` seeded ``seed * stride + index`` (``seed`` may be negative, as
+    ``torch.manual_seed`` allows; ``index`` and ``stride`` may not)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"a torch seed must be an integer, got {seed!r}")
+    index, stride = _check((index, stride))
+    return torch.Generator().manual_seed(int(seed) * stride + index)

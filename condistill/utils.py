@@ -7,7 +7,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["jsonable", "count_parameters"]
+__all__ = ["NotJSONSerialisableError", "jsonable", "count_parameters"]
+
+
+class NotJSONSerialisableError(ValueError, TypeError):
+    """A value JSON cannot represent (both a ValueError and, as before for condition options, a TypeError)."""
 
 
 def _plain(value: Any) -> Any:
@@ -24,12 +28,12 @@ def jsonable(value: Any, what: str = "value") -> Any:
     """A JSON-ready copy of ``value``: tuples become lists, NumPy scalars and arrays plain numbers.
 
     Raises:
-        ValueError: ``value`` holds something JSON cannot represent; the message names ``what``.
+        NotJSONSerialisableError: ``value`` holds something JSON cannot represent; the message names ``what``.
     """
     try:
         return json.loads(json.dumps(value, default=_plain))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{what} must be JSON-serialisable (plain dicts, lists, numbers, strings): {error}") from None
+        raise NotJSONSerialisableError(f"{what} must be JSON-serialisable (plain dicts, lists, numbers, strings): {error}") from None
 
 
 def count_parameters(module: torch.nn.Module) -> int:

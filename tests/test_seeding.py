@@ -39,3 +39,10 @@ def test_text_key_is_crc32():
     import zlib
 
     assert seeding.text_key("a/b.png") == zlib.crc32(b"a/b.png")
+
+
+def test_torch_seed_may_be_negative_like_manual_seed():
+    g = seeding.torch_generator(-3)
+    assert torch.equal(torch.randn(2, generator=g), torch.randn(2, generator=torch.Generator().manual_seed(-3)))
+    with pytest.raises(ValueError, match="must be an integer"):
+        seeding.torch_generator(1.5)

@@ -17,6 +17,8 @@ def test_jsonable_converts_tuples_and_numpy_scalars():
 def test_jsonable_names_what_failed():
     with pytest.raises(ValueError, match="condition option x must be JSON-serialisable"):
         jsonable({"f": object()}, "condition option x")
+    with pytest.raises(TypeError):  # what a bad condition option raised before the helper was shared
+        jsonable(object(), "condition option y")
 
 
 def test_count_parameters():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_trains_and_loads_from_an_empty_folder(tmp_path):
+    # build from a clean copy, so a stale build/ folder of a working checkout cannot leak into the wheel
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "runs", "outputs",
+                                                                 "*.egg-info", "__pycache__", ".pytest_cache"))
     dist = tmp_path / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(dist), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     (wheel,) = dist.glob("condistill-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

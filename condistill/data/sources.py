@@ -30,18 +30,20 @@ How the pieces find each other without an import cycle:
   classification it calls), when all of them are loaded;
 * a prefix kind (a spec ``prefix`` or ``prefix:...``) registers an opener with
   :func:`register_source_kind`. When a spec's prefix is not registered, ``open_source``
-  loads the entry points of group ``condistill.data_sources`` once per process (loading
-  one imports a module whose import performs the registration) and looks again; a spec
-  that is still unknown is read as a path or dataset id, as before. condistill declares
-  ``synthetic = "condistill.world.source"`` there, so ``open_source("synthetic")`` works
-  without the caller importing :mod:`condistill.world`, and nothing in
-  :mod:`condistill.data` imports :mod:`condistill.world`.
+  imports the module :data:`PACKAGED_KINDS` names for it (``synthetic`` ->
+  :mod:`condistill.world.source`, whose import performs the registration), else loads the
+  entry points of group ``condistill.data_sources`` once per process (how another package adds
+  a kind), and looks again; a spec that is still unknown is read as a path or dataset id, as
+  before. So ``open_source("synthetic")`` works without the caller importing
+  :mod:`condistill.world` or any install metadata, and no module of :mod:`condistill.data`
+  imports :mod:`condistill.world` at load time.
 """
 from __future__ import annotations
 
 import abc
 import functools
 import glob
+import importlib
 import importlib.metadata
 import inspect
 import logging
@@ -275,10 +277,19 @@ def _load_entry_points() -> dict[str, Exception]:
     return failures
 
 
+#: Spec prefixes of condistill's own optional parts, imported by name on first use (so this module
+#: does not import them, and they work without install metadata, e.g. from a plain checkout).
+PACKAGED_KINDS = {"synthetic": "condistill.world.source"}
+
+
 def _find_opener(text: str) -> SourceOpener | None:
-    """The opener registered for the spec's prefix, loading the entry points if needed."""
+    """The opener registered for the spec's prefix, importing a packaged kind or loading the
+    ``condistill.data_sources`` entry points if needed."""
     prefix = text.split(":", 1)[0]
     opener = _KINDS.get(prefix)
+    if opener is None and prefix in PACKAGED_KINDS:
+        importlib.import_module(PACKAGED_KINDS[prefix])
+        opener = _KINDS.get(prefix)
     if opener is None and _KIND_PREFIX.match(prefix):
         failures = _load_entry_points()
         opener = _KINDS.get(prefix)

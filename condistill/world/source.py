@@ -2,10 +2,9 @@
 
 ``open_source("synthetic")``, ``open_source("synthetic:heldout")`` and
 ``open_source("synthetic:train:5000")`` (split and number of scenes) open a
-:class:`SyntheticSource`. :mod:`condistill.data` never imports this module: the
-``condistill.data_sources`` entry point ``synthetic = "condistill.world.source"``
-(``pyproject.toml``) names it, ``open_source`` loads it the first time it meets a spec
-prefix it does not know, and importing it registers the ``synthetic`` prefix with the one
+:class:`SyntheticSource`. :mod:`condistill.data` does not import this module at load time:
+``open_source`` imports it by name the first time it meets a ``synthetic`` spec
+(``condistill.data.sources.PACKAGED_KINDS``), and importing it registers the ``synthetic`` prefix with the one
 :func:`~condistill.data.sources.register_source_kind` call at the bottom of this module.
 """
 from __future__ import annotations
