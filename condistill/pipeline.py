@@ -34,7 +34,7 @@ import torch
 
 from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, fingerprint_mismatch
 from condistill.hub import resolve_pretrained_dir
-from condistill.adapters import get_adapter_class
+from condistill.adapters.integrity import adapter_class_for, check_adapter_fits, resolve_weight_files
 from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
 
 __all__ = ["load_adapter", "resolve_adapter_dir"]
@@ -137,8 +137,16 @@ def load_adapter(
         (``num_inference_steps``, ``guidance_scale``: pass them to the call) and
         ``pipe.condistill_config``.
 
+    Before anything is built from the adapter's files they are checked
+    (:mod:`condistill.adapters.integrity`): its ``kind`` matches its ``weight_files``; every
+    file exists and is safetensors (pickles are never loaded); each holds exactly the tensors,
+    with their shapes, of the adapter its config describes; every weight is finite.
+
     Raises:
         FileNotFoundError: adapter or base not found (the message says what to pass).
+        condistill.adapters.AdapterWeightsError: the adapter's files are damaged, incomplete,
+            pickled, non-finite or do not match its config (a ``ValueError``; the message names
+            the file and tensors and says to re-export or re-download the adapter).
         ValueError: the base's architecture fingerprint differs from the adapter's.
     """
     from diffusers import DiffusionPipeline
@@ -163,7 +171,9 @@ def load_adapter(
 
     adapter_dir = resolve_adapter_dir(adapter_ref, revision=revision)
     config = read_adapter_config(adapter_dir)
-    kind = config["kind"]
+    adapter_class = adapter_class_for(config, adapter_dir)
+    # the files exist and are safetensors before the base is loaded; their tensors are checked below
+    files = resolve_weight_files(adapter_dir, adapter_class, config["weight_files"])
 
     if source_pipe is None:
         base_ref = os.fspath(base) if base is not None else config["base_name_or_path"]
@@ -191,6 +201,8 @@ def load_adapter(
             "Use the base the adapter was trained on."
         )
 
+    check_adapter_fits(adapter_dir, config, files, unet)
+
     from condistill.method.codi_scheduler import CoDiScheduler
 
     scheduler = CoDiScheduler.from_config(_scheduler_config(adapter_dir, config, components["scheduler"].config))
@@ -206,7 +218,7 @@ def load_adapter(
         "image_encoder": components.get("image_encoder"),
     }
     # each adapter kind builds its own stock pipeline (condistill.adapters registry)
-    pipe = get_adapter_class(kind).stock_pipeline(adapter_dir, config["weight_files"], common, dtype)
+    pipe = adapter_class.stock_pipeline(adapter_dir, config["weight_files"], common, dtype)
 
     if device is not None:
         pipe.to(device)

@@ -1,7 +1,9 @@
 """load_adapter: stock diffusers pipelines with the few-step scheduler, from folders or the offline hub cache."""
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,13 @@ import torch
 
 from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
-from condistill.adapters import build_student
-from condistill.frozen import load_base
-from condistill.adapters.save_load import save_adapter
-from condistill.pipeline import load_adapter
+sys.path.insert(0, str(Path(__file__).parent / "adapters"))  # the damages shared with tests/adapters
+from adapter_damage import DAMAGES, assert_names, damage, forbid_pickle_loading  # noqa: E402
+
+from condistill.adapters import AdapterWeightsError, build_student  # noqa: E402
+from condistill.frozen import load_base  # noqa: E402
+from condistill.adapters.save_load import save_adapter  # noqa: E402
+from condistill.pipeline import load_adapter  # noqa: E402
 
 PIPELINE_CLASS = {
     "controlnet": "StableDiffusionControlNetPipeline",
@@ -191,3 +196,81 @@ def test_relative_local_base_found_from_another_directory(base_path, tmp_path, m
     pipe = load_adapter(tmp_path / "ad")
     assert pipe.condistill_config["base_name_or_path"] == base_path.name
     assert pipe.condistill_config["base_resolved_path"] == str(base_path.resolve())
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_adapter_files_are_refused(kind, how, exports, tmp_path, monkeypatch):
+    """A deleted, extra or NaN tensor, a pickle where the safetensors file should be, a config whose
+    kind does not match its files or is unknown: one AdapterWeightsError naming it, no pickle loaded."""
+    root, _ = exports
+    folder = shutil.copytree(root / kind, tmp_path / kind)
+    phrases = damage(folder, how)
+    forbid_pickle_loading(monkeypatch)
+    with pytest.raises(AdapterWeightsError) as info:
+        load_adapter(folder)
+    assert_names(info.value, phrases)
+
+
+@pytest.mark.parametrize("how", ["pickle_only", "mismatched_kind", "unknown_kind"])
+def test_file_damage_is_found_before_the_base_is_loaded(how, exports, tmp_path, monkeypatch):
+    import condistill.pipeline
+
+    root, _ = exports
+    folder = shutil.copytree(root / "lora", tmp_path / "lora")
+    phrases = damage(folder, how)
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before the adapter's files were checked")
+
+    monkeypatch.setattr(condistill.pipeline, "_load_base_pipeline", no_base)
+    with pytest.raises(AdapterWeightsError) as info:
+        load_adapter(folder)
+    assert_names(info.value, phrases)
+
+
+@pytest.mark.parametrize("how", ["deleted_tensor", "nan_tensor"])
+def test_a_refused_lora_leaves_the_given_pipeline_untouched(how, exports, base_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    root, _ = exports
+    sd = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, requires_safety_checker=False)
+    for component in ("lora", "t2i_adapter"):
+        folder = shutil.copytree(root / "lora", tmp_path / component)
+        phrases = damage(folder, how, component=component)
+        with pytest.raises(AdapterWeightsError) as info:
+            load_adapter(sd, folder)
+        assert_names(info.value, phrases)
+        assert not getattr(sd.unet, "peft_config", None)  # no LoRA injected
+    assert type(load_adapter(sd, root / "lora")).__name__ == "StableDiffusionAdapterPipeline"
+
+
+def test_module_config_that_does_not_match_its_weights(exports, tmp_path):
+    """The diffusers folder's own config.json is what from_pretrained builds: it must fit the file too."""
+    root, _ = exports
+    folder = shutil.copytree(root / "t2i_adapter", tmp_path / "t2i_adapter")
+    file = folder / "t2i_adapter" / "config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps(dict(config, num_res_blocks=config["num_res_blocks"] + 1)))
+    with pytest.raises(AdapterWeightsError, match="missing key"):
+        load_adapter(folder)
+    file.unlink()
+    with pytest.raises(AdapterWeightsError, match="has no config.json"):
+        load_adapter(folder)
+
+
+def test_lora_metadata_must_match_the_config(exports, tmp_path):
+    """diffusers builds the LoRA from the file's metadata: rank/alpha/targets there must be the config's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root, _ = exports
+    folder = shutil.copytree(root / "lora", tmp_path / "lora")
+    file = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta = json.loads(metadata["lora_adapter_metadata"])
+    meta["unet.target_modules"] = meta["unet.target_modules"] + ["conv1"]
+    save_file(state, file, metadata=dict(metadata, lora_adapter_metadata=json.dumps(meta)))
+    with pytest.raises(AdapterWeightsError, match="was trained with target_modules=.*conv1"):
+        load_adapter(folder)

@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-from condistill.adapters.student import (
-    Student,
-    load_module_folder,
-    pretrained_folder,
-    register_adapter,
-    save_module_folder,
-)
+from condistill.adapters.student import Student, pretrained_folder, register_adapter, save_module_folder
 
 __all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
 
@@ -60,6 +53,7 @@ class ControlNetStudent(Student):
     """
 
     kind = "controlnet"
+    weight_components = {"controlnet": f"{SUBFOLDER}/diffusion_pytorch_model.safetensors"}
 
     def __init__(
         self,
@@ -157,17 +151,17 @@ class ControlNetStudent(Student):
         """Save a stock ``ControlNetModel`` folder ``out_dir/controlnet`` (safetensors)."""
         return {"controlnet": save_module_folder(self.controlnet, out_dir, SUBFOLDER)}
 
-    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
-        """Load ``controlnet/diffusion_pytorch_model.safetensors`` (or the file in ``weight_files``)."""
-        load_module_folder(self.controlnet, folder, SUBFOLDER, (weight_files or {}).get("controlnet"))
+    def _file_modules(self):
+        return {"controlnet": self.controlnet}
 
     @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
         """``StableDiffusionControlNetPipeline`` with the exported ``ControlNetModel`` (``image=`` is the condition)."""
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-        sub = Path(weight_files["controlnet"]).parent.as_posix()
-        controlnet = ControlNetModel.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+        from condistill.adapters.integrity import load_stock_module
+
+        controlnet = load_stock_module(ControlNetModel, adapter_dir, weight_files["controlnet"], dtype)
         return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
 
 

@@ -29,18 +29,17 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-from condistill.adapters.student import (
-    AdapterWeightsError,
-    Student,
-    check_state_dict_keys,
-    check_state_dict_shapes,
-    register_adapter,
+from condistill.adapters.student import AdapterWeightsError, Student, check_state_dict_keys, register_adapter
+from condistill.adapters.t2i_adapter import (
+    WEIGHT_COMPONENT,
+    T2IAdapterFeatures,
+    make_t2i_adapter,
+    t2i_adapter_fits,
 )
-from condistill.adapters.t2i_adapter import T2IAdapterFeatures, make_t2i_adapter, t2i_adapter_fits
 
 __all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME"]
 
@@ -84,6 +83,7 @@ class LoRAStudent(T2IAdapterFeatures, Student):
     """
 
     kind = "lora"
+    weight_components = {"lora": LORA_WEIGHT_NAME, **WEIGHT_COMPONENT}
 
     def __init__(
         self,
@@ -251,40 +251,41 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         files.update(self._save_adapter_folder(out_dir))
         return files
 
-    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
-        """Load the LoRA file and the ``t2i_adapter/`` folder with strict key and rank/alpha checks."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    def file_state_dicts(self):
+        """The LoRA file's tensors (keys ``unet.<module>.lora_A/B.weight``, as saved) and the T2I-Adapter's."""
+        states = {"lora": {f"unet.{k}": v for k, v in self.lora_state_dict().items()}}
+        states.update(super().file_state_dicts())
+        return states
+
+    def check_weight_files(self, files) -> None:
+        """The LoRA file's metadata (what diffusers' loader builds the LoRA from) must match the options."""
         from safetensors import safe_open
 
-        folder = Path(folder)
-        path = folder / ((weight_files or {}).get("lora") or LORA_WEIGHT_NAME)
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA weight file {path} not found; was the adapter saved completely?")
+        path = files["lora"]
         with safe_open(str(path), framework="pt") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-            file_meta = f.metadata() or {}
-        unet_sd = {k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")}
-        others = sorted(k for k in raw if not k.startswith("unet."))
-        if others:
-            check_state_dict_keys([], others, str(path))
-        peft_sd = convert_unet_state_dict_to_peft(unet_sd)
-        expected = get_peft_model_state_dict(self.unet, adapter_name=self.lora_adapter_name)
-        # compare with the file's own key names (``unet.`` prefix) so the error names them as saved
-        check_state_dict_keys([f"unet.{k}" for k in expected], [f"unet.{k}" for k in peft_sd], str(path))
-        check_state_dict_shapes(expected, peft_sd, str(path))
-        meta = json.loads(file_meta.get("lora_adapter_metadata") or "{}")
-        saved_alpha = meta.get("unet.lora_alpha")
-        if saved_alpha is not None and float(saved_alpha) != float(self.lora_config["lora_alpha"]):
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+        saved_alpha, saved_targets = meta.get("unet.lora_alpha"), meta.get("unet.target_modules")
+        alpha, targets = self.lora_config["lora_alpha"], sorted(self.lora_config["target_modules"])
+        problems = []
+        if saved_alpha is not None and float(saved_alpha) != float(alpha):
+            problems.append(f"lora_alpha={saved_alpha} but this student has lora_alpha={alpha}")
+        if saved_targets is not None and sorted(saved_targets) != targets:
+            problems.append(f"target_modules={sorted(saved_targets)} but this student has {targets}")
+        if problems:
             raise AdapterWeightsError(
-                f"{path} was trained with lora_alpha={saved_alpha} but this student has "
-                f"lora_alpha={self.lora_config['lora_alpha']}; build the student with the saved options."
+                f"{path} was trained with {'; '.join(problems)}. Build the student with the saved options "
+                "(load_student does this), or re-export the adapter if its files are damaged."
             )
+
+    def _load_file_states(self, states) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        peft_sd = {k[len("unet."):]: v for k, v in states["lora"].items()}
         result = set_peft_model_state_dict(self.unet, peft_sd, adapter_name=self.lora_adapter_name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if unexpected:
-            check_state_dict_keys([], unexpected, str(path))
-        self._load_adapter_folder(folder, weight_files)
+            check_state_dict_keys([], unexpected, "the LoRA file")
+        super()._load_file_states(states)
 
     @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
@@ -305,7 +306,9 @@ class LoRAStudent(T2IAdapterFeatures, Student):
                 "or start from a fresh pipeline."
             )
         loader = StableDiffusionPipeline(**{k: v for k, v in components.items() if k != "image_encoder"})
-        loader.load_lora_weights(adapter_dir, weight_name=weight_files["lora"], adapter_name=LORA_ADAPTER_NAME)
+        loader.load_lora_weights(
+            adapter_dir, weight_name=weight_files["lora"], adapter_name=LORA_ADAPTER_NAME, use_safetensors=True
+        )
         return cls.adapter_pipeline(components, adapter)
 
 

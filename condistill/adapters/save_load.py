@@ -235,21 +235,27 @@ def adapter_sampler(path: str | os.PathLike) -> str:
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``condistill_config.json`` of an adapter folder (or run folder, or the file).
 
-    Unknown keys are warned about and kept; missing keys raise a :class:`ValueError` naming
-    them; an adapter written by a newer *major* condistill version raises a :class:`ValueError`
-    asking to upgrade. The returned dict also holds ``"_folder"``: the folder it was read from.
+    Unknown keys are warned about and kept; missing keys, invalid JSON, an unknown ``kind`` or
+    ``weight_files`` that are not that kind's components raise
+    :class:`~condistill.adapters.AdapterWeightsError` (a ``ValueError``) naming them; an adapter
+    written by a newer *major* condistill version raises a :class:`ValueError` asking to
+    upgrade. The returned dict also holds ``"_folder"``: the folder it was read from. The
+    weight files themselves are checked when loaded (:mod:`condistill.adapters.integrity`).
     """
+    from condistill.adapters.integrity import adapter_class_for
+    from condistill.adapters.student import AdapterWeightsError
+
     folder = find_adapter_dir(path)
     file = folder / CONFIG_NAME
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); re-export the adapter.") from None
+        raise AdapterWeightsError(f"{file} is not valid JSON ({error}); re-export the adapter.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object; re-export the adapter.")
+        raise AdapterWeightsError(f"{file} must hold a JSON object; re-export the adapter.")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
-        raise ValueError(
+        raise AdapterWeightsError(
             f"{file} is missing required key(s) {missing}; it was not written by "
             "condistill.adapters.save_load.save_adapter or is damaged. Re-export the adapter."
         )
@@ -262,10 +268,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{file} was written by condistill {saved}, a newer major version than the installed {ours}; "
             "upgrade condistill (pip install -U condistill) to load it."
         )
-    from condistill.adapters import available_adapters
-
-    if config["kind"] not in available_adapters():
-        raise ValueError(f"{file}: unknown adapter kind {config['kind']!r}; known kinds: {available_adapters()}.")
+    adapter_class_for(config, folder)
     config["_folder"] = str(folder)
     return config
 
@@ -274,8 +277,10 @@ def load_student_weights(student, path: str | os.PathLike) -> None:
     """Load exported adapter weights from ``path`` (adapter or run folder) into ``student``.
 
     The files named in ``condistill_config.json`` are used when it is present, else the default
-    names of the student's kind. Keys are checked strictly: missing or unexpected keys raise
-    :class:`condistill.adapters.AdapterWeightsError` naming a few of them.
+    names of the student's kind. Nothing is loaded before every file passed the checks of
+    :mod:`condistill.adapters.integrity` (safetensors only, exact keys and shapes, finite
+    values); a failure raises :class:`condistill.adapters.AdapterWeightsError` naming the file
+    and tensors.
     """
     path = Path(path)
     weight_files = None
@@ -299,13 +304,20 @@ def load_student_weights(student, path: str | os.PathLike) -> None:
 def load_student(path: str | os.PathLike, base, check_base: bool = True):
     """Rebuild the student saved in ``path`` around ``base`` (a :class:`condistill.frozen.Base`) and load its weights.
 
+    The weight files are checked (they exist, are safetensors) before anything is built, and
+    their tensors against the rebuilt student before anything is loaded.
+
     Raises:
+        AdapterWeightsError: damaged, incomplete, pickled or non-finite files, or a config whose
+            kind does not match its files (a ``ValueError``; the message says what to do).
         ValueError: the base's fingerprint differs from the one recorded with the adapter.
     """
-    from condistill.adapters import build_student
+    from condistill.adapters.integrity import adapter_class_for, resolve_weight_files, student_from_config
     from condistill.frozen import fingerprint_mismatch
 
     config = read_adapter_config(path)
+    folder = config["_folder"]
+    resolve_weight_files(folder, adapter_class_for(config, folder), config["weight_files"])
     if check_base:
         problems = fingerprint_mismatch(config["base_fingerprint"], base.fingerprint())
         if problems:
@@ -314,8 +326,6 @@ def load_student(path: str | os.PathLike, base, check_base: bool = True):
                 f"but the given base {base.name_or_path!r} differs: {'; '.join(problems)}. Use the base it was "
                 "trained on."
             )
-    options = dict(config["adapter_options"])
-    channels = options.pop("condition_channels")
-    student = build_student(config["kind"], base, channels, **options)
-    load_student_weights(student, config["_folder"])
+    student = student_from_config(config, base, folder)
+    student.load_weights(folder, config["weight_files"])
     return student

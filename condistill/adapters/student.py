@@ -13,12 +13,13 @@ Contract shared by all kinds:
 * at construction the adapter is zero-initialised, so the student's output equals the
   teacher's exactly (unless started from pretrained adapter weights);
 * ``student.trainable_named_parameters()`` holds only the adapter's parameters;
-* ``student.save_weights(folder)`` writes them in the stock diffusers layout of the kind and
-  ``student.load_weights(folder, weight_files)`` reads them back with strict key checks.
+* ``student.save_weights(folder)`` writes them in the stock diffusers layout of the kind (one
+  file per component of ``Student.weight_components``) and ``student.load_weights(folder,
+  weight_files)`` reads them back after the checks of :mod:`condistill.adapters.integrity`
+  (safetensors only, exact keys and shapes, finite values).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
@@ -34,18 +35,22 @@ __all__ = [
     "available_adapters",
     "build_student",
     "check_state_dict_keys",
-    "load_safetensors_weights",
+    "check_state_dict_shapes",
     "pretrained_folder",
     "weights_file",
     "save_module_folder",
-    "load_module_folder",
 ]
 
 _REGISTRY: dict[str, type["Student"]] = {}
 
 
 class AdapterWeightsError(ValueError):
-    """Adapter weights that do not fit the student (missing / unexpected keys, wrong shapes)."""
+    """Adapter files that cannot be used: damaged, incomplete, pickled, non-finite, or not fitting.
+
+    Raised for missing / unexpected tensors, wrong shapes, NaN/Inf weights, missing or
+    non-safetensors weight files and configs whose ``kind`` does not match their files; the
+    message names the file and tensors and says what to do (re-export or re-download).
+    """
 
 
 def register_adapter(name: str, cls: type["Student"]) -> None:
@@ -106,6 +111,13 @@ def build_student(kind: str, unet, condition_channels: int, **options) -> "Stude
     return cls(unet, condition_channels, **options)
 
 
+_FIT_HINT = (
+    "If you built the student yourself, build it with the same adapter kind, options and base as the "
+    "saved adapter (condistill.adapters.save_load.load_student does this from condistill_config.json); "
+    "otherwise the adapter's files are damaged or incomplete: re-export it with save_adapter or re-download it."
+)
+
+
 def check_state_dict_keys(expected: Iterable[str], found: Iterable[str], source: str, max_names: int = 5) -> None:
     """Raise :class:`AdapterWeightsError` when ``found`` keys differ from ``expected`` keys.
 
@@ -123,9 +135,7 @@ def check_state_dict_keys(expected: Iterable[str], found: Iterable[str], source:
         more = f" (and {len(unexpected) - max_names} more)" if len(unexpected) > max_names else ""
         parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:max_names]}{more}")
     raise AdapterWeightsError(
-        f"The weights in {source} do not fit this student: " + "; ".join(parts) + ". "
-        "Build the student with the same adapter kind, options and base as the saved adapter "
-        "(condistill.adapters.save_load.load_student does this from condistill_config.json)."
+        f"The weights in {source} do not fit this student: " + "; ".join(parts) + ". " + _FIT_HINT
     )
 
 
@@ -139,24 +149,8 @@ def check_state_dict_shapes(expected: Mapping[str, torch.Tensor], found: Mapping
     if bad:
         raise AdapterWeightsError(
             f"The weights in {source} have the wrong shape for this student ({len(bad)} tensors, e.g. "
-            f"{bad[:3]}). Build the student with the same options and base as the saved adapter."
+            f"{bad[:3]}). " + _FIT_HINT
         )
-
-
-def load_safetensors_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a ``.safetensors`` file, or a sharded checkpoint from its ``*.safetensors.index.json``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Adapter weight file {path} not found; was the adapter saved completely?")
-    if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            state.update(load_file(path.parent / shard))
-        return state
-    return load_file(path)
 
 
 def pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
@@ -190,26 +184,13 @@ def save_module_folder(module, out_dir: str | os.PathLike, subfolder: str) -> st
     return weights_file(folder, Path(out_dir))
 
 
-def load_module_folder(module: nn.Module, folder: str | os.PathLike, subfolder: str, rel: str | None = None) -> None:
-    """Load the weights written by :func:`save_module_folder` into ``module`` (strict key and shape checks).
-
-    ``rel`` is the weights' path relative to ``folder`` as recorded in the adapter config; by
-    default the stock file name in ``folder/subfolder``.
-    """
-    folder = Path(folder)
-    rel = rel or weights_file(folder / subfolder, folder)
-    state = load_safetensors_weights(folder / rel)
-    expected = module.state_dict()
-    check_state_dict_keys(expected, state, str(folder / rel))
-    check_state_dict_shapes(expected, state, str(folder / rel))
-    module.load_state_dict(state, strict=True)
-
-
 class Student(nn.Module):
     """A frozen UNet plus trainable adapter parameters (base class of every adapter kind).
 
-    Subclasses set ``kind`` and implement :meth:`_adapter_modules`, :meth:`_forward_adapter`,
-    :meth:`encode_condition`, :meth:`save_weights` and :meth:`load_weights`.
+    Subclasses set ``kind`` and ``weight_components`` and implement :meth:`_adapter_modules`,
+    :meth:`_forward_adapter`, :meth:`encode_condition`, :meth:`save_weights`,
+    :meth:`stock_pipeline` and either :meth:`_file_modules` or both :meth:`file_state_dicts` and
+    :meth:`_load_file_states`. :meth:`load_weights` is shared: it checks the files first.
 
     Attributes:
         unet: the frozen teacher UNet (``requires_grad=False``, always in eval mode).
@@ -221,6 +202,9 @@ class Student(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    #: ``{component: default file relative to the adapter folder}`` of what :meth:`save_weights`
+    #: writes; an exported config's ``weight_files`` must name exactly these components.
+    weight_components: ClassVar[dict[str, str]] = {}
 
     def __init__(self, unet, condition_channels: int, vae_scale_factor: int | None = None):
         super().__init__()
@@ -260,9 +244,35 @@ class Student(nn.Module):
         """Write the adapter weights under ``out_dir``; return ``{component: relative file}``."""
         raise NotImplementedError
 
+    def _file_modules(self) -> dict[str, nn.Module]:
+        """``{component: module}`` whose ``state_dict()`` is exactly one weight file (stock diffusers folders)."""
+        return {}
+
+    def file_state_dicts(self) -> dict[str, Mapping[str, torch.Tensor]]:
+        """``{component: state dict keyed as in its file}`` of what :meth:`save_weights` writes."""
+        return {component: module.state_dict() for component, module in self._file_modules().items()}
+
+    def _load_file_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Copy checked ``{component: state}`` (keys of :meth:`file_state_dicts`) into the adapter."""
+        for component, module in self._file_modules().items():
+            module.load_state_dict(states[component], strict=True)
+
+    def check_weight_files(self, files: Mapping[str, Path]) -> None:
+        """Kind-specific checks of the files beyond keys and shapes (e.g. LoRA metadata); default none."""
+
     def load_weights(self, folder: str | os.PathLike, weight_files: Mapping[str, str] | None = None) -> None:
-        """Load weights written by :meth:`save_weights` from ``folder`` (strict key checks)."""
-        raise NotImplementedError
+        """Load weights written by :meth:`save_weights` from ``folder``.
+
+        ``weight_files`` is ``{component: relative file}`` as recorded in the adapter config
+        (default: the kind's :attr:`weight_components`). Nothing is loaded unless every file is
+        safetensors, holds exactly this student's tensors with their shapes, and is finite.
+
+        Raises:
+            AdapterWeightsError: naming the file and tensors that fail a check.
+        """
+        from condistill.adapters.integrity import read_checked_weights
+
+        self._load_file_states(read_checked_weights(self, folder, weight_files))
 
     @classmethod
     def stock_pipeline(cls, adapter_dir: Path, weight_files: Mapping[str, str], components: Mapping[str, Any], dtype):

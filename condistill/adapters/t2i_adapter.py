@@ -22,15 +22,12 @@ Exported as a stock ``T2IAdapter`` folder (``t2i_adapter/config.json`` +
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
 from condistill.adapters.student import (
     Student,
-    load_module_folder,
     pretrained_folder,
     register_adapter,
     save_module_folder,
@@ -48,6 +45,8 @@ __all__ = [
 
 ADAPTER_TYPES = ("full_adapter", "light_adapter")
 SUBFOLDER = "t2i_adapter"
+#: the ``weight_components`` entry of the T2I-Adapter folder (``t2i_adapter`` and ``lora`` kinds)
+WEIGHT_COMPONENT = {"t2i_adapter": f"{SUBFOLDER}/diffusion_pytorch_model.safetensors"}
 _DEFAULT_RES_BLOCKS = {"full_adapter": 2, "light_adapter": 4}
 
 
@@ -193,16 +192,17 @@ class T2IAdapterFeatures:
     def _save_adapter_folder(self, out_dir) -> dict[str, str]:
         return {"t2i_adapter": save_module_folder(self.adapter, out_dir, SUBFOLDER)}
 
-    def _load_adapter_folder(self, folder, weight_files) -> None:
-        load_module_folder(self.adapter, folder, SUBFOLDER, (weight_files or {}).get("t2i_adapter"))
+    def _file_modules(self):
+        return {"t2i_adapter": self.adapter}
 
     @staticmethod
     def load_stock_adapter(adapter_dir, weight_files, dtype):
-        """The exported diffusers ``T2IAdapter`` of an adapter folder."""
+        """The exported diffusers ``T2IAdapter`` of an adapter folder (safetensors only)."""
         from diffusers import T2IAdapter
 
-        sub = Path(weight_files["t2i_adapter"]).parent.as_posix()
-        return T2IAdapter.from_pretrained(adapter_dir, subfolder=sub, torch_dtype=dtype)
+        from condistill.adapters.integrity import load_stock_module
+
+        return load_stock_module(T2IAdapter, adapter_dir, weight_files["t2i_adapter"], dtype)
 
     @staticmethod
     def adapter_pipeline(components, adapter):
@@ -227,6 +227,7 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
     """
 
     kind = "t2i_adapter"
+    weight_components = dict(WEIGHT_COMPONENT)
 
     def __init__(
         self,
@@ -263,10 +264,6 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
     def save_weights(self, out_dir):
         """Save a stock ``T2IAdapter`` folder ``out_dir/t2i_adapter`` (safetensors)."""
         return self._save_adapter_folder(out_dir)
-
-    def load_weights(self, folder, weight_files: Mapping[str, str] | None = None) -> None:
-        """Load ``t2i_adapter/diffusion_pytorch_model.safetensors`` with strict key checks."""
-        self._load_adapter_folder(folder, weight_files)
 
     @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
