@@ -74,12 +74,29 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a run raises for the user to act on (their messages say what to do)."""
+    from condistill.data.skips import EmptySourceError, TooManySkipsError
+    from condistill.training.run_folder import ResumeMismatchError, RunLockedError
+
+    return (FileExistsError, FileNotFoundError, NotADirectoryError, RunLockedError, ResumeMismatchError,
+            EmptySourceError, TooManySkipsError, FloatingPointError)
+
+
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
-    """Run ``condistill train CONDITION`` with ``argv`` (what ``recipes/<condition>.py`` calls)."""
+    """Run ``condistill train CONDITION`` with ``argv`` (what ``recipes/<condition>.py`` calls).
+
+    Returns 0 on success; a run stopped by one of the errors of :func:`_run_errors` prints its
+    message (no traceback) and returns 1.
+    """
     cfg = config_from_args(condition, argv, prog)
     from condistill.training.loop import distill
 
-    out = distill(cfg)
+    try:
+        out = distill(cfg)
+    except _run_errors() as error:
+        print(f"{prog or f'condistill train {condition}'}: error: {error}", file=sys.stderr)
+        return 1
     print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
     return 0
 

@@ -64,3 +64,12 @@ def test_module_entry_and_recipe_script_share_the_command(command, tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "max_steps=0: must be at least 1" in proc.stderr
+
+
+def test_a_run_error_is_one_line_without_traceback(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["train", "edge", "--output-dir", str(blocker / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("condistill train edge: error: --output-dir") and "is a file, not a folder" in err
+    assert "Traceback" not in err

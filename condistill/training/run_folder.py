@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from condistill.adapters.save_load import CONFIG_NAME
 from condistill.training.checkpoint import list_checkpoints
 
-__all__ = ["CHANGEABLE_ON_RESUME", "LOCK_NAME", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
+__all__ = ["CHANGEABLE_ON_RESUME", "LOCK_NAME", "ResumeMismatchError", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
            "run_lock", "set_learning_rate"]
 
 LOCK_NAME = ".condistill.lock"
@@ -44,6 +44,10 @@ CHANGEABLE_ON_RESUME = frozenset({
 
 class RunLockedError(RuntimeError):
     """Another run is writing the same output folder."""
+
+
+class ResumeMismatchError(ValueError):
+    """The options of a resumed run contradict its checkpoint's."""
 
 
 def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
@@ -139,7 +143,7 @@ def resume_changes(saved: dict[str, Any], cfg, step: int) -> list[str]:
     Options absent from one side (written by another condistill version) are not compared.
 
     Raises:
-        ValueError: ``cfg.max_steps`` is below the checkpoint's ``step``, or an option outside
+        ResumeMismatchError: ``cfg.max_steps`` is below the checkpoint's ``step``, or an option outside
             :data:`CHANGEABLE_ON_RESUME` differs; the message lists every such difference.
     """
     new = cfg.to_dict()
@@ -159,7 +163,7 @@ def resume_changes(saved: dict[str, Any], cfg, step: int) -> list[str]:
         problems.append("these options differ from the checkpoint's and cannot change in a resumed run (they would "
                         "change what the first steps computed): " + "; ".join(refused))
     if problems:
-        raise ValueError(f"cannot resume from the checkpoint at step {step}: " + " ".join(problems)
+        raise ResumeMismatchError(f"cannot resume from the checkpoint at step {step}: " + " ".join(problems)
                          + ". Pass the checkpoint's values, or start a new --output-dir.")
     return changed
 

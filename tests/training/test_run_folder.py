@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from condistill.config import DistillConfig
 from condistill.training.loop import distill
-from condistill.training.run_folder import LOCK_NAME, RunLockedError, resume_changes, run_lock
+from condistill.training.run_folder import LOCK_NAME, ResumeMismatchError, RunLockedError, resume_changes, run_lock
 from helpers import make_tiny_base
 
 
@@ -87,7 +87,7 @@ def test_lock_is_released_when_the_run_fails(tiny_base, tmp_path, monkeypatch):
 def test_shortening_a_finished_run_is_refused(tiny_base, tmp_path):
     out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=3))
     exported = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(ValueError, match="max_steps=2 is below the checkpoint's step 3"):
+    with pytest.raises(ResumeMismatchError, match="max_steps=2 is below the checkpoint's step 3"):
         distill(_cfg(tiny_base, out, max_steps=2, resume="latest"))
     again = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(exported[k], again[k]) for k in exported)
@@ -96,7 +96,7 @@ def test_shortening_a_finished_run_is_refused(tiny_base, tmp_path):
 
 def test_changed_options_are_listed_and_refused(tiny_base, tmp_path):
     out = distill(_cfg(tiny_base, tmp_path / "run"))
-    with pytest.raises(ValueError, match=r"cannot change in a resumed run.*batch_size: 4 -> 8.*seed: 0 -> 1"):
+    with pytest.raises(ResumeMismatchError, match=r"cannot change in a resumed run.*batch_size: 4 -> 8.*seed: 0 -> 1"):
         distill(_cfg(tiny_base, out, max_steps=3, batch_size=8, seed=1, resume="latest"))
 
 
