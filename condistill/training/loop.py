@@ -8,7 +8,7 @@ replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
-from condistill.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, list_checkpoints, load_checkpoint,
+                                           reset_run_to, resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
 from condistill.training.lr import warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
@@ -67,6 +68,10 @@ def _guard_output_dir(out: Path, cfg: DistillConfig, resume_from: Path | None) -
                               f"or choose another --output-dir (nothing was overwritten)")
 
 
+def _log(message: str) -> None:
+    print(f"condistill: {message}", file=sys.stderr, flush=True)
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Train ``cfg.adapter`` on ``cfg.condition`` against the frozen ``cfg.base``; return the run folder.
 
@@ -75,7 +80,7 @@ def distill(cfg: DistillConfig) -> Path:
     ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids.
     """
     out = Path(cfg.output_dir)
-    resume_from = resolve_resume(out, cfg.resume)
+    resume_from = resolve_resume(out, cfg.resume, log=_log)  # the newest healthy checkpoint for 'latest'
     _guard_output_dir(out, cfg, resume_from)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -97,6 +102,7 @@ def distill(cfg: DistillConfig) -> Path:
     lr_scheduler = warmup_schedule(optimizer, cfg.lr_warmup_steps)
     ema = EMA(params)
     start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
+    health = RunHealth.start(resume_from, params)  # the loss/weight history each checkpoint's health verdict reads
     cfg.save(out / "config.json")
 
     source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
@@ -112,8 +118,8 @@ def distill(cfg: DistillConfig) -> Path:
     objective = build_objective(cfg, student, model, ema, base)
     validation = _validation_batch(cfg, condition, resolution)
     log_path = out / "loss.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
+    if accelerator.is_main_process:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
+        reset_run_to(out, start, log_path, log=_log)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not accelerator.is_main_process)
     it, t_last, seen = iter(loader), time.perf_counter(), 0
     for step in range(start, cfg.max_steps):
@@ -125,15 +131,16 @@ def distill(cfg: DistillConfig) -> Path:
                 accelerator.backward(loss.mean())
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                optimizer.step()
+                # an overflow inside the optimizer stops the run as a FloatingPointError
+                guarded_step(optimizer, out, step + 1, cfg.learning_rate, cfg.mixed_precision)
                 optimizer.zero_grad(set_to_none=True)
             seen += batch["pixel_values"].shape[0]
         lr_scheduler.step()
         ema.update(params, cfg.ema_decay_at(step))
         done = step + 1
-        if not math.isfinite(loss.mean().item()):
-            raise FloatingPointError(f"loss became {loss.mean().item()} at step {done}; lower --learning-rate "
-                                     f"or use --mixed-precision no (last checkpoint is kept)")
+        # a non-finite loss or weights stop the run before any checkpoint is written from them
+        largest = check_step(out, done, loss.mean().item(), params, cfg.learning_rate, cfg.mixed_precision)
+        health.add(done, loss.mean().item(), largest)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             now = time.perf_counter()
             record = {"step": done, "loss": loss.mean().item(), "lr": lr_scheduler.get_last_lr()[0],
@@ -148,14 +155,16 @@ def distill(cfg: DistillConfig) -> Path:
         bar.update(1)
         if accelerator.is_main_process:
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
-                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints)
+                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
+                                health=health)
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
                 _validate(out, done, base, student, ema, validation, cfg)
     bar.close()
     monitor.finish()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints)
+        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
+                        health=health)
         _validate(out, cfg.max_steps, base, student, ema, validation, cfg)
         with ema.swapped_in(student):
             save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
