@@ -77,10 +77,12 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a run raises for the user to act on (their messages say what to do)."""
     from condistill.data.skips import EmptySourceError, TooManySkipsError
+    from condistill.training.checkpoint import UnhealthyCheckpointError
     from condistill.training.run_folder import ResumeMismatchError, RunLockedError
 
-    return (FileExistsError, FileNotFoundError, NotADirectoryError, RunLockedError, ResumeMismatchError,
-            EmptySourceError, TooManySkipsError, FloatingPointError)
+    # OSError: a file in the way, a missing base or data folder, a full disk (each message names the path)
+    return (OSError, RunLockedError, ResumeMismatchError, UnhealthyCheckpointError, EmptySourceError,
+            TooManySkipsError, FloatingPointError)
 
 
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:

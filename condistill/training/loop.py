@@ -7,13 +7,14 @@ replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -29,11 +30,12 @@ from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
-from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, list_checkpoints, load_checkpoint,
-                                           reset_run_to, resolve_resume, save_checkpoint)
+from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, reset_run_to,
+                                           resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
 from condistill.training.lr import warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
+from condistill.training.run_folder import check_output_dir, check_resume, run_lock, set_learning_rate
 
 
 class StepBatchSampler(Sampler):
@@ -62,16 +64,6 @@ class StepBatchSampler(Sampler):
         return self.stop - self.start
 
 
-def _guard_output_dir(out: Path, cfg: DistillConfig, resume_from: Path | None) -> None:
-    if resume_from is None and list_checkpoints(out) and cfg.resume != "latest":
-        raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue it "
-                              f"or choose another --output-dir (nothing was overwritten)")
-
-
-def _log(message: str) -> None:
-    print(f"condistill: {message}", file=sys.stderr, flush=True)
-
-
 def distill(cfg: DistillConfig) -> Path:
     """Train ``cfg.adapter`` on ``cfg.condition`` against the frozen ``cfg.base``; return the run folder.
 
@@ -81,8 +73,19 @@ def distill(cfg: DistillConfig) -> Path:
     """
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(out, cfg.resume, log=_log)  # the newest healthy checkpoint for 'latest'
-    _guard_output_dir(out, cfg, resume_from)
+    check_output_dir(out, cfg, resume_from)
+    changes = check_resume(resume_from, cfg) if resume_from else []
     out.mkdir(parents=True, exist_ok=True)
+    # one writer per run folder: the main process holds the lock for the whole run
+    with run_lock(out, log=_log) if PartialState().is_main_process else contextlib.nullcontext():
+        return _distill(cfg, out, resume_from, changes)
+
+
+def _log(message: str) -> None:
+    print(f"condistill: {message}", file=sys.stderr, flush=True)
+
+
+def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str]) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -103,6 +106,10 @@ def distill(cfg: DistillConfig) -> Path:
     ema = EMA(params)
     start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
     health = RunHealth.start(resume_from, params)  # the loss/weight history each checkpoint's health verdict reads
+    if changes and accelerator.is_main_process:
+        _log(f"resuming from {resume_from} (step {start}) with changed options: " + "; ".join(changes))
+    if any(change.startswith("learning_rate:") for change in changes):
+        set_learning_rate(optimizer, lr_scheduler, cfg.learning_rate)
     cfg.save(out / "config.json")
 
     source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
