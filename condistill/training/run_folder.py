@@ -148,7 +148,7 @@ def resume_changes(saved: dict[str, Any], cfg, step: int) -> list[str]:
     """
     new = cfg.to_dict()
     changed, refused = [], []
-    for key in sorted(set(saved) & set(new)):
+    for key in sorted(set(saved) & set(new) - {"resume"}):  # resuming is what this run does
         old, value = saved[key], new[key]
         if json.dumps(old, sort_keys=True) == json.dumps(value, sort_keys=True):
             continue

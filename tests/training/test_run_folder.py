@@ -104,7 +104,7 @@ def test_new_learning_rate_applies_from_the_resumed_step(tiny_base, tmp_path, ca
     out = distill(_cfg(tiny_base, tmp_path / "run", lr_warmup_steps=0, learning_rate=1e-3))
     capsys.readouterr()
     distill(_cfg(tiny_base, out, max_steps=4, lr_warmup_steps=0, learning_rate=5e-4, log_every=1, resume="latest"))
-    assert "changed options: learning_rate: 0.001 -> 0.0005; max_steps: 2 -> 4" in capsys.readouterr().err
+    assert "changed options: learning_rate: 0.001 -> 0.0005; max_steps: 2 -> 4\n" in capsys.readouterr().err
     lrs = [json.loads(line)["lr"] for line in (out / "loss.jsonl").read_text().splitlines()]
     assert lrs[-2:] == [5e-4, 5e-4]
     assert json.loads((out / "config.json").read_text())["learning_rate"] == 5e-4
