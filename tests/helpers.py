@@ -228,3 +228,13 @@ try:
 
 except ImportError:  # helpers used outside pytest
     pass
+
+
+def tiny_run_config(base, out, **overrides):
+    """A :class:`condistill.config.DistillConfig` of a two-step edge ControlNet run on ``base`` into ``out``."""
+    from condistill.config import DistillConfig
+
+    opts = dict(condition="edge", adapter="controlnet", base=base, data="synthetic:train:24", output_dir=str(out),
+                max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
+    opts.update(overrides)
+    return DistillConfig(**opts)

@@ -13,25 +13,12 @@ from safetensors.torch import load_file
 
 import condistill.training.checkpoint as ckpt
 import condistill.training.loop as loop
-from condistill.config import DistillConfig
 from condistill.training.checkpoint import (CHECKPOINT_FILES, RunHealth, UnhealthyCheckpointError, checkpoint_health,
                                             list_checkpoints, reset_run_to, resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
 from condistill.training.loop import distill
 from condistill.training.lr import warmup_schedule
-from helpers import make_tiny_base
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return str(make_tiny_base(tmp_path_factory.mktemp("base")))
-
-
-def _cfg(base, out, **kw):
-    opts = dict(condition="edge", adapter="controlnet", base=base, data="synthetic:train:24", output_dir=str(out),
-                max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
-    opts.update(kw)
-    return DistillConfig(**opts)
+from helpers import tiny_run_config as _cfg
 
 
 def _log_steps(out):

@@ -7,23 +7,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from condistill.config import DistillConfig
 from condistill.data.skips import TooManySkipsError
 from condistill.training.loop import distill
-from helpers import make_tiny_base
+from helpers import tiny_run_config as _cfg
 from source_helpers import encode, rgb
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return str(make_tiny_base(tmp_path_factory.mktemp("base")))
-
-
-def _cfg(base, out, **kw):
-    opts = dict(condition="edge", adapter="controlnet", base=base, data="synthetic:train:24", output_dir=str(out),
-                max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
-    opts.update(kw)
-    return DistillConfig(**opts)
 
 
 def _write_bad(path: Path, kind: str) -> None:

@@ -13,19 +13,7 @@ from safetensors.torch import load_file
 from condistill.config import DistillConfig
 from condistill.training.loop import distill
 from condistill.training.run_folder import LOCK_NAME, ResumeMismatchError, RunLockedError, resume_changes, run_lock
-from helpers import make_tiny_base
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return str(make_tiny_base(tmp_path_factory.mktemp("base")))
-
-
-def _cfg(base, out, **kw):
-    opts = dict(condition="edge", adapter="controlnet", base=base, data="synthetic:train:24", output_dir=str(out),
-                max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
-    opts.update(kw)
-    return DistillConfig(**opts)
+from helpers import tiny_run_config as _cfg
 
 
 def test_file_in_the_way_is_named(tiny_base, tmp_path):
