@@ -112,7 +112,7 @@ def resolve_pretrained_dir(name_or_path: str | os.PathLike, revision: str | None
     hint = (
         f"Pass the path of a local folder, or a hub repo id ('org/name') that is in the local "
         f"Hugging Face cache ({_hub_cache_dir()}); download it beforehand with "
-        f"`huggingface-cli download <repo_id>` on a machine with internet access and set "
+        f"`hf download <repo_id>` on a machine with internet access and set "
         f"HF_HOME/HF_HUB_CACHE to that cache."
     )
     if not _looks_like_repo_id(name):

@@ -114,7 +114,7 @@ class DepthCondition(Condition):
     def _how_to_provide(self, filename: str) -> str:
         return (
             f"Download it once on a machine with internet access, e.g. "
-            f"`huggingface-cli download {DEFAULT_ESTIMATOR_PATH} {filename} --local-dir <folder>`, "
+            f"`hf download {DEFAULT_ESTIMATOR_PATH} {filename} --local-dir <folder>`, "
             f"then pass estimator_path='<folder>' (or pre-download it into the Hugging Face cache and keep "
             f"estimator_path as a Hub id). Alternatively use a data source that provides depth "
             f"(a depth column, or the built-in synthetic scenes) with source='record'."

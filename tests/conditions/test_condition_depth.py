@@ -58,7 +58,7 @@ def test_missing_local_estimator_folder_gives_a_clear_error(tmp_path):
     message = str(info.value)
     assert "dpt_hybrid-midas-501f0c75.pt" in message
     assert str(missing) in message and "does not exist" in message
-    assert "estimator_path" in message and "huggingface-cli download" in message
+    assert "estimator_path" in message and "hf download" in message
     assert "source='record'" in message
 
 
