@@ -114,6 +114,28 @@ class Condition(abc.ABC):
             raise TypeError(f"Unknown Record field(s) {unknown}; valid fields are {valid}.")
         return self(Record(image=image, **record_fields), seed)
 
+    def control_image(self, image: Image.Image, seed: int = 0, multiple: int = 8, **record_fields: Any) -> torch.Tensor:
+        """The condition of one image in the form a stock pipeline takes: float32 ``[1, C, H, W]`` in ``[0, 1]``.
+
+        ``pipe(prompt, image=get_condition("edge").control_image(photo), **pipe.condistill_defaults)``.
+        The condition is computed at the image's own size (:meth:`prepare`), then its sides are
+        center-cropped down to a multiple of ``multiple`` (8 suits every SD pipeline, whose
+        images must be multiples of the VAE factor), so the pipeline never stretches it.
+
+        Raises:
+            ValueError: a side is shorter than ``2 * multiple`` pixels, too small to carry a condition.
+        """
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+        if isinstance(image, Image.Image) and min(image.size) < 2 * multiple:
+            raise ValueError(
+                f"the control image is {image.size[0]}x{image.size[1]} pixels; both sides must be at least "
+                f"{2 * multiple} (and the model sees its training resolution best: resize the image to it first)")
+        cond = self.prepare(image, seed, **record_fields)
+        height, width = cond.shape[-2] // multiple * multiple, cond.shape[-1] // multiple * multiple
+        top, left = (cond.shape[-2] - height) // 2, (cond.shape[-1] - width) // 2
+        return cond[None, :, top:top + height, left:left + width].contiguous()
+
     def _check_output(self, cond: torch.Tensor, size: tuple[int, int]) -> None:
         width, height = size
         expected = (self.channels, height, width)
