@@ -73,3 +73,16 @@ def test_a_run_error_is_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("condistill train edge: error: --output-dir") and "is a file, not a folder" in err
     assert "Traceback" not in err
+
+
+def test_eval_help_documents_every_option_once(capsys):
+    from condistill.cli import _eval_parser
+
+    parser = _eval_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    assert parser.get_default("guidance") == 4.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "[4.0]" in out and "(default:" not in out
