@@ -163,8 +163,38 @@ def _eval_parser() -> argparse.ArgumentParser:
     return ev
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    from condistill.publish.formats import FORMATS
+
+    ex = argparse.ArgumentParser(
+        prog="condistill export", description="Write a run's adapter as a file other tools (A1111, ComfyUI, "
+        "diffusers' single-file and kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {v[0]!r})"
+                                                                     for k, v in FORMATS.items()) + ".")
+    ex.add_argument("run", help="a run folder or exported adapter folder")
+    ex.add_argument("--format", required=True, choices=list(FORMATS), help="the file format to write")
+    ex.add_argument("--out", required=True, help="the .safetensors file to write")
+    ex.add_argument("--adapter-out", help="kohya: folder for the condition adapter [OUT_condition_adapter]")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out (and --adapter-out) if they exist")
+    return ex
+
+
+def _export(args) -> int:
+    from condistill.publish.formats import export
+
+    try:
+        result = export(args.run, args.format, args.out, adapter_out=args.adapter_out, overwrite=args.overwrite)
+    except (OSError, ValueError) as error:
+        print(f"condistill export: error: {error}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"condistill export: note: {note}", file=sys.stderr)
+    print(result.instructions)
+    return 0
+
+
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
-            "eval": "score students and baselines on held-out synthetic scenes"}
+            "eval": "score students and baselines on held-out synthetic scenes",
+            "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE"}
 
 
 def main(argv=None) -> int:
@@ -177,6 +207,8 @@ def main(argv=None) -> int:
         return _train(argv[1:])
     if argv[0] == "eval":
         return _eval(_eval_parser().parse_args(argv[1:]))
+    if argv[0] == "export":
+        return _export(_export_parser().parse_args(argv[1:]))
     print(f"condistill: error: unknown command {argv[0]!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
     return 2
 

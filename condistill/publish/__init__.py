@@ -1,0 +1,1 @@
+"""Publishing distilled adapters: model cards, hub uploads and exports other tools read."""

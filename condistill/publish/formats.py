@@ -1,0 +1,297 @@
+"""Exports other tools read: ``condistill export RUN --format FORMAT --out FILE``.
+
+* ``kohya`` (kind ``lora``): the UNet LoRA as one kohya/webui ``.safetensors`` file, the format
+  A1111's and ComfyUI's LoRA loaders take and diffusers' ``load_lora_weights`` converts on
+  load. Keys ``lora_unet_<diffusers module path, dots as underscores>.lora_down.weight``
+  (= peft ``lora_A``), ``.lora_up.weight`` (= ``lora_B``) and ``.alpha`` (a scalar tensor:
+  the update is scaled by ``alpha / rank`` as in peft), plus kohya's ``ss_*`` metadata. The
+  light condition adapter is copied beside it as a stock diffusers ``T2IAdapter`` folder.
+* ``single-file`` (kind ``controlnet``): the ControlNet as one ``.safetensors`` file in the
+  original (CompVis/ldm ``cldm``) key layout of the A1111/ComfyUI ControlNet loaders and of
+  diffusers' ``ControlNetModel.from_single_file``: ``control_model.time_embed``,
+  ``.input_blocks``, ``.zero_convs``, ``.input_hint_block``, ``.middle_block``,
+  ``.middle_block_out``.
+
+Both files hold exactly the tensors of the run's exported adapter (renamed, not changed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["FORMATS", "ExportResult", "export", "kohya_lora_state_dict", "controlnet_ldm_state_dict"]
+
+#: format name -> (adapter kind it applies to, what it writes)
+FORMATS = {
+    "kohya": ("lora", "the UNet LoRA as a kohya/webui .safetensors file + the condition adapter as a T2I-Adapter folder"),
+    "single-file": ("controlnet", "the ControlNet as one original-layout (ldm/cldm) .safetensors file"),
+}
+LDM_CONTROLNET_PREFIX = "control_model."
+#: the ldm hint block of SD ControlNets: 8 convolutions, conv_out at index 14
+SD_HINT_BLOCK_WIDTHS = 4
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how to load it."""
+
+    format: str
+    files: list[Path]
+    instructions: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _supported_text() -> str:
+    return "; ".join(f"--format {name} for kind {kind!r} ({what})" for name, (kind, what) in FORMATS.items())
+
+
+# ---- kohya LoRA ---------------------------------------------------------------------------
+_PEFT_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def kohya_lora_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT LoRA keys ``unet.<module>.lora_A/B.weight`` -> kohya keys (+ one ``.alpha`` each)."""
+    out: dict[str, torch.Tensor] = {}
+    pairs: dict[str, set[str]] = {}
+    for key, tensor in peft_state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"LoRA key {key!r} is not a UNet lora_A/lora_B weight; the kohya export supports plain UNet LoRAs only."
+            )
+        module, ab = match["module"], match["ab"]
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = tensor.contiguous()
+        pairs.setdefault(name, set()).add(ab)
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
+    unpaired = sorted(n for n, abs_ in pairs.items() if abs_ != {"A", "B"})
+    if unpaired:
+        raise ValueError(f"LoRA modules without both lora_A and lora_B: {unpaired[:5]}")
+    return out
+
+
+def _check_diffusers_maps_back(kohya: dict[str, torch.Tensor], peft_state: dict[str, torch.Tensor]) -> None:
+    """The installed diffusers' kohya reader must map every key back to its own module (when importable)."""
+    try:
+        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    except ImportError:  # another diffusers layout: the loader itself is the check
+        return
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    back = set(convert_unet_state_dict_to_peft(converted))
+    wrong = sorted(set(peft_state) - back)
+    if wrong:
+        raise ValueError(
+            f"diffusers would read {len(wrong)} kohya key(s) back as other modules (module names with underscores "
+            f"it cannot tell from path separators), e.g. {wrong[:3]}; this LoRA's targets cannot be exported to kohya."
+        )
+
+
+def _lora_alpha(file: Path, adapter_config: dict) -> float:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    for flag in ("use_rslora", "use_dora"):
+        if meta.get(f"unet.{flag}"):
+            raise ValueError(f"{file}: {flag} LoRAs have no kohya equivalent here.")
+    if meta.get("unet.alpha_pattern") or meta.get("unet.rank_pattern"):
+        raise ValueError(f"{file}: per-module alpha/rank patterns are not supported by the kohya export.")
+    alpha = meta.get("unet.lora_alpha", adapter_config.get("adapter_options", {}).get("lora_alpha"))
+    if alpha is None:
+        raise ValueError(f"{file} records no lora_alpha (neither in its metadata nor in condistill_config.json).")
+    return float(alpha)
+
+
+def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | None, overwrite: bool) -> ExportResult:
+    from safetensors.torch import load_file
+
+    lora_file = folder / config["weight_files"]["lora"]
+    adapter_src = (folder / config["weight_files"]["t2i_adapter"]).parent
+    adapter_out = adapter_out or out.with_name(out.stem + "_condition_adapter")
+    _refuse_existing(adapter_out, overwrite, "--adapter-out")
+    peft_state = load_file(str(lora_file))
+    alpha = _lora_alpha(lora_file, config)
+    kohya = kohya_lora_state_dict(peft_state, alpha)
+    _check_diffusers_maps_back(kohya, peft_state)
+    ranks = {int(t.shape[0]) for k, t in kohya.items() if k.endswith("lora_down.weight")}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks)),
+        "ss_network_alpha": repr(alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_training_comment": f"condistill {config['kind']} student of {config['base_name_or_path']} "
+                               f"(condition {config['condition_name']}); exported by condistill export",
+        "condistill_condition_adapter": "diffusers T2IAdapter folder beside this file",
+    }
+    _write_safetensors(kohya, out, metadata)
+    _copy_folder(adapter_src, adapter_out)
+    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    instructions = f"""\
+LoRA (kohya/webui format): {out}
+condition adapter (diffusers T2I-Adapter): {adapter_out}
+Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter):
+    sd = StableDiffusionPipeline.from_pretrained({config['base_name_or_path']!r})
+    sd.load_lora_weights({str(out)!r})
+    parts = {{k: v for k, v in sd.components.items() if k not in ("image_encoder", "scheduler")}}
+    pipe = StableDiffusionAdapterPipeline(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),
+        scheduler=CoDiScheduler.from_pretrained({str(folder)!r}, subfolder="scheduler"))  # from condistill import CoDiScheduler
+    pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale={guidance})
+A1111/ComfyUI: put {out.name} in models/Lora; they read the LoRA, but the condition adapter is in
+diffusers' T2I-Adapter format, which they do not load (use diffusers, or condistill.load_adapter({str(folder)!r}))."""
+    return ExportResult("kohya", [out, adapter_out], instructions)
+
+
+# ---- ControlNet single file ---------------------------------------------------------------
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    if head not in _RESNET:
+        raise KeyError(rest)
+    return f"{_RESNET[head]}.{tail}"
+
+
+def _ldm_key(key: str, layers_per_block: int, hint_blocks: int) -> str:
+    per = layers_per_block + 1  # ldm input blocks per diffusers down block (resnets+attention, then downsampler)
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+             "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * hint_blocks + 2}",
+             "controlnet_mid_block": "middle_block_out.0"}
+    module, _, param = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{param}"
+    patterns = [
+        (r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", lambda k, rest: f"input_hint_block.{2 * int(k) + 2}.{rest}"),
+        (r"controlnet_down_blocks\.(\d+)\.(.+)", lambda i, rest: f"zero_convs.{i}.0.{rest}"),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+         lambda b, j, rest: f"input_blocks.{1 + int(b) * per + int(j)}.0.{_resnet(rest)}"),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
+         lambda b, j, rest: f"input_blocks.{1 + int(b) * per + int(j)}.1.{rest}"),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+         lambda b, rest: f"input_blocks.{1 + int(b) * per + layers_per_block}.0.op.{rest}"),
+        (r"mid_block\.resnets\.(\d+)\.(.+)", lambda j, rest: f"middle_block.{2 * int(j)}.{_resnet(rest)}"),
+        (r"mid_block\.attentions\.0\.(.+)", lambda rest: f"middle_block.1.{rest}"),
+    ]
+    for pattern, build in patterns:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return build(*match.groups())
+    raise KeyError(key)
+
+
+def controlnet_ldm_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ``ControlNetModel`` state dict (and its config) -> ``control_model.*`` ldm keys."""
+    unsupported = {k: config.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim")
+                   if config.get(k) is not None}
+    if unsupported or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        found = unsupported or {"mid_block_type": config.get("mid_block_type")}
+        raise ValueError(f"only SD 1.x/2.x-style ControlNets have this single-file layout; this one has {found}.")
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise ValueError(f"layers_per_block={lpb!r}: only one value for every block is supported.")
+    hint_blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state.items():
+        try:
+            ldm = LDM_CONTROLNET_PREFIX + _ldm_key(key, lpb, hint_blocks)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if ldm in out:
+            raise ValueError(f"two ControlNet tensors map to {ldm}")
+        out[ldm] = tensor.contiguous()
+    if unknown:
+        raise ValueError(f"{len(unknown)} ControlNet tensor(s) have no place in the ldm layout: {unknown[:5]}")
+    return out
+
+
+def _export_single_file(folder: Path, config: dict, out: Path, overwrite: bool) -> ExportResult:
+    from safetensors.torch import load_file
+
+    weights = folder / config["weight_files"]["controlnet"]
+    cn_config = json.loads((weights.parent / "config.json").read_text())
+    ldm = controlnet_ldm_state_dict(load_file(str(weights)), cn_config)
+    _write_safetensors(ldm, out, {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"})
+    notes = []
+    widths = cn_config["conditioning_embedding_out_channels"]
+    if len(widths) != SD_HINT_BLOCK_WIDTHS:
+        notes.append(
+            f"this ControlNet's condition embedding has {len(widths)} widths {widths} (SD ControlNets have "
+            f"{SD_HINT_BLOCK_WIDTHS}, VAE factor 8): its hint block ends at input_hint_block."
+            f"{4 * len(widths) - 2}, not 14, so A1111/ComfyUI and diffusers' from_single_file, which assume SD's, "
+            "will not load it."
+        )
+    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    instructions = f"""\
+ControlNet (original single-file layout): {out}
+A1111/ComfyUI: put {out.name} in models/ControlNet (sample with {steps} steps, CFG {guidance}; the distilled
+few-step sampler is condistill's CoDiScheduler, nearest webui choice: LCM).
+diffusers: ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})"""
+    return ExportResult("single-file", [out], instructions, notes)
+
+
+# ---- files --------------------------------------------------------------------------------
+def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} already exists; pass --overwrite to replace it.")
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    os.replace(tmp, dst)
+
+
+def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False) -> ExportResult:  # noqa: A002
+    """Write the adapter of ``run`` (a run folder or adapter folder) in ``format`` to ``out``.
+
+    Raises:
+        FileNotFoundError: ``run`` holds no exported adapter.
+        FileExistsError: ``out`` (or the condition-adapter folder) exists and ``overwrite`` is false.
+        ValueError: an unknown format, or one that does not apply to the run's adapter kind.
+    """
+    from condistill.adapters.save_load import read_adapter_config
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; supported: {_supported_text()}.")
+    run, out = Path(run), Path(out)
+    if not run.exists():
+        raise FileNotFoundError(f"no run or adapter folder {run}.")
+    config = read_adapter_config(run)
+    kind, wanted = config["kind"], FORMATS[format][0]
+    if kind != wanted:
+        raise ValueError(f"{run} holds a {kind!r} adapter; --format {format} exports {wanted!r} adapters only. "
+                         f"Supported: {_supported_text()}.")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out} must be a .safetensors file.")
+    _refuse_existing(out, overwrite, "--out")
+    folder = Path(config["_folder"])
+    if format == "kohya":
+        return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite)
+    if adapter_out:
+        raise ValueError("--adapter-out applies to --format kohya only.")
+    return _export_single_file(folder, config, out, overwrite)

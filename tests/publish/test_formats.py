@@ -1,0 +1,168 @@
+"""condistill export: kohya LoRA and single-file ControlNet files that other tools (and diffusers) read back."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from helpers import perturb_, torch_single_thread  # noqa: F401
+
+from condistill.adapters import build_student
+from condistill.adapters.lora import LORA_WEIGHT_NAME
+from condistill.adapters.save_load import save_adapter
+from condistill.cli import main
+from condistill.frozen import load_base
+from condistill.publish.formats import export
+
+
+def _save(student, base, out):
+    return save_adapter(
+        student, out, base_name_or_path=str(base.name_or_path), base_fingerprint=base.fingerprint(),
+        condition_name="edge", condition_config={}, num_grid=50, prediction_type=base.prediction_type,
+        recommended_steps=4, resolution=base.resolution, noise_schedule=base.noise_schedule_config(),
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_path, tmp_path_factory):
+    base = load_base(base_path)
+    student = build_student("lora", base, 3, rank=2, lora_alpha=3, targets="all")
+    perturb_(student, seed=3, scale=0.2)
+    run = tmp_path_factory.mktemp("lora_run")
+    _save(student, base, run / "adapter")
+    return run
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(base_path, tmp_path_factory):
+    base = load_base(base_path)
+    # SD's condition embedding (4 widths, VAE factor 8): the layout A1111/ComfyUI/diffusers assume
+    student = build_student("controlnet", base.unet, 3, vae_scale_factor=8)
+    perturb_(student, seed=5)
+    run = tmp_path_factory.mktemp("cn_run")
+    _save(student, base, run / "adapter")
+    return run
+
+
+def _unet_delta(base_path, load):
+    """UNet output with the LoRA loaded by ``load(pipe)`` minus the plain UNet's, on a fixed input."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    ehs = torch.randn(2, 16, 32, generator=gen)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        off = pipe.unet(z, t, ehs).sample
+        load(pipe)
+        on = pipe.unet(z, t, ehs).sample
+    return on - off
+
+
+def test_kohya_lora_matches_diffusers_format(lora_run, base_path, tmp_path):
+    out = tmp_path / "student.safetensors"
+    result = export(lora_run, "kohya", out)
+    keys = set(load_file(str(out)))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys
+    assert "lora_unet_mid_block_resnets_0_conv_shortcut.lora_down.weight" not in keys  # no shortcut there
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in keys)
+    assert all(k.startswith("lora_unet_") for k in keys)
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor(f"{name}.alpha").item() == 3.0
+        assert f.metadata()["ss_network_dim"] == "2"
+        assert "lora_adapter_metadata" not in f.metadata()
+
+    ours = _unet_delta(base_path, lambda p: p.load_lora_weights(lora_run / "adapter", weight_name=LORA_WEIGHT_NAME))
+    kohya = _unet_delta(base_path, lambda p: p.load_lora_weights(str(out)))
+    rel = ((kohya - ours).norm() / ours.norm()).item()
+    print(f"kohya vs diffusers-format LoRA: relative difference {rel:.2e}, |delta| {ours.norm():.3f}")
+    assert ours.abs().max() > 1e-2  # the LoRA changes the output
+    assert rel < 1e-3
+
+    from diffusers import T2IAdapter
+
+    adapter_dir = tmp_path / "student_condition_adapter"
+    assert result.files == [out, adapter_dir]
+    adapter = T2IAdapter.from_pretrained(adapter_dir)
+    saved = load_file(str(lora_run / "adapter" / "t2i_adapter" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in adapter.state_dict().items())
+    assert "load_lora_weights" in result.instructions and str(adapter_dir) in result.instructions
+
+
+def test_single_file_controlnet_round_trip(controlnet_run, tmp_path):
+    from diffusers import ControlNetModel
+
+    out = tmp_path / "cn.safetensors"
+    result = export(controlnet_run, "single-file", out)
+    assert not result.notes
+    keys = set(load_file(str(out)))
+    assert all(k.startswith("control_model.") for k in keys)
+    for part in ("input_blocks.", "zero_convs.", "input_hint_block.14.", "middle_block.1.", "middle_block_out.0."):
+        assert any(k.startswith("control_model." + part) for k in keys), part
+
+    folder = controlnet_run / "adapter" / "controlnet"
+    saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    loaded = ControlNetModel.from_single_file(str(out), config=str(folder), local_files_only=True).state_dict()
+    assert set(loaded) == set(saved) and len(keys) == len(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_non_sd_embedding_is_noted(base_path, tmp_path):
+    base = load_base(base_path)
+    _save(build_student("controlnet", base, 3), base, tmp_path / "run")
+    result = export(tmp_path / "run", "single-file", tmp_path / "cn.safetensors")
+    assert "input_hint_block.6" in result.notes[0]
+
+
+def test_errors(lora_run, controlnet_run, tmp_path):
+    with pytest.raises(ValueError, match=r"exports 'controlnet' adapters only.*--format kohya for kind 'lora'"):
+        export(lora_run, "single-file", tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="holds a 'controlnet' adapter; --format kohya"):
+        export(controlnet_run, "kohya", tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="unknown format 'ckpt'; supported: --format kohya"):
+        export(lora_run, "ckpt", tmp_path / "a.safetensors")
+    with pytest.raises(FileNotFoundError, match="no run or adapter folder"):
+        export(tmp_path / "nope", "kohya", tmp_path / "a.safetensors")
+    with pytest.raises(FileNotFoundError, match="No condistill_config.json"):
+        export(tmp_path, "kohya", tmp_path / "a.safetensors")
+    (tmp_path / "taken.safetensors").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(controlnet_run, "single-file", tmp_path / "taken.safetensors")
+    export(controlnet_run, "single-file", tmp_path / "taken.safetensors", overwrite=True)
+    assert len(load_file(str(tmp_path / "taken.safetensors"))) > 10
+    (tmp_path / "x_condition_adapter").mkdir()
+    with pytest.raises(FileExistsError, match="--adapter-out"):
+        export(lora_run, "kohya", tmp_path / "x.safetensors")
+
+
+def test_cli(lora_run, tmp_path, capsys):
+    out, adapter_out = tmp_path / "l.safetensors", tmp_path / "ad"
+    argv = ["export", str(lora_run), "--format", "kohya", "--out", str(out), "--adapter-out", str(adapter_out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "load_lora_weights" in printed.out and (adapter_out / "config.json").is_file()
+    assert main(argv) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert main(["export", str(tmp_path / "missing"), "--format", "kohya", "--out", str(out)]) == 1
+    assert "condistill export: error: no run or adapter folder" in capsys.readouterr().err
+
+
+def test_printed_kohya_instructions_run(lora_run, base_path, tmp_path):
+    """The diffusers snippet the kohya export prints loads both files into a working pipeline."""
+    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter  # noqa: F401
+
+    from condistill import CoDiScheduler  # noqa: F401
+
+    result = export(lora_run, "kohya", tmp_path / "s.safetensors")
+    lines = result.instructions.splitlines()
+    start = next(i for i, line in enumerate(lines) if "from_pretrained(" in line)
+    code = "\n".join(line[4:] for line in lines[start:] if line.startswith("    ") and "pipe(prompt" not in line)
+    code = code.replace(repr(str(load_base(base_path).name_or_path)), repr(str(base_path)))
+    scope = dict(locals())
+    exec(code, scope)  # noqa: S102
+    pipe = scope["pipe"]
+    assert isinstance(pipe.scheduler, CoDiScheduler) and pipe.unet.peft_config
