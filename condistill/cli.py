@@ -17,7 +17,7 @@ import json
 import sys
 import typing
 
-from condistill.config import ConfigError, DistillConfig
+from condistill.config import ConfigError, DistillConfig, option_choices
 from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
 
 SKIP = {"condition"}
@@ -31,29 +31,78 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser(condition: str, presets: dict[str, dict], description: str, prog: str | None = None) -> argparse.ArgumentParser:
+def _shown(value) -> str:
+    """How ``--help`` writes a default value."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def effective_defaults(presets: dict[str, dict], preset: str) -> dict[str, typing.Any]:
+    """What each option of :class:`DistillConfig` is when not given: the preset's value, else the dataclass default."""
+    chosen = presets[preset]
+    out = {}
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in chosen:
+            out[f.name] = chosen[f.name]
+        else:
+            out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
+def chosen_preset(presets: dict[str, dict], argv=None) -> str:
+    """The ``--preset`` named in ``argv`` (the default one when absent or unknown; the full parser reports the latter)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv)
+    return known.preset if known.preset in presets else DEFAULT_PRESET
+
+
+def build_parser(condition: str, presets: dict[str, dict], description: str, prog: str | None = None,
+                 preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """The parser of ``condistill train CONDITION``; ``--help`` shows the defaults of ``preset``.
+
+    Every option parses to ``None`` when not given, so that :func:`config_from_args` can tell an
+    explicit option (which wins over the preset) from a defaulted one; the effective default
+    (``preset``'s value, else the dataclass default) is written into the help text instead.
+    Enumerated options have ``choices`` (:func:`condistill.config.option_choices`).
+    """
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description,
         epilog="Run the same command again with --resume latest to continue an interrupted run.",
     )
     parser.add_argument("--preset", choices=sorted(presets), default=DEFAULT_PRESET,
-                        help="a named set of defaults; explicit options override it: "
-                             + "; ".join(f"{k}: {v.get('_help', '')}" for k, v in presets.items()))
+                        help="a named set of defaults; explicit options override it (the defaults below are those "
+                             f"of {preset}): " + "; ".join(f"{k}: {v.get('_help', '')}" for k, v in presets.items())
+                             .replace("%", "%%") + f" (default: {DEFAULT_PRESET})")
     hints = typing.get_type_hints(DistillConfig)
+    defaults = effective_defaults(presets, preset)
+    choices = option_choices()
     for f in dataclasses.fields(DistillConfig):
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
         kind = hints[f.name]
+        help_text = f.metadata.get("help", "") + (" (a JSON object)" if f.name.endswith("_options") else "")
+        help_text = f"{help_text} (default: {_shown(defaults[f.name])})".replace("%", "%%")
+        kw: dict[str, typing.Any] = dict(default=None, help=help_text)
         if f.name.endswith("_options"):
-            parser.add_argument(flag, type=json.loads, default=None, help=help_text + " (a JSON object)")
+            kw.update(type=json.loads, metavar="JSON")
         elif kind is bool:
-            parser.add_argument(flag, type=_parse_bool, default=None, help=help_text)
+            kw.update(type=_parse_bool, metavar="{true,false}")
         elif kind in (int, float):
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            kw.update(type=kind)
+        elif typing.get_origin(kind) is list:
+            kw.update(type=str, nargs="+", metavar=f.name.rsplit("_", 1)[-1].upper().rstrip("S"))
         else:
-            parser.add_argument(flag, type=str, default=None, help=help_text)
+            kw.update(type=str, choices=choices.get(f.name))
+        parser.add_argument(flag, **kw)
     return parser
 
 
@@ -64,7 +113,8 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
     Invalid values exit with status 2 and every problem listed.
     """
     presets = presets_for(condition)
-    parser = build_parser(condition, presets, recipe_description(condition), prog=prog)
+    parser = build_parser(condition, presets, recipe_description(condition), prog=prog,
+                          preset=chosen_preset(presets, argv))
     args = vars(parser.parse_args(argv))
     preset = {k: v for k, v in presets[args.pop("preset")].items() if not k.startswith("_")}
     values = {"condition": condition, **preset, **{k: v for k, v in args.items() if v is not None}}

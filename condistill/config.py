@@ -6,6 +6,7 @@ Every option has help text (``field(metadata={"help": ...})``) that the recipes 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,50 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_BASE = "embedded:tiny-teacher"
+
+#: The fixed choices of the enumerated options (``condition`` and ``adapter`` come from their
+#: registries: :func:`option_choices`). ``--help`` lists them and :meth:`DistillConfig.problems` checks them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distance": ("l2", "huber"),
+    "ode_source": ("ema", "teacher"),
+    "guidance_branches": ("all", "ode"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "loss": ("codi", "diffusion"),
+    "report_to": ("tensorboard", "wandb", "none"),
+}
+
+#: The Python packages a tracker of ``report_to`` can use (imported only when it is chosen).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """Every enumerated option of :class:`DistillConfig` and its allowed values."""
+    from condistill.adapters import available_adapters
+    from condistill.conditions import available_conditions
+
+    return {"condition": tuple(available_conditions()), "adapter": tuple(available_adapters()), **CHOICES}
+
+
+def validation_pairs(images: list[str], prompts: list[str]) -> list[tuple[str, str]]:
+    """The ``(image path, prompt)`` pairs of ``--validation-images`` and ``--validation-prompts``.
+
+    The rule (checked by :meth:`DistillConfig.problems`): as many prompts as images pair up in
+    order; one prompt goes with every image; one image goes with every prompt; no prompt gives
+    every image the empty prompt. Prompts without images are an error (a conditional model
+    needs a condition).
+    """
+    if not images:
+        return []
+    if not prompts:
+        prompts = [""]
+    if len(images) == 1:
+        images = images * len(prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} validation images and {len(prompts)} prompts: give as many prompts as "
+                         "images, one prompt (used for every image), one image (used for every prompt) or none")
+    return list(zip(images, prompts))
 
 
 def _h(text: str, **kw):
@@ -89,6 +134,16 @@ class DistillConfig:
     adapter_options: dict[str, Any] = _h("options passed to the adapter", default_factory=dict)
     data_options: dict[str, Any] = _h("options passed to the data source (e.g. image_column)", default_factory=dict)
     loss: str = _h("codi (distillation) or diffusion (conventional adapter training, the baseline)", default="codi")
+    validation_images: list[str] = _h(
+        "your own validation images instead of held-out training scenes: plain images (any size, center-cropped "
+        "to the resolution); the condition is derived from each one by the run's condition, as in training (an "
+        "edge map of it, a degraded copy, a masked copy; depth needs an estimator). Sampled at 1, 2, 4 and "
+        "recommended_steps steps into validation/step-*.png and the tracker", default_factory=list)
+    validation_prompts: list[str] = _h(
+        "prompts of the validation images: as many as images (paired in order), one (used for every image), or "
+        "none (empty prompts); with a single image, each prompt is sampled with it", default_factory=list)
+    report_to: str = _h("where losses and validation grids are logged (accelerate's log_with): tensorboard "
+                        "(in logs/), wandb (needs `pip install wandb`) or none (files only)", default="tensorboard")
 
     def __post_init__(self):
         problems = self.problems()
@@ -97,13 +152,10 @@ class DistillConfig:
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        from condistill.adapters import available_adapters
-        from condistill.conditions import available_conditions
-
-        if self.condition not in available_conditions():
-            p.append(f"condition={self.condition!r}: choose one of {available_conditions()}")
-        if self.adapter not in available_adapters():
-            p.append(f"adapter={self.adapter!r}: choose one of {available_adapters()}")
+        choices = option_choices()
+        for name in ("condition", "adapter"):
+            if getattr(self, name) not in choices[name]:
+                p.append(f"{name}={getattr(self, name)!r}: choose one of {list(choices[name])}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_grid", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)}: must be at least 1")
@@ -127,24 +179,50 @@ class DistillConfig:
             p.append(f"num_grid={self.num_grid}: must be between 2 and the teacher's 1000 training steps")
         if self.regression_weight < 0:
             p.append(f"regression_weight={self.regression_weight}: must be 0 or more")
-        if self.distance not in ("l2", "huber"):
-            p.append(f"distance={self.distance!r}: choose l2 or huber")
-        if self.ode_source not in ("ema", "teacher"):
-            p.append(f"ode_source={self.ode_source!r}: choose ema or teacher")
-        if self.guidance_branches not in ("all", "ode"):
-            p.append(f"guidance_branches={self.guidance_branches!r}: choose all or ode")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                p.append(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")
         if not 1.0 <= self.guidance_min <= self.guidance_max:
             p.append(f"guidance range [{self.guidance_min}, {self.guidance_max}]: need 1 <= guidance_min <= guidance_max")
         if not 0.0 <= self.caption_dropout < 1.0:
             p.append(f"caption_dropout={self.caption_dropout}: must be in [0, 1)")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            p.append(f"mixed_precision={self.mixed_precision!r}: choose no, fp16 or bf16")
-        if self.loss not in ("codi", "diffusion"):
-            p.append(f"loss={self.loss!r}: choose codi or diffusion")
         if not 1 <= self.recommended_steps <= self.num_grid:
             p.append(f"recommended_steps={self.recommended_steps}: must be between 1 and num_grid")
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")
+        return p + self._tracker_problems() + self._validation_problems()
+
+    def _tracker_problems(self) -> list[str]:
+        packages = TRACKER_PACKAGES.get(self.report_to, ())
+        if packages and not any(importlib.util.find_spec(name) for name in packages):
+            others = " or ".join(c for c in CHOICES["report_to"] if c != self.report_to)
+            return [f"report_to={self.report_to!r}: the {packages[0]} package is not installed; run "
+                    f"`pip install {packages[0]}`, or pick another tracker (--report-to {others})"]
+        return []
+
+    def _validation_problems(self) -> list[str]:
+        from condistill.data.images import open_image
+        from condistill.data.skips import SkipItem
+
+        p = [f"{name}={value!r}: must be a list of strings" for name in ("validation_images", "validation_prompts")
+             if not isinstance(value := getattr(self, name), (list, tuple)) or not all(isinstance(v, str) for v in value)]
+        if p:
+            return p
+        if self.validation_prompts and not self.validation_images:
+            p.append("validation_prompts without validation_images: give the images the prompts describe "
+                     "(--validation-images PATH ...)")
+        try:
+            validation_pairs(list(self.validation_images), list(self.validation_prompts))
+        except ValueError as error:
+            p.append(str(error))
+        for path in self.validation_images:
+            try:
+                open_image(path)
+            except SkipItem as error:
+                p.append(f"validation image {path!r} cannot be read ({error})")
+        if self.validation_images and self.condition == "depth" and self.condition_options.get("source") == "record":
+            p.append("validation_images with the depth condition's source='record': plain images have no depth; "
+                     "use source 'auto' or 'estimator'")
         return p
 
     def ema_decay_at(self, step: int) -> float:

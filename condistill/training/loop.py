@@ -91,7 +91,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     device = accelerator.device
     base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
@@ -165,14 +165,14 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                 save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
                                 health=health)
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
-                _validate(out, done, base, student, ema, validation, cfg)
+                _validate(out, done, base, student, ema, validation, cfg, accelerator)
     bar.close()
     monitor.finish()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
                         health=health)
-        _validate(out, cfg.max_steps, base, student, ema, validation, cfg)
+        _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator)
         with ema.swapped_in(student):
             save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
                          condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
@@ -186,25 +186,65 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
 
 
 def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int = 8) -> dict:
+    """The validation items: ``cfg.validation_images`` with their prompts, else ``count`` held-out scenes.
+
+    A user's images are plain images; their condition is derived by ``condition`` as in training.
+    """
+    if cfg.validation_images:
+        from condistill.config import validation_pairs
+        from condistill.data.images import open_image, to_rgb
+        from condistill.data.record import Record
+
+        records = [Record(image=to_rgb(open_image(path)), caption=prompt, key=path)
+                   for path, prompt in validation_pairs(cfg.validation_images, cfg.validation_prompts)]
+        items = ConditionDataset(records, condition, resolution, seed=cfg.seed + 1)
+        return collate([items[i] for i in range(len(items))])
     spec = "synthetic:heldout:64" if cfg.data.startswith("synthetic") else cfg.data
     source = open_source(spec, resolution=resolution, **({} if spec.startswith("synthetic") else cfg.data_options))
     items = ConditionDataset(source, condition, resolution, seed=cfg.seed + 1)
     return collate([items[i] for i in range(min(count, len(items)))])
 
 
+VALIDATION_CHUNK = 8  # validation images sampled together (more are sampled in chunks of this many)
+
+
 @torch.no_grad()
-def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig) -> Path:
+def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig, accelerator=None) -> Path:
+    """Sample ``batch`` at 1, 2, 4 and ``cfg.recommended_steps`` steps into ``validation/step-*.png`` (and the trackers).
+
+    Sampling draws from its own seeded generators, never from the training streams.
+    """
     from condistill.method.sampler import sample_images
 
     student.eval()
     device = base.device
-    cond = batch["conditioning"].to(device)
-    rows = []
+    step_counts = sorted({1, 2, 4, cfg.recommended_steps})
+    rows: dict[int, list[torch.Tensor]] = {steps: [] for steps in step_counts}
     with ema.swapped_in(student):
-        features = student.encode_condition(cond)
-        fn = make_model_fn(student, features, cond.shape[0])
-        for steps in (1, 2, 4):
-            rows.append(sample_images(base, fn, batch["caption"], steps, sampler=cfg.student_sampler,
-                                      num_grid=cfg.num_grid, seed=cfg.seed, guidance_scale=cfg.sampling_guidance))
+        for first in range(0, len(batch["caption"]), VALIDATION_CHUNK):
+            cond = batch["conditioning"][first:first + VALIDATION_CHUNK].to(device)
+            captions = batch["caption"][first:first + VALIDATION_CHUNK]
+            features = student.encode_condition(cond)
+            fn = make_model_fn(student, features, cond.shape[0])
+            for steps in step_counts:
+                rows[steps].append(sample_images(base, fn, captions, steps, sampler=cfg.student_sampler,
+                                                 num_grid=cfg.num_grid, seed=cfg.seed + first,
+                                                 guidance_scale=cfg.sampling_guidance))
     student.train()
-    return save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch, rows, ["1 step", "2 steps", "4 steps"])
+    names = [f"{steps} step" + ("s" if steps > 1 else "") for steps in step_counts]
+    path = save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch,
+                                [torch.cat(rows[steps]) for steps in step_counts], names)
+    _log_grid(accelerator, path, step)
+    return path
+
+
+def _log_grid(accelerator, path: Path, step: int) -> None:
+    """Log a validation grid to the run's trackers (tensorboard, wandb); ``--report-to none`` has none."""
+    import numpy as np
+    from PIL import Image
+
+    for tracker in accelerator.trackers if accelerator is not None else []:
+        if tracker.name in ("tensorboard", "wandb"):
+            image = np.asarray(Image.open(path).convert("RGB"))
+            extra = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({"validation": image[None] if extra else [image]}, step=step, **extra)

@@ -38,7 +38,7 @@ LOCK_NAME = ".condistill.lock"
 CHANGEABLE_ON_RESUME = frozenset({
     "max_steps", "learning_rate", "ema_decay", "ema_decay_late", "ema_late_from", "max_grad_norm", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
     "num_workers", "threads", "gradient_checkpointing", "resume", "output_dir", "overwrite", "max_skip_fraction",
-    "recommended_steps", "stochastic_sampling",
+    "recommended_steps", "stochastic_sampling", "validation_images", "validation_prompts", "report_to",
 })
 
 
