@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_base": "condistill.frozen",
     "get_condition": "condistill.conditions",
     "open_source": "condistill.data.sources",
+    "push_to_hub": "condistill.publish.push",
 }
 
 __all__ = ["__version__", *_EXPORTS]

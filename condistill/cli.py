@@ -182,6 +182,10 @@ def _eval(args) -> int:
                       seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
                       cache_dir=args.cache_dir, log=lambda msg: print(msg, file=sys.stderr))
     print(markdown_table(report) + skipped_note(report))
+    if args.student and not args.row:  # a local run's model card records what was measured
+        from condistill.publish.card import record_eval
+        record_eval(args.student, markdown_table(report) + skipped_note(report), vars(args),
+                    log=lambda msg: print(msg, file=sys.stderr))
     if args.out:
         print(f"wrote {args.out}/results.json, results.md, samples.png", file=sys.stderr)
     else:
@@ -244,6 +248,7 @@ def _export(args) -> int:
 
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
             "eval": "score students and baselines on held-out synthetic scenes",
+            "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID",
             "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE"}
 
 
@@ -257,6 +262,9 @@ def main(argv=None) -> int:
         return _train(argv[1:])
     if argv[0] == "eval":
         return _eval(_eval_parser().parse_args(argv[1:]))
+    if argv[0] == "push":
+        from condistill.publish.push import push_main
+        return push_main(argv[1:])
     if argv[0] == "export":
         return _export(_export_parser().parse_args(argv[1:]))
     print(f"condistill: error: unknown command {argv[0]!r}; choose one of {list(COMMANDS)}", file=sys.stderr)

@@ -181,6 +181,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                          resolution=resolution, noise_schedule=base.noise_schedule_config(),
                          extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
+        from condistill.publish.card import write_model_card  # the export's README.md and samples.png
+        write_model_card(out, num_processes=accelerator.num_processes)
     accelerator.end_training()
     return out
 
