@@ -248,25 +248,25 @@ def _export(args) -> int:
 
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
             "eval": "score students and baselines on held-out synthetic scenes",
-            "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID",
-            "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE"}
+            "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE",
+            "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID"}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: condistill {train,eval} ...\n\nconditional diffusion distillation\n\n"
-              + "\n".join(f"  {k:6s} {v}" for k, v in COMMANDS.items()), file=sys.stdout if argv else sys.stderr)
+        print(f"usage: condistill {{{','.join(COMMANDS)}}} ...\n\nconditional diffusion distillation\n\n"
+              + "\n".join(f"  {k:7s} {v}" for k, v in COMMANDS.items()), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "train":
         return _train(argv[1:])
     if argv[0] == "eval":
         return _eval(_eval_parser().parse_args(argv[1:]))
+    if argv[0] == "export":
+        return _export(_export_parser().parse_args(argv[1:]))
     if argv[0] == "push":
         from condistill.publish.push import push_main
         return push_main(argv[1:])
-    if argv[0] == "export":
-        return _export(_export_parser().parse_args(argv[1:]))
     print(f"condistill: error: unknown command {argv[0]!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
     return 2
 

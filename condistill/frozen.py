@@ -226,6 +226,23 @@ class Base:
         return self
 
 
+def native_resolution(name_or_path: str | os.PathLike, revision: str | None = None) -> int:
+    """The base's native image size in pixels, read from its UNet and VAE configs (no weights load).
+
+    Equals :attr:`Base.resolution` of :func:`load_base`.
+    """
+    root = resolve_pretrained_dir(name_or_path, revision=revision, what="base model")
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{os.fspath(name_or_path)!r} ({root}) is not a Stable Diffusion folder in diffusers "
+                                f"layout: {error}") from None
+    sample = unet.get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
 def _freeze(module):
     module.requires_grad_(False)
     module.eval()

@@ -24,27 +24,28 @@ RECIPES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "edge": ("edge-to-image: the condition is the canny edge map of each training image.", {
         "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (edge: 700 steps, about 9 minutes on a "
                                "quiet 2-core CPU)", output_dir="runs/edge", max_steps=700, validate_every=350, **_CPU),
-        "sd15-gpu": dict(_help="SD 1.5 on one GPU", **_SD15_GPU, **_GUIDED,
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU", output_dir="runs/edge-sd15", **_SD15_GPU, **_GUIDED,
                          condition_options={"low_threshold": 100, "high_threshold": 200}),
     }),
     "depth": ("depth-to-image: the condition is a depth map (the dataset's own depth or a depth estimator).", {
         "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (400 steps; 11-13 minutes as one of three "
                                "runs sharing 2 cores, see docs/results.md)", output_dir="runs/depth", max_steps=400,
                          validate_every=100, **_CPU),
-        "sd15-gpu": dict(_help="SD 1.5 on one GPU with a local MiDaS folder", **_SD15_GPU, **_GUIDED,
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU with a local MiDaS folder", output_dir="runs/depth-sd15", **_SD15_GPU,
+                         **_GUIDED,
                          condition_options={"source": "estimator", "estimator_path": "lllyasviel/Annotators"}),
     }),
     "sr": ("super-resolution: the condition is a randomly degraded low-resolution copy brought back to size.", {
         "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (2400 steps, the EMA slowed from 0.9 to "
                                "0.99 after step 1600; see docs/results.md)", output_dir="runs/sr", max_steps=2400,
                          ema_decay_late=0.99, ema_late_from=1600, validate_every=100, **_CPU),
-        "sd15-gpu": dict(_help="SD 1.5 on one GPU", **_SD15_GPU),
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU", output_dir="runs/sr-sd15", **_SD15_GPU),
     }),
     "inpaint": ("inpainting: the condition is the masked image plus the mask (rectangles and brush strokes).", {
         "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (1000 steps, about 1 s each on one core; "
                                "see docs/results.md)", output_dir="runs/inpaint", max_steps=1000, validate_every=100,
                          **_CPU),
-        "sd15-gpu": dict(_help="SD 1.5 on one GPU", **_SD15_GPU, **_GUIDED),
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU", output_dir="runs/inpaint-sd15", **_SD15_GPU, **_GUIDED),
     }),
 }
 

@@ -86,3 +86,15 @@ def test_eval_help_documents_every_option_once(capsys):
         parser.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "[4.0]" in out and "(default:" not in out
+
+
+def test_top_level_help_lists_every_command_and_presets_name_their_folder(capsys):
+    from condistill.cli import COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: condistill {" + ",".join(COMMANDS) + "}")
+    assert {"train", "eval", "export", "push"} <= set(COMMANDS)
+    for condition in RECIPES:
+        assert config_from_args(condition, ["--preset", "sd15-gpu"]).output_dir == f"runs/{condition}-sd15"
+        assert config_from_args(condition, []).output_dir == f"runs/{condition}"

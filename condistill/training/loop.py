@@ -25,8 +25,9 @@ from condistill.conditions import get_condition
 from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.report import REPORT_NAME, SkipMonitor
-from condistill.data.sources import open_source
-from condistill.frozen import load_base
+from condistill.data.skips import EmptySourceError
+from condistill.data.sources import IndexedSource, open_source
+from condistill.frozen import load_base, native_resolution
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
@@ -86,6 +87,10 @@ def _log(message: str) -> None:
 
 
 def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str]) -> Path:
+    # the data first: a bad --data fails in a second, before any model loads
+    resolution = cfg.resolution or native_resolution(cfg.base)
+    condition = get_condition(cfg.condition, **cfg.condition_options)
+    dataset = _open_dataset(cfg, condition, resolution)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -95,8 +100,6 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     )
     device = accelerator.device
     base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
-    resolution = cfg.resolution or base.resolution
-    condition = get_condition(cfg.condition, **cfg.condition_options)
     student = build_student(cfg.adapter, base, condition.channels, **cfg.adapter_options).to(device)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -112,8 +115,6 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         set_learning_rate(optimizer, lr_scheduler, cfg.learning_rate)
     cfg.save(out / "config.json")
 
-    source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
-    dataset = ConditionDataset(source, condition, resolution, seed=cfg.seed)
     monitor = SkipMonitor.for_dataset(dataset, cfg.max_skip_fraction,  # skips: lines, data_report.json, a stop
                                       report_path=out / REPORT_NAME if accelerator.is_main_process else None)
     accum = cfg.gradient_accumulation_steps
@@ -185,6 +186,30 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         write_model_card(out, num_processes=accelerator.num_processes)
     accelerator.end_training()
     return out
+
+
+PROBE_ITEMS = 64
+
+
+def _open_dataset(cfg: DistillConfig, condition, resolution: int) -> ConditionDataset:
+    """The training dataset; a data source that cannot be used is reported against ``--data``.
+
+    A separate copy of a sized source is probed first: when none of its first
+    :data:`PROBE_ITEMS` items is usable (all of them, for a smaller source), the run stops
+    here, before any model loads (unless ``max_skip_fraction`` is 1).
+    """
+    try:
+        probe = open_source(cfg.data, resolution=resolution, **cfg.data_options)
+        if isinstance(probe, IndexedSource) and cfg.max_skip_fraction < 1:
+            count = min(len(probe), PROBE_ITEMS)
+            if not any(probe.load(i) is not None for i in range(count)):
+                if count == len(probe):
+                    raise probe.stats.empty_error()
+                raise EmptySourceError(f"none of the first {count} items is usable: {probe.stats.summary()}")
+        return ConditionDataset(open_source(cfg.data, resolution=resolution, **cfg.data_options), condition,
+                                resolution, seed=cfg.seed)
+    except (EmptySourceError, FileNotFoundError) as error:
+        raise type(error)(f"--data {cfg.data!r}: {error}") from error
 
 
 def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int = 8) -> dict:

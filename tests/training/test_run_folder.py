@@ -104,3 +104,23 @@ def test_resume_changes_ignores_unknown_keys_and_equal_bases(tmp_path):
     saved.pop("overwrite")
     assert resume_changes(saved, cfg, 5) == []
     assert resume_changes({**saved, "log_every": 99}, cfg, 5) == [f"log_every: 99 -> {cfg.log_every}"]
+
+
+def test_unusable_data_fails_before_any_model_loads(tiny_base, tmp_path, monkeypatch):
+    import condistill.training.loop as loop
+    from condistill.data.skips import EmptySourceError
+    from PIL import Image
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the base was loaded before the data was checked")
+
+    monkeypatch.setattr(loop, "load_base", no_models)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmptySourceError, match="--data '.*empty': folder .* contains no images"):
+        distill(_cfg(tiny_base, tmp_path / "run", data=str(tmp_path / "empty")))
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        Image.new("RGB", (2, 2)).save(small / f"{i}.png")
+    with pytest.raises(EmptySourceError, match=r"--data .*all 3 items were skipped \(too_small=3\)"):
+        distill(_cfg(tiny_base, tmp_path / "run", data=str(small)))
