@@ -1,4 +1,4 @@
-"""Optional metrics that need third-party pretrained weights: LPIPS and FID on Inception features.
+"""Optional metrics that need third-party pretrained weights: LPIPS, FID on Inception features, CLIPScore.
 
 They are computed only when both the package and its weights are already on the machine;
 nothing here ever downloads anything. The rule, per metric:
@@ -16,8 +16,13 @@ nothing here ever downloads anything. The rule, per metric:
   checkpoints folder. torchmetrics / torch-fidelity are deliberately not consulted, so one
   rule decides. Like every FID, the value is biased upwards for small sets and is only
   comparable between rows scored on the same number of images.
+* ``clip_score`` (only when prompts are given: ``100 * max(cos, 0)`` of CLIP's image and text
+  embeddings, Hessel et al. 2021, mean over images): ``transformers`` loads a CLIP model
+  (``openai/clip-vit-base-patch32``, or ``$CONDISTILL_CLIP_MODEL``) from a local folder or the
+  local Hugging Face cache with ``local_files_only=True``; implemented in
+  :mod:`condistill.evaluation.clip_score` and registered here.
 
-:func:`lpips_status` / :func:`fid_status` say whether a metric is available and, if not,
+:func:`lpips_status` / :func:`fid_status` / :func:`clip_status` say whether a metric is available and, if not,
 exactly what is missing and how to provide it. Networks are built only after that check,
 inside :func:`no_downloads`, which makes any attempted download raise instead.
 
@@ -30,7 +35,7 @@ import importlib
 import inspect
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +45,19 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 LPIPS_CONDITIONS = ("sr", "inpaint")
 LPIPS_MIN_SIZE = 64
-METRICS = ("lpips", "fid_inception")
+METRICS = ("lpips", "fid_inception", "clip_score")
 
 # metric -> factory(device) returning the network as a callable (see set_backend)
 _BACKENDS: dict[str, Callable] = {}
 
 
 def set_backend(metric: str, factory: Callable | None) -> None:
-    """Replace the network behind ``metric`` (``"lpips"`` or ``"fid_inception"``); ``None`` restores it.
+    """Replace the network behind ``metric`` (one of :data:`METRICS`); ``None`` restores it.
 
     ``factory(device)`` returns, for ``"lpips"``, ``fn(a, b) -> [B]`` distances between image
     batches in [-1, 1]; for ``"fid_inception"``, ``fn(x) -> [B, D]`` features of images in
-    [0, 1]. An injected backend counts as available.
+    [0, 1]; for ``"clip_score"``, ``fn(images, prompts) -> [B]`` scores of images in [0, 1] with
+    their prompts. An injected backend counts as available.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown optional metric {metric!r}; choose one of {METRICS}")
@@ -112,7 +118,8 @@ def fid_status() -> tuple[bool, str]:
     return True, f"FID on pytorch_fid's Inception pool features with {weights}"
 
 
-STATUS = {"lpips": lpips_status, "fid_inception": fid_status}
+STATUS = {"lpips": lpips_status, "fid_inception": fid_status,
+          "clip_score": lambda: _clip.clip_status()}  # _clip: registered at the end of this module
 
 
 @contextlib.contextmanager
@@ -181,7 +188,8 @@ def load_inception(device: str | torch.device = "cpu") -> Callable:
     return features
 
 
-LOADERS = {"lpips": load_lpips, "fid_inception": load_inception}
+LOADERS = {"lpips": load_lpips, "fid_inception": load_inception,
+           "clip_score": lambda device="cpu": _clip.load_clip(device)}
 
 
 def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
@@ -235,13 +243,14 @@ def fid_inception(images: torch.Tensor, reference: torch.Tensor, net: Callable |
 
 def compute_optional(images: torch.Tensor, reference: torch.Tensor, kind: str, *,
                      device: str | torch.device = "cpu") -> float | None:
-    """``kind`` (``"lpips"`` or ``"fid_inception"``) of ``images`` against ``reference``, or ``None``
-    when that metric is unavailable (see :func:`lpips_status` / :func:`fid_status`)."""
+    """``kind`` (one of :data:`METRICS`) of ``images`` against ``reference`` (for ``"clip_score"``:
+    the list of prompts, one per image), or ``None`` when that metric is unavailable (see
+    :func:`lpips_status` / :func:`fid_status` / :func:`clip_status`)."""
     if kind not in METRICS:
         raise ValueError(f"unknown optional metric {kind!r}; choose one of {METRICS}")
     if not STATUS[kind]()[0]:
         return None
-    fn = lpips_distance if kind == "lpips" else fid_inception
+    fn = {"lpips": lpips_distance, "fid_inception": fid_inception, "clip_score": _clip.clip_score}[kind]
     return fn(images, reference, device=device)
 
 
@@ -250,7 +259,8 @@ class OptionalMetrics:
     loads each network once and caches the real images' Inception features.
 
     ``skipped`` maps each wanted but unavailable metric to its reason (also when loading an
-    apparently available network fails). ``log`` receives each skip message; by default it is
+    apparently available network fails). ``clip_score`` is wanted (and its availability checked)
+    only from the first :meth:`score` call given ``prompts``. ``log`` receives each skip message; by default it is
     issued with :func:`warnings.warn`.
     """
 
@@ -284,8 +294,9 @@ class OptionalMetrics:
                 return None
         return self._nets[metric]
 
-    def score(self, images: torch.Tensor, real: torch.Tensor) -> dict:
-        """The available optional metrics of ``images`` against the ground truth ``real`` (both in [0, 1])."""
+    def score(self, images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str] | None = None) -> dict:
+        """The available optional metrics of ``images`` against the ground truth ``real`` (both in [0, 1]),
+        plus ``clip_score`` of ``images`` with ``prompts`` (one per image) when they are given."""
         out = {}
         if "lpips" in self.wanted and (net := self._net("lpips")) is not None:
             out["lpips"] = lpips_distance(images, real, net, device=self.device, batch_size=self.batch_size)
@@ -297,18 +308,36 @@ class OptionalMetrics:
                 self._real = (real, inception_features(real, net, device=self.device, batch_size=self.batch_size))
             feats = inception_features(images, net, device=self.device, batch_size=self.batch_size)
             out["fid_inception"] = frechet_distance(feats, self._real[1])
+        if prompts is not None:
+            if "clip_score" not in self.wanted:
+                self.wanted.append("clip_score")
+                ok, reason = STATUS["clip_score"]()
+                if not ok:
+                    self._skip("clip_score", reason)
+            if (net := self._net("clip_score")) is not None:
+                out["clip_score"] = _clip.clip_score(images, prompts, net, device=self.device,
+                                                     batch_size=self.batch_size)
         return out
 
 
+# CLIPScore lives in its own module (it imports this one); registered in METRICS/STATUS/LOADERS above
+from condistill.evaluation import clip_score as _clip  # noqa: E402
+from condistill.evaluation.clip_score import CLIP_MODEL, CLIP_MODEL_ENV, clip_score, clip_status, load_clip  # noqa: E402
+
 __all__ = [
+    "CLIP_MODEL",
+    "CLIP_MODEL_ENV",
     "LPIPS_WEIGHTS",
     "FID_WEIGHTS",
     "OptionalMetrics",
     "checkpoints_dir",
+    "clip_score",
+    "clip_status",
     "compute_optional",
     "fid_inception",
     "fid_status",
     "inception_features",
+    "load_clip",
     "load_inception",
     "load_lpips",
     "lpips_distance",
