@@ -178,16 +178,33 @@ def _eval(args) -> int:
     else:
         print("condistill eval: give --student (and optionally --baseline) or one or more --row", file=sys.stderr)
         return 2
-    report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
-                      seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
-                      cache_dir=args.cache_dir, log=lambda msg: print(msg, file=sys.stderr))
-    print(markdown_table(report) + skipped_note(report))
+    if args.prompts and not args.data:
+        print("condistill eval: --prompts needs --data (the synthetic scenes come with their own prompts)", file=sys.stderr)
+        return 2
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    note = ""
+    if args.data:  # the user's own images: conditions made as in training, metrics without the judge
+        from condistill.evaluation.user_data import data_note, evaluate_data
+        try:
+            report = evaluate_data(args.condition, rows, args.data, base=args.base, num_images=args.num_images,
+                                   batch_size=args.batch_size, seed=args.seed, prompts=args.prompts, out_dir=args.out,
+                                   device=args.device, cache_dir=args.cache_dir, log=log)
+        except (OSError, ValueError) as error:
+            print(f"condistill eval: error: {error}", file=sys.stderr)
+            return 1
+        note = data_note(report)
+    else:
+        report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
+                          seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
+                          cache_dir=args.cache_dir, log=log)
+    print(note + markdown_table(report) + skipped_note(report))
     if args.student and not args.row:  # a local run's model card records what was measured
         from condistill.publish.card import record_eval
-        record_eval(args.student, markdown_table(report) + skipped_note(report), vars(args),
-                    log=lambda msg: print(msg, file=sys.stderr))
+        options = {k: v for k, v in vars(args).items() if not (args.data and k == "judge")}  # no judge with --data
+        record_eval(args.student, note + markdown_table(report) + skipped_note(report), options, log=log)
     if args.out:
-        print(f"wrote {args.out}/results.json, results.md, samples.png", file=sys.stderr)
+        extra = ", conditions.safetensors" if args.data else ""
+        print(f"wrote {args.out}/results.json, results.md, samples.png{extra}", file=sys.stderr)
     else:
         print(json.dumps(report, indent=2))
     return 0
@@ -196,7 +213,8 @@ def _eval(args) -> int:
 def _eval_parser() -> argparse.ArgumentParser:
     ev = argparse.ArgumentParser(
         prog="condistill eval", description="Score students and baselines on held-out synthetic scenes (fidelity, "
-        "Frechet distance on the judge's features, prompt accuracy, seconds per image).",
+        "Frechet distance on the judge's features, prompt accuracy, seconds per image), or with --data on your own "
+        "images (fidelity, Inception FID, LPIPS, CLIP score where available, seconds per image).",
         epilog="Defaults are shown in brackets.")
     ev.add_argument("--condition", required=True, choices=list(RECIPES), help="the condition the adapters were trained for")
     ev.add_argument("--student", help="distilled adapter folder (rows at 1, 2 and 4 steps)")
@@ -206,7 +224,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", help="base model [the one recorded with the first adapter]")
     ev.add_argument("--guidance", type=float, default=4.0,
                     help="CFG scale of the 50-step baseline and teacher rows (every documented result uses 4) [4.0]")
-    ev.add_argument("--num-images", type=int, default=256, help="held-out scenes scored per row [256]")
+    ev.add_argument("--data", help="score on your own images instead: any training data source (image folder, "
+                    "datasets id/folder, .tar shards); the first --num-images usable items in the order seeded by "
+                    "--seed, conditions made as in training, metrics without the judge [synthetic held-out scenes]")
+    ev.add_argument("--prompts", help="with --data: a prompt, or a file of prompts (one a line, cycled), instead of "
+                    "the items' captions [the captions]")
+    ev.add_argument("--num-images", type=int, default=256, help="held-out scenes (or --data items) scored per row [256]")
     ev.add_argument("--batch-size", type=int, default=64, help="images sampled at once [64]")
     ev.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the sampling noise [0]")
     ev.add_argument("--judge", default="embedded:judge", help="judge folder [embedded:judge, the packaged judge]")
@@ -247,7 +270,7 @@ def _export(args) -> int:
 
 
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
-            "eval": "score students and baselines on held-out synthetic scenes",
+            "eval": "score students and baselines on held-out synthetic scenes or your own images (--data)",
             "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE",
             "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID"}
 

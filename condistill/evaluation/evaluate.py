@@ -1,4 +1,5 @@
-"""Side-by-side evaluation of distilled students and baselines on held-out scenes.
+"""Side-by-side evaluation of distilled students and baselines on held-out scenes
+(``--data``, the user's own images: :mod:`condistill.evaluation.user_data`).
 
 Every row samples the same held-out scenes with the same seeds in one process and is
 scored with the same metrics:
@@ -239,11 +240,11 @@ def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a markdown table (fidelity metric first)."""
     fid_key, better = FIDELITY[report["condition"]]
     keys = [fid_key] + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
-                                    "seconds_per_image")
+                                    "clip_score", "seconds_per_image")
                         if any(k in r["metrics"] for r in report["rows"])]
     arrows = {fid_key: " (higher better)" if better == "higher" else " (lower better)",
               "lpips": " (lower)", "frechet_distance": " (lower)", "fid_inception": " (lower)",
-              "prompt_accuracy": " (higher)"}
+              "prompt_accuracy": " (higher)", "clip_score": " (higher)"}
     lines = ["| row | sampler | steps | CFG | " + " | ".join(k + arrows.get(k, "") for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]
     for r in report["rows"]:

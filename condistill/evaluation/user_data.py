@@ -1,0 +1,280 @@
+"""``condistill eval --data SRC``: score students and baselines on the user's own images.
+
+The held-out items: ``SRC`` is any training data source spec (:func:`condistill.data.sources.open_source`:
+an image folder, a ``datasets`` id or folder, ``.tar`` shards), opened at the base's resolution.
+Its items are visited in a seeded order (a ``torch.randperm`` of the item indices drawn with
+``torch.Generator().manual_seed(seed)``; stream-only sources are read into memory first) and the
+first ``num_images`` usable ones (items the source skips, e.g. corrupt files, are passed over)
+are evaluated. The same ``SRC``, ``num_images`` and ``seed`` always give the same items. Pass
+images the adapter was not trained on (e.g. a ``test`` split or a separate folder).
+
+Each item's condition is made from its image exactly as in training: a
+:class:`~condistill.data.dataset.ConditionDataset` with the condition rebuilt from the first
+adapter row's saved condition config (the same per-item condition seeds as the synthetic eval).
+Every row samples those conditions with the same prompts (the items' captions, or ``prompts``)
+and the same sampling seeds (``seed + first index of the batch``, as in the synthetic eval).
+
+Metrics, none of which needs the judge:
+
+- fidelity: edge F1 of canny(output) against the input edges (edge); for depth, the depth of
+  the output through the condition's own depth estimator, scale-and-shift aligned, against the
+  input depth (skipped when the condition reads depth from the records: ``source=record``);
+  PSNR and SSIM against the real image (sr); PSNR inside the hole (inpaint);
+- realism and prompt adherence, when their packages and weights are present
+  (:mod:`condistill.evaluation.third_party`): Inception FID against the real items, LPIPS against
+  the real image (sr, inpaint) and the CLIP score of each output against its prompt;
+- seconds per image, measured as in the synthetic eval (warm-up, median of passes).
+
+Every metric that cannot run is listed in ``report["skipped_metrics"]`` with why and how to enable it.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from condistill.adapters.save_load import read_adapter_config
+from condistill.conditions import condition_from_config, get_condition
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import IndexedSource, open_source
+from condistill.frozen import load_base
+from condistill.plots import to_pil
+
+DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pass condition option "
+                     "source=estimator)")
+CLIP_MISSING = ("CLIP score skipped: this condistill has no CLIP score (condistill.evaluation.third_party has no "
+                "clip_score); update condistill to a version that provides it to enable it")
+
+
+def read_prompts(prompts: str | None) -> list[str] | None:
+    """``prompts`` as a list: the non-empty lines of a file when it names one, else the one text."""
+    if prompts is None:
+        return None
+    path = Path(prompts).expanduser()
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts file {prompts} holds no prompt (one prompt per line)")
+        return lines
+    return [prompts]
+
+
+def held_out_indices(dataset: ConditionDataset, num_images: int, seed: int) -> list[int]:
+    """The first ``num_images`` usable item indices of ``dataset`` in the order seeded by ``seed``."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    if not isinstance(dataset.source, IndexedSource):
+        return order[:num_images]  # stream sources are read into memory: every record is usable
+    chosen = []
+    for index in order:
+        if dataset.source.load(index) is not None:
+            chosen.append(index)
+            if len(chosen) == num_images:
+                break
+    return chosen
+
+
+def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, prompts: list[str] | None) -> dict:
+    """The collated held-out items of ``spec`` (conditions made as in training), with their prompts."""
+    try:
+        source = open_source(spec, resolution=resolution)
+        dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
+        indices = held_out_indices(dataset, num_images, seed)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--data {spec}: {error}") from error
+    if not indices:
+        raise ValueError(f"--data {spec}: no usable item")
+    data = collate([dataset[i] for i in indices])
+    if prompts is not None:
+        data["caption"] = [prompts[i % len(prompts)] for i in range(len(indices))]
+    data["index"] = indices
+    return data
+
+
+def _depth_fidelity(cond, images: torch.Tensor, target: torch.Tensor) -> float:
+    """Aligned depth error of the condition's estimate of ``images`` against ``target [N, H, W]``."""
+    from condistill.evaluation import metrics
+
+    pred = []
+    for image in images:
+        depth = torch.from_numpy(cond.estimate(to_pil(image)))
+        if cond.normalize:
+            lo, hi = float(depth.min()), float(depth.max())
+            if hi - lo > 1e-6:
+                depth = (depth - lo) / (hi - lo)
+        pred.append(depth.clamp(0, 1))
+    return float(metrics.depth_error(torch.stack(pred), target))
+
+
+def fidelity(name: str, cond, images: torch.Tensor, data: dict, skipped: dict) -> dict:
+    """The judge-free fidelity metrics of ``images [N,3,H,W]`` in [0, 1] against the items ``data``."""
+    from condistill.evaluation import metrics
+    from condistill.evaluation.evaluate import _edges
+
+    real = (data["pixel_values"] + 1) / 2
+    if name == "edge":
+        low, high = getattr(cond, "low_threshold", 50), getattr(cond, "high_threshold", 100)
+        target = data["conditioning"][:, 0] > 0.5
+        return {"edge_f1": float(metrics.edge_f1(_edges(images, low, high), target, tolerance=1))}
+    if name == "depth":
+        if getattr(cond, "source", None) == "record":
+            skipped.setdefault("depth_error", "depth_error " + DEPTH_RECORD_SKIP)
+            return {}
+        if "depth_error" in skipped:
+            return {}
+        try:
+            return {"depth_error": _depth_fidelity(cond, images, data["conditioning"][:, 0])}
+        except Exception as error:  # noqa: BLE001 - missing estimator weights: say why, keep the other metrics
+            skipped["depth_error"] = (f"depth_error skipped: the condition's depth estimator failed "
+                                      f"({type(error).__name__}: {error})")
+            return {}
+    if name == "sr":
+        return {"psnr": float(metrics.psnr(images, real)), "ssim": float(metrics.ssim(images, real))}
+    if name == "inpaint":
+        hole = data["conditioning"][:, 3:4] > 0.5
+        return {"masked_psnr": float(metrics.psnr(images, real, mask=hole.expand_as(images)))}
+    return {}
+
+
+def clip_api() -> tuple | None:
+    """``(clip_score, clip_status, load_clip)`` from third_party (or its ``clip_score`` module), or None."""
+    import importlib
+
+    from condistill.evaluation import third_party
+
+    fn = getattr(third_party, "clip_score", None)
+    if callable(fn):
+        return fn, getattr(third_party, "clip_status", None), getattr(third_party, "load_clip", None)
+    try:
+        module = importlib.import_module("condistill.evaluation.clip_score")
+    except ImportError:
+        return None
+    if not callable(getattr(module, "clip_score", None)):
+        return None
+    return module.clip_score, getattr(module, "clip_status", None), getattr(module, "load_clip", None)
+
+
+def _say(log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None:
+        log(message)
+    else:
+        warnings.warn(message, stacklevel=3)
+
+
+class ClipScore:
+    """The CLIP score of each output against its prompt (mean), when a CLIP model is available; else a skip reason."""
+
+    def __init__(self, device, log: Callable[[str], None] | None):
+        api = clip_api()
+        self.fn, self.net, self.reason, self.device, self.log = None, None, None, device, log
+        if api is None:
+            self.reason = CLIP_MISSING
+        else:
+            self.fn, status, self.loader = api
+            if status is not None:
+                ok, why = status()
+                if not ok:
+                    self.reason = why if "skip" in why.lower() else f"CLIP score skipped: {why}"
+        if self.reason:
+            _say(log, self.reason)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], skipped: dict) -> dict:
+        if self.reason:
+            skipped["clip_score"] = self.reason
+            return {}
+        try:
+            if self.net is None and self.loader is not None:
+                self.net = self.loader(self.device)
+            return {"clip_score": float(self.fn(images, list(prompts), self.net, device=self.device))}
+        except Exception as error:  # noqa: BLE001 - a missing model or a refused download: say why
+            self.reason = f"CLIP score skipped: it failed ({type(error).__name__}: {error})"
+            skipped["clip_score"] = self.reason
+            _say(self.log, self.reason)
+            return {}
+
+
+def evaluate_data(
+    condition: str | dict,
+    rows: list,
+    data: str,
+    *,
+    base: str | None = None,
+    num_images: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+    prompts: str | list[str] | None = None,
+    out_dir: str | Path | None = None,
+    grid_count: int = 8,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Score every row on ``num_images`` items of the data source ``data``; optionally write results.
+
+    Same rows, ``condition``/``base`` rules and output files as
+    :func:`condistill.evaluation.evaluate.evaluate` (plus ``conditions.safetensors``: the
+    conditions every row sampled), but no judge: see the module doc for the items and metrics.
+    """
+    from condistill.evaluation.evaluate import RowResult, _generate, _training_facts, write_report
+    from condistill.evaluation.third_party import OptionalMetrics
+
+    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
+    if base is None:
+        if not adapters:
+            raise ValueError("pass base= when no row names an adapter folder")
+        base = read_adapter_config(adapters[0])["base_name_or_path"]
+    if isinstance(condition, dict):
+        cond = condition_from_config(condition)
+    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
+        cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
+    else:
+        cond = get_condition(condition)
+    name = cond.name
+    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
+    base_obj = load_base(base, device=device)
+    items = load_items(str(data), cond, base_obj.resolution, num_images, seed, prompt_list)
+    real = (items["pixel_values"] + 1) / 2
+    optional = OptionalMetrics(name, device=device, log=log)
+    clip = ClipScore(device, log)
+    skipped: dict[str, str] = {}
+
+    results, samples, students = [], [], {}
+    for spec in rows:
+        images, latency = _generate(spec, base_obj, items, batch_size, seed, students, cache_dir)
+        metrics = fidelity(name, cond, images, items, skipped)
+        metrics.update(optional.score(images, real))
+        metrics.update(clip(images, items["caption"], skipped))
+        metrics["seconds_per_image"] = latency
+        results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
+        samples.append(images[:grid_count])
+    for metric, reason in skipped.items():
+        if metric != "clip_score":
+            _say(log, reason)
+    n = len(items["index"])
+    report = {"condition": name, "base": str(base), "data": str(data), "num_images": n,
+              "num_images_requested": num_images, "seed": seed, "device": device,
+              "selection": f"the first {n} usable items of {data} in the order torch.randperm(len, "
+                           f"generator=manual_seed({seed}))",
+              "items": [{"key": k, "index": i, "prompt": p} for k, i, p in
+                        zip(items["key"], items["index"], items["caption"])],
+              "sampling_seeds": [seed + sl_start for sl_start in range(0, n, batch_size)],
+              "rows": [asdict(r) for r in results], "skipped_metrics": {**optional.skipped, **skipped},
+              "models": {path: _training_facts(path) for path in dict.fromkeys(adapters)}}
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_report(report, out, items, samples, [r.name for r in results], grid_count)
+        save_file({"conditioning": items["conditioning"].contiguous()}, str(out / "conditions.safetensors"))
+        (out / "results.md").write_text(data_note(report) + "\n" + (out / "results.md").read_text())
+    return report
+
+
+def data_note(report: dict) -> str:
+    """One line naming the data source and how its items were drawn."""
+    return (f"Data: `{report['data']}`, {report['selection']}; conditions made from each image as in training; "
+            "metrics without the judge.\n\n")
+
+
+__all__ = ["evaluate_data", "held_out_indices", "read_prompts", "data_note", "DEPTH_RECORD_SKIP"]
