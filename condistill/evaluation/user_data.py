@@ -46,8 +46,7 @@ from condistill.plots import to_pil
 
 DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pass condition option "
                      "source=estimator)")
-CLIP_MISSING = ("CLIP score skipped: this condistill has no CLIP score (condistill.evaluation.third_party has no "
-                "clip_score); update condistill to a version that provides it to enable it")
+
 
 
 def read_prompts(prompts: str | None) -> list[str] | None:
@@ -139,61 +138,11 @@ def fidelity(name: str, cond, images: torch.Tensor, data: dict, skipped: dict) -
     return {}
 
 
-def clip_api() -> tuple | None:
-    """``(clip_score, clip_status, load_clip)`` from third_party (or its ``clip_score`` module), or None."""
-    import importlib
-
-    from condistill.evaluation import third_party
-
-    fn = getattr(third_party, "clip_score", None)
-    if callable(fn):
-        return fn, getattr(third_party, "clip_status", None), getattr(third_party, "load_clip", None)
-    try:
-        module = importlib.import_module("condistill.evaluation.clip_score")
-    except ImportError:
-        return None
-    if not callable(getattr(module, "clip_score", None)):
-        return None
-    return module.clip_score, getattr(module, "clip_status", None), getattr(module, "load_clip", None)
-
-
 def _say(log: Callable[[str], None] | None, message: str) -> None:
     if log is not None:
         log(message)
     else:
         warnings.warn(message, stacklevel=3)
-
-
-class ClipScore:
-    """The CLIP score of each output against its prompt (mean), when a CLIP model is available; else a skip reason."""
-
-    def __init__(self, device, log: Callable[[str], None] | None):
-        api = clip_api()
-        self.fn, self.net, self.reason, self.device, self.log = None, None, None, device, log
-        if api is None:
-            self.reason = CLIP_MISSING
-        else:
-            self.fn, status, self.loader = api
-            if status is not None:
-                ok, why = status()
-                if not ok:
-                    self.reason = why if "skip" in why.lower() else f"CLIP score skipped: {why}"
-        if self.reason:
-            _say(log, self.reason)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str], skipped: dict) -> dict:
-        if self.reason:
-            skipped["clip_score"] = self.reason
-            return {}
-        try:
-            if self.net is None and self.loader is not None:
-                self.net = self.loader(self.device)
-            return {"clip_score": float(self.fn(images, list(prompts), self.net, device=self.device))}
-        except Exception as error:  # noqa: BLE001 - a missing model or a refused download: say why
-            self.reason = f"CLIP score skipped: it failed ({type(error).__name__}: {error})"
-            skipped["clip_score"] = self.reason
-            _say(self.log, self.reason)
-            return {}
 
 
 def evaluate_data(
@@ -238,21 +187,18 @@ def evaluate_data(
     items = load_items(str(data), cond, base_obj.resolution, num_images, seed, prompt_list)
     real = (items["pixel_values"] + 1) / 2
     optional = OptionalMetrics(name, device=device, log=log)
-    clip = ClipScore(device, log)
     skipped: dict[str, str] = {}
 
     results, samples, students = [], [], {}
     for spec in rows:
         images, latency = _generate(spec, base_obj, items, batch_size, seed, students, cache_dir)
         metrics = fidelity(name, cond, images, items, skipped)
-        metrics.update(optional.score(images, real))
-        metrics.update(clip(images, items["caption"], skipped))
+        metrics.update(optional.score(images, real, prompts=items["caption"]))
         metrics["seconds_per_image"] = latency
         results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
         samples.append(images[:grid_count])
-    for metric, reason in skipped.items():
-        if metric != "clip_score":
-            _say(log, reason)
+    for reason in skipped.values():
+        _say(log, reason)
     n = len(items["index"])
     report = {"condition": name, "base": str(base), "data": str(data), "num_images": n,
               "num_images_requested": num_images, "seed": seed, "device": device,

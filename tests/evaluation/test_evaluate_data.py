@@ -10,7 +10,7 @@ from condistill.cli import main
 from condistill.data.sources import open_source
 from condistill.evaluation import third_party
 from condistill.evaluation.evaluate import RowSpec, markdown_table
-from condistill.evaluation.user_data import DEPTH_RECORD_SKIP, clip_api, evaluate_data, fidelity, read_prompts
+from condistill.evaluation.user_data import DEPTH_RECORD_SKIP, evaluate_data, fidelity, read_prompts
 from condistill.training.loop import distill
 from helpers import make_tiny_base, tiny_run_config
 
@@ -47,7 +47,7 @@ def no_optional(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("CONDISTILL_CLIP_MODEL", raising=False)
-    for metric in (*third_party.METRICS, "clip_score"):
+    for metric in third_party.METRICS:
         monkeypatch.setitem(third_party._BACKENDS, metric, None)
         third_party._BACKENDS.pop(metric)
 
@@ -96,20 +96,16 @@ def test_standin_networks_give_fid_and_lpips(runs, folder, monkeypatch):
     monkeypatch.setitem(third_party._BACKENDS, "fid_inception",
                         lambda device: (lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)))
     monkeypatch.setitem(third_party._BACKENDS, "lpips", lambda device: (lambda a, b: (a - b).abs().mean((1, 2, 3))))
-    clip = clip_api() is not None
-    if clip:  # the CLIP score of third_party (or its clip_score module), with a stand-in network
-        monkeypatch.setitem(third_party._BACKENDS, "clip_score",
-                            lambda device: (lambda x, prompts: x.mean((1, 2, 3)) * 100))
+    monkeypatch.setitem(third_party._BACKENDS, "clip_score", lambda device: (lambda x, prompts: x.mean((1, 2, 3)) * 100))
     rows = [RowSpec("student-1", str(runs["sr"]), "codi", 1), RowSpec("bicubic", "bicubic", "none", 0, 0.0)]
     report = evaluate_data("sr", rows, str(folder), num_images=4, batch_size=2, log=lambda msg: None)
     for r in report["rows"]:
         m = r["metrics"]
-        assert {"psnr", "ssim", "lpips", "fid_inception", "seconds_per_image"} <= m.keys()
-        assert ("clip_score" in m) == clip and ("clip_score" in report["skipped_metrics"]) != clip
+        assert {"psnr", "ssim", "lpips", "fid_inception", "clip_score", "seconds_per_image"} <= m.keys()
         assert all(math.isfinite(v) for v in m.values())
-    assert "fid_inception" not in report["skipped_metrics"] and "lpips" not in report["skipped_metrics"]
+    assert not report["skipped_metrics"]
     table = markdown_table(report)
-    assert "lpips (lower)" in table and "fid_inception (lower)" in table and "| bicubic |" in table
+    assert "lpips (lower)" in table and "clip_score (higher)" in table and "fid_inception (lower)" in table and "| bicubic |" in table
 
 
 def test_prompts_override_captions(runs, folder, tmp_path):
@@ -159,12 +155,3 @@ def test_cli_eval_data_records_the_card(runs, folder, tmp_path, capsys, no_optio
     assert main(["eval", "--condition", "edge", "--student", str(run), "--data", str(tmp_path / "nothing")]) == 1
     assert "--data" in capsys.readouterr().err
 
-
-def test_no_clip_score_in_this_version_is_a_skip(monkeypatch):
-    import condistill.evaluation.user_data as ud
-
-    monkeypatch.setattr(ud, "clip_api", lambda: None)
-    logs, skipped = [], {}
-    clip = ud.ClipScore("cpu", logs.append)
-    assert clip(torch.zeros(1, 3, 8, 8), ["x"], skipped) == {}
-    assert skipped["clip_score"] == ud.CLIP_MISSING and logs == [ud.CLIP_MISSING] and "enable" in ud.CLIP_MISSING
