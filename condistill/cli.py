@@ -197,11 +197,13 @@ def _eval(args) -> int:
         report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
                           seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
                           cache_dir=args.cache_dir, log=log)
-    print(note + markdown_table(report) + skipped_note(report))
+    skipped = skipped_note(report)  # after a blank line: a line right below a markdown table would join it
+    table = note + markdown_table(report) + ("\n" + skipped if skipped else "")
+    print(table)
     if args.student and not args.row:  # a local run's model card records what was measured
         from condistill.publish.card import record_eval
         options = {k: v for k, v in vars(args).items() if not (args.data and k == "judge")}  # no judge with --data
-        record_eval(args.student, note + markdown_table(report) + skipped_note(report), options, log=log)
+        record_eval(args.student, table, options, log=log)
     if args.out:
         extra = ", conditions.safetensors" if args.data else ""
         print(f"wrote {args.out}/results.json, results.md, samples.png{extra}", file=sys.stderr)
