@@ -23,7 +23,7 @@ UNet and text encoder train further, from their saved weights)::
 
 Smoke test (seconds)::
 
-    python tools/pretrain_teacher.py --output-dir /tmp/t --vae-steps 2 --unet-steps 2 --num-scenes 16
+    python tools/pretrain_teacher.py --output-dir runs/teacher-smoke --vae-steps 2 --unet-steps 2 --num-scenes 16
 """
 from __future__ import annotations
 
