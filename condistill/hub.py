@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ASSETS_DIR", "EMBEDDED_PREFIX", "embedded_path", "resolve_pretrained_dir"]
+__all__ = ["ASSETS_DIR", "EMBEDDED_PREFIX", "embedded_path", "hub_cache_dir", "hub_offline", "looks_like_repo_id",
+           "resolve_pretrained_dir"]
 
 #: The package's own model folders (package data).
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -53,14 +54,14 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """Offline mode, read from the environment at call time (huggingface_hub reads it at import)."""
     from huggingface_hub import constants
 
     return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_cache_dir() -> str:
+def hub_cache_dir() -> str:
     """The hub cache folder, read from the environment at call time."""
     from huggingface_hub import constants
 
@@ -71,7 +72,7 @@ def _hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _looks_like_repo_id(name: str) -> bool:
+def looks_like_repo_id(name: str) -> bool:
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1:
         return False
     org, repo = name.split("/")
@@ -111,20 +112,20 @@ def resolve_pretrained_dir(name_or_path: str | os.PathLike, revision: str | None
         )
     hint = (
         f"Pass the path of a local folder, or a hub repo id ('org/name') that is in the local "
-        f"Hugging Face cache ({_hub_cache_dir()}); download it beforehand with "
+        f"Hugging Face cache ({hub_cache_dir()}); download it beforehand with "
         f"`hf download <repo_id>` on a machine with internet access and set "
         f"HF_HOME/HF_HUB_CACHE to that cache."
     )
-    if not _looks_like_repo_id(name):
+    if not looks_like_repo_id(name):
         raise FileNotFoundError(f"The {what} {name!r} is not an existing local folder. {hint}")
 
     from huggingface_hub import snapshot_download
 
-    cache_dir = _hub_cache_dir()
+    cache_dir = hub_cache_dir()
     try:
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except Exception as cached_error:  # noqa: BLE001 - any failure means "not cached"
-        if _hub_offline():
+        if hub_offline():
             raise FileNotFoundError(
                 f"The {what} {name!r} is neither a local folder nor in the Hugging Face cache "
                 f"{cache_dir!r} (revision {revision or 'main'}), and HF_HUB_OFFLINE=1 forbids "

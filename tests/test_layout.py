@@ -33,3 +33,15 @@ def test_module_sizes_and_top_level_count():
     assert not too_long, too_long
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 14, top
+
+
+def test_no_module_imports_another_modules_private_names():
+    import ast
+
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("condistill"):
+                offenders += [f"{path.relative_to(PACKAGE)}: {node.module}.{alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, offenders

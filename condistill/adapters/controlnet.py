@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -153,6 +154,18 @@ class ControlNetStudent(Student):
 
     def _file_modules(self):
         return {"controlnet": self.controlnet}
+
+    @classmethod
+    def diffusers_snippet(cls, base, weight_files):
+        sub = Path(weight_files.get("controlnet", f"{SUBFOLDER}/x")).parent.as_posix()
+        return [
+            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
+            "from condistill import CoDiScheduler",
+            "",
+            f'controlnet = ControlNetModel.from_pretrained(ADAPTER, subfolder="{sub}")',
+            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet,',
+            "                                                         safety_checker=None)",
+        ]
 
     @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):

@@ -288,6 +288,20 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         super()._load_file_states(states)
 
     @classmethod
+    def diffusers_snippet(cls, base, weight_files):
+        # StableDiffusionAdapterPipeline has no LoRA loader: load it on the plain pipeline, then share its parts
+        lora = weight_files.get("lora", LORA_WEIGHT_NAME)
+        return cls.adapter_snippet(weight_files) + [
+            "from diffusers import StableDiffusionPipeline",
+            f'sd = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)',
+            f'sd.load_lora_weights(ADAPTER, weight_name="{lora}")',
+            "pipe = StableDiffusionAdapterPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,",
+            "                                      unet=sd.unet, scheduler=sd.scheduler, adapter=adapter,",
+            "                                      safety_checker=None, feature_extractor=None,",
+            "                                      requires_safety_checker=False)",
+        ]
+
+    @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
         """``StableDiffusionAdapterPipeline`` whose UNet carries the LoRA (adapter name ``"condistill"``, not fused).
 

@@ -275,6 +275,12 @@ class Student(nn.Module):
         self._load_file_states(read_checked_weights(self, folder, weight_files))
 
     @classmethod
+    def diffusers_snippet(cls, base: str, weight_files: Mapping[str, str]) -> list[str]:
+        """Lines of plain diffusers code that build ``pipe`` for this kind from ``ADAPTER`` (the adapter
+        folder or repo id) and ``base`` (shown in the model card; the scheduler line follows them)."""
+        raise NotImplementedError
+
+    @classmethod
     def stock_pipeline(cls, adapter_dir: Path, weight_files: Mapping[str, str], components: Mapping[str, Any], dtype):
         """The stock diffusers pipeline that runs this kind's exported adapter.
 

@@ -205,6 +205,17 @@ class T2IAdapterFeatures:
         return load_stock_module(T2IAdapter, adapter_dir, weight_files["t2i_adapter"], dtype)
 
     @staticmethod
+    def adapter_snippet(weight_files) -> list[str]:
+        """The plain-diffusers lines that load the exported ``T2IAdapter`` as ``adapter``."""
+        sub = Path(weight_files.get("t2i_adapter", f"{SUBFOLDER}/x")).parent.as_posix()
+        return [
+            "from diffusers import StableDiffusionAdapterPipeline, T2IAdapter",
+            "from condistill import CoDiScheduler",
+            "",
+            f'adapter = T2IAdapter.from_pretrained(ADAPTER, subfolder="{sub}")',
+        ]
+
+    @staticmethod
     def adapter_pipeline(components, adapter):
         """``StableDiffusionAdapterPipeline`` on the shared ``components`` (it takes no image encoder)."""
         from diffusers import StableDiffusionAdapterPipeline
@@ -264,6 +275,11 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
     def save_weights(self, out_dir):
         """Save a stock ``T2IAdapter`` folder ``out_dir/t2i_adapter`` (safetensors)."""
         return self._save_adapter_folder(out_dir)
+
+    @classmethod
+    def diffusers_snippet(cls, base, weight_files):
+        return cls.adapter_snippet(weight_files) + [
+            f'pipe = StableDiffusionAdapterPipeline.from_pretrained("{base}", adapter=adapter, safety_checker=None)']
 
     @classmethod
     def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):

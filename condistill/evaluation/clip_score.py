@@ -50,14 +50,10 @@ def clip_model_id() -> str:
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
+    """The Hugging Face hub cache folder, read from the environment at call time (:func:`condistill.hub.hub_cache_dir`)."""
+    from condistill.hub import hub_cache_dir
 
-    return Path(constants.HF_HUB_CACHE).expanduser()
+    return Path(hub_cache_dir())
 
 
 def _missing_files(folder: Path) -> list[str]:

@@ -78,14 +78,14 @@ def _batches(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-def _edges(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
+def edge_maps(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
     from condistill.conditions.edge import canny_edges
 
     return torch.stack([torch.from_numpy(canny_edges(to_pil(im), low, high)) for im in images])
 
 
 @torch.no_grad()
-def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict,
+def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict,
               cache_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
     """Sample one row; teacher rows are cached in ``cache_dir`` (they ignore the condition)."""
     cond, prompts = data["conditioning"], data["caption"]
@@ -101,7 +101,7 @@ def _generate(spec: RowSpec, base, data: dict, batch_size: int, seed: int, stude
         if path.is_file():
             saved = load_file(str(path))
             return saved["images"], float(saved["seconds_per_image"])
-        images, latency = _generate(spec, base, data, batch_size, seed, students, None)
+        images, latency = generate_row(spec, base, data, batch_size, seed, students, None)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"images": images.contiguous(), "seconds_per_image": torch.tensor(latency, dtype=torch.float64)}, str(path))
         return images, latency
@@ -153,7 +153,7 @@ def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_fea
         low = getattr(condition, "low_threshold", 50)
         high = getattr(condition, "high_threshold", 100)
         target = data["conditioning"][:, 0] > 0.5
-        out["edge_f1"] = float(metrics.edge_f1(_edges(images, low, high), target, tolerance=1))
+        out["edge_f1"] = float(metrics.edge_f1(edge_maps(images, low, high), target, tolerance=1))
     elif condition_name == "depth":
         out["depth_error"] = float(metrics.depth_error(judge.depth(images), data["conditioning"][:, 0]))
     elif condition_name == "sr":
@@ -163,6 +163,23 @@ def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_fea
         hole = data["conditioning"][:, 3:4] > 0.5
         out["masked_psnr"] = float(metrics.psnr(images, real, mask=hole.expand_as(images)))
     return out
+
+
+def rows_base_and_condition(rows, base, condition):
+    """``(adapter folders, base, condition)`` of an evaluation: the base defaults to the one recorded by
+    the first adapter row, and the condition is rebuilt from that adapter's saved config when names match."""
+    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
+    if base is None:
+        if not adapters:
+            raise ValueError("pass base= when no row names an adapter folder")
+        base = read_adapter_config(adapters[0])["base_name_or_path"]
+    if isinstance(condition, dict):
+        cond = condition_from_config(condition)
+    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
+        cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
+    else:
+        cond = get_condition(condition)
+    return adapters, base, cond
 
 
 def evaluate(
@@ -191,17 +208,7 @@ def evaluate(
     from condistill.world.judge import load_judge
     from condistill.evaluation.third_party import OptionalMetrics
 
-    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
-    if base is None:
-        if not adapters:
-            raise ValueError("pass base= when no row names an adapter folder")
-        base = read_adapter_config(adapters[0])["base_name_or_path"]
-    if isinstance(condition, dict):
-        cond = condition_from_config(condition)
-    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
-        cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
-    else:
-        cond = get_condition(condition)
+    adapters, base, cond = rows_base_and_condition(rows, base, condition)
     name = cond.name
     base_obj = load_base(base, device=device)
     source = open_source(f"synthetic:heldout:{num_images}", resolution=base_obj.resolution)
@@ -214,7 +221,7 @@ def evaluate(
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = _generate(spec, base_obj, data, batch_size, seed, students, cache_dir)
+        images, latency = generate_row(spec, base_obj, data, batch_size, seed, students, cache_dir)
         metrics = score(name, images, data, judge, real_features, cond)
         metrics.update(optional.score(images, real_images))
         metrics["seconds_per_image"] = latency
@@ -222,13 +229,13 @@ def evaluate(
         samples.append(images[:grid_count])
     report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
               "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped),
-              "models": {path: _training_facts(path) for path in dict.fromkeys(adapters)}}
+              "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}
     if out_dir is not None:
         write_report(report, Path(out_dir), data, samples, [r.name for r in results], grid_count)
     return report
 
 
-def _training_facts(path: str) -> dict:
+def training_facts(path: str) -> dict:
     """What an evaluated adapter is: its kind, loss and training length, from its config."""
     config = read_adapter_config(path)
     extra = config.get("extra") or {}

@@ -37,8 +37,6 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from condistill.adapters.save_load import read_adapter_config
-from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import IndexedSource, open_source
 from condistill.frozen import load_base
@@ -111,13 +109,13 @@ def _depth_fidelity(cond, images: torch.Tensor, target: torch.Tensor) -> float:
 def fidelity(name: str, cond, images: torch.Tensor, data: dict, skipped: dict) -> dict:
     """The judge-free fidelity metrics of ``images [N,3,H,W]`` in [0, 1] against the items ``data``."""
     from condistill.evaluation import metrics
-    from condistill.evaluation.evaluate import _edges
+    from condistill.evaluation.evaluate import edge_maps
 
     real = (data["pixel_values"] + 1) / 2
     if name == "edge":
         low, high = getattr(cond, "low_threshold", 50), getattr(cond, "high_threshold", 100)
         target = data["conditioning"][:, 0] > 0.5
-        return {"edge_f1": float(metrics.edge_f1(_edges(images, low, high), target, tolerance=1))}
+        return {"edge_f1": float(metrics.edge_f1(edge_maps(images, low, high), target, tolerance=1))}
     if name == "depth":
         if getattr(cond, "source", None) == "record":
             skipped.setdefault("depth_error", "depth_error " + DEPTH_RECORD_SKIP)
@@ -167,20 +165,11 @@ def evaluate_data(
     :func:`condistill.evaluation.evaluate.evaluate` (plus ``conditions.safetensors``: the
     conditions every row sampled), but no judge: see the module doc for the items and metrics.
     """
-    from condistill.evaluation.evaluate import RowResult, _generate, _training_facts, write_report
+    from condistill.evaluation.evaluate import (RowResult, generate_row, rows_base_and_condition, training_facts,
+                                                write_report)
     from condistill.evaluation.third_party import OptionalMetrics
 
-    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
-    if base is None:
-        if not adapters:
-            raise ValueError("pass base= when no row names an adapter folder")
-        base = read_adapter_config(adapters[0])["base_name_or_path"]
-    if isinstance(condition, dict):
-        cond = condition_from_config(condition)
-    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
-        cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
-    else:
-        cond = get_condition(condition)
+    adapters, base, cond = rows_base_and_condition(rows, base, condition)
     name = cond.name
     prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
     base_obj = load_base(base, device=device)
@@ -191,7 +180,7 @@ def evaluate_data(
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = _generate(spec, base_obj, items, batch_size, seed, students, cache_dir)
+        images, latency = generate_row(spec, base_obj, items, batch_size, seed, students, cache_dir)
         metrics = fidelity(name, cond, images, items, skipped)
         metrics.update(optional.score(images, real, prompts=items["caption"]))
         metrics["seconds_per_image"] = latency
@@ -208,7 +197,7 @@ def evaluate_data(
                         zip(items["key"], items["index"], items["caption"])],
               "sampling_seeds": [seed + sl_start for sl_start in range(0, n, batch_size)],
               "rows": [asdict(r) for r in results], "skipped_metrics": {**optional.skipped, **skipped},
-              "models": {path: _training_facts(path) for path in dict.fromkeys(adapters)}}
+              "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}
     if out_dir is not None:
         out = Path(out_dir)
         write_report(report, out, items, samples, [r.name for r in results], grid_count)

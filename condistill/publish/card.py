@@ -85,9 +85,9 @@ def _base_folder(base: str) -> Path | None:
 
 
 def _is_local_base(base: str) -> bool:
-    from condistill.hub import EMBEDDED_PREFIX, _looks_like_repo_id
+    from condistill.hub import EMBEDDED_PREFIX, looks_like_repo_id
 
-    return base.startswith(EMBEDDED_PREFIX) or Path(base).expanduser().is_dir() or not _looks_like_repo_id(base)
+    return base.startswith(EMBEDDED_PREFIX) or Path(base).expanduser().is_dir() or not looks_like_repo_id(base)
 
 
 def base_license(base: str) -> str | None:
@@ -103,9 +103,9 @@ def base_license(base: str) -> str | None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            from condistill.hub import _hub_cache_dir
+            from condistill.hub import hub_cache_dir
 
-            found = try_to_load_from_cache(base, CARD_NAME, cache_dir=_hub_cache_dir())
+            found = try_to_load_from_cache(base, CARD_NAME, cache_dir=hub_cache_dir())
             readme = found if isinstance(found, str) else None
         except Exception:  # noqa: BLE001 - no cache, odd name: the license is just unknown
             readme = None
@@ -134,8 +134,8 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "",
         f'ADAPTER = "{source}"',
         "pipe = load_adapter(ADAPTER)  # a stock diffusers pipeline with the few-step CoDiScheduler",
-        f'control = get_condition("{condition}").prepare(my_pil_image)  # [C, H, W] in [0, 1]',
-        'image = pipe("a prompt", image=control[None], **pipe.condistill_defaults).images[0]'
+        f'control = get_condition("{condition}").control_image(my_pil_image)  # [1, C, H, W] in [0, 1]',
+        'image = pipe("a prompt", image=control, **pipe.condistill_defaults).images[0]'
         f"  # {steps} steps, guidance {guidance:g}",
         "```",
         "",
@@ -143,41 +143,13 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "",
         "```python",
     ]
-    if kind == "controlnet":
-        sub = Path(files.get("controlnet", "controlnet/x")).parent.as_posix()
-        body = [
-            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
-            "from condistill import CoDiScheduler",
-            "",
-            f'controlnet = ControlNetModel.from_pretrained(ADAPTER, subfolder="{sub}")',
-            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet,',
-            "                                                         safety_checker=None)",
-        ]
-    else:
-        sub = Path(files.get("t2i_adapter", "t2i_adapter/x")).parent.as_posix()
-        body = [
-            "from diffusers import StableDiffusionAdapterPipeline, T2IAdapter",
-            "from condistill import CoDiScheduler",
-            "",
-            f'adapter = T2IAdapter.from_pretrained(ADAPTER, subfolder="{sub}")',
-        ]
-        if kind == "lora":  # StableDiffusionAdapterPipeline has no LoRA loader: load it on the plain pipeline
-            lora = files.get("lora", "pytorch_lora_weights.safetensors")
-            body += [
-                "from diffusers import StableDiffusionPipeline",
-                f'sd = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)',
-                f'sd.load_lora_weights(ADAPTER, weight_name="{lora}")',
-                "pipe = StableDiffusionAdapterPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,",
-                "                                      unet=sd.unet, scheduler=sd.scheduler, adapter=adapter,",
-                "                                      safety_checker=None, feature_extractor=None,",
-                "                                      requires_safety_checker=False)",
-            ]
-        else:
-            body.append(f'pipe = StableDiffusionAdapterPipeline.from_pretrained("{base}", adapter=adapter, '
-                        "safety_checker=None)")
+    from condistill.adapters import get_adapter_class
+
+    # each adapter kind writes its own plain-diffusers loading lines (the registry dispatches)
+    body = get_adapter_class(kind).diffusers_snippet(base, files)
     body += [
         'pipe.scheduler = CoDiScheduler.from_pretrained(ADAPTER, subfolder="scheduler")',
-        f'image = pipe("a prompt", image=control[None], num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]',
+        f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]',
         "```",
     ]
     return "\n".join(head + body)

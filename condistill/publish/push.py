@@ -67,9 +67,9 @@ def export_files(run: str | os.PathLike) -> list[str]:
 
 
 def _offline() -> bool:
-    from condistill.hub import _hub_offline
+    from condistill.hub import hub_offline
 
-    return _hub_offline()
+    return hub_offline()
 
 
 def _http_status(error: BaseException) -> int | None:
