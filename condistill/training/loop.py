@@ -146,12 +146,13 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         lr_scheduler.step()
         ema.update(params, cfg.ema_decay_at(step))
         done = step + 1
+        loss_value = loss.mean().item()  # one device sync per step
         # a non-finite loss or weights stop the run before any checkpoint is written from them
-        largest = check_step(out, done, loss.mean().item(), params, cfg.learning_rate, cfg.mixed_precision)
-        health.add(done, loss.mean().item(), largest)
+        largest = check_step(out, done, loss_value, params, cfg.learning_rate, cfg.mixed_precision)
+        health.add(done, loss_value, largest)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             now = time.perf_counter()
-            record = {"step": done, "loss": loss.mean().item(), "lr": lr_scheduler.get_last_lr()[0],
+            record = {"step": done, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                       "images_per_s": seen / max(now - t_last, 1e-9),
                       **{k: float(v.float().mean()) for k, v in info.items() if k in ("distill", "regression")}}
             t_last, seen = now, 0
