@@ -13,7 +13,7 @@ from condistill.data.record import Record
 from condistill.data.sources import DataSource, IndexedSource, RecordSequenceSource
 from condistill.seeding import derive_seed
 
-__all__ = ["ConditionDataset", "DATA_EVENTS_KEY", "collate", "image_to_tensor"]
+__all__ = ["ConditionDataset", "DATA_EVENTS_KEY", "build_item", "check_condition", "collate", "image_to_tensor"]
 
 #: The batch entry :meth:`ConditionDataset.collate` adds: the source's data events (new items
 #: seen, skips) from the process that built the batch, for :mod:`condistill.data.report`.
@@ -28,7 +28,12 @@ def image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().div_(127.5).sub_(1.0)
 
 
-def _check_condition(condition: Any) -> int:
+def check_condition(condition: Any) -> int:
+    """The channel count ``C`` of ``condition``, after checking it is a usable condition object.
+
+    Raises:
+        TypeError: ``condition`` is not callable or has no positive int ``channels``.
+    """
     channels = getattr(condition, "channels", None)
     if not callable(condition) or isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
         raise TypeError(
@@ -79,7 +84,7 @@ class ConditionDataset(Dataset):
         resolution: int | None = None,
         seed: int = 0,
     ):
-        self.channels = _check_condition(condition)
+        self.channels = check_condition(condition)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if isinstance(source, DataSource):
@@ -170,33 +175,45 @@ class ConditionDataset(Dataset):
         index = int(index)
         if index < 0:
             index += len(self)
-        record = self.record(index)
-        if record.image.mode != "RGB" or record.image.size != (self.resolution, self.resolution):
-            raise ValueError(
-                f"record {record.key!r} has a {record.image.mode} {record.image.size} image; expected RGB "
-                f"{self.resolution}x{self.resolution} (sources return sanitised images; check the source)"
-            )
-        conditioning = self.condition(record, seed=derive_seed(self.seed, index))
-        self._check_conditioning(conditioning, record)
-        return {
-            "pixel_values": image_to_tensor(record.image),
-            "conditioning": conditioning.to(torch.float32).clamp_(0.0, 1.0),
-            "caption": record.caption or "",
-            "key": record.key or str(index),
-        }
+        return build_item(self.record(index), self.condition, self.resolution, derive_seed(self.seed, index),
+                          str(index), self.channels)
 
-    def _check_conditioning(self, tensor: Any, record: Record) -> None:
-        name = type(self.condition).__name__
-        expected = (self.channels, self.resolution, self.resolution)
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"condition {name} returned a {type(tensor).__name__}, expected a torch.Tensor")
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"condition {name} returned shape {tuple(tensor.shape)} for {record.key!r}; expected {expected}")
-        if not torch.is_floating_point(tensor):
-            raise ValueError(f"condition {name} returned dtype {tensor.dtype}; expected a float tensor in [0, 1]")
-        lo, hi = float(tensor.min()), float(tensor.max())
-        if lo < -1e-4 or hi > 1 + 1e-4 or not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"condition {name} returned values in [{lo:.4g}, {hi:.4g}] for {record.key!r}; expected [0, 1]")
+
+def build_item(record: Record, condition: Any, resolution: int, seed: int, fallback_key: str,
+               channels: int | None = None) -> dict[str, Any]:
+    """One dataset item (the dict :class:`ConditionDataset` documents) from a sanitised record.
+
+    ``conditioning`` is ``condition(record, seed=seed)``, checked (shape ``[C, resolution,
+    resolution]``, float, values in ``[0, 1]``) and clamped; ``key`` is the record's key, else
+    ``fallback_key``. :class:`ConditionDataset` and the streaming dataset build items here.
+    """
+    channels = check_condition(condition) if channels is None else channels
+    if record.image.mode != "RGB" or record.image.size != (resolution, resolution):
+        raise ValueError(
+            f"record {record.key!r} has a {record.image.mode} {record.image.size} image; expected RGB "
+            f"{resolution}x{resolution} (sources return sanitised images; check the source)"
+        )
+    conditioning = condition(record, seed=seed)
+    _check_conditioning(conditioning, condition, (channels, resolution, resolution), record)
+    return {
+        "pixel_values": image_to_tensor(record.image),
+        "conditioning": conditioning.to(torch.float32).clamp_(0.0, 1.0),
+        "caption": record.caption or "",
+        "key": record.key or fallback_key,
+    }
+
+
+def _check_conditioning(tensor: Any, condition: Any, expected: tuple[int, int, int], record: Record) -> None:
+    name = type(condition).__name__
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"condition {name} returned a {type(tensor).__name__}, expected a torch.Tensor")
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"condition {name} returned shape {tuple(tensor.shape)} for {record.key!r}; expected {expected}")
+    if not torch.is_floating_point(tensor):
+        raise ValueError(f"condition {name} returned dtype {tensor.dtype}; expected a float tensor in [0, 1]")
+    lo, hi = float(tensor.min()), float(tensor.max())
+    if lo < -1e-4 or hi > 1 + 1e-4 or not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"condition {name} returned values in [{lo:.4g}, {hi:.4g}] for {record.key!r}; expected [0, 1]")
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from condistill.data.record import Record
 from condistill.data.skips import SkipItem
 from condistill.data.sources import SPEC_FORMS, IndexedSource
 
-__all__ = ["HFDatasetSource", "is_saved_dataset"]
+__all__ = ["HFDatasetSource", "decode_row", "is_saved_dataset"]
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -179,27 +179,34 @@ class HFDatasetSource(IndexedSource):
         return str(index)
 
     def _load(self, index: int) -> tuple[Record, list[str]]:
-        row = self.dataset[index]
-        key = str(index)
-        prepared = self.sanitizer.prepare(row[self.image_column], key)
-        conversions = prepared.conversions
-        caption = ""
-        if self.caption_column is not None:
-            caption = caption_from_cell(row[self.caption_column], self.seed, key)
-        conditioning = None
-        if self.conditioning_column is not None and row[self.conditioning_column] is not None:
-            conditioning = self.sanitizer.align_image(row[self.conditioning_column], prepared)
-        depth = None
-        if self.depth_column is not None and row[self.depth_column] is not None:
-            depth = self.sanitizer.align_array(_depth_to_unit(row[self.depth_column], conversions), prepared)
-            depth = np.clip(depth, 0.0, 1.0)
-        record = Record(
-            image=prepared.image,
-            caption=caption,
-            depth=depth,
-            conditioning=conditioning,
-            attributes={"index": index},
-            key=key,
-        )
-        return record, conversions
+        return decode_row(self, self.dataset[index], str(index), {"index": index})
 
+
+def decode_row(source, row: dict[str, Any], key: str, attributes: dict[str, Any]) -> tuple[Record, list[str]]:
+    """The record of one ``datasets`` row (image cells not decoded by ``datasets``).
+
+    ``source`` gives the column names (``image_column``, ``caption_column``,
+    ``conditioning_column``, ``depth_column``), its ``sanitizer`` and caption ``seed``, as
+    :class:`HFDatasetSource` and the streaming ``datasets`` source hold them.
+
+    Returns:
+        ``(record, conversions)``.
+
+    Raises:
+        SkipItem: the row is unusable (the caller counts it).
+    """
+    prepared = source.sanitizer.prepare(row[source.image_column], key)
+    conversions = prepared.conversions
+    caption = ""
+    if source.caption_column is not None:
+        caption = caption_from_cell(row[source.caption_column], source.seed, key)
+    conditioning = None
+    if source.conditioning_column is not None and row[source.conditioning_column] is not None:
+        conditioning = source.sanitizer.align_image(row[source.conditioning_column], prepared)
+    depth = None
+    if source.depth_column is not None and row[source.depth_column] is not None:
+        depth = source.sanitizer.align_array(_depth_to_unit(row[source.depth_column], conversions), prepared)
+        depth = np.clip(depth, 0.0, 1.0)
+    record = Record(image=prepared.image, caption=caption, depth=depth, conditioning=conditioning,
+                    attributes=attributes, key=key)
+    return record, conversions

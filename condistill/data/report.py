@@ -109,15 +109,17 @@ class SkipMonitor:
     @classmethod
     def for_dataset(cls, dataset, max_skip_fraction: float = 0.1, report_path: str | os.PathLike | None = None,
                     **kwargs: Any) -> "SkipMonitor":
-        """A monitor of ``dataset`` (a ``ConditionDataset``), which it makes queue its events.
+        """A monitor of ``dataset`` (a ``ConditionDataset``, ``StreamingConditionDataset`` or
+        ``CachedDataset``), which it makes queue its events.
 
-        Call it before the loader starts its workers. It reads ``len(dataset)``, so a stream-only
-        source is read here, and checks the fraction at once (a mostly broken tar set stops here).
+        Call it before the loader starts its workers. A sized dataset's ``len(dataset)`` lowers
+        ``min_seen`` for a small data set (a ``ConditionDataset`` over a stream-only source reads it
+        here); a streaming dataset has no length. The fraction is checked at once.
 
         Raises:
             TooManySkipsError: the source already shows too many skips.
         """
-        total = len(dataset)
+        total = len(dataset) if hasattr(dataset, "__len__") else None
         monitor = cls(dataset.stats, total=total, max_skip_fraction=max_skip_fraction, report_path=report_path,
                       **kwargs)
         dataset.track_events()

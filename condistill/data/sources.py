@@ -383,6 +383,9 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
             (``train/``, ``test/``, ...) reads the one named ``split``.
         **options: passed to the source's constructor (e.g. ``size``, ``seed``,
             ``caption_column``, ``crop``, ``min_size``), or to a registered prefix's opener.
+            ``streaming=True`` reads a ``datasets`` spec (hub id, data folder or file) as a
+            stream (:class:`~condistill.data.hf_streaming.HFStreamingSource`); other kinds
+            ignore it (tar shards always stream, the others have random access).
 
     Returns:
         The :class:`DataSource`.
@@ -395,6 +398,12 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
     from condistill.data.hf_datasets import HFDatasetSource
     from condistill.data.webdataset import TAR_SUFFIXES, WebDatasetSource, expand_braces, is_tar_name, tars_under
 
+    streaming = options.pop("streaming", False)
+    if not isinstance(streaming, bool):
+        raise ValueError(f"the data option streaming must be true or false, got {streaming!r}")
+    hf_kind = HFDatasetSource
+    if streaming:
+        from condistill.data.hf_streaming import HFStreamingSource as hf_kind
     if isinstance(spec, (list, tuple)):
         return construct_source(WebDatasetSource, options, urls=list(spec), resolution=resolution)
     if not isinstance(spec, (str, os.PathLike)):
@@ -413,7 +422,7 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
     if path.is_dir():
         kind = _classify_folder(path)
         if kind in ("saved", "data"):
-            return construct_source(HFDatasetSource, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
+            return construct_source(hf_kind, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
         if kind == "images":
             folder = _split_subfolder(path, split)
             return construct_source(ImageFolderSource, options, path=folder, resolution=resolution)
@@ -425,7 +434,7 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
         )
     if path.is_file():
         if path.suffix.lower() in _DATA_FILE_EXTENSIONS:
-            return construct_source(HFDatasetSource, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
+            return construct_source(hf_kind, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{text!r} is a single image; pass the folder that contains the images")
         raise ValueError(f"{text!r} is a file of a kind condistill does not read; a data source may be: {SPEC_FORMS}")
@@ -438,7 +447,7 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
             f"a data source may be: {SPEC_FORMS}"
         )
     if _HUB_ID.match(text) and not text.lower().endswith(IMAGE_EXTENSIONS + _DATA_FILE_EXTENSIONS + TAR_SUFFIXES) and ".." not in text:
-        return construct_source(HFDatasetSource, options, name_or_path=text, split=split, resolution=resolution)
+        return construct_source(hf_kind, options, name_or_path=text, split=split, resolution=resolution)
     raise FileNotFoundError(f"data source {text!r} does not exist. A data source may be: {SPEC_FORMS}.")
 
 

@@ -156,23 +156,44 @@ class WebDatasetSource(DataSource):
 
     def _iter_records(self) -> Iterator[Record]:
         for shard in self.shards:
-            for key, members in self._samples(shard):
-                stats_key = f"{shard}::{key}"
-                try:
-                    record, conversions = self._decode(shard, key, members)
-                except SkipItem as exc:
-                    self.stats.observe(stats_key, skipped=exc)
-                    continue
-                self.stats.observe(stats_key, conversions)
-                yield record
+            for key, members in self.shard_samples(shard):
+                record = self.decode_sample(shard, key, members)
+                if record is not None:
+                    yield record
 
-    def _samples(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Yield ``(key, {extension: bytes})`` for each complete sample of one shard."""
+    # ------------------------------------------------------------------ one shard at a time
+    def shard_samples(self, shard: str, report: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Yield ``(key, {extension: bytes})`` for each complete sample of one shard, in file order.
+
+        The shard is read as a stream, member by member: only the sample being assembled is in
+        memory, never the shard. ``report=False`` leaves damaged shards out of :attr:`stats`
+        (for a second pass, e.g. :meth:`count_samples`).
+        """
+        return self._samples(shard, report)
+
+    def count_samples(self, shard: str) -> int:
+        """How many samples :meth:`shard_samples` yields for ``shard`` (the shard is read, nothing decoded)."""
+        return sum(1 for _ in self._samples(shard, report=False))
+
+    def decode_sample(self, shard: str, key: str, members: dict[str, bytes]) -> Record | None:
+        """The record of one sample, or ``None`` when it is unusable; counted in :attr:`stats`
+        under ``"<shard>::<key>"`` either way."""
+        stats_key = f"{shard}::{key}"
+        try:
+            record, conversions = self._decode(shard, key, members)
+        except SkipItem as exc:
+            self.stats.observe(stats_key, skipped=exc)
+            return None
+        self.stats.observe(stats_key, conversions)
+        return record
+
+    def _samples(self, shard: str, report: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
         try:
             tar = tarfile.open(shard, mode="r|*")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            self.stats.error("corrupt_shard", f"{shard}: {exc}")
-            logger.warning("skipping unreadable shard %s: %s", shard, exc)
+            if report:
+                self.stats.error("corrupt_shard", f"{shard}: {exc}")
+                logger.warning("skipping unreadable shard %s: %s", shard, exc)
             return
         current: str | None = None
         members: dict[str, bytes] = {}
@@ -181,10 +202,12 @@ class WebDatasetSource(DataSource):
                 try:
                     member = tar.next()
                 except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                    self._damaged(shard, str(exc), current)
+                    if report:
+                        self._damaged(shard, str(exc), current)
                     return
                 if member is None:
                     break
+                tar.members.clear()  # a streamed tar keeps every header it read; keep none
                 if not member.isfile():
                     continue
                 dirname, base = posixpath.split(member.name)
@@ -203,7 +226,8 @@ class WebDatasetSource(DataSource):
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"member {member.name} ends early")
                 except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                    self._damaged(shard, str(exc), current)
+                    if report:
+                        self._damaged(shard, str(exc), current)
                     return
                 members[ext.lower()] = data
             # tarfile ends quietly at a cut-off header; an uncompressed tar written in full
@@ -214,7 +238,8 @@ class WebDatasetSource(DataSource):
                 except OSError:
                     missing_end = False
                 if missing_end:
-                    self._damaged(shard, "the file ends without the end-of-archive blocks", current)
+                    if report:
+                        self._damaged(shard, "the file ends without the end-of-archive blocks", current)
                     return
         if current is not None:
             yield current, members
