@@ -7,7 +7,14 @@ the CPU each kind of step runs in its own fresh Python process (the script re-ru
 ``--only``) and the peak resident set of that whole process is reported: a process's maximum
 RSS only grows, so one process running both steps could not tell them apart.
 
+With ``--plain`` (ControlNet only) a third step is timed: the conventional ControlNet step of
+diffusers' ``examples/controlnet/train_controlnet.py`` written out in plain diffusers calls
+(VAE-encode a latent sample, noise it at a random timestep, encode the prompt, ControlNet, UNet
+with its residuals, MSE on the noise, backward, clip, AdamW step), with no condistill code in the
+step, so the library's own overhead shows.
+
     python benchmarks/train_step.py --adapter controlnet --batch-size 32 --steps 10
+    python benchmarks/train_step.py --base runs/sd15-random --resolution 512 --batch-size 1 --steps 2 --warmup 1 --plain
 """
 from __future__ import annotations
 
@@ -31,25 +38,31 @@ from condistill.conditions import get_condition
 
 
 def run(loss: str, args, base, batch) -> dict:
-    cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base, loss=loss,
+    cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base,
+                        loss="diffusion" if loss == "plain" else loss,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                         guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
                         guidance_max=args.guidance_max, output_dir="/tmp/unused")
     device = base.device
     student = build_student(args.adapter, base, get_condition(args.condition).channels).to(device)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     params = student.trainable_named_parameters()
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
-    ema = EMA(params)
-    objective = build_objective(cfg, student, student, ema, base)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
+    if loss == "plain":
+        step = _plain_controlnet_step(base, student.controlnet, opt, batch, autocast)
+    else:
+        ema = EMA(params)
+        objective = build_objective(cfg, student, student, ema, base)
 
-    def step(i):
-        with autocast:
-            l, _ = objective(batch, i)
-        l.mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(params, 0.95)
+        def step(i):
+            with autocast:
+                l, _ = objective(batch, i)
+            l.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(params, 0.95)
 
     for i in range(args.warmup):
         step(i)
@@ -70,6 +83,39 @@ def run(loss: str, args, base, batch) -> dict:
         out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         out["peak_rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return out
+
+
+def _plain_controlnet_step(base, controlnet, opt, batch, autocast):
+    """The conventional ControlNet training step as diffusers' example script takes it, in plain calls."""
+    vae, unet, text_encoder, tokenizer = base.vae, base.unet, base.text_encoder, base.tokenizer
+    alphas = base.alphas_cumprod.to(base.device)
+    ids = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(base.device)
+    pixels = batch["pixel_values"].to(base.device, base.dtype)
+    cond = batch["conditioning"].to(base.device, base.dtype)
+    if cond.shape[1] == 1:  # the example reads RGB conditioning images
+        cond = cond.expand(-1, controlnet.config.conditioning_channels, -1, -1)
+
+    def step(i):
+        g = torch.Generator().manual_seed(i)
+        with autocast:
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
+                hidden = text_encoder(ids)[0]
+            noise = torch.randn(latents.shape, generator=g).to(latents)
+            t = torch.randint(0, alphas.shape[0], (latents.shape[0],), generator=g).to(base.device)
+            a = alphas[t].view(-1, 1, 1, 1).to(latents)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+            pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def _in_fresh_process(loss: str) -> dict:
@@ -93,24 +139,36 @@ def main():
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--only", choices=["diffusion", "codi"], default=None,
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels [the base's native resolution]")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--plain", action="store_true",
+                   help="also time the plain diffusers ControlNet step (controlnet adapter only)")
+    p.add_argument("--only", choices=["diffusion", "codi", "plain"], default=None,
                    help="run one kind of step and print its figures as one JSON line (used on the CPU)")
     args = p.parse_args()
+    if args.plain and args.adapter != "controlnet":
+        p.error("--plain times diffusers' ControlNet step; use it with --adapter controlnet")
     if args.device == "cpu" and args.only is None:
         conventional, codi = _in_fresh_process("diffusion"), _in_fresh_process("codi")
         report = {"device": "cpu", "adapter": args.adapter, "batch_size": args.batch_size,
+                  "resolution": args.resolution or None, "gradient_checkpointing": args.gradient_checkpointing,
                   "mixed_precision": args.mixed_precision, "separate_processes": True,
                   "conventional": conventional, "codi": codi,
                   "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"],
                   "memory_ratio": codi["peak_rss_mib"] / conventional["peak_rss_mib"]}
+        if args.plain:
+            plain = _in_fresh_process("plain")
+            report.update(plain_diffusers=plain,
+                          time_ratio_to_plain=codi["seconds_per_step"] / plain["seconds_per_step"],
+                          conventional_to_plain=conventional["seconds_per_step"] / plain["seconds_per_step"])
         print(json.dumps(report, indent=2))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args.base, device=args.device, dtype=DTYPES[args.mixed_precision])
     cond = get_condition(args.condition)
-    ds = ConditionDataset(open_source(f"synthetic:train:{args.batch_size}", resolution=base.resolution), cond,
-                          base.resolution)
+    resolution = args.resolution or base.resolution
+    ds = ConditionDataset(open_source(f"synthetic:train:{args.batch_size}", resolution=resolution), cond, resolution)
     batch = collate([ds[i] for i in range(args.batch_size)])
     if args.only:
         print(json.dumps(run(args.only, args, base, batch)))
@@ -119,10 +177,15 @@ def main():
     conventional = run("diffusion", args, base, batch)
     codi = run("codi", args, base, batch)
     report = {"device": str(args.device), "adapter": args.adapter, "batch_size": args.batch_size,
+              "resolution": resolution, "gradient_checkpointing": args.gradient_checkpointing,
               "mixed_precision": args.mixed_precision, "conventional": conventional, "codi": codi,
               "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"]}
     key = "peak_memory_gib" if "peak_memory_gib" in codi else "peak_rss_growth_mib"
     report["memory_ratio"] = codi[key] / conventional[key] if conventional[key] > 0 else None
+    if args.plain:
+        plain = run("plain", args, base, batch)
+        report.update(plain_diffusers=plain, time_ratio_to_plain=codi["seconds_per_step"] / plain["seconds_per_step"],
+                      conventional_to_plain=conventional["seconds_per_step"] / plain["seconds_per_step"])
     print(json.dumps(report, indent=2))
 
 
