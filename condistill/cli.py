@@ -271,7 +271,53 @@ def _export(args) -> int:
     return 0
 
 
+def _cache_parser() -> argparse.ArgumentParser:
+    from condistill.config import DEFAULT_BASE
+    from condistill.data.cache_writer import DTYPES
+
+    ca = argparse.ArgumentParser(
+        prog="condistill cache", description="Compute once what the frozen encoders compute from the training data "
+        "(VAE latents, caption embeddings, condition tensors) and store it in safetensors shards; train on it with "
+        "--data OUT. The cache records the base, resolution, condition and seed, and a run with other ones refuses it.",
+        epilog="Defaults are shown in brackets.")
+    ca.add_argument("--condition", required=True, choices=list(RECIPES), help="the condition the run trains")
+    ca.add_argument("--data", required=True, help="the training data source, as for condistill train --data")
+    ca.add_argument("--out", required=True, help="the cache folder to write")
+    ca.add_argument("--base", default=DEFAULT_BASE, help=f"the run's base model [{DEFAULT_BASE}]")
+    ca.add_argument("--resolution", type=int, default=0, help="the run's resolution in pixels [0: the base's native one]")
+    ca.add_argument("--seed", type=int, default=0, help="the run's seed: it fixes every item's condition [0]")
+    ca.add_argument("--condition-options", type=json.loads, default=None, metavar="JSON",
+                    help="the run's condition options, a JSON object [none]")
+    ca.add_argument("--data-options", type=json.loads, default=None, metavar="JSON",
+                    help="the run's data options, a JSON object [none]")
+    ca.add_argument("--batch-size", type=int, default=16, help="images encoded at once [16]")
+    ca.add_argument("--device", default="cpu", help="torch device, e.g. cuda [cpu]")
+    ca.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                    help="storage of latents, embeddings and conditions not exact in uint8 [float16]")
+    ca.add_argument("--shard-size", type=int, default=256, help="items per safetensors shard [256]")
+    ca.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out (once the new one "
+                    "is complete)")
+    return ca
+
+
+def _cache(args) -> int:
+    from condistill.data.cache_writer import cache_command
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    try:
+        out = cache_command(condition=args.condition, data=args.data, out=args.out, base=args.base,
+                            resolution=args.resolution, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                            condition_options=args.condition_options, data_options=args.data_options,
+                            dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, log=log)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"condistill cache: error: {error}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
+            "cache": "compute the frozen encoders' outputs once: condistill cache --condition C --data SRC --out DIR",
             "eval": "score students and baselines on held-out synthetic scenes or your own images (--data)",
             "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE",
             "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID"}
@@ -287,6 +333,8 @@ def main(argv=None) -> int:
         return _train(argv[1:])
     if argv[0] == "eval":
         return _eval(_eval_parser().parse_args(argv[1:]))
+    if argv[0] == "cache":
+        return _cache(_cache_parser().parse_args(argv[1:]))
     if argv[0] == "export":
         return _export(_export_parser().parse_args(argv[1:]))
     if argv[0] == "push":

@@ -307,12 +307,23 @@ class StreamingConditionDataset(IterableDataset):
                     raise stats.empty_error(hint) if stats is not None else EmptySourceError(hint)
                 continue
             last_usable = epoch
-            item_id = f"{os.path.basename(self._reader.names[j])}::{key}"
-            item = build_item(record, self.condition, self.resolution, item_seed(self.seed, item_id), key,
-                              self.channels)
+            item = self._build(j, key, record)
             for _ in range(pending + 1):
                 yield item
             pending = 0
+
+    def _build(self, j: int, key: str, record: Record) -> dict[str, Any]:
+        item_id = f"{os.path.basename(self._reader.names[j])}::{key}"
+        return build_item(record, self.condition, self.resolution, item_seed(self.seed, item_id), key, self.channels)
+
+    def source_items(self) -> Iterator[dict[str, Any]]:
+        """Every usable sample once, the shards in their listed order, not shuffled and not split (what
+        ``condistill cache`` stores); the items and their conditions are those the stream yields."""
+        for j in range(self.num_shards):
+            for key, raw in self._reader.samples(j):
+                record = self._reader.decode(j, key, raw)
+                if record is not None:
+                    yield self._build(j, key, record)
 
     def stream_items(self, worker: int = 0, num_workers: int = 0) -> Iterator[dict[str, Any]]:
         """The items loader worker ``worker`` of ``num_workers`` yields (what ``__iter__`` runs in it)."""
