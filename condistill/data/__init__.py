@@ -2,7 +2,9 @@
 
 Every source yields :class:`Record` objects with clean ``resolution x resolution`` RGB
 images; :func:`open_source` picks one from a short spec, and :class:`ConditionDataset`
-turns a source plus a condition into the tensors the training loop reads.
+turns a source plus a condition into the tensors the training loop reads;
+:class:`StreamingConditionDataset` does it for stream-only sources (:func:`is_streaming`) and
+:class:`CachedDataset` reads what ``condistill cache`` stored (:func:`is_cache`).
 
 One module per source kind: :mod:`~condistill.data.folder`,
 :mod:`~condistill.data.hf_datasets`, :mod:`~condistill.data.webdataset`; the base classes,
@@ -11,6 +13,7 @@ image sanitising in :mod:`~condistill.data.images`, skip counting in
 :mod:`~condistill.data.skips`, a training run's skip report in :mod:`~condistill.data.report`.
 The ``synthetic`` source is part of the embedded world: ``condistill.world.source.SyntheticSource``.
 """
+from condistill.data.cache import CacheMismatchError, CachedDataset, is_cache
 from condistill.data.dataset import ConditionDataset, collate, image_to_tensor
 from condistill.data.folder import ImageFolderSource
 from condistill.data.hf_datasets import HFDatasetSource
@@ -24,6 +27,8 @@ from condistill.data.sources import (
     open_source,
     register_source_kind,
 )
+from condistill.data.hf_streaming import HFStreamingSource
+from condistill.data.streaming import StreamingConditionDataset, is_streaming
 from condistill.data.webdataset import WebDatasetSource, expand_braces
 
 __all__ = [
@@ -38,6 +43,12 @@ __all__ = [
     "register_source_kind",
     "expand_braces",
     "ConditionDataset",
+    "StreamingConditionDataset",
+    "is_streaming",
+    "CachedDataset",
+    "CacheMismatchError",
+    "is_cache",
+    "HFStreamingSource",
     "collate",
     "image_to_tensor",
     "ImageSanitizer",
