@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "loss": ("codi", "diffusion"),
     "report_to": ("tensorboard", "wandb", "none"),
+    "optimizer": ("adamw", "adamw8bit"),
 }
 
 #: The Python packages a tracker of ``report_to`` can use (imported only when it is chosen).
@@ -88,8 +89,11 @@ class DistillConfig:
     adapter: str = _h("trainable parameters: controlnet, t2i_adapter or lora", default="controlnet")
     output_dir: str = _h("run folder: adapter export at its root, checkpoints/ and logs/ inside", default="runs/edge")
     max_steps: int = _h("optimizer steps to train for", default=400)
-    batch_size: int = _h("images per optimizer step and process (before accumulation)", default=32)
+    batch_size: int = _h("images per micro-step and process: the global batch of an optimizer step is batch_size x "
+                         "processes x gradient_accumulation_steps", default=32)
     gradient_accumulation_steps: int = _h("micro-batches accumulated per optimizer step", default=1)
+    optimizer: str = _h("optimizer of the adapter: adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW, a quarter "
+                        "of the optimizer memory; needs a CUDA GPU and `pip install bitsandbytes`)", default="adamw")
     learning_rate: float = _h("AdamW learning rate of the adapter", default=2e-4)
     lr_warmup_steps: int = _h("linear learning-rate warm-up steps", default=20)
     weight_decay: float = _h("AdamW weight decay", default=0.0)
@@ -113,6 +117,9 @@ class DistillConfig:
     resolution: int = _h("training resolution in pixels (0 = the base's native resolution)", default=0)
     mixed_precision: str = _h("no, fp16 or bf16 (GPU); the frozen base runs in that dtype", default="no")
     gradient_checkpointing: bool = _h("trade compute for memory in the UNet and adapter", default=False)
+    allow_tf32: bool = _h("let CUDA matmuls and cuDNN convolutions use TF32 (Ampere and newer GPUs: faster float32, "
+                          "about 3 fewer significant digits); false leaves torch's defaults; no effect on CPU",
+                          default=False)
     checkpoint_every: int = _h("save resumable training state every K steps (0 = only at the end)", default=100)
     keep_checkpoints: int = _h("how many training-state checkpoints to keep", default=2)
     validate_every: int = _h("write a validation grid every K steps (0 = only at the end)", default=200)
@@ -190,7 +197,7 @@ class DistillConfig:
             p.append(f"recommended_steps={self.recommended_steps}: must be between 1 and num_grid")
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")
-        return p + self._tracker_problems() + self._validation_problems()
+        return p + self._tracker_problems() + self._optimizer_problems() + self._validation_problems()
 
     def _tracker_problems(self) -> list[str]:
         packages = TRACKER_PACKAGES.get(self.report_to, ())
@@ -198,6 +205,13 @@ class DistillConfig:
             others = " or ".join(c for c in CHOICES["report_to"] if c != self.report_to)
             return [f"report_to={self.report_to!r}: the {packages[0]} package is not installed; run "
                     f"`pip install {packages[0]}`, or pick another tracker (--report-to {others})"]
+        return []
+
+    def _optimizer_problems(self) -> list[str]:
+        # the CUDA device is checked where the run starts (training.lr.build_optimizer)
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            return ["optimizer='adamw8bit': the bitsandbytes package is not installed; run `pip install "
+                    "bitsandbytes` (8-bit AdamW needs a CUDA GPU), or use --optimizer adamw"]
         return []
 
     def _validation_problems(self) -> list[str]:

@@ -6,7 +6,9 @@ A checkpoint folder ``checkpoints/step-XXXXXXX`` holds:
 - ``ema.safetensors``: the EMA weights used by the target/ODE branches and exported,
 - ``training_state.pt``: optimizer, learning-rate schedule, RNG states (tensors and plain
   containers only, read back with ``weights_only=True``),
-- ``state.json``: the step, the resolved configuration and the health record.
+- ``state.json``: the step, the resolved configuration, the number of processes that trained it
+  and its global batch (images per optimizer step, all processes and accumulation together), and
+  the health record.
 
 Health. Every checkpoint records in ``state.json["health"]`` whether a run may continue from it.
 Two per-step series are watched: the training loss (every step's, not only the logged ones) and
@@ -390,8 +392,10 @@ def _disk_full(err: BaseException, root: Path, needed: int) -> bool:
 
 
 def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema, optimizer, lr_scheduler,
-                    config: dict, keep: int = 2, health: RunHealth | None = None) -> Path:
+                    config: dict, keep: int = 2, health: RunHealth | None = None, processes: int = 1) -> Path:
     """Write a complete checkpoint for ``step`` with its health record; prune (:func:`prune`) to ``keep``.
+
+    ``processes`` is the number of processes that trained it (each with ``config["batch_size"]``).
 
     Raises:
         OSError: ``errno.ENOSPC`` when the disk is full, naming the folder and the space needed;
@@ -409,7 +413,8 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
     bad = _non_finite(online) + [f"ema:{k}" for k in _non_finite(ema_weights)]
     if bad:
         healthy, reason = False, f"non-finite adapter weights ({', '.join(bad[:3])}); {reason}"
-    state = {"step": step, "config": config, "health": {
+    global_batch = config.get("batch_size", 0) * processes * config.get("gradient_accumulation_steps", 1)
+    state = {"step": step, "config": config, "processes": processes, "global_batch": global_batch, "health": {
         "healthy": healthy, "reason": reason, "rule": f"K={HEALTH_WINDOW}, M={HEALTH_FACTOR:g}",
         "history": health.state_dict()}}
     needed = _nbytes(online) + _nbytes(ema_weights) + _nbytes(training)

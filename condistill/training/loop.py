@@ -4,6 +4,13 @@ One visible loop (``distill``). The loss is the objective built once from the co
 (:mod:`condistill.training.objective`) over the pure functions of :mod:`condistill.method.losses`;
 every random draw of step ``i`` comes from a generator seeded by ``(seed, i)``, so a resumed run
 replays exactly what an uninterrupted one would have done.
+
+Several processes (``torchrun`` / ``accelerate launch``) train data-parallel: each draws its own
+part of every global batch (:mod:`condistill.training.batches`), gradients are averaged across
+processes before each optimizer step (DDP, synchronised on the last micro-step of an accumulation
+only), and every process keeps the same EMA, which its target and ODE branches need. The main
+process alone writes: checkpoints, validation grids, ``loss.jsonl``, the data report, the export
+and its card.
 """
 from __future__ import annotations
 
@@ -14,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
-from torch.utils.data import DataLoader, Sampler
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from condistill.adapters import build_student
@@ -30,39 +37,15 @@ from condistill.data.sources import IndexedSource, open_source
 from condistill.frozen import load_base, native_resolution
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
-from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
+from condistill.training.batches import Part, StepBatchSampler, batch_length, start_processes
 from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, reset_run_to,
                                            resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
-from condistill.training.lr import warmup_schedule
+from condistill.training.lr import build_optimizer, warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
-from condistill.training.run_folder import check_output_dir, check_resume, run_lock, set_learning_rate
+from condistill.training.run_folder import RunLockedError, check_output_dir, check_resume, run_lock, set_learning_rate
 
-
-class StepBatchSampler(Sampler):
-    """Index batches for optimizer micro-steps ``start, start+1, ...``.
-
-    Epoch ``e`` visits the data in a permutation seeded by ``(seed, e)``, so the batch of a
-    given micro-step does not depend on where the run was (re)started.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
-        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
-
-    def batch(self, micro_step: int) -> list[int]:
-        first = micro_step * self.batch_size
-        out = []
-        for pos in range(first, first + self.batch_size):
-            epoch, i = divmod(pos, self.size)
-            perm = torch.randperm(self.size, generator=torch_generator(self.seed, epoch, BATCH_ORDER_STRIDE))
-            out.append(int(perm[i]))
-        return out
-
-    def __iter__(self):
-        return (self.batch(m) for m in range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+__all__ = ["StepBatchSampler", "distill"]
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -70,65 +53,101 @@ def distill(cfg: DistillConfig) -> Path:
 
     The run folder holds the EMA adapter export at its root (what ``load_adapter`` reads),
     ``checkpoints/`` (resumable training state), ``logs/`` (TensorBoard), ``loss.jsonl``,
-    ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids.
+    ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids. Every process of a
+    multi-process launch calls it; it returns once the main process has written the export.
     """
+    state = start_processes()
     out = Path(cfg.output_dir)
-    resume_from = resolve_resume(out, cfg.resume, log=_log)  # the newest healthy checkpoint for 'latest'
+    log = _log if state.is_main_process else _quiet
+    resume_from = resolve_resume(out, cfg.resume, log=log)  # the newest healthy checkpoint for 'latest'
     check_output_dir(out, cfg, resume_from)
-    changes = check_resume(resume_from, cfg) if resume_from else []
+    changes = check_resume(resume_from, cfg, processes=state.num_processes) if resume_from else []
+    state.wait_for_everyone()  # every process has read the folder before the main process changes it
     out.mkdir(parents=True, exist_ok=True)
     # one writer per run folder: the main process holds the lock for the whole run
-    with run_lock(out, log=_log) if PartialState().is_main_process else contextlib.nullcontext():
-        return _distill(cfg, out, resume_from, changes)
+    with _main_process_lock(state, out):
+        return _distill(cfg, out, resume_from, changes, cpu=state.device.type == "cpu")
 
 
 def _log(message: str) -> None:
     print(f"condistill: {message}", file=sys.stderr, flush=True)
 
 
-def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str]) -> Path:
+def _quiet(message: str) -> None:
+    """The log of the other processes: the main process says everything once."""
+
+
+@contextlib.contextmanager
+def _main_process_lock(state, out: Path):
+    """:func:`run_lock` on the main process; when it is refused, every process stops with its error."""
+    with contextlib.ExitStack() as stack:
+        refused = [None]
+        if state.is_main_process:
+            try:
+                stack.enter_context(run_lock(out, log=_log))
+            except RunLockedError as error:
+                refused = [str(error)]
+        refused = broadcast_object_list(refused) if state.num_processes > 1 else refused
+        if refused[0] is not None:
+            raise RunLockedError(refused[0])
+        yield
+
+
+def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str], cpu: bool) -> Path:
     # the data first: a bad --data fails in a second, before any model loads
     resolution = cfg.resolution or native_resolution(cfg.base)
     condition = get_condition(cfg.condition, **cfg.condition_options)
     dataset = _open_dataset(cfg, condition, resolution)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        cpu=cpu,
         log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    device = accelerator.device
+    device, main, processes = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
     student = build_student(cfg.adapter, base, condition.channels, **cfg.adapter_options).to(device)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     params = student.trainable_named_parameters()
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, params.values(), cfg.learning_rate, cfg.weight_decay, device)
     lr_scheduler = warmup_schedule(optimizer, cfg.lr_warmup_steps)
     ema = EMA(params)
     start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
     health = RunHealth.start(resume_from, params)  # the loss/weight history each checkpoint's health verdict reads
-    if changes and accelerator.is_main_process:
+    if changes and main:
         _log(f"resuming from {resume_from} (step {start}) with changed options: " + "; ".join(changes))
     if any(change.startswith("learning_rate:") for change in changes):
         set_learning_rate(optimizer, lr_scheduler, cfg.learning_rate)
-    cfg.save(out / "config.json")
+    accum = cfg.gradient_accumulation_steps
+    if main:
+        cfg.save(out / "config.json")
+        _log(f"training {cfg.condition}/{cfg.adapter} on {device.type}, processes: {processes}; global batch "
+             f"{cfg.batch_size} x {processes} x {accum} = {cfg.batch_size * processes * accum} images per step")
 
     monitor = SkipMonitor.for_dataset(dataset, cfg.max_skip_fraction,  # skips: lines, data_report.json, a stop
-                                      report_path=out / REPORT_NAME if accelerator.is_main_process else None)
-    accum = cfg.gradient_accumulation_steps
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * accum, cfg.max_steps * accum)
+                                      report_path=out / REPORT_NAME if main else None)
+    part = Part(processes, accelerator.process_index)
+    # each process reads its own part of every global batch: the loader is not handed to accelerate to shard
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * accum, cfg.max_steps * accum,
+                               processes=part.processes, rank=part.rank)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=cfg.num_workers)
-    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
-    objective = build_objective(cfg, student, model, ema, base)
+    objective = build_objective(cfg, student, model, ema, base, part)
     validation = _validation_batch(cfg, condition, resolution)
     log_path = out / "loss.jsonl"
-    if accelerator.is_main_process:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
+    accelerator.wait_for_everyone()  # every process has read its checkpoint
+    if main:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
         reset_run_to(out, start, log_path, log=_log)
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not accelerator.is_main_process)
+    save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not main)
     it, t_last, seen = iter(loader), time.perf_counter(), 0
     for step in range(start, cfg.max_steps):
         student.train()
@@ -142,38 +161,38 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                 # an overflow inside the optimizer stops the run as a FloatingPointError
                 guarded_step(optimizer, out, step + 1, cfg.learning_rate, cfg.mixed_precision)
                 optimizer.zero_grad(set_to_none=True)
-            seen += batch["pixel_values"].shape[0]
+            seen += batch_length(batch) * processes
         lr_scheduler.step()
-        ema.update(params, cfg.ema_decay_at(step))
+        ema.update(params, cfg.ema_decay_at(step))  # on every process: the same weights give the same EMA
         done = step + 1
-        loss_value = loss.mean().item()  # one device sync per step
+        # the global batch's mean losses (one device sync per step): every process takes the same decisions
+        means = _global_means({"loss": loss, **{k: v for k, v in info.items() if k in ("distill", "regression")}},
+                              accelerator)
+        loss_value = means.pop("loss")
         # a non-finite loss or weights stop the run before any checkpoint is written from them
         largest = check_step(out, done, loss_value, params, cfg.learning_rate, cfg.mixed_precision)
         health.add(done, loss_value, largest)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             now = time.perf_counter()
             record = {"step": done, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                      "images_per_s": seen / max(now - t_last, 1e-9),
-                      **{k: float(v.float().mean()) for k, v in info.items() if k in ("distill", "regression")}}
+                      "images_per_s": seen / max(now - t_last, 1e-9), **means}
             t_last, seen = now, 0
             accelerator.log(record, step=done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-            if accelerator.is_main_process:
+            if main:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
         bar.update(1)
-        if accelerator.is_main_process:
+        if main:
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
-                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
-                                health=health)
+                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, **save)
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
                 _validate(out, done, base, student, ema, validation, cfg, accelerator)
     bar.close()
     monitor.finish()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, cfg.to_dict(), cfg.keep_checkpoints,
-                        health=health)
+    if main:
+        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, **save)
         _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator)
         with ema.swapped_in(student):
             save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
@@ -184,9 +203,19 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                          extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
         from condistill.publish.card import write_model_card  # the export's README.md and samples.png
-        write_model_card(out, num_processes=accelerator.num_processes)
+        write_model_card(out, num_processes=processes)
+    accelerator.wait_for_everyone()  # no process returns before the export is complete
     accelerator.end_training()
     return out
+
+
+def _global_means(values: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
+    """The means over the global batch of per-sample values (every process holds the same number)."""
+    names = list(values)
+    local = torch.stack([values[k].detach().float().mean() for k in names])
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="mean")
+    return dict(zip(names, local.cpu().tolist()))
 
 
 PROBE_ITEMS = 64

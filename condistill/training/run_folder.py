@@ -10,6 +10,9 @@ and a resumed run may change only the options that cannot alter what was already
 - :func:`resume_changes` compares the new command's options with the checkpoint's: options in
   :data:`CHANGEABLE_ON_RESUME` apply (and are reported), a ``max_steps`` below the checkpoint's
   step and every other difference are refused with the list of differences.
+- The data order and every random draw follow the *global* batch (``batch_size x processes``,
+  :mod:`condistill.training.batches`): a resumed run may use another number of processes only
+  with the per-process ``batch_size`` that keeps the checkpoint's global batch.
 """
 from __future__ import annotations
 
@@ -32,12 +35,12 @@ LOCK_NAME = ".condistill.lock"
 #: Options a resumed run may change. They steer what happens from the resumed step on, never
 #: what the steps before it computed (a slower EMA from step K on is "stop at K, resume with a
 #: new --ema-decay"). Everything else (base, data, adapter, condition, batch, seed, grid, loss,
-#: precision, optimizer settings restored with its state) is refused. A new learning rate applies from the resumed step on,
+#: precision, optimizer and its settings restored with its state) is refused. A new learning rate applies from the resumed step on,
 #: along the same warm-up schedule (the warm-up is not restarted: past it, the new rate is the
 #: constant rate).
 CHANGEABLE_ON_RESUME = frozenset({
     "max_steps", "learning_rate", "ema_decay", "ema_decay_late", "ema_late_from", "max_grad_norm", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
-    "num_workers", "threads", "gradient_checkpointing", "resume", "output_dir", "overwrite", "max_skip_fraction",
+    "num_workers", "threads", "gradient_checkpointing", "allow_tf32", "resume", "output_dir", "overwrite", "max_skip_fraction",
     "recommended_steps", "stochastic_sampling", "validation_images", "validation_prompts", "report_to",
 })
 
@@ -81,7 +84,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    try:  # a killed process nobody has reaped yet (a container without an init) is a zombie: not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _holder(path: Path) -> dict[str, Any]:
@@ -137,41 +143,64 @@ def _same_base(a: Any, b: Any) -> bool:
         return False
 
 
-def resume_changes(saved: dict[str, Any], cfg, step: int) -> list[str]:
+def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, saved_processes: int = 1) -> list[str]:
     """The options of ``cfg`` that differ from the checkpoint's ``saved`` config, as ``"name: old -> new"``.
 
     Options absent from one side (written by another condistill version) are not compared.
+    ``processes`` is this run's number of processes and ``saved_processes`` the checkpoint's: a
+    ``batch_size`` that changes with them so that ``batch_size x processes`` (the global batch) stays
+    the same is a change, not a mismatch.
 
     Raises:
-        ResumeMismatchError: ``cfg.max_steps`` is below the checkpoint's ``step``, or an option outside
-            :data:`CHANGEABLE_ON_RESUME` differs; the message lists every such difference.
+        ResumeMismatchError: ``cfg.max_steps`` is below the checkpoint's ``step``, the global batch
+            differs, or an option outside :data:`CHANGEABLE_ON_RESUME` differs; the message lists
+            every such difference and says what to pass.
     """
     new = cfg.to_dict()
     changed, refused = [], []
+    old_batch = saved.get("batch_size", cfg.batch_size)
+    old_global, new_global = old_batch * saved_processes, cfg.batch_size * processes
     for key in sorted(set(saved) & set(new) - {"resume"}):  # resuming is what this run does
         old, value = saved[key], new[key]
         if json.dumps(old, sort_keys=True) == json.dumps(value, sort_keys=True):
             continue
         if key == "base" and _same_base(old, value):
             continue
+        if key == "batch_size" and processes != saved_processes:
+            if old_global == new_global:
+                changed.append(f"batch_size: {old!r} -> {value!r} per process ({saved_processes} -> {processes} "
+                               f"processes, the same global batch of {new_global})")
+            continue  # else reported with the process counts below
         (changed if key in CHANGEABLE_ON_RESUME else refused).append(f"{key}: {old!r} -> {value!r}")
     problems = []
     if cfg.max_steps < step:
         problems.append(f"max_steps={cfg.max_steps} is below the checkpoint's step {step}; a finished or longer "
                         f"run cannot be shortened (pass --max-steps {step} or more)")
+    if old_global != new_global and processes != saved_processes:
+        fits = f"--batch-size {old_global // processes} on these {processes} processes, or " if old_global % processes == 0 else ""
+        problems.append(
+            f"the checkpoint was trained on {saved_processes} process(es) x batch {old_batch} = a global batch of "
+            f"{old_global} per micro-step, this run has {processes} x {cfg.batch_size} = {new_global}; the data "
+            f"order and every random draw follow the global batch, so resume with {fits}--batch-size {old_batch} "
+            f"on {saved_processes} process(es) (torchrun --nproc_per_node {saved_processes} / accelerate launch "
+            f"--num_processes {saved_processes})")
     if refused:
         problems.append("these options differ from the checkpoint's and cannot change in a resumed run (they would "
                         "change what the first steps computed): " + "; ".join(refused))
     if problems:
-        raise ResumeMismatchError(f"cannot resume from the checkpoint at step {step}: " + " ".join(problems)
+        raise ResumeMismatchError(f"cannot resume from the checkpoint at step {step}: " + "; ".join(problems)
                          + ". Pass the checkpoint's values, or start a new --output-dir.")
     return changed
 
 
-def check_resume(checkpoint: Path, cfg) -> list[str]:
-    """:func:`resume_changes` against the config saved in ``checkpoint/state.json`` (before any model loads)."""
+def check_resume(checkpoint: Path, cfg, processes: int = 1) -> list[str]:
+    """:func:`resume_changes` against the config and process count saved in ``checkpoint/state.json``.
+
+    Called before any model loads. A checkpoint without a process count was written by one process.
+    """
     state = json.loads((checkpoint / "state.json").read_text())
-    return resume_changes(state.get("config", {}), cfg, int(state["step"]))
+    return resume_changes(state.get("config", {}), cfg, int(state["step"]), processes=processes,
+                          saved_processes=int(state.get("processes", 1)))
 
 
 def set_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:

@@ -146,3 +146,23 @@ def test_ema_decay_at_and_its_validation():
         DistillConfig(max_steps=10, ema_decay_late=0.99, ema_late_from=0)
     with pytest.raises(ConfigError, match="ema_decay_late=1.0"):
         DistillConfig(ema_decay_late=1.0, ema_late_from=1)
+
+
+def test_optimizer_choice_is_validated():
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="optimizer='lion'"):
+        DistillConfig(optimizer="lion")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="optimizer='adamw8bit': the bitsandbytes package is not installed"):
+            DistillConfig(optimizer="adamw8bit")
+
+
+def test_allow_tf32_sets_the_cuda_flags_and_leaves_cpu_results_alone(tiny_base, tmp_path):
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        out = distill(_cfg(tiny_base, tmp_path / "run", allow_tf32=True))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert _losses(out) == pytest.approx(RECORDED_LOSSES["codi"], rel=1e-3)

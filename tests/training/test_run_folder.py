@@ -124,3 +124,25 @@ def test_unusable_data_fails_before_any_model_loads(tiny_base, tmp_path, monkeyp
         Image.new("RGB", (2, 2)).save(small / f"{i}.png")
     with pytest.raises(EmptySourceError, match=r"--data .*all 3 items were skipped \(too_small=3\)"):
         distill(_cfg(tiny_base, tmp_path / "run", data=str(small)))
+
+
+def test_another_process_count_must_keep_the_global_batch(tmp_path):
+    saved = DistillConfig(output_dir=str(tmp_path), max_steps=10, batch_size=4).to_dict()
+    one = DistillConfig(output_dir=str(tmp_path), max_steps=10, batch_size=8)
+    assert resume_changes(saved, one, 5, processes=1, saved_processes=2) == [
+        "batch_size: 4 -> 8 per process (2 -> 1 processes, the same global batch of 8)"]
+    same_batch = DistillConfig(output_dir=str(tmp_path), max_steps=10, batch_size=4)
+    with pytest.raises(ResumeMismatchError, match=r"2 process\(es\) x batch 4 = a global batch of 8 per micro-step, "
+                                                  r"this run has 4 x 4 = 16.*--batch-size 2 on these 4 processes, or "
+                                                  r"--batch-size 4 on 2 process\(es\)"):
+        resume_changes(saved, same_batch, 5, processes=4, saved_processes=2)
+    with pytest.raises(ResumeMismatchError, match=r"resume with --batch-size 4 on 2 process\(es\)"):
+        resume_changes(saved, same_batch, 5, processes=3, saved_processes=2)  # 8 does not split into 3
+
+
+def test_optimizer_cannot_change_on_resume_and_tf32_can(tmp_path):
+    saved = DistillConfig(output_dir=str(tmp_path), max_steps=10).to_dict()
+    assert resume_changes(saved, DistillConfig(output_dir=str(tmp_path), max_steps=10, allow_tf32=True), 5) == [
+        "allow_tf32: False -> True"]
+    with pytest.raises(ResumeMismatchError, match="optimizer: 'adamw8bit' -> 'adamw'"):
+        resume_changes({**saved, "optimizer": "adamw8bit"}, DistillConfig(output_dir=str(tmp_path), max_steps=10), 5)

@@ -1,0 +1,95 @@
+"""The step objective: global-batch draws sliced per process, and cached latents / prompt embeddings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from condistill.adapters import build_student
+from condistill.conditions import get_condition
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import open_source
+from condistill.frozen import load_base
+from condistill.training.batches import Part
+from condistill.training.ema import EMA
+from condistill.training.objective import build_objective, prompt_embeddings, step_generator
+from helpers import perturb_, tiny_run_config, torch_single_thread  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_base):
+    """A tiny base, a perturbed T2I-Adapter student (so the condition matters) and a batch of 4 scenes."""
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student("t2i_adapter", base, condition.channels)
+    perturb_(student, seed=1)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    batch = collate([dataset[i] for i in range(4)])
+    batch["caption"] = ["a red cube", "the blue ball", "a green cube on the sky", "a photo of a ball"]
+    return base, student, batch
+
+
+def _objective(tiny_base, base, student, part=Part(), **overrides):
+    cfg = tiny_run_config(tiny_base, "unused", adapter="t2i_adapter", caption_dropout=0.5, guidance_min=1.5,
+                          guidance_max=3.0, **overrides)
+    return build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base, part)
+
+
+def _half(batch: dict, rank: int) -> dict:
+    return {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("loss", ["codi", "diffusion"])
+def test_each_process_computes_its_slice_of_the_global_batch(tiny_base, parts, loss):
+    """Process r of 2 with batch 2 draws for the global batch of 4 and keeps items [2r, 2r+2)."""
+    base, student, batch = parts
+    whole, _ = _objective(tiny_base, base, student, loss=loss)(batch, 3)
+    halves = [_objective(tiny_base, base, student, Part(2, r), loss=loss)(_half(batch, r), 3)[0] for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=1e-5, atol=1e-6)
+    alone, _ = _objective(tiny_base, base, student, loss=loss)(_half(batch, 1), 3)  # its own draws differ
+    assert not torch.allclose(alone, halves[1], rtol=1e-3, atol=0)
+
+
+def test_cached_latents_and_prompt_embeddings_give_the_same_loss(tiny_base, parts):
+    base, student, batch = parts
+    objective = _objective(tiny_base, base, student)
+    step = 5  # at caption_dropout 0.5 this step's draws drop some captions and keep others (checked below)
+    g = step_generator(0, step)
+    dropped = [bool(torch.rand((), generator=g) < 0.5) for _ in range(4)]
+    assert any(dropped) and not all(dropped)
+    cached = {"latents": base.encode_images(batch["pixel_values"]), "prompt_embeds": base.encode_prompts(batch["caption"]),
+              "conditioning": batch["conditioning"], "caption": batch["caption"], "key": batch["key"]}
+    encoded, _ = objective(batch, step)
+    from_cache, _ = objective(cached, step)
+    torch.testing.assert_close(from_cache, encoded, rtol=1e-5, atol=1e-6)
+
+
+class _DictBase:
+    """The embedding side of a base whose prompts give a dict of tensors (like SDXL's two encoders)."""
+
+    device = torch.device("cpu")
+
+    def encode_prompts(self, prompts):
+        n = len(prompts)
+        value = torch.tensor([float(len(p)) for p in prompts])
+        return {"hidden": value.view(n, 1, 1).expand(n, 3, 2).clone(), "pooled": value.view(n, 1).expand(n, 5).clone()}
+
+
+def test_dropped_cached_embeddings_become_the_empty_prompts():
+    base = _DictBase()
+    captions = ["ab", "abcd", "abcdef"]
+    drop = [False, True, False]
+    uncond = base.encode_prompts([""])
+    got = prompt_embeddings(base, {"caption": captions, "prompt_embeds": base.encode_prompts(captions)}, drop, uncond)
+    want = base.encode_prompts(["" if d else c for c, d in zip(captions, drop)])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k])
+    with pytest.raises(ValueError, match="rebuild the cache"):
+        prompt_embeddings(base, {"caption": captions, "prompt_embeds": want["hidden"]}, drop, uncond)
+
+
+def test_a_batch_without_images_or_latents_is_refused(tiny_base, parts):
+    base, student, batch = parts
+    no_images = {k: v for k, v in batch.items() if k != "pixel_values"}
+    with pytest.raises(KeyError, match="'pixel_values' .* or 'latents'"):
+        _objective(tiny_base, base, student)(no_images, 0)
