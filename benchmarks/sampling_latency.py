@@ -12,6 +12,11 @@ Seconds per image of sampling plus VAE decoding, timed as ``condistill.evaluatio
   k-step sampler costs on the base network alone, so the ratios show the pure step-count
   and CFG saving without the adapter's overhead.
 
+With ``--decoder SPEC`` (``embedded:tiny-decoder``, ``madebyollin/taesd``, a folder: see
+``condistill.decoders``) each CoDi row is run a second time, named ``codi-<k>-fast``, decoding
+with that TAESD-style fast decoder instead of the full VAE; the DDIM rows, the speed-up
+reference among them, keep the full VAE. The table then gains a ``decoder`` column.
+
 Every row samples the same batch (``--batch-size`` held-out synthetic scenes and captions).
 Each row is first run ``--warmup`` times untimed, then the rows are timed in turn, one batch
 of each per repeat, ``--repeats`` times, so that a change in machine load hits every row alike;
@@ -19,6 +24,7 @@ the median is reported. Speed-up is the 50-step DDIM + CFG row's seconds per ima
 the row's. Prints a markdown table; ``--out`` also writes the JSON report.
 
     python benchmarks/sampling_latency.py --adapter runs/edge --batch-size 8 --repeats 5 --out latency.json
+    python benchmarks/sampling_latency.py --adapter runs/edge --decoder embedded:tiny-decoder
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from condistill.decoders import base_with_decoder
 from condistill.frozen import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
@@ -39,13 +46,21 @@ from condistill.method.sampler import sample_images
 from condistill.method.guidance import make_model_fn
 
 REFERENCE = "ddim-50-cfg"
+FULL_VAE = "vae"
 
 
-def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float, sampler: str = "codi") -> list[dict]:
+def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float, sampler: str = "codi",
+              decoder: str | None = None) -> list[dict]:
     """The rows: CoDi (``sampler``: ``codi`` or ``codi-stochastic``) at each of ``student_steps``
-    with CFG 1, DDIM at each of ``ddim_steps`` with CFG."""
-    rows = [{"name": f"codi-{k}", "sampler": sampler, "steps": k, "guidance": 1.0} for k in student_steps]
-    rows += [{"name": f"ddim-{k}-cfg", "sampler": "ddim", "steps": k, "guidance": guidance} for k in ddim_steps]
+    with CFG 1 (again with the fast ``decoder`` when one is given), DDIM at each of ``ddim_steps``
+    with CFG; ``decoder`` of a row is ``"vae"`` (the full VAE) or the fast decoder's spec."""
+    rows = [{"name": f"codi-{k}", "sampler": sampler, "steps": k, "guidance": 1.0, "decoder": FULL_VAE}
+            for k in student_steps]
+    if decoder is not None:
+        rows += [{"name": f"codi-{k}-fast", "sampler": sampler, "steps": k, "guidance": 1.0, "decoder": decoder}
+                 for k in student_steps]
+    rows += [{"name": f"ddim-{k}-cfg", "sampler": "ddim", "steps": k, "guidance": guidance, "decoder": FULL_VAE}
+             for k in ddim_steps]
     return rows
 
 
@@ -70,10 +85,13 @@ def make_runner(base, student, cond: torch.Tensor, prompts: list[str], row: dict
 
 def markdown(report: dict) -> str:
     ref = next(r for r in report["rows"] if r["name"] == report["reference"])
-    lines = [f"| row | model | sampler | steps | CFG | seconds/image | speed-up vs {ref['steps']}-step DDIM+CFG |",
-             "|---|---|---|---|---|---|---|"]
+    decoders = report.get("decoder") is not None
+    extra = (" decoder |", "---|") if decoders else ("", "")
+    lines = [f"| row | model | sampler | steps | CFG |{extra[0]} seconds/image | speed-up vs {ref['steps']}-step DDIM+CFG |",
+             f"|---|---|---|---|---|{extra[1]}---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['name']} | {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | "
+        cell = f" {r['decoder']} |" if decoders else ""
+        lines.append(f"| {r['name']} | {r['model']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} |{cell} "
                      f"{r['seconds_per_image']:.4f} | {r['speedup']:.1f}x |")
     return "\n".join(lines) + "\n"
 
@@ -101,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--decoder", default=None, metavar="SPEC",
+                   help="also time the CoDi rows decoding with this fast decoder (embedded:tiny-decoder, a hub id "
+                        "such as madebyollin/taesd, or an AutoencoderTiny folder)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
@@ -111,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     adapter_cfg = read_adapter_config(args.adapter) if args.adapter else None
     base_name = args.base or (adapter_cfg["base_name_or_path"] if adapter_cfg else "embedded:tiny-teacher")
     base = load_base(base_name, device=args.device)
+    bases = {FULL_VAE: base}
+    if args.decoder is not None:
+        try:
+            bases[args.decoder] = base_with_decoder(base, args.decoder)
+        except (FileNotFoundError, ValueError, TypeError) as error:
+            p.error(f"--decoder {args.decoder}: {error}")
     if adapter_cfg:
         cond = condition_from_config(adapter_cfg["condition_config"])
         student = load_student(args.adapter, base).to(base.device).eval()
@@ -124,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = "adapter" if student is not None else "teacher"
     # the student samples as its adapter asks (re-noising or not); the cost is the same either way
     rows = row_specs(args.student_steps, args.ddim_steps, args.guidance,
-                     adapter_sampler(args.adapter) if args.adapter else "codi")
+                     adapter_sampler(args.adapter) if args.adapter else "codi", args.decoder)
     reference = f"ddim-{max(args.ddim_steps)}-cfg"
-    runners = [make_runner(base, student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
+    runners = [make_runner(bases[row["decoder"]], student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
                for row in rows]
     for run in runners:
         for _ in range(args.warmup):
@@ -146,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         r["speedup"] = ref_spi / max(r["seconds_per_image"], 1e-12)
     report = {"device": str(base.device), "base": str(base_name), "adapter": args.adapter, "batch_size": args.batch_size,
-              "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(), "decoder": args.decoder,
               "num_grid": num_grid, "reference": reference, "rows": results}
     print(markdown(report), end="")
     if args.out:
