@@ -147,6 +147,14 @@ def _as_decoder(spec_or_module, torch_dtype):
     return spec_or_module
 
 
+def _placed(decoder, device, dtype):
+    """``decoder`` on ``device``, cast only when its dtype differs (diffusers warns about any cast)."""
+    decoder = decoder.to(device=device)
+    if next(decoder.parameters()).dtype != dtype:
+        decoder = decoder.to(dtype=dtype)
+    return decoder.eval()
+
+
 def use_fast_decoder(pipe, spec_or_module, torch_dtype: torch.dtype | None = None):
     """Make a fast decoder the ``vae`` of a stock diffusers pipeline, in place; returns ``pipe``.
 
@@ -178,7 +186,7 @@ def use_fast_decoder(pipe, spec_or_module, torch_dtype: torch.dtype | None = Non
     problems = decoder_mismatch(decoder, channels, scale)
     if problems:
         raise ValueError(f"This fast decoder does not fit the pipeline's base: {'; '.join(problems)}. {_SUGGESTION}.")
-    decoder = decoder.to(device=pipe.device, dtype=torch_dtype or dtype).eval()
+    decoder = _placed(decoder, pipe.device, torch_dtype or dtype)
     if full is not None and not hasattr(pipe, "condistill_full_vae"):
         pipe.condistill_full_vae = full
     pipe.vae = decoder  # DiffusionPipeline.__setattr__ records the new class in pipe.config
@@ -196,5 +204,5 @@ def base_with_decoder(base, spec_or_module):
         raise ValueError(f"This fast decoder does not fit the base {base.name_or_path!r}: {'; '.join(problems)}. "
                          f"{_SUGGESTION}.")
     vae_param = next(base.vae.parameters())
-    decoder = decoder.to(device=vae_param.device, dtype=vae_param.dtype).eval()
+    decoder = _placed(decoder, vae_param.device, vae_param.dtype)
     return dataclasses.replace(base, vae=decoder)

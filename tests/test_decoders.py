@@ -234,3 +234,22 @@ def test_sampling_latency_times_the_fast_decoder_rows(base_path, tmp_path, capsy
     assert f"| codi-4-fast | teacher | codi | 4 | 1 | {tmp_path / 'dec'} |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         latency.main(["--base", str(base_path), "--decoder", str(tmp_path / "missing")])
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_train_tiny_decoder_recipe_is_seeded_and_validated(teacher):
+    import train_tiny_decoder as recipe
+
+    cfg = recipe.TinyDecoderConfig.smoke(train_scenes=8, steps=3, batch_size=4, log_every=1)
+    logs = []
+    first, facts = recipe.train(cfg, teacher, log=logs.append)
+    second, _ = recipe.train(cfg, teacher, log=logs.append)
+    assert same_weights(first, second)  # same config, same weights
+    assert [h["step"] for h in facts["history"]] == [1, 2, 3] and all(h["decoder_mse"] > 0 for h in facts["history"])
+    assert first.config.scaling_factor == 1.0 and upsampling_factor(first) == teacher.vae_scale_factor
+    with pytest.raises(ValueError, match="batch_size"):
+        recipe.TinyDecoderConfig(train_scenes=4, batch_size=8)
+    with pytest.raises(ValueError, match="lr > 0"):
+        recipe.TinyDecoderConfig(lr=0.0)
