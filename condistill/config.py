@@ -89,8 +89,8 @@ class DistillConfig:
     adapter: str = _h("trainable parameters: controlnet, t2i_adapter or lora", default="controlnet")
     output_dir: str = _h("run folder: adapter export at its root, checkpoints/ and logs/ inside", default="runs/edge")
     max_steps: int = _h("optimizer steps to train for", default=400)
-    batch_size: int = _h("images per micro-step and process: the global batch of an optimizer step is batch_size x "
-                         "processes x gradient_accumulation_steps", default=32)
+    batch_size: int = _h("images per optimizer step and process, per accumulation micro-step: an optimizer step "
+                         "trains on batch_size x processes x gradient_accumulation_steps images", default=32)
     gradient_accumulation_steps: int = _h("micro-batches accumulated per optimizer step", default=1)
     optimizer: str = _h("optimizer of the adapter: adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW, a quarter "
                         "of the optimizer memory; needs a CUDA GPU and `pip install bitsandbytes`)", default="adamw")

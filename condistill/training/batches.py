@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 
 from condistill.seeding import BATCH_ORDER_STRIDE, torch_generator
 
-__all__ = ["Part", "StepBatchSampler", "batch_length", "start_processes"]
+__all__ = ["Part", "StepBatchSampler", "batch_length", "require_data_parallel", "start_processes"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,23 @@ def start_processes():
             f"--nproc_per_node {launched} ...` or `accelerate launch --num_processes {launched} ...` and set "
             "ACCELERATE_USE_CPU=true to train on CPU")
     return state
+
+
+#: accelerate's distributed types the loop supports: one process, or data-parallel (DDP) processes
+DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                 "MULTI_HPU", "MULTI_NEURON")
+
+
+def require_data_parallel(distributed_type) -> None:
+    """Refuse the accelerate set-ups the loop does not support (FSDP, DeepSpeed, ...) before any model loads.
+
+    The loop swaps the EMA weights into the adapter's parameters and saves the optimizer state
+    from the main process: FSDP shards those parameters and DeepSpeed ZeRO shards that state,
+    so a run would fail or, worse, resume from a part of the optimizer state.
+    """
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name not in DATA_PARALLEL:
+        raise ValueError(f"accelerate's distributed_type {name} is not supported by condistill, which trains "
+                         "data-parallel (DDP): FSDP would shard the adapter weights the EMA is swapped into and "
+                         "DeepSpeed ZeRO the optimizer state a checkpoint saves. Launch with `accelerate launch "
+                         "--config_file examples/accelerate/ddp.yaml` (or `--multi_gpu`), or `torchrun`")

@@ -37,7 +37,7 @@ from condistill.data.sources import IndexedSource, open_source
 from condistill.frozen import load_base, native_resolution
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
-from condistill.training.batches import Part, StepBatchSampler, batch_length, start_processes
+from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
 from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, reset_run_to,
                                            resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
@@ -109,6 +109,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         cpu=cpu,
         log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    require_data_parallel(accelerator.distributed_type)
     device, main, processes = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     base = load_base(cfg.base, device=device, dtype=DTYPES[cfg.mixed_precision])
     student = build_student(cfg.adapter, base, condition.channels, **cfg.adapter_options).to(device)
@@ -141,7 +142,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     objective = build_objective(cfg, student, model, ema, base, part)
-    validation = _validation_batch(cfg, condition, resolution)
+    validation = _validation_batch(cfg, condition, resolution) if main else None
     log_path = out / "loss.jsonl"
     accelerator.wait_for_everyone()  # every process has read its checkpoint
     if main:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
@@ -189,7 +190,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
                 _validate(out, done, base, student, ema, validation, cfg, accelerator)
     bar.close()
-    monitor.finish()
+    if main:  # the report and summary of the items this process read
+        monitor.finish()
     accelerator.wait_for_everyone()
     if main:
         save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, **save)

@@ -44,3 +44,15 @@ def test_processes_that_did_not_join_one_group_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="did not join one process group.*torchrun --nproc_per_node 2"):
         start_processes()
+
+
+def test_sharded_setups_are_refused_before_any_model_loads():
+    from accelerate.utils import DistributedType
+
+    from condistill.training.batches import require_data_parallel
+
+    for ok in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        require_data_parallel(ok)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"{sharded.value} is not supported.*examples/accelerate/ddp.yaml"):
+            require_data_parallel(sharded)
