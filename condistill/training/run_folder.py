@@ -177,7 +177,7 @@ def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, sa
         problems.append(f"max_steps={cfg.max_steps} is below the checkpoint's step {step}; a finished or longer "
                         f"run cannot be shortened (pass --max-steps {step} or more)")
     if old_global != new_global and processes != saved_processes:
-        fits = f"--batch-size {old_global // processes} on these {processes} processes, or " if old_global % processes == 0 else ""
+        fits = f"--batch-size {old_global // processes} on {processes} process(es), or " if old_global % processes == 0 else ""
         problems.append(
             f"the checkpoint was trained on {saved_processes} process(es) x batch {old_batch} = a global batch of "
             f"{old_global} per micro-step, this run has {processes} x {cfg.batch_size} = {new_global}; the data "

@@ -133,7 +133,7 @@ def test_another_process_count_must_keep_the_global_batch(tmp_path):
         "batch_size: 4 -> 8 per process (2 -> 1 processes, the same global batch of 8)"]
     same_batch = DistillConfig(output_dir=str(tmp_path), max_steps=10, batch_size=4)
     with pytest.raises(ResumeMismatchError, match=r"2 process\(es\) x batch 4 = a global batch of 8 per micro-step, "
-                                                  r"this run has 4 x 4 = 16.*--batch-size 2 on these 4 processes, or "
+                                                  r"this run has 4 x 4 = 16.*--batch-size 2 on 4 process\(es\), or "
                                                   r"--batch-size 4 on 2 process\(es\)"):
         resume_changes(saved, same_batch, 5, processes=4, saved_processes=2)
     with pytest.raises(ResumeMismatchError, match=r"resume with --batch-size 4 on 2 process\(es\)"):
