@@ -126,13 +126,14 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
 
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a run raises for the user to act on (their messages say what to do)."""
+    from condistill.data.cache import CacheMismatchError
     from condistill.data.skips import EmptySourceError, TooManySkipsError
     from condistill.training.checkpoint import UnhealthyCheckpointError
     from condistill.training.run_folder import ResumeMismatchError, RunLockedError
 
     # OSError: a file in the way, a missing base or data folder, a full disk (each message names the path)
     return (OSError, RunLockedError, ResumeMismatchError, UnhealthyCheckpointError, EmptySourceError,
-            TooManySkipsError, FloatingPointError)
+            TooManySkipsError, FloatingPointError, CacheMismatchError)
 
 
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
@@ -149,7 +150,10 @@ def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
     except _run_errors() as error:
         print(f"{prog or f'condistill train {condition}'}: error: {error}", file=sys.stderr)
         return 1
-    print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line for the run, not one per process
+        print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,7 @@ and its card.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -33,7 +34,9 @@ from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.report import REPORT_NAME, SkipMonitor
 from condistill.data.skips import EmptySourceError
+from condistill.data.cache import CachedDataset, is_cache
 from condistill.data.sources import IndexedSource, open_source
+from condistill.data.streaming import StreamingConditionDataset, is_streaming
 from condistill.frozen import load_base, native_resolution
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
@@ -43,7 +46,8 @@ from condistill.training.checkpoint import (RunHealth, check_step, guarded_step,
 from condistill.training.ema import EMA
 from condistill.training.lr import build_optimizer, warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
-from condistill.training.run_folder import RunLockedError, check_output_dir, check_resume, run_lock, set_learning_rate
+from condistill.training.run_folder import (ResumeMismatchError, RunLockedError, check_output_dir, check_resume,
+                                           run_lock, set_learning_rate)
 
 __all__ = ["StepBatchSampler", "distill"]
 
@@ -131,18 +135,24 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         _log(f"training {cfg.condition}/{cfg.adapter} on {device.type}, processes: {processes}; global batch "
              f"{cfg.batch_size} x {processes} x {accum} = {cfg.batch_size * processes * accum} images per step")
 
+    if is_streaming(dataset):
+        dataset = StreamingConditionDataset(dataset, condition, resolution, cfg.seed, batch_size=cfg.batch_size,
+                                            rank=accelerator.process_index, world_size=processes,
+                                            start_micro_step=start * accum)
     monitor = SkipMonitor.for_dataset(dataset, cfg.max_skip_fraction,  # skips: lines, data_report.json, a stop
                                       report_path=out / REPORT_NAME if main else None)
     part = Part(processes, accelerator.process_index)
-    # each process reads its own part of every global batch: the loader is not handed to accelerate to shard
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * accum, cfg.max_steps * accum,
-                               processes=part.processes, rank=part.rank)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=cfg.num_workers)
+    if isinstance(dataset, CachedDataset):  # the cache's own base check, now that the base is known
+        from condistill.data.cache_writer import encoders_digest
+
+        dataset.check(base.fingerprint(), resolution, cfg.condition, condition.config(), cfg.seed,
+                      encoders_digest=encoders_digest(cfg.base))
+    loader = _loader(dataset, cfg, condition, resolution, part, start * accum, changes)
     model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     objective = build_objective(cfg, student, model, ema, base, part)
-    validation = _validation_batch(cfg, condition, resolution) if main else None
+    validation = _validation_batch(cfg, condition, resolution, base) if main else None
     log_path = out / "loss.jsonl"
     accelerator.wait_for_everyone()  # every process has read its checkpoint
     if main:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
@@ -223,14 +233,21 @@ def _global_means(values: dict[str, torch.Tensor], accelerator) -> dict[str, flo
 PROBE_ITEMS = 64
 
 
-def _open_dataset(cfg: DistillConfig, condition, resolution: int) -> ConditionDataset:
-    """The training dataset; a data source that cannot be used is reported against ``--data``.
+def _open_dataset(cfg: DistillConfig, condition, resolution: int):
+    """The training data: a ``ConditionDataset``, a ``CachedDataset``, or a stream-only source.
 
-    A separate copy of a sized source is probed first: when none of its first
-    :data:`PROBE_ITEMS` items is usable (all of them, for a smaller source), the run stops
-    here, before any model loads (unless ``max_skip_fraction`` is 1).
+    A latent cache is checked here for everything but the base (resolution, condition, seed);
+    the base is checked once it is loaded. A separate copy of a sized source is probed first:
+    when none of its first :data:`PROBE_ITEMS` items is usable (all of them, for a smaller
+    source), the run stops here, before any model loads (unless ``max_skip_fraction`` is 1). A
+    stream-only source (tar shards, streamed ``datasets``) is returned as it is and becomes a
+    :class:`StreamingConditionDataset` once the process count is known.
     """
     try:
+        if is_cache(cfg.data):
+            cached = CachedDataset(cfg.data)
+            cached.check(cached.base_fingerprint, resolution, cfg.condition, condition.config(), cfg.seed)
+            return cached
         probe = open_source(cfg.data, resolution=resolution, **cfg.data_options)
         if isinstance(probe, IndexedSource) and cfg.max_skip_fraction < 1:
             count = min(len(probe), PROBE_ITEMS)
@@ -238,16 +255,36 @@ def _open_dataset(cfg: DistillConfig, condition, resolution: int) -> ConditionDa
                 if count == len(probe):
                     raise probe.stats.empty_error()
                 raise EmptySourceError(f"none of the first {count} items is usable: {probe.stats.summary()}")
-        return ConditionDataset(open_source(cfg.data, resolution=resolution, **cfg.data_options), condition,
-                                resolution, seed=cfg.seed)
+        source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
+        if is_streaming(source):
+            return source
+        return ConditionDataset(source, condition, resolution, seed=cfg.seed)
     except (EmptySourceError, FileNotFoundError) as error:
         raise type(error)(f"--data {cfg.data!r}: {error}") from error
 
 
-def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int = 8) -> dict:
+def _loader(dataset, cfg: DistillConfig, condition, resolution: int, part: Part, start: int, changes: list[str]):
+    """This process's loader of micro-batches ``start, start + 1, ...`` (its part of each global batch).
+
+    The loader is not handed to accelerate to shard: each process reads only its own part.
+    """
+    if isinstance(dataset, StreamingConditionDataset):
+        moved = [c for c in changes if c.startswith(("num_workers:", "batch_size:"))]
+        if moved:
+            raise ResumeMismatchError(
+                "a streamed data source resumes at the exact sample only with the processes, --batch-size and "
+                f"--num-workers it was trained with; changed: {'; '.join(moved)}. Resume with the checkpoint's values.")
+        return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=dataset.collate, num_workers=cfg.num_workers)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.max_steps * cfg.gradient_accumulation_steps,
+                               processes=part.processes, rank=part.rank)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=cfg.num_workers)
+
+
+def _validation_batch(cfg: DistillConfig, condition, resolution: int, base, count: int = 8) -> dict:
     """The validation items: ``cfg.validation_images`` with their prompts, else ``count`` held-out scenes.
 
     A user's images are plain images; their condition is derived by ``condition`` as in training.
+    From a latent cache, the first ``count`` cached items, their images decoded by ``base``.
     """
     if cfg.validation_images:
         from condistill.config import validation_pairs
@@ -258,8 +295,15 @@ def _validation_batch(cfg: DistillConfig, condition, resolution: int, count: int
                    for path, prompt in validation_pairs(cfg.validation_images, cfg.validation_prompts)]
         items = ConditionDataset(records, condition, resolution, seed=cfg.seed + 1)
         return collate([items[i] for i in range(len(items))])
+    if is_cache(cfg.data):
+        cached = CachedDataset(cfg.data)
+        batch = cached.collate([cached[i] for i in range(min(count, len(cached)))])
+        batch["pixel_values"] = base.decode_latents(batch["latents"].to(base.device, base.dtype)).float().cpu()
+        return batch
     spec = "synthetic:heldout:64" if cfg.data.startswith("synthetic") else cfg.data
     source = open_source(spec, resolution=resolution, **({} if spec.startswith("synthetic") else cfg.data_options))
+    if is_streaming(source):  # the stream's first records, never the whole stream
+        source = list(itertools.islice(iter(source), count))
     items = ConditionDataset(source, condition, resolution, seed=cfg.seed + 1)
     return collate([items[i] for i in range(min(count, len(items)))])
 
