@@ -1,9 +1,11 @@
-"""The frozen teacher: a Stable Diffusion 1.x/2.x model in diffusers layout.
+"""The frozen teacher: a Stable Diffusion 1.x/2.x or SDXL model in diffusers layout.
 
-:func:`load_base` loads the VAE, text encoder, tokenizer and UNet of a diffusers
-``StableDiffusionPipeline`` folder (or a hub id found in the local Hugging Face cache),
-freezes them, and reads the teacher's noise schedule from its scheduler config.
-:class:`Base` bundles them with the three encode/decode helpers the training loop needs.
+:func:`load_base` loads the VAE, text encoder(s), tokenizer(s) and UNet of a diffusers
+``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder (or a hub id found in the
+local Hugging Face cache), freezes them, and reads the teacher's noise schedule from its
+scheduler config. :class:`Base` bundles them with the encode/decode helpers the training loop
+needs. What differs between the families (text encoders, the form of the UNet's text
+conditioning, the stock pipelines) is a :class:`BaseFamily`, chosen by :func:`family_of`.
 """
 from __future__ import annotations
 
@@ -18,34 +20,15 @@ from condistill.hub import resolve_pretrained_dir
 from condistill.method.schedule import make_alphas_cumprod, normalize_prediction_type
 from condistill.utils import jsonable
 
-__all__ = [
-    "Base",
-    "load_base",
-    "compute_fingerprint",
-    "fingerprint_mismatch",
-    "NOISE_SCHEDULE_KEYS",
-    "NOISE_SCHEDULE_DEFAULTS",
-]
+__all__ = ["Base", "BaseFamily", "SD", "SDXL", "FAMILIES", "family_of", "load_base", "native_resolution",
+           "compute_fingerprint", "fingerprint_mismatch", "NOISE_SCHEDULE_KEYS", "NOISE_SCHEDULE_DEFAULTS"]
 
 #: Scheduler config keys that define the teacher's noise schedule (copied into the few-step
 #: scheduler config of an exported adapter).
-NOISE_SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "rescale_betas_zero_snr",
-)
-
-NOISE_SCHEDULE_DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "rescale_betas_zero_snr": False,
-}
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                       "rescale_betas_zero_snr")
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                           "beta_schedule": "linear", "trained_betas": None, "rescale_betas_zero_snr": False}
 
 
 # --------------------------------------------------------------------------------------
@@ -62,7 +45,8 @@ def compute_fingerprint(unet_config: Mapping[str, Any], prediction_type: str) ->
 
     Returns:
         ``{"in_channels", "out_channels", "block_out_channels", "cross_attention_dim",
-        "sample_size", "prediction_type"}`` with lists instead of tuples.
+        "sample_size", "prediction_type"}`` with lists instead of tuples, plus ``"family"``
+        (e.g. ``"sdxl"``) for every family but SD 1.x/2.x (whose fingerprints predate the key).
     """
 
     def plain(value):
@@ -70,7 +54,7 @@ def compute_fingerprint(unet_config: Mapping[str, Any], prediction_type: str) ->
             return [plain(v) for v in value]
         return value
 
-    return {
+    out = {
         "in_channels": int(unet_config["in_channels"]),
         "out_channels": int(unet_config["out_channels"]),
         "block_out_channels": plain(unet_config["block_out_channels"]),
@@ -78,21 +62,187 @@ def compute_fingerprint(unet_config: Mapping[str, Any], prediction_type: str) ->
         "sample_size": plain(unet_config["sample_size"]),
         "prediction_type": normalize_prediction_type(prediction_type),
     }
+    family = family_of(unet_config)
+    if family is not SD:
+        out["family"] = family.name
+    return out
 
 
 def fingerprint_mismatch(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """Describe every differing key of two fingerprints (empty list when they match).
 
     Keys present in only one of them are ignored, so older fingerprints with fewer keys still
-    compare. Values are compared after a JSON round trip (tuples equal lists).
+    compare; a missing ``"family"`` means SD 1.x/2.x. Values are compared after a JSON round trip
+    (tuples equal lists).
     """
-
-
+    expected, actual = {"family": SD.name, **expected}, {"family": SD.name, **actual}
     problems = []
     for key in sorted(set(expected) & set(actual)):
         if jsonable(expected[key]) != jsonable(actual[key]):
             problems.append(f"{key}: {expected[key]!r} != {actual[key]!r}")
     return problems
+
+
+# --------------------------------------------------------------------------------------
+# base families: everything that differs between SD 1.x/2.x and SDXL
+# --------------------------------------------------------------------------------------
+
+
+class BaseFamily:
+    """What differs between base families, asked in one place instead of branching elsewhere.
+
+    One instance per family (:data:`SD`, :data:`SDXL`); :func:`family_of` picks it from the
+    UNet's config (its ``addition_embed_type``). A family says:
+
+    * :attr:`text_parts`: the ``(text encoder, tokenizer, transformers class)`` subfolders it loads;
+    * :meth:`encode_prompts`: prompts -> the UNet's *text conditioning* (a tensor for SD, a
+      dict of ``[B, ...]`` tensors for SDXL);
+    * :meth:`unet_kwargs`: text conditioning -> the keyword arguments of a UNet / ControlNet call;
+    * :meth:`pipeline`: the stock diffusers pipeline of a role (``"text"``, ``"controlnet"``,
+      ``"adapter"``) built from shared components.
+    """
+
+    name: str = ""
+    label: str = ""
+    text_parts: tuple[tuple[str, str, str], ...] = ()
+    #: role -> diffusers pipeline class name
+    pipelines: Mapping[str, str] = {}
+    #: keyword arguments of ``from_pretrained`` of the ``"text"`` pipeline
+    load_kwargs: Mapping[str, Any] = {}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The pipeline components every role needs."""
+        return ("vae", *(part for parts in self.text_parts for part in parts[:2]), "unet", "scheduler")
+
+    def pipeline_class(self, role: str):
+        import diffusers
+
+        return getattr(diffusers, self.pipelines[role])
+
+    def pipeline(self, role: str, components: Mapping[str, Any], **modules):
+        """The ``role`` pipeline on ``components`` (+ ``modules``), given only what its class takes."""
+        import inspect
+
+        cls = self.pipeline_class(role)
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in {**components, **modules}.items() if k in accepted})
+
+    def encode_prompts(self, base: "Base", prompts: list[str]):
+        raise NotImplementedError
+
+    def unet_kwargs(self, text, sample: torch.Tensor, vae_scale_factor: int, dtype=None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<base family {self.name}>"
+
+
+class SDFamily(BaseFamily):
+    """Stable Diffusion 1.x/2.x: one CLIP text encoder; the conditioning is its last hidden state ``[B, L, D]``."""
+
+    name, label = "sd", "Stable Diffusion 1.x/2.x"
+    text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+    pipelines = {"text": "StableDiffusionPipeline", "controlnet": "StableDiffusionControlNetPipeline",
+                 "adapter": "StableDiffusionAdapterPipeline"}
+    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
+    def encode_prompts(self, base, prompts):
+        # exactly StableDiffusionPipeline.encode_prompt (attention mask only when the encoder asks for it)
+        tokens = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        device = next(base.text_encoder.parameters()).device
+        mask = None
+        if getattr(base.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(device)
+        hidden = base.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return hidden.to(dtype=base.dtype)
+
+    def unet_kwargs(self, text, sample, vae_scale_factor, dtype=None):
+        if not isinstance(text, torch.Tensor):
+            raise TypeError(f"This {self.label} UNet takes text embeddings [B, L, D] (base.encode_prompts), "
+                            f"got {type(text).__name__}.")
+        return {"encoder_hidden_states": text if dtype is None else text.to(dtype)}
+
+
+class SDXLFamily(BaseFamily):
+    """SDXL: two CLIP text encoders. The conditioning is a dict of ``[B, ...]`` tensors:
+
+    * ``encoder_hidden_states`` ``[B, L, D1 + D2]``: both encoders' penultimate hidden states, concatenated;
+    * ``text_embeds`` ``[B, P]``: the pooled, projected output of the second encoder;
+    * ``time_ids`` ``[B, 6]`` (optional): SDXL's size/crop micro-conditioning ``(original h, w, crop
+      top, left, target h, w)``; when absent, :meth:`unet_kwargs` uses ``(H, W, 0, 0, H, W)`` of the
+      latent's pixel size, the stock pipelines' default.
+
+    ``""`` encodes to zeros when the pipeline config says ``force_zeros_for_empty_prompt`` (the
+    default of SDXL), the unconditional embedding the stock SDXL pipelines guide with.
+    """
+
+    name, label = "sdxl", "Stable Diffusion XL"
+    text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),
+                  ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
+    pipelines = {"text": "StableDiffusionXLPipeline", "controlnet": "StableDiffusionXLControlNetPipeline",
+                 "adapter": "StableDiffusionXLAdapterPipeline"}
+    load_kwargs = {}
+    KEYS = ("encoder_hidden_states", "text_embeds")
+
+    def encode_prompts(self, base, prompts):
+        # as StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of both encoders,
+        # the pooled output of the first one that has it (the projection model)
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        if pooled is None:
+            raise TypeError("The SDXL base's text_encoder_2 gives no pooled output; it must be a "
+                            "CLIPTextModelWithProjection.")
+        hidden = torch.cat(hidden, dim=-1).to(base.dtype)
+        pooled = pooled.to(device=hidden.device, dtype=base.dtype)
+        if base.pipeline_config.get("force_zeros_for_empty_prompt", True):
+            empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+    def unet_kwargs(self, text, sample, vae_scale_factor, dtype=None):
+        if not isinstance(text, Mapping) or any(k not in text for k in self.KEYS):
+            got = sorted(text) if isinstance(text, Mapping) else type(text).__name__
+            raise TypeError(f"This {self.label} UNet takes the text conditioning of base.encode_prompts: a dict with "
+                            f"{list(self.KEYS)} (and optionally time_ids), got {got}.")
+        pooled = text["text_embeds"]
+        time_ids = text.get("time_ids")
+        if time_ids is None:
+            h, w = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=pooled.device, dtype=pooled.dtype)
+            time_ids = time_ids.expand(pooled.shape[0], 6)
+        extra = {"text_embeds": pooled, "time_ids": time_ids}
+        hidden = text["encoder_hidden_states"]
+        if dtype is not None:
+            hidden, extra = hidden.to(dtype), {k: v.to(dtype) for k, v in extra.items()}
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": extra}
+
+
+SD, SDXL = SDFamily(), SDXLFamily()
+FAMILIES = {family.name: family for family in (SD, SDXL)}
+
+
+def family_of(unet_config: Mapping[str, Any]) -> BaseFamily:
+    """The :class:`BaseFamily` of a UNet config: SDXL for ``addition_embed_type="text_time"``, else SD.
+
+    Raises:
+        ValueError: another ``addition_embed_type`` (a family condistill does not support).
+    """
+    kind = unet_config.get("addition_embed_type")
+    if kind is None:
+        return SD
+    if kind == "text_time":
+        return SDXL
+    raise ValueError(f"This UNet's addition_embed_type={kind!r} belongs to no supported base family; condistill "
+                     f"supports {', '.join(f.label for f in FAMILIES.values())} (UNet2DConditionModel) bases.")
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +256,9 @@ class Base:
 
     Attributes:
         vae, text_encoder, tokenizer, unet: diffusers / transformers modules, frozen
-            (``requires_grad=False``) and in eval mode.
+            (``requires_grad=False``) and in eval mode. The VAE stays in float32 when its
+            config says ``force_upcast`` and the base is loaded in float16 (SDXL's VAE overflows
+            in float16).
         alphas_cumprod: float32 ``[T]`` tensor (on CPU) of the teacher's ``abar_t``.
         num_train_timesteps: ``T``.
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` (normalised from the scheduler config).
@@ -115,6 +267,10 @@ class Base:
         resolution: native image size in pixels, ``unet.config.sample_size * vae_scale_factor``.
         name_or_path: what was passed to :func:`load_base` (folder or hub id).
         scheduler_config: the teacher's raw scheduler config (a plain dict).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer (None for SD).
+        family: the :class:`BaseFamily` (:data:`SD` or :data:`SDXL`).
+        pipeline_config: the non-component entries of ``model_index.json`` (e.g. SDXL's
+            ``force_zeros_for_empty_prompt``).
     """
 
     vae: Any
@@ -129,6 +285,10 @@ class Base:
     resolution: int
     name_or_path: str
     scheduler_config: dict = field(default_factory=dict)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: BaseFamily = SD
+    pipeline_config: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -158,30 +318,22 @@ class Base:
         return out
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings ``[B, L, D]`` of ``prompts`` exactly as the stock SD pipelines compute them.
+    def encode_prompts(self, prompts: Sequence[str]):
+        """The UNet's text conditioning of ``prompts``, exactly as the stock pipelines compute it.
 
-        Prompts are padded / truncated to ``tokenizer.model_max_length``; the attention mask is
-        passed only when the text encoder's config asks for it (``use_attention_mask``), as in
-        ``StableDiffusionPipeline.encode_prompt``. The empty string ``""`` gives the
-        unconditional embedding used for classifier-free guidance.
+        SD 1.x/2.x: the text embeddings ``[B, L, D]`` (padded / truncated to
+        ``tokenizer.model_max_length``; the attention mask is passed only when the text encoder's
+        config asks for it, as in ``StableDiffusionPipeline.encode_prompt``). SDXL: a dict of
+        ``[B, ...]`` tensors, see :class:`SDXLFamily`. The empty string ``""`` gives the
+        unconditional conditioning used for classifier-free guidance.
         """
         if isinstance(prompts, str):
             raise TypeError(f"encode_prompts takes a list of strings; wrap a single prompt: [{prompts!r}].")
-        prompts = list(prompts)
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        device = next(self.text_encoder.parameters()).device
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(device)
-        hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        return hidden.to(dtype=self.dtype)
+        return self.family.encode_prompts(self, list(prompts))
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor | int, text) -> torch.Tensor:
+        """The frozen teacher's raw output at ``(z, t)`` for the text conditioning ``text`` (:meth:`encode_prompts`)."""
+        return self.unet(z, t, **self.family.unet_kwargs(text, z, self.vae_scale_factor), return_dict=False)[0]
 
     @torch.no_grad()
     def encode_images(
@@ -221,8 +373,10 @@ class Base:
 
     def to(self, device=None, dtype=None) -> "Base":
         """Move the modules to ``device`` / ``dtype`` in place and return ``self``."""
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.to(device=device, dtype=dtype)
+        for module in (self.text_encoder, self.text_encoder_2, self.unet):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=None if dtype is None else _vae_dtype(self.vae.config, dtype))
         return self
 
 
@@ -243,6 +397,15 @@ def native_resolution(name_or_path: str | os.PathLike, revision: str | None = No
     return int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
+def _vae_dtype(vae_config, dtype: torch.dtype) -> torch.dtype:
+    """float32 for a VAE whose config asks ``force_upcast`` when the base runs in float16, else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
+
+
+def _read_json(path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _freeze(module):
     module.requires_grad_(False)
     module.eval()
@@ -255,14 +418,16 @@ def load_base(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
 ) -> Base:
-    """Load a frozen Stable Diffusion teacher from a diffusers folder or a hub id.
+    """Load a frozen Stable Diffusion (1.x/2.x or XL) teacher from a diffusers folder or a hub id.
 
     Args:
         name_or_path: a local diffusers ``StableDiffusionPipeline`` folder (with ``vae/``,
-            ``text_encoder/``, ``tokenizer/``, ``unet/``, ``scheduler/``) or a hub repo id
-            resolved from the local Hugging Face cache (see :func:`resolve_pretrained_dir`).
+            ``text_encoder/``, ``tokenizer/``, ``unet/``, ``scheduler/``), a
+            ``StableDiffusionXLPipeline`` folder (also ``text_encoder_2/``, ``tokenizer_2/``), or a
+            hub repo id resolved from the local Hugging Face cache (see :func:`resolve_pretrained_dir`).
         device: where the modules go.
-        dtype: floating-point dtype of the modules (``alphas_cumprod`` stays float32).
+        dtype: floating-point dtype of the modules (``alphas_cumprod`` stays float32; a
+            ``force_upcast`` VAE stays float32 under float16).
         revision: hub revision (branch, tag or commit), ignored for local folders.
 
     Returns:
@@ -270,18 +435,20 @@ def load_base(
 
     Raises:
         FileNotFoundError: the folder / repo is not found, or lacks a required subfolder.
-        ValueError: the scheduler's prediction type is not supported.
+        ValueError: the scheduler's prediction type or the UNet's family is not supported.
     """
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer
 
     root = resolve_pretrained_dir(name_or_path, revision=revision, what="base model")
-    missing = [sub for sub in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if not (root / sub).is_dir()]
+    family = family_of(_read_json(root / "unet" / "config.json"))
+    missing = [sub for sub in family.components if not (root / sub).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"{os.fspath(name_or_path)!r} ({root}) is not a Stable Diffusion folder in diffusers layout: "
+            f"{os.fspath(name_or_path)!r} ({root}) is not a {family.label} folder in diffusers layout: "
             f"missing subfolder(s) {missing}. Pass a folder saved with "
-            "StableDiffusionPipeline.save_pretrained (or a hub id of such a repo)."
+            f"{family.pipelines['text']}.save_pretrained (or a hub id of such a repo)."
         )
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
@@ -291,17 +458,21 @@ def load_base(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
             f"The base {os.fspath(name_or_path)!r} predicts {prediction_type!r}; condistill supports "
-            "'epsilon' (SD 1.x) and 'v_prediction' (SD 2.x) teachers."
+            "'epsilon' (SD 1.x, SDXL) and 'v_prediction' (SD 2.x) teachers."
         )
     schedule = {k: scheduler_config.get(k, NOISE_SCHEDULE_DEFAULTS[k]) for k in NOISE_SCHEDULE_KEYS}
     alphas_cumprod = make_alphas_cumprod(**schedule)
 
-    vae = _freeze(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype))
+    vae_config = AutoencoderKL.load_config(root, subfolder="vae")
+    vae = _freeze(AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=_vae_dtype(vae_config, dtype)))
     unet = _freeze(UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype))
-    text_encoder = _freeze(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype))
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    for module in (vae, unet, text_encoder):
-        module.to(device)
+    text = {}
+    for encoder, tokenizer, cls in family.text_parts:
+        text[encoder] = _freeze(getattr(transformers, cls).from_pretrained(root / encoder, dtype=dtype)).to(device)
+        text[tokenizer] = AutoTokenizer.from_pretrained(root / tokenizer)
+    vae.to(device)
+    unet.to(device)
+    index = _read_json(root / "model_index.json")
 
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     sample_size = unet.config.sample_size
@@ -309,8 +480,6 @@ def load_base(
         sample_size = sample_size[0]
     return Base(
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
         unet=unet,
         alphas_cumprod=alphas_cumprod,
         num_train_timesteps=int(schedule["num_train_timesteps"]),
@@ -320,4 +489,7 @@ def load_base(
         resolution=int(sample_size) * vae_scale_factor,
         name_or_path=os.fspath(name_or_path),
         scheduler_config=dict(scheduler_config),
+        family=family,
+        pipeline_config={k: v for k, v in index.items() if not isinstance(v, list) and not k.startswith("_")},
+        **text,
     )

@@ -6,15 +6,20 @@
     pipe = condistill.load_adapter("runs/edge")            # or a hub id, or (pipe, "runs/edge")
     image = pipe("a red cube", image=edge_map, **pipe.condistill_defaults).images[0]
 
-The pipeline is a plain diffusers one of the right flavour:
+The pipeline is a plain diffusers one of the right flavour (SD 1.x/2.x base | SDXL base):
 
-* ``controlnet``  -> ``StableDiffusionControlNetPipeline`` (``image=`` is the condition);
-* ``t2i_adapter`` -> ``StableDiffusionAdapterPipeline`` (``image=`` is the condition);
-* ``lora``        -> ``StableDiffusionAdapterPipeline`` whose UNet carries the LoRA (adapter name
+* ``controlnet``  -> ``StableDiffusionControlNetPipeline`` | ``StableDiffusionXLControlNetPipeline``
+  (``image=`` is the condition);
+* ``t2i_adapter`` -> ``StableDiffusionAdapterPipeline`` | ``StableDiffusionXLAdapterPipeline``
+  (``image=`` is the condition);
+* ``lora``        -> the same adapter pipeline, whose UNet carries the LoRA (adapter name
   ``"condistill"``, **not fused**, so it can be disabled with ``pipe.unet.disable_adapters()``
   or merged for speed with ``pipe.unet.fuse_lora()``). ``StableDiffusionAdapterPipeline`` has no
   ``load_lora_weights`` of its own, so the LoRA file is loaded by the stock
-  ``StableDiffusionPipeline.load_lora_weights`` on a pipeline sharing the same components.
+  ``StableDiffusionPipeline.load_lora_weights`` (``StableDiffusionXLPipeline``'s on SDXL) on a
+  pipeline sharing the same components.
+
+The base family (:func:`condistill.frozen.family_of` of the UNet) names these classes.
 
 Its scheduler is a :class:`condistill.method.codi_scheduler.CoDiScheduler` configured from the adapter's
 ``scheduler/scheduler_config.json`` (same skip grid as training). The recommended sampling
@@ -32,7 +37,7 @@ from typing import Any
 
 import torch
 
-from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, fingerprint_mismatch
+from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, family_of, fingerprint_mismatch
 from condistill.hub import resolve_pretrained_dir
 from condistill.adapters.integrity import adapter_class_for, check_adapter_fits, resolve_weight_files
 from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
@@ -83,8 +88,6 @@ def _scheduler_config(adapter_dir: Path, config: dict, base_scheduler_config) ->
 
 
 def _load_base_pipeline(name_or_path: str, torch_dtype, recorded: bool, resolved_path: str | None = None):
-    from diffusers import StableDiffusionPipeline
-
     try:
         if recorded and not Path(name_or_path).is_dir() and resolved_path and Path(resolved_path).is_dir():
             # a relative local base recorded from another working directory
@@ -97,10 +100,12 @@ def _load_base_pipeline(name_or_path: str, torch_dtype, recorded: bool, resolved
                 f"Pass base='path/to/local/diffusers/folder' (or a cached hub id) to load_adapter. ({error})"
             ) from None
         raise
-    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    unet_config = root / "unet" / "config.json"
+    family = family_of(json.loads(unet_config.read_text()) if unet_config.is_file() else {})
+    kwargs = dict(family.load_kwargs)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    return StableDiffusionPipeline.from_pretrained(root, **kwargs)
+    return family.pipeline_class("text").from_pretrained(root, **kwargs)
 
 
 def load_adapter(
@@ -133,7 +138,7 @@ def load_adapter(
 
     Returns:
         ``StableDiffusionControlNetPipeline`` (controlnet) or ``StableDiffusionAdapterPipeline``
-        (t2i_adapter, lora) with a ``CoDiScheduler``, plus ``pipe.condistill_defaults``
+        (t2i_adapter, lora), their SDXL versions on an SDXL base, with a ``CoDiScheduler``, plus ``pipe.condistill_defaults``
         (``num_inference_steps``, ``guidance_scale``: pass them to the call) and
         ``pipe.condistill_config``.
 
@@ -183,11 +188,15 @@ def load_adapter(
     else:
         base_ref = getattr(source_pipe, "name_or_path", None) or getattr(source_pipe.config, "_name_or_path", "the given pipeline")
     components = dict(source_pipe.components)
-    missing = [k for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if components.get(k) is None]
+    if components.get("unet") is None:
+        raise TypeError(f"The base pipeline ({type(source_pipe).__name__}) has no unet; load_adapter needs a "
+                        "Stable Diffusion (1.x/2.x or XL) pipeline.")
+    family = family_of(components["unet"].config)
+    missing = [k for k in family.components if components.get(k) is None]
     if missing:
         raise TypeError(
             f"The base pipeline ({type(source_pipe).__name__}) lacks component(s) {missing}; load_adapter "
-            "needs a Stable Diffusion pipeline (vae, text_encoder, tokenizer, unet, scheduler)."
+            f"needs a {family.label} pipeline ({', '.join(family.components)})."
         )
     unet = components["unet"]
     dtype = torch_dtype or unet.dtype
@@ -207,18 +216,17 @@ def load_adapter(
 
     scheduler = CoDiScheduler.from_config(_scheduler_config(adapter_dir, config, components["scheduler"].config))
     common = {
-        "vae": components["vae"],
-        "text_encoder": components["text_encoder"],
-        "tokenizer": components["tokenizer"],
-        "unet": unet,
+        **{k: components[k] for k in family.components},
         "scheduler": scheduler,
         "safety_checker": components.get("safety_checker"),
         "feature_extractor": components.get("feature_extractor"),
         "requires_safety_checker": False,
         "image_encoder": components.get("image_encoder"),
     }
-    # each adapter kind builds its own stock pipeline (condistill.adapters registry)
-    pipe = adapter_class.stock_pipeline(adapter_dir, config["weight_files"], common, dtype)
+    if "force_zeros_for_empty_prompt" in source_pipe.config:  # SDXL: what its unconditional embedding is
+        common["force_zeros_for_empty_prompt"] = source_pipe.config.force_zeros_for_empty_prompt
+    # each adapter kind builds its own stock pipeline (condistill.adapters registry), of the family's classes
+    pipe = adapter_class.stock_pipeline(adapter_dir, config["weight_files"], common, dtype, family)
 
     if device is not None:
         pipe.to(device)

@@ -238,3 +238,94 @@ def tiny_run_config(base, out, **overrides):
                 max_steps=2, batch_size=4, checkpoint_every=0, validate_every=0, log_every=1, seed=0)
     opts.update(overrides)
     return DistillConfig(**opts)
+
+
+def make_tiny_sdxl_base(tmp_path: str | Path, name: str = "tiny_sdxl", seed: int = 0) -> Path:
+    """Save a tiny random ``StableDiffusionXLPipeline`` into ``tmp_path / name`` and return that folder.
+
+    Layout mirrors SDXL: a plain ``DownBlock2D`` then two cross-attention down blocks (the last
+    without downsampler), ``addition_embed_type="text_time"`` (pooled text + six size/crop ids),
+    two text encoders (a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``, 32 wide each,
+    so the UNet cross-attends to 64 channels) sharing the embedded teacher's tokenizer, and a VAE
+    that downsamples by 4 with ``force_upcast``. Images are ``3 x 64 x 64``, latents ``4 x 16 x 16``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from condistill.hub import ASSETS_DIR
+
+    out = Path(tmp_path) / name
+    if (out / "model_index.json").exists():
+        return out
+    tokenizer = CLIPTokenizer.from_pretrained(ASSETS_DIR / "tiny-teacher" / "tokenizer")
+    time_dim, projection = 8, 32
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    encoders = []
+    for i, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+        torch.manual_seed(seed + 2 + i)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=projection,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        encoders.append(cls(config).eval())
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out)
+    return out

@@ -6,7 +6,8 @@ teacher's exactly. The condition image itself is the feature (the ControlNet emb
 every call, as the stock ``StableDiffusionControlNetPipeline`` does).
 
 Exported as a stock ``ControlNetModel`` folder (``controlnet/config.json`` +
-``controlnet/diffusion_pytorch_model.safetensors``).
+``controlnet/diffusion_pytorch_model.safetensors``); on SDXL the copy keeps the UNet's
+``text_time`` embedding, as the SDXL ControlNets diffusers loads.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from condistill.adapters.student import Student, pretrained_folder, register_adapter, save_module_folder
+from condistill.adapters.student import Student, base_family, pretrained_folder, register_adapter, save_module_folder
 
 __all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
 
@@ -133,7 +134,7 @@ class ControlNetStudent(Student):
         down, mid = self.controlnet(
             z.to(cn_dtype),
             t,
-            encoder_hidden_states=encoder_hidden_states.to(cn_dtype),
+            **self.text_kwargs(encoder_hidden_states, z, cn_dtype),
             controlnet_cond=features,
             conditioning_scale=1.0,
             return_dict=False,
@@ -142,7 +143,7 @@ class ControlNetStudent(Student):
         return self.unet(
             z,
             t,
-            encoder_hidden_states=encoder_hidden_states,
+            **self.text_kwargs(encoder_hidden_states, z),
             down_block_additional_residuals=[r.to(unet_dtype) for r in down],
             mid_block_additional_residual=mid.to(unet_dtype),
             return_dict=False,
@@ -156,26 +157,29 @@ class ControlNetStudent(Student):
         return {"controlnet": self.controlnet}
 
     @classmethod
-    def diffusers_snippet(cls, base, weight_files):
+    def diffusers_snippet(cls, base, weight_files, family=None):
+        pipeline = base_family(family).pipelines["controlnet"]
         sub = Path(weight_files.get("controlnet", f"{SUBFOLDER}/x")).parent.as_posix()
+        head = f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
+        tail = [f"{head},", " " * 57 + "safety_checker=None)"]  # pipelines with a safety checker
         return [
-            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline",
+            f"from diffusers import ControlNetModel, {pipeline}",
             "from condistill import CoDiScheduler",
             "",
             f'controlnet = ControlNetModel.from_pretrained(ADAPTER, subfolder="{sub}")',
-            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet,',
-            "                                                         safety_checker=None)",
+            *(tail if "safety_checker" in base_family(family).load_kwargs else [f"{head})"]),
         ]
 
     @classmethod
-    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
-        """``StableDiffusionControlNetPipeline`` with the exported ``ControlNetModel`` (``image=`` is the condition)."""
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype, family=None):
+        """``StableDiffusionControlNetPipeline`` (``StableDiffusionXLControlNetPipeline`` on SDXL) with the
+        exported ``ControlNetModel`` (``image=`` is the condition)."""
+        from diffusers import ControlNetModel
 
         from condistill.adapters.integrity import load_stock_module
 
         controlnet = load_stock_module(ControlNetModel, adapter_dir, weight_files["controlnet"], dtype)
-        return StableDiffusionControlNetPipeline(**components, controlnet=controlnet)
+        return base_family(family, components["unet"]).pipeline("controlnet", components, controlnet=controlnet)
 
 
 register_adapter("controlnet", ControlNetStudent)

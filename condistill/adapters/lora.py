@@ -9,7 +9,7 @@ a small zero-initialised T2I-Adapter that feeds the condition into the UNet's do
   :mod:`condistill.adapters.t2i_adapter`) whose features enter through
   ``down_intrablock_additional_residuals``, the same path ``StableDiffusionAdapterPipeline``
   uses. ``condition_adapter="auto"`` takes the light adapter when the UNet's last two widths
-  are equal (every SD 1.x/2.x) and the full adapter otherwise.
+  are equal (every SD 1.x/2.x), else the full adapter, or ``full_adapter_xl`` on SDXL.
 
 The LoRA layers are injected into the given UNet **in place** (peft adapter name
 ``"condistill"``, then ``"condistill_1"``... when several LoRA students share one UNet) but
@@ -33,12 +33,14 @@ from typing import Sequence
 
 import torch
 
-from condistill.adapters.student import AdapterWeightsError, Student, check_state_dict_keys, register_adapter
+from condistill.adapters.student import (AdapterWeightsError, Student, base_family, check_state_dict_keys,
+                                        register_adapter)
 from condistill.adapters.t2i_adapter import (
+    AUTO_ADAPTER_TYPES,
     WEIGHT_COMPONENT,
     T2IAdapterFeatures,
     make_t2i_adapter,
-    t2i_adapter_fits,
+    resolve_adapter_type,
 )
 
 __all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME"]
@@ -78,7 +80,8 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         rank: LoRA rank (default 4).
         lora_alpha: LoRA alpha (default = rank, i.e. scale 1).
         targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
-        condition_adapter: ``"auto"`` (default), ``"light_adapter"`` or ``"full_adapter"``.
+        condition_adapter: ``"auto"`` (default), ``"light_adapter"``, ``"full_adapter"`` or
+            ``"full_adapter_xl"`` (SDXL).
         adapter_num_res_blocks: residual blocks per T2I-Adapter block (default 2).
     """
 
@@ -126,7 +129,7 @@ class LoRAStudent(T2IAdapterFeatures, Student):
             name = f"{LORA_ADAPTER_NAME}_{i}"
         self.lora_adapter_name = name
         if condition_adapter == "auto":
-            condition_adapter = "light_adapter" if t2i_adapter_fits(unet, "light_adapter")[0] else "full_adapter"
+            condition_adapter = resolve_adapter_type(unet, "auto", ("light_adapter", *AUTO_ADAPTER_TYPES))
             logger.info("LoRA student: condition enters through a %s", condition_adapter)
         self.adapter = self._trainable(
             make_t2i_adapter(unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks)
@@ -288,29 +291,35 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         super()._load_file_states(states)
 
     @classmethod
-    def diffusers_snippet(cls, base, weight_files):
-        # StableDiffusionAdapterPipeline has no LoRA loader: load it on the plain pipeline, then share its parts
+    def diffusers_snippet(cls, base, weight_files, family=None):
+        family = base_family(family)
         lora = weight_files.get("lora", LORA_WEIGHT_NAME)
-        return cls.adapter_snippet(weight_files) + [
-            "from diffusers import StableDiffusionPipeline",
-            f'sd = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)',
+        pipeline = family.pipelines["adapter"]
+        if hasattr(family.pipeline_class("adapter"), "load_lora_weights"):  # SDXL's adapter pipeline loads LoRAs
+            return cls.adapter_snippet(weight_files, family) + [
+                f'pipe = {pipeline}.from_pretrained("{base}", adapter=adapter)',
+                f'pipe.load_lora_weights(ADAPTER, weight_name="{lora}")',
+            ]
+        # StableDiffusionAdapterPipeline has no LoRA loader: load it on the plain pipeline, then share its parts
+        return cls.adapter_snippet(weight_files, family) + [
+            f"from diffusers import {family.pipelines['text']}",
+            f'sd = {family.pipelines["text"]}.from_pretrained("{base}", safety_checker=None)',
             f'sd.load_lora_weights(ADAPTER, weight_name="{lora}")',
-            "pipe = StableDiffusionAdapterPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,",
+            f"pipe = {pipeline}(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,",
             "                                      unet=sd.unet, scheduler=sd.scheduler, adapter=adapter,",
             "                                      safety_checker=None, feature_extractor=None,",
             "                                      requires_safety_checker=False)",
         ]
 
     @classmethod
-    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
-        """``StableDiffusionAdapterPipeline`` whose UNet carries the LoRA (adapter name ``"condistill"``, not fused).
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype, family=None):
+        """The family's T2I-Adapter pipeline whose UNet carries the LoRA (adapter name ``"condistill"``, not fused).
 
         ``StableDiffusionAdapterPipeline`` has no ``load_lora_weights`` of its own, so the LoRA
-        file is loaded by the stock ``StableDiffusionPipeline.load_lora_weights`` on a pipeline
-        sharing the same components.
+        file is loaded by the family's stock text-to-image pipeline (``StableDiffusionPipeline``,
+        ``StableDiffusionXLPipeline``) ``load_lora_weights`` on a pipeline sharing the same components.
         """
-        from diffusers import StableDiffusionPipeline
-
+        family = base_family(family, components["unet"])
         adapter = cls.load_stock_adapter(adapter_dir, weight_files, dtype)
         unet = components["unet"]
         if LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
@@ -319,11 +328,10 @@ class LoRAStudent(T2IAdapterFeatures, Student):
                 f"adapter was loaded before); remove it with pipe.unet.delete_adapters({LORA_ADAPTER_NAME!r}) "
                 "or start from a fresh pipeline."
             )
-        loader = StableDiffusionPipeline(**{k: v for k, v in components.items() if k != "image_encoder"})
-        loader.load_lora_weights(
+        family.pipeline("text", components).load_lora_weights(
             adapter_dir, weight_name=weight_files["lora"], adapter_name=LORA_ADAPTER_NAME, use_safetensors=True
         )
-        return cls.adapter_pipeline(components, adapter)
+        return cls.adapter_pipeline(components, adapter, family)
 
 
 register_adapter("lora", LoRAStudent)

@@ -9,7 +9,10 @@ Contract shared by all kinds:
 * ``student.encode_condition(cond)`` turns a condition ``[B, C, H, W]`` in ``[0, 1]`` into
   *features*, computed once per image and reused across branches and steps;
 * ``student(z, t, encoder_hidden_states, features)`` returns the raw UNet output (the
-  teacher's prediction type); ``use_adapter=False`` gives exactly the frozen teacher;
+  teacher's prediction type); ``use_adapter=False`` gives exactly the frozen teacher.
+  ``encoder_hidden_states`` is the text conditioning of ``base.encode_prompts`` (a tensor for SD
+  1.x/2.x, a dict for SDXL); the base family (:func:`condistill.frozen.family_of` of the UNet)
+  turns it into the UNet's keyword arguments;
 * at construction the adapter is zero-initialised, so the student's output equals the
   teacher's exactly (unless started from pretrained adapter weights);
 * ``student.trainable_named_parameters()`` holds only the adapter's parameters;
@@ -39,6 +42,7 @@ __all__ = [
     "pretrained_folder",
     "weights_file",
     "save_module_folder",
+    "base_family",
 ]
 
 _REGISTRY: dict[str, type["Student"]] = {}
@@ -220,6 +224,9 @@ class Student(nn.Module):
             raise ValueError(f"vae_scale_factor must be a power of two (SD: 8), got {vae_scale_factor!r}.")
         if not hasattr(unet, "config") or "block_out_channels" not in unet.config:
             raise TypeError(f"build_student needs a diffusers UNet2DConditionModel (or a Base), got {type(unet).__name__}.")
+        from condistill.frozen import family_of
+
+        self.family = family_of(unet.config)
         unet.requires_grad_(False)
         unet.eval()
         self.unet = unet
@@ -275,22 +282,26 @@ class Student(nn.Module):
         self._load_file_states(read_checked_weights(self, folder, weight_files))
 
     @classmethod
-    def diffusers_snippet(cls, base: str, weight_files: Mapping[str, str]) -> list[str]:
+    def diffusers_snippet(cls, base: str, weight_files: Mapping[str, str], family=None) -> list[str]:
         """Lines of plain diffusers code that build ``pipe`` for this kind from ``ADAPTER`` (the adapter
-        folder or repo id) and ``base`` (shown in the model card; the scheduler line follows them)."""
+        folder or repo id) and ``base`` (shown in the model card; the scheduler line follows them).
+        ``family`` is the base's :class:`condistill.frozen.BaseFamily` (or its name; default SD 1.x/2.x)."""
         raise NotImplementedError
 
     @classmethod
-    def stock_pipeline(cls, adapter_dir: Path, weight_files: Mapping[str, str], components: Mapping[str, Any], dtype):
+    def stock_pipeline(cls, adapter_dir: Path, weight_files: Mapping[str, str], components: Mapping[str, Any], dtype,
+                       family=None):
         """The stock diffusers pipeline that runs this kind's exported adapter.
 
         Args:
             adapter_dir: the exported adapter folder.
             weight_files: ``{component: relative file}`` recorded by :meth:`save_weights`.
-            components: the base pipeline's modules (``vae``, ``text_encoder``, ``tokenizer``,
+            components: the base pipeline's modules (``vae``, the text encoders and tokenizers,
                 ``unet``, ``scheduler`` already set to the few-step scheduler, and the optional
                 ``safety_checker``, ``feature_extractor``, ``image_encoder``); shared, not copied.
             dtype: dtype of the adapter modules to load.
+            family: the base's :class:`condistill.frozen.BaseFamily`, which names the pipeline
+                classes (default: the family of ``components["unet"]``).
         """
         raise NotImplementedError
 
@@ -318,7 +329,8 @@ class Student(nn.Module):
         Args:
             z: noisy latents ``[B, C, h, w]``.
             t: timesteps ``[B]`` (or a scalar) in ``[0, T)``.
-            encoder_hidden_states: text embeddings ``[B, L, D]``.
+            encoder_hidden_states: the text conditioning of ``base.encode_prompts`` (SD: text
+                embeddings ``[B, L, D]``; SDXL: a dict, see :class:`condistill.frozen.SDXLFamily`).
             features: output of :meth:`encode_condition` for the same batch (required when
                 ``use_adapter`` is True).
             use_adapter: False runs exactly the frozen teacher (no condition, no LoRA).
@@ -333,7 +345,12 @@ class Student(nn.Module):
         return self._forward_adapter(z, t, encoder_hidden_states, features)
 
     def _forward_teacher(self, z, t, encoder_hidden_states) -> torch.Tensor:
-        return self.unet(z, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return self.unet(z, t, **self.text_kwargs(encoder_hidden_states, z), return_dict=False)[0]
+
+    def text_kwargs(self, text, z: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The UNet / ControlNet keyword arguments of the text conditioning ``text`` for latents ``z``
+        (cast to ``dtype`` when given), as the base family says."""
+        return self.family.unet_kwargs(text, z, self.vae_scale_factor, dtype)
 
     def _check_condition(self, cond: torch.Tensor, multiple: int) -> None:
         if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != self.condition_channels:
@@ -393,6 +410,18 @@ class Student(nn.Module):
             f"kind={self.kind!r}, condition_channels={self.condition_channels}, "
             f"vae_scale_factor={self.vae_scale_factor}, trainable={self.num_trainable_parameters():,}"
         )
+
+
+def base_family(family=None, unet=None):
+    """A :class:`condistill.frozen.BaseFamily`: ``family`` itself, its name, else the family of ``unet``'s config
+    (SD 1.x/2.x without either)."""
+    from condistill.frozen import FAMILIES, SD, family_of
+
+    if isinstance(family, str):
+        return FAMILIES[family]
+    if family is not None:
+        return family
+    return family_of(unet.config) if unet is not None else SD
 
 
 def unet_residual_layout(unet) -> list[tuple[int, int]]:

@@ -1,33 +1,41 @@
 """T2I-Adapter student: a small trainable image encoder whose multi-scale features are added
-inside the frozen UNet's down blocks (diffusers ``T2IAdapter``, ``full_adapter`` or
-``light_adapter``).
+inside the frozen UNet's down blocks (diffusers ``T2IAdapter``: ``full_adapter``,
+``full_adapter_xl`` or ``light_adapter``).
 
-Shape matching: the adapter's first pixel-unshuffle uses the VAE factor (so its first feature
-is at latent resolution) and its widths follow the UNet's ``block_out_channels``:
-``full_adapter`` uses them all, ``light_adapter`` uses all but the last (it appends one extra
-block at the last width, so it needs the last two UNet widths equal, as in SD 1.x/2.x).
+Shape matching: the adapter's widths follow the UNet's ``block_out_channels``.
+``full_adapter`` uses them all and ``light_adapter`` all but the last (it appends one extra
+block at the last width, so it needs the last two UNet widths equal, as in SD 1.x/2.x); both
+unshuffle by the VAE factor, so their first feature is at latent resolution.
+``full_adapter_xl`` (SDXL's layout: a plain first down block, the last one without
+downsampler) unshuffles by twice the VAE factor and repeats the last width, its fourth feature
+going to the UNet's mid block. ``adapter_type="auto"`` takes the first of ``full_adapter``,
+``full_adapter_xl`` that fits the UNet. diffusers' light adapter halves the resolution at every
+block, so it cannot fit SDXL, whose first two residual slots share one resolution.
 
 Zero initialisation (so step 0 leaves the teacher unchanged, exactly):
 
 * ``light_adapter``: every block's ``out_conv`` (weight and bias) is zero, so every feature
   is zero; gradients reach ``out_conv`` through the non-zero hidden activations.
-* ``full_adapter``: ``conv_in``, the ``in_conv`` biases and the second convolution
-  (``block2``) of every residual block are zero, so the body carries an all-zero signal;
+* ``full_adapter`` and ``full_adapter_xl``: ``conv_in``, the ``in_conv`` biases and the second
+  convolution (``block2``) of every residual block are zero, so the body carries an all-zero signal;
   gradients reach ``conv_in`` through the residual identity paths and ``block2`` through the
   ``block1`` activations, so every parameter trains.
 
 Exported as a stock ``T2IAdapter`` folder (``t2i_adapter/config.json`` +
-``t2i_adapter/diffusion_pytorch_model.safetensors``) for ``StableDiffusionAdapterPipeline``.
+``t2i_adapter/diffusion_pytorch_model.safetensors``) for ``StableDiffusionAdapterPipeline``
+(``StableDiffusionXLAdapterPipeline`` on SDXL).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from condistill.adapters.student import (
     Student,
+    base_family,
     pretrained_folder,
     register_adapter,
     save_module_folder,
@@ -40,26 +48,58 @@ __all__ = [
     "make_t2i_adapter",
     "zero_init_t2i_adapter",
     "t2i_adapter_fits",
+    "resolve_adapter_type",
     "ADAPTER_TYPES",
+    "AUTO_ADAPTER_TYPES",
 ]
 
-ADAPTER_TYPES = ("full_adapter", "light_adapter")
+ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
+#: what ``adapter_type="auto"`` tries, in order
+AUTO_ADAPTER_TYPES = ("full_adapter", "full_adapter_xl")
 SUBFOLDER = "t2i_adapter"
 #: the ``weight_components`` entry of the T2I-Adapter folder (``t2i_adapter`` and ``lora`` kinds)
 WEIGHT_COMPONENT = {"t2i_adapter": f"{SUBFOLDER}/diffusion_pytorch_model.safetensors"}
-_DEFAULT_RES_BLOCKS = {"full_adapter": 2, "light_adapter": 4}
+_DEFAULT_RES_BLOCKS = {"full_adapter": 2, "full_adapter_xl": 2, "light_adapter": 4}
+#: the adapter's pixel-unshuffle factor, in VAE factors
+_UNSHUFFLE = {"full_adapter": 1, "full_adapter_xl": 2, "light_adapter": 1}
 
 
 def _adapter_channels(unet, adapter_type: str) -> list[int]:
     widths = [int(c) for c in unet.config.block_out_channels]
+    if adapter_type == "full_adapter_xl":
+        return widths + widths[-1:]
     return widths if adapter_type == "full_adapter" else widths[:-1]
 
 
 def _adapter_layout(adapter_type: str, channels) -> list[tuple[int, int]]:
-    """``(channels, downscale vs. latent)`` of each feature of a T2I-Adapter (latent = unshuffle factor)."""
+    """``(channels, downscale vs. the adapter's unshuffled input)`` of each feature of a T2I-Adapter."""
+    if adapter_type == "full_adapter_xl":  # one downsampling block, the third
+        return [(c, 1 if i < 2 else 2) for i, c in enumerate(channels)]
     if adapter_type == "full_adapter":
         return [(c, 2**i) for i, c in enumerate(channels)]
     return [(c, 2**i) for i, c in enumerate(channels)] + [(channels[-1], 2 ** len(channels))]
+
+
+def _slots(unet) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The UNet's down-block residual slots and its mid block's ``(channels, downscale)``."""
+    down = unet_residual_layout(unet)
+    return down, (int(unet.config.block_out_channels[-1]), down[-1][1] if down else 1)
+
+
+def _layout_fits(have, unet) -> bool:
+    # diffusers adds one more feature to the mid block when its shape matches (T2I-Adapter-XL)
+    down, mid = _slots(unet)
+    return have == down or have == down + [mid]
+
+
+def resolve_adapter_type(unet, adapter_type: str, candidates=AUTO_ADAPTER_TYPES) -> str:
+    """``adapter_type`` itself, or for ``"auto"`` the first of ``candidates`` that fits ``unet``."""
+    if adapter_type != "auto":
+        return adapter_type
+    for candidate in candidates:
+        if t2i_adapter_fits(unet, candidate)[0]:
+            return candidate
+    return "full_adapter"  # fits nothing: make_t2i_adapter explains why
 
 
 def t2i_adapter_fits(unet, adapter_type: str) -> tuple[bool, str]:
@@ -72,13 +112,13 @@ def t2i_adapter_fits(unet, adapter_type: str) -> tuple[bool, str]:
     channels = _adapter_channels(unet, adapter_type)
     if not channels:
         return False, "the light adapter needs a UNet with at least two down blocks"
-    want = unet_residual_layout(unet)
-    have = _adapter_layout(adapter_type, channels)
-    if want == have:
+    have = [(c, s * _UNSHUFFLE[adapter_type]) for c, s in _adapter_layout(adapter_type, channels)]
+    if _layout_fits(have, unet):
         return True, ""
+    down, mid = _slots(unet)
     return False, (
-        f"the UNet takes residuals (channels, downscale) {want} but a {adapter_type} built from "
-        f"block_out_channels {list(unet.config.block_out_channels)} gives {have}"
+        f"the UNet takes residuals (channels, downscale) {down} (and {mid} at its mid block) but a "
+        f"{adapter_type} built from block_out_channels {list(unet.config.block_out_channels)} gives {have}"
     )
 
 
@@ -94,7 +134,7 @@ def zero_init_t2i_adapter(adapter) -> None:
         for block in body.body:
             nn.init.zeros_(block.out_conv.weight)
             nn.init.zeros_(block.out_conv.bias)
-    elif kind == "FullAdapter":
+    elif kind in ("FullAdapter", "FullAdapterXL"):
         nn.init.zeros_(body.conv_in.weight)
         nn.init.zeros_(body.conv_in.bias)
         for block in body.body:
@@ -104,14 +144,14 @@ def zero_init_t2i_adapter(adapter) -> None:
                 nn.init.zeros_(resnet.block2.weight)
                 nn.init.zeros_(resnet.block2.bias)
     else:
-        raise ValueError(f"Cannot zero-initialise a {kind}; use 'full_adapter' or 'light_adapter'.")
+        raise ValueError(f"Cannot zero-initialise a {kind}; use one of {list(ADAPTER_TYPES)}.")
 
 
 def make_t2i_adapter(
     unet,
     condition_channels: int,
     vae_scale_factor: int,
-    adapter_type: str = "full_adapter",
+    adapter_type: str = "auto",
     num_res_blocks: int | None = None,
     zero_init: bool = True,
 ):
@@ -122,9 +162,11 @@ def make_t2i_adapter(
     """
     from diffusers import T2IAdapter
 
+    adapter_type = resolve_adapter_type(unet, adapter_type)
     fits, why = t2i_adapter_fits(unet, adapter_type)
     if not fits:
-        hint = " Use adapter_type='full_adapter' for this base." if adapter_type == "light_adapter" else ""
+        others = [a for a in AUTO_ADAPTER_TYPES if a != adapter_type and t2i_adapter_fits(unet, a)[0]]
+        hint = f" Use adapter_type={others[0]!r} (or 'auto') for this base." if others else ""
         raise ValueError(f"A T2I-Adapter cannot be attached to this UNet: {why}.{hint}")
     n_res = _DEFAULT_RES_BLOCKS[adapter_type] if num_res_blocks is None else int(num_res_blocks)
     if n_res < 1:
@@ -133,7 +175,7 @@ def make_t2i_adapter(
         in_channels=condition_channels,
         channels=_adapter_channels(unet, adapter_type),
         num_res_blocks=n_res,
-        downscale_factor=vae_scale_factor,
+        downscale_factor=vae_scale_factor * _UNSHUFFLE[adapter_type],
         adapter_type=adapter_type,
     )
     if zero_init:
@@ -151,12 +193,16 @@ def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale
     problems = []
     if cfg.in_channels != condition_channels:
         problems.append(f"in_channels {cfg.in_channels} != condition channels {condition_channels}")
-    if cfg.downscale_factor != vae_scale_factor:
-        problems.append(f"downscale_factor {cfg.downscale_factor} != VAE factor {vae_scale_factor}")
     if cfg.adapter_type not in ADAPTER_TYPES:
         problems.append(f"adapter_type {cfg.adapter_type!r} is not one of {list(ADAPTER_TYPES)}")
-    elif _adapter_layout(cfg.adapter_type, list(cfg.channels)) != unet_residual_layout(unet):
-        problems.append(f"its channels {list(cfg.channels)} do not match the UNet's residual slots")
+    else:
+        want = vae_scale_factor * _UNSHUFFLE[cfg.adapter_type]
+        if cfg.downscale_factor != want:
+            problems.append(f"downscale_factor {cfg.downscale_factor} != {want} (the VAE factor {vae_scale_factor}"
+                            f"{' x 2' if want != vae_scale_factor else ''})")
+        elif not _layout_fits([(c, s * _UNSHUFFLE[cfg.adapter_type]) for c, s in
+                               _adapter_layout(cfg.adapter_type, list(cfg.channels))], unet):
+            problems.append(f"its channels {list(cfg.channels)} do not match the UNet's residual slots")
     if problems:
         raise ValueError(
             f"pretrained adapter {os.fspath(source)!r} does not fit this base/condition: "
@@ -184,7 +230,7 @@ class T2IAdapterFeatures:
         return self.unet(
             z,
             t,
-            encoder_hidden_states=encoder_hidden_states,
+            **self.text_kwargs(encoder_hidden_states, z),
             down_intrablock_additional_residuals=residuals,
             return_dict=False,
         )[0]
@@ -205,23 +251,21 @@ class T2IAdapterFeatures:
         return load_stock_module(T2IAdapter, adapter_dir, weight_files["t2i_adapter"], dtype)
 
     @staticmethod
-    def adapter_snippet(weight_files) -> list[str]:
+    def adapter_snippet(weight_files, family=None) -> list[str]:
         """The plain-diffusers lines that load the exported ``T2IAdapter`` as ``adapter``."""
         sub = Path(weight_files.get("t2i_adapter", f"{SUBFOLDER}/x")).parent.as_posix()
         return [
-            "from diffusers import StableDiffusionAdapterPipeline, T2IAdapter",
+            f"from diffusers import {base_family(family).pipelines['adapter']}, T2IAdapter",
             "from condistill import CoDiScheduler",
             "",
             f'adapter = T2IAdapter.from_pretrained(ADAPTER, subfolder="{sub}")',
         ]
 
     @staticmethod
-    def adapter_pipeline(components, adapter):
-        """``StableDiffusionAdapterPipeline`` on the shared ``components`` (it takes no image encoder)."""
-        from diffusers import StableDiffusionAdapterPipeline
-
-        return StableDiffusionAdapterPipeline(**{k: v for k, v in components.items() if k != "image_encoder"},
-                                              adapter=adapter)
+    def adapter_pipeline(components, adapter, family=None):
+        """The family's T2I-Adapter pipeline (``StableDiffusionAdapterPipeline``, ``StableDiffusionXLAdapterPipeline``)
+        on the shared ``components`` (given only those it takes)."""
+        return base_family(family, components["unet"]).pipeline("adapter", components, adapter=adapter)
 
 
 class T2IAdapterStudent(T2IAdapterFeatures, Student):
@@ -230,7 +274,8 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
     Options (keyword arguments of :func:`~condistill.adapters.build_student`):
         vae_scale_factor: pixels per latent pixel (SD: 8), the adapter's unshuffle factor;
             required unless built from a Base.
-        adapter_type: ``"full_adapter"`` (default) or ``"light_adapter"``.
+        adapter_type: ``"auto"`` (default: ``full_adapter`` for SD 1.x/2.x, ``full_adapter_xl`` for
+            SDXL), ``"full_adapter"``, ``"full_adapter_xl"`` or ``"light_adapter"``.
         num_res_blocks: residual blocks per adapter block (default 2 full / 4 light).
         pretrained_adapter: a ``T2IAdapter`` folder / hub id (or condistill export) to start
             from; it is trained, not zero-initialised.
@@ -245,7 +290,7 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
         unet,
         condition_channels: int,
         vae_scale_factor: int | None = None,
-        adapter_type: str = "full_adapter",
+        adapter_type: str = "auto",
         num_res_blocks: int | None = None,
         pretrained_adapter: str | os.PathLike | None = None,
         revision: str | None = None,
@@ -262,7 +307,7 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
         self.adapter_options = {
             "condition_channels": condition_channels,
             "vae_scale_factor": vae_scale_factor,
-            "adapter_type": adapter_type,
+            "adapter_type": adapter.config.adapter_type,
             "num_res_blocks": int(adapter.config.num_res_blocks),
         }
 
@@ -277,14 +322,17 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
         return self._save_adapter_folder(out_dir)
 
     @classmethod
-    def diffusers_snippet(cls, base, weight_files):
-        return cls.adapter_snippet(weight_files) + [
-            f'pipe = StableDiffusionAdapterPipeline.from_pretrained("{base}", adapter=adapter, safety_checker=None)']
+    def diffusers_snippet(cls, base, weight_files, family=None):
+        family = base_family(family)
+        extra = ", safety_checker=None" if "safety_checker" in family.load_kwargs else ""
+        return cls.adapter_snippet(weight_files, family) + [
+            f'pipe = {family.pipelines["adapter"]}.from_pretrained("{base}", adapter=adapter{extra})']
 
     @classmethod
-    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype):
-        """``StableDiffusionAdapterPipeline`` with the exported ``T2IAdapter`` (``image=`` is the condition)."""
-        return cls.adapter_pipeline(components, cls.load_stock_adapter(adapter_dir, weight_files, dtype))
+    def stock_pipeline(cls, adapter_dir, weight_files, components, dtype, family=None):
+        """``StableDiffusionAdapterPipeline`` (``StableDiffusionXLAdapterPipeline`` on SDXL) with the exported
+        ``T2IAdapter`` (``image=`` is the condition)."""
+        return cls.adapter_pipeline(components, cls.load_stock_adapter(adapter_dir, weight_files, dtype), family)
 
 
 register_adapter("t2i_adapter", T2IAdapterStudent)

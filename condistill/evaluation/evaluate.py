@@ -113,7 +113,7 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
     def run(sl: slice) -> torch.Tensor:
         c = cond[sl].to(base.device)
         if student is None:
-            fn = lambda z, t, e: base.unet(z, t, encoder_hidden_states=e).sample  # noqa: E731
+            fn = base.predict  # the frozen teacher, whatever form its text conditioning takes
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
         images = sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,

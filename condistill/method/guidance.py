@@ -39,7 +39,9 @@ def repeat_batch(value: Any, copies: int, batch: int, name: str = "value") -> An
     return value
 
 
-def _expand_batch(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def _expand_batch(emb, batch: int, name: str):
+    if isinstance(emb, Mapping):  # SDXL's text conditioning: a dict of [B, ...] tensors
+        return {k: _expand_batch(v, batch, f"{name}.{k}") for k, v in emb.items()}
     if not isinstance(emb, torch.Tensor) or emb.ndim < 1:
         raise ValueError(f"{name} must be a tensor [B, ...] or [1, ...], got {type(emb).__name__}.")
     if emb.shape[0] == batch:
@@ -47,6 +49,22 @@ def _expand_batch(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     if emb.shape[0] == 1:
         return emb.expand(batch, *emb.shape[1:])
     raise ValueError(f"{name} has batch size {emb.shape[0]}; expected {batch} (the latent batch) or 1.")
+
+
+def _uncond_then_cond(uncond, cond, name: str = "emb"):
+    """``cat([uncond, cond])``, for a tensor or element-wise for a dict of them (same keys and shapes)."""
+    if isinstance(cond, Mapping):
+        if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
+            raise ValueError(f"uncond_emb and cond_emb must hold the same entries, got "
+                             f"{sorted(uncond) if isinstance(uncond, Mapping) else type(uncond).__name__} and "
+                             f"{sorted(cond)}.")
+        return {k: _uncond_then_cond(uncond[k], cond[k], f"{name}.{k}") for k in cond}
+    if uncond.shape[1:] != cond.shape[1:]:
+        raise ValueError(
+            f"uncond_emb shape {tuple(uncond.shape)} and cond_emb shape {tuple(cond.shape)} must match "
+            "after the batch dimension (encode the empty prompt with the same tokenizer length)."
+        )
+    return torch.cat([uncond, cond], dim=0)
 
 
 def guided_output(
@@ -66,14 +84,16 @@ def guided_output(
     * otherwise once on the batch concatenated as **[uncond, cond]**: ``z``, a per-sample ``t`` and
       every per-sample tensor in ``model_kwargs`` (also inside lists/tuples/dicts, e.g. ControlNet
       conditioning or SDXL ``added_cond_kwargs``) are duplicated as ``cat([x, x])``, the embeddings as
-      ``cat([uncond_emb, cond_emb])``; the output is split in that same order (first half uncond).
+      ``cat([uncond_emb, cond_emb])`` (entry by entry for a dict); the output is split in that
+      same order (first half uncond).
 
     Args:
         model_fn: callable returning ``[B', C, H, W]`` for a batch of ``B'`` latents.
         z: ``[B, C, H, W]`` latents.
         t: LongTensor ``[B]`` or a scalar timestep (not duplicated).
-        cond_emb: ``[B, L, D]`` (or ``[1, L, D]``) conditional text embedding.
-        uncond_emb: ``[B, L, D]`` or ``[1, L, D]`` unconditional (empty-prompt) embedding; may be
+        cond_emb: ``[B, L, D]`` (or ``[1, L, D]``) conditional text embedding, or a dict of such
+            ``[B or 1, ...]`` tensors (SDXL's text conditioning), doubled entry by entry.
+        uncond_emb: the unconditional (empty-prompt) embedding of the same form; may be
             ``None`` only when no guidance is applied.
         guidance: ``w`` as a float, a tensor ``[B]`` (one scale per sample) or ``None``.
 
@@ -98,12 +118,7 @@ def guided_output(
         return model_fn(z, t, cond_emb, **model_kwargs)
     if uncond_emb is None:
         raise ValueError("uncond_emb is required when guidance != 1; pass the empty-prompt embedding.")
-    uncond_emb = _expand_batch(uncond_emb, batch, "uncond_emb")
-    if uncond_emb.shape[1:] != cond_emb.shape[1:]:
-        raise ValueError(
-            f"uncond_emb shape {tuple(uncond_emb.shape)} and cond_emb shape {tuple(cond_emb.shape)} must match "
-            "after the batch dimension (encode the empty prompt with the same tokenizer length)."
-        )
+    emb = _uncond_then_cond(_expand_batch(uncond_emb, batch, "uncond_emb"), cond_emb)
     t_in = t
     if isinstance(t, torch.Tensor) and t.ndim >= 1:
         if t.ndim != 1 or t.shape[0] not in (1, batch):
@@ -111,7 +126,7 @@ def guided_output(
         if t.shape[0] == batch:
             t_in = torch.cat([t, t], dim=0)
     kwargs = {k: repeat_batch(v, 2, batch, k) for k, v in model_kwargs.items()}
-    out = model_fn(torch.cat([z, z], dim=0), t_in, torch.cat([uncond_emb, cond_emb], dim=0), **kwargs)
+    out = model_fn(torch.cat([z, z], dim=0), t_in, emb, **kwargs)
     if out.shape[0] != 2 * batch:
         raise ValueError(f"model_fn returned batch {out.shape[0]} for an input batch of {2 * batch}.")
     uncond, cond = out[:batch], out[batch:]

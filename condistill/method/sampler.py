@@ -51,19 +51,19 @@ def sample_latents(
 ) -> torch.Tensor:
     """Run ``num_steps`` of ``scheduler`` from pure noise.
 
-    ``model_fn(z [B,4,h,w], t [B], encoder_hidden_states [B,L,D], **model_kwargs)`` returns the
-    raw model output. ``guidance_scale > 1`` applies classifier-free guidance with the
-    empty-prompt embedding ``uncond_emb`` ([1 or B, L, D]). Returns the final latents.
+    ``model_fn(z [B,4,h,w], t [B], text, **model_kwargs)`` returns the raw model output; ``text``
+    is the text conditioning of ``base.encode_prompts`` (``[B, L, D]``, or SDXL's dict).
+    ``guidance_scale > 1`` applies classifier-free guidance with the empty-prompt conditioning
+    ``uncond_emb`` (batch 1 or B). Returns the final latents.
     """
     z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     z = z * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=device)
     b = shape[0]
-    uncond = uncond_emb.expand(b, -1, -1) if uncond_emb.shape[0] == 1 else uncond_emb
     for t in scheduler.timesteps:
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         zin = scheduler.scale_model_input(z, t)
-        out = guided_output(model_fn, zin, tt, text_emb, uncond, guidance_scale, **model_kwargs)
+        out = guided_output(model_fn, zin, tt, text_emb, uncond_emb, guidance_scale, **model_kwargs)
         kwargs = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
         z = scheduler.step(out, t, z, **kwargs).prev_sample
     return z
@@ -94,5 +94,5 @@ def sample_images(
     generator = torch_generator(seed)
     z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, h, h), text, uncond,
                        num_steps, guidance_scale=guidance_scale, generator=generator, device=device,
-                       dtype=text.dtype, **model_kwargs)
+                       dtype=base.dtype, **model_kwargs)
     return ((base.decode_latents(z).float() + 1) / 2).clamp(0, 1)

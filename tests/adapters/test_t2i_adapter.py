@@ -62,6 +62,9 @@ def test_light_adapter_needs_equal_last_widths(narrow_base_path):
     with torch.no_grad():
         assert torch.equal(student(z, t, ehs, student.encode_condition(cond)), student(z, t, ehs, use_adapter=False))
     with pytest.raises(ValueError, match="adapter_type must be one of"):
+        build_student("t2i_adapter", base, 3, adapter_type="huge_adapter")
+    # SDXL's layout does not fit an SD-layout UNet; the message names the type that does
+    with pytest.raises(ValueError, match=r"gives \[\(32, 2\).*Use adapter_type='full_adapter'"):
         build_student("t2i_adapter", base, 3, adapter_type="full_adapter_xl")
 
 
