@@ -116,6 +116,7 @@ def load_adapter(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
+    decoder=None,
 ):
     """A ready stock diffusers pipeline running a distilled condistill adapter.
 
@@ -135,6 +136,11 @@ def load_adapter(
         device: move the pipeline there.
         torch_dtype: dtype of the loaded modules (form 2: defaults to the pipeline UNet's dtype).
         revision: hub revision of the adapter repo.
+        decoder: a fast decoder to use as the pipeline's ``vae`` (:mod:`condistill.decoders`): a
+            TAESD-style ``AutoencoderTiny`` folder, hub id (e.g. ``madebyollin/taesd`` for SD 1.x/2.x),
+            ``embedded:tiny-decoder`` (for the embedded teacher) or a loaded module. The full VAE
+            stays at ``pipe.condistill_full_vae``. A decoder whose latents do not fit the base is
+            refused (``ValueError``) before anything changes.
 
     Returns:
         ``StableDiffusionControlNetPipeline`` (controlnet) or ``StableDiffusionAdapterPipeline``
@@ -227,7 +233,10 @@ def load_adapter(
         common["force_zeros_for_empty_prompt"] = source_pipe.config.force_zeros_for_empty_prompt
     # each adapter kind builds its own stock pipeline (condistill.adapters registry), of the family's classes
     pipe = adapter_class.stock_pipeline(adapter_dir, config["weight_files"], common, dtype, family)
+    if decoder is not None:
+        from condistill.decoders import use_fast_decoder
 
+        use_fast_decoder(pipe, decoder)
     if device is not None:
         pipe.to(device)
     pipe.condistill_defaults = {

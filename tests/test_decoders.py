@@ -253,3 +253,13 @@ def test_train_tiny_decoder_recipe_is_seeded_and_validated(teacher):
         recipe.TinyDecoderConfig(train_scenes=4, batch_size=8)
     with pytest.raises(ValueError, match="lr > 0"):
         recipe.TinyDecoderConfig(lr=0.0)
+
+
+def test_load_adapter_takes_the_decoder_and_refuses_a_mismatch(adapter_dir, tmp_path):
+    decoder = tiny_decoder(seed=3)
+    decoder.save_pretrained(tmp_path / "dec")
+    pipe = load_adapter(adapter_dir, decoder=tmp_path / "dec")
+    assert pipe.config.vae[1] == "AutoencoderTiny" and same_weights(pipe.vae, decoder)
+    assert type(pipe.condistill_full_vae).__name__ == "AutoencoderKL"
+    with pytest.raises(ValueError):
+        load_adapter(adapter_dir, decoder="embedded:tiny-decoder")  # 4x decoder, this base's VAE is 2x
