@@ -129,6 +129,10 @@ class ControlNetStudent(Student):
         p = next(self.controlnet.parameters())
         return cond.to(device=p.device, dtype=p.dtype)
 
+    def shared_frozen_blocks(self):
+        """The UNet's down blocks and mid block: a ControlNet's residuals join only after them."""
+        return [*self.unet.down_blocks, *([self.unet.mid_block] if self.unet.mid_block is not None else [])]
+
     def _forward_adapter(self, z, t, encoder_hidden_states, features):
         cn_dtype = next(self.controlnet.parameters()).dtype
         down, mid = self.controlnet(

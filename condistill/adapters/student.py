@@ -396,6 +396,15 @@ class Student(nn.Module):
         self.unet.eval()
         return self
 
+    def shared_frozen_blocks(self) -> list[nn.Module]:
+        """Frozen blocks that see the same inputs in the online and ODE branches of a step.
+
+        The objective runs them once for both (:func:`condistill.adapters.shared_pass.shared_frozen_blocks`).
+        None by default: an adapter that changes what a UNet block sees or computes (T2I-Adapter
+        features inside the down blocks, LoRA layers) shares nothing.
+        """
+        return []
+
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory in the UNet and the adapter modules that support it."""
         for module in [self.unet, *self._adapter_modules().values()]:

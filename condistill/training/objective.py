@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from condistill.adapters.shared_pass import shared_frozen_blocks
 from condistill.config import DistillConfig
 from condistill.method.guidance import guided_output, make_model_fn
 from condistill.method.losses import codi_loss, diffusion_loss, sample_grid_index
@@ -100,12 +101,14 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
                 return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
 
         k = part.take(sample_grid_index(n, cfg.num_grid, g), b).to(device)
-        return codi_loss(
-            lambda z, t: guided_output(online, z, t, emb, uncond, w_student), ema_fn,
-            (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
-            z0, noise, k, grid, alphas, base.prediction_type,
-            distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
-        )
+        # the frozen blocks the online and ODE branches feed equal inputs run once (bit-identical)
+        with shared_frozen_blocks(student.shared_frozen_blocks()):
+            return codi_loss(
+                lambda z, t: guided_output(online, z, t, emb, uncond, w_student), ema_fn,
+                (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
+                z0, noise, k, grid, alphas, base.prediction_type,
+                distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
+            )
 
     return objective
 

@@ -1,6 +1,8 @@
 """The step objective: global-batch draws sliced per process, and cached latents / prompt embeddings."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -93,3 +95,46 @@ def test_a_batch_without_images_or_latents_is_refused(tiny_base, parts):
     no_images = {k: v for k, v in batch.items() if k != "pixel_values"}
     with pytest.raises(KeyError, match="'pixel_values' .* or 'latents'"):
         _objective(tiny_base, base, student)(no_images, 0)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_controlnet_step_shares_the_frozen_down_pass_bit_identically(tiny_base, guided, monkeypatch):
+    """The UNet's down and mid blocks run once for the online and ODE branches; the loss and gradients are unchanged."""
+    import condistill.training.objective as objective_module
+    from condistill.adapters import shared_pass
+
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student("controlnet", base, condition.channels)
+    perturb_(student, seed=2)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    batch = collate([dataset[i] for i in range(4)])
+    scales = dict(guidance_min=1.5, guidance_max=3.0) if guided else {}
+    cfg = tiny_run_config(tiny_base, "unused", **scales)
+    seen = []
+
+    @contextlib.contextmanager
+    def counting(blocks):
+        with shared_pass.shared_frozen_blocks(blocks) as stats:
+            seen.append(stats)
+            yield stats
+
+    def run(share: bool):
+        student.zero_grad(set_to_none=True)
+        if not share:
+            monkeypatch.setattr(student, "shared_frozen_blocks", lambda: [])
+        objective = build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base)
+        loss, _ = objective(batch, 4)
+        loss.mean().backward()
+        monkeypatch.undo()
+        return loss.detach(), [p.grad.clone() for p in student.trainable_named_parameters().values()]
+
+    plain_loss, plain_grads = run(share=False)
+    monkeypatch.setattr(objective_module, "shared_frozen_blocks", counting)
+    shared_loss, shared_grads = run(share=True)
+    assert torch.equal(plain_loss, shared_loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, shared_grads))
+    blocks = len(student.shared_frozen_blocks())
+    assert blocks == len(student.unet.down_blocks) + 1
+    assert seen[-1].hits == blocks  # the online branch reused every block of the ODE branch's pass
+
