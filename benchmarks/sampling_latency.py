@@ -71,7 +71,7 @@ def make_runner(base, student, cond: torch.Tensor, prompts: list[str], row: dict
     def run() -> torch.Tensor:
         c = cond.to(base.device)
         if student is None:
-            fn = lambda z, t, e: base.unet(z, t, encoder_hidden_states=e).sample  # noqa: E731
+            fn = base.predict
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
         images = sample_images(base, fn, prompts, row["steps"], sampler=row["sampler"], num_grid=num_grid,

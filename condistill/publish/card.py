@@ -146,7 +146,7 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
     from condistill.adapters import get_adapter_class
 
     # each adapter kind writes its own plain-diffusers loading lines (the registry dispatches)
-    body = get_adapter_class(kind).diffusers_snippet(base, files)
+    body = get_adapter_class(kind).diffusers_snippet(base, files, config.get("base_fingerprint", {}).get("family", "sd"))
     body += [
         'pipe.scheduler = CoDiScheduler.from_pretrained(ADAPTER, subfolder="scheduler")',
         f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]',

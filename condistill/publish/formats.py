@@ -125,7 +125,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(ranks)),
         "ss_network_alpha": repr(alpha),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if config.get("base_fingerprint", {}).get("family") == "sdxl" else "sd_v1",
         "ss_training_comment": f"condistill {config['kind']} student of {config['base_name_or_path']} "
                                f"(condition {config['condition_name']}); exported by condistill export",
         "condistill_condition_adapter": "diffusers T2IAdapter folder beside this file",
@@ -133,14 +133,18 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     _write_safetensors(kohya, out, metadata)
     _copy_folder(adapter_src, adapter_out)
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    from condistill.frozen import FAMILIES
+
+    family = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")]
+    text_class, adapter_class = family.pipelines["text"], family.pipelines["adapter"]
     instructions = f"""\
 LoRA (kohya/webui format): {out}
 condition adapter (diffusers T2I-Adapter): {adapter_out}
 Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter):
-    sd = StableDiffusionPipeline.from_pretrained({config['base_name_or_path']!r})
+    sd = {text_class}.from_pretrained({config['base_name_or_path']!r})
     sd.load_lora_weights({str(out)!r})
     parts = {{k: v for k, v in sd.components.items() if k not in ("image_encoder", "scheduler")}}
-    pipe = StableDiffusionAdapterPipeline(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),
+    pipe = {adapter_class}(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),
         scheduler=CoDiScheduler.from_pretrained({str(folder)!r}, subfolder="scheduler"))  # from condistill import CoDiScheduler
     pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale={guidance})
 A1111/ComfyUI: put {out.name} in models/Lora; they read the LoRA, but the condition adapter is in
