@@ -22,7 +22,6 @@ from typing import Any
 from condistill.data.hf_datasets import decode_row, is_saved_dataset
 from condistill.data.images import ImageSanitizer
 from condistill.data.record import Record
-from condistill.data.skips import SkipItem
 from condistill.data.sources import SPEC_FORMS, DataSource
 
 __all__ = ["HFStreamingSource"]
@@ -116,13 +115,7 @@ class HFStreamingSource(DataSource):
 
     def decode_sample(self, shard: str, key: str, row: dict[str, Any]) -> Record | None:
         """The record of one row, or ``None`` when it is unusable (counted in :attr:`stats` either way)."""
-        try:
-            record, conversions = decode_row(self, row, key, {"shard": shard})
-        except SkipItem as exc:
-            self.stats.observe(key, skipped=exc)
-            return None
-        self.stats.observe(key, conversions)
-        return record
+        return self.observe_decode(key, lambda: decode_row(self, row, key, {"shard": shard}))
 
     def _iter_records(self) -> Iterator[Record]:
         for shard in self.shards:

@@ -114,6 +114,19 @@ class DataSource(abc.ABC):
         """A short description of the source, used in messages."""
         return self.stats.name
 
+    def observe_decode(self, key: str, decode: Callable[[], tuple[Record, Any]]) -> Record | None:
+        """``decode()`` -> ``(record, conversions)``, counted in :attr:`stats` under ``key``; ``None`` when it skips.
+
+        A :class:`~condistill.data.skips.SkipItem` raised by ``decode`` is counted as that item's skip.
+        """
+        try:
+            record, conversions = decode()
+        except SkipItem as exc:
+            self.stats.observe(key, skipped=exc)
+            return None
+        self.stats.observe(key, conversions)
+        return record
+
     def __repr__(self) -> str:
         return f"<{self.name}, resolution={self.resolution}>"
 
@@ -170,14 +183,7 @@ class IndexedSource(DataSource):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {self.name} with {n} items")
-        key = self._key(index)
-        try:
-            record, conversions = self._load(index)
-        except SkipItem as exc:
-            self.stats.observe(key, skipped=exc)
-            return None
-        self.stats.observe(key, conversions)
-        return record
+        return self.observe_decode(self._key(index), lambda: self._load(index))
 
     def _iter_records(self) -> Iterator[Record]:
         for index in range(len(self)):

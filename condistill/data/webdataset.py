@@ -178,14 +178,7 @@ class WebDatasetSource(DataSource):
     def decode_sample(self, shard: str, key: str, members: dict[str, bytes]) -> Record | None:
         """The record of one sample, or ``None`` when it is unusable; counted in :attr:`stats`
         under ``"<shard>::<key>"`` either way."""
-        stats_key = f"{shard}::{key}"
-        try:
-            record, conversions = self._decode(shard, key, members)
-        except SkipItem as exc:
-            self.stats.observe(stats_key, skipped=exc)
-            return None
-        self.stats.observe(stats_key, conversions)
-        return record
+        return self.observe_decode(f"{shard}::{key}", lambda: self._decode(shard, key, members))
 
     def _samples(self, shard: str, report: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
         try:
