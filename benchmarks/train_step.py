@@ -31,6 +31,7 @@ from condistill.config import DistillConfig
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.training.ema import EMA
+from condistill.training.fake_score import FakeScore
 from condistill.training.objective import DTYPES, build_objective
 from condistill.adapters import build_student
 from condistill.frozen import load_base
@@ -42,7 +43,8 @@ def run(loss: str, args, base, batch) -> dict:
                         loss="diffusion" if loss == "plain" else loss,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                         guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
-                        guidance_max=args.guidance_max, output_dir="/tmp/unused")
+                        guidance_max=args.guidance_max, output_dir="/tmp/unused", dmd_fake_updates=args.dmd_fake_updates,
+                        dmd_fake_targets=args.dmd_fake_targets, gan_weight=args.gan_weight)
     device = base.device
     student = build_student(args.adapter, base, get_condition(args.condition).channels).to(device)
     if args.gradient_checkpointing:
@@ -54,7 +56,8 @@ def run(loss: str, args, base, batch) -> dict:
         step = _plain_controlnet_step(base, student.controlnet, opt, batch, autocast)
     else:
         ema = EMA(params)
-        objective = build_objective(cfg, student, student, ema, base)
+        fake = FakeScore.from_config(cfg, student, base) if cfg.distribution_matching else None
+        objective = build_objective(cfg, student, student, ema, base, fake_score=fake)
 
         def step(i):
             with autocast:
@@ -143,7 +146,12 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--plain", action="store_true",
                    help="also time the plain diffusers ControlNet step (controlnet adapter only)")
-    p.add_argument("--only", choices=["diffusion", "codi", "plain"], default=None,
+    p.add_argument("--dmd", action="store_true",
+                   help="also time the codi+dmd step (distribution matching with its fake-score update)")
+    p.add_argument("--dmd-fake-updates", type=int, default=1)
+    p.add_argument("--dmd-fake-targets", default="attention_ff", choices=["attention", "attention_ff", "all"])
+    p.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds the adversarial head to the codi+dmd step")
+    p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd"], default=None,
                    help="run one kind of step and print its figures as one JSON line (used on the CPU)")
     args = p.parse_args()
     if args.plain and args.adapter != "controlnet":
@@ -156,6 +164,10 @@ def main():
                   "conventional": conventional, "codi": codi,
                   "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"],
                   "memory_ratio": codi["peak_rss_mib"] / conventional["peak_rss_mib"]}
+        if args.dmd:
+            dmd = _in_fresh_process("codi+dmd")
+            report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
+                          dmd_memory_ratio_to_codi=dmd["peak_rss_mib"] / codi["peak_rss_mib"])
         if args.plain:
             plain = _in_fresh_process("plain")
             report.update(plain_diffusers=plain,
@@ -182,6 +194,10 @@ def main():
               "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"]}
     key = "peak_memory_gib" if "peak_memory_gib" in codi else "peak_rss_growth_mib"
     report["memory_ratio"] = codi[key] / conventional[key] if conventional[key] > 0 else None
+    if args.dmd:
+        dmd = run("codi+dmd", args, base, batch)
+        report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
+                      dmd_memory_ratio_to_codi=dmd[key] / codi[key] if codi[key] > 0 else None)
     if args.plain:
         plain = run("plain", args, base, batch)
         report.update(plain_diffusers=plain, time_ratio_to_plain=codi["seconds_per_step"] / plain["seconds_per_step"],

@@ -23,9 +23,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ode_source": ("ema", "teacher"),
     "guidance_branches": ("all", "ode"),
     "mixed_precision": ("no", "fp16", "bf16"),
-    "loss": ("codi", "diffusion"),
+    "loss": ("codi", "diffusion", "codi+dmd", "dmd"),
     "report_to": ("tensorboard", "wandb", "none"),
     "optimizer": ("adamw", "adamw8bit"),
+    "dmd_fake_targets": ("attention", "attention_ff", "all"),
 }
 
 #: The Python packages a tracker of ``report_to`` can use (imported only when it is chosen).
@@ -140,7 +141,20 @@ class DistillConfig:
     condition_options: dict[str, Any] = _h("options passed to the condition", default_factory=dict)
     adapter_options: dict[str, Any] = _h("options passed to the adapter", default_factory=dict)
     data_options: dict[str, Any] = _h("options passed to the data source (e.g. image_column)", default_factory=dict)
-    loss: str = _h("codi (distillation) or diffusion (conventional adapter training, the baseline)", default="codi")
+    loss: str = _h("codi (distillation), diffusion (conventional adapter training, the baseline), codi+dmd (codi plus "
+                   "distribution matching on the student's one-step outputs) or dmd (distribution matching plus the "
+                   "conditional regression term, without the consistency term)", default="codi")
+    dmd_weight: float = _h("weight of the distribution-matching term (codi+dmd, dmd)", default=1.0)
+    dmd_guidance: float = _h("CFG scale of the real score (the frozen teacher) in distribution matching", default=4.0)
+    dmd_fake_updates: int = _h("fake-score optimizer steps per student micro-step (DMD2's two time-scale rule)",
+                               default=1)
+    dmd_fake_lr: float = _h("learning rate of the fake-score LoRA (0 = learning_rate)", default=0.0)
+    dmd_fake_rank: int = _h("LoRA rank of the fake-score network on the frozen teacher UNet", default=16)
+    dmd_fake_targets: str = _h("layers of the fake-score LoRA: attention, attention_ff (also the feed-forward and "
+                               "transformer projections) or all (also the ResNet convolutions)", default="attention_ff")
+    gan_weight: float = _h("weight of the adversarial term: a discriminator head on the fake score's mid-block "
+                           "features tells the student's one-step outputs from noised training images (0 = off)",
+                           default=0.0)
     validation_images: list[str] = _h(
         "your own validation images instead of held-out training scenes: plain images (any size, center-cropped "
         "to the resolution); the condition is derived from each one by the run's condition, as in training (an "
@@ -195,9 +209,37 @@ class DistillConfig:
             p.append(f"caption_dropout={self.caption_dropout}: must be in [0, 1)")
         if not 1 <= self.recommended_steps <= self.num_grid:
             p.append(f"recommended_steps={self.recommended_steps}: must be between 1 and num_grid")
+        p += self._dmd_problems()
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")
         return p + self._tracker_problems() + self._optimizer_problems() + self._validation_problems()
+
+    @property
+    def distribution_matching(self) -> bool:
+        return self.loss in ("codi+dmd", "dmd")
+
+    def _dmd_problems(self) -> list[str]:
+        p = []
+        if not (self.dmd_weight >= 0 and math.isfinite(self.dmd_weight)):
+            p.append(f"dmd_weight={self.dmd_weight}: must be 0 or more")
+        if not self.dmd_guidance >= 1:
+            p.append(f"dmd_guidance={self.dmd_guidance}: the real score's CFG scale must be at least 1 (1 = no CFG)")
+        if self.dmd_fake_updates < 1:
+            p.append(f"dmd_fake_updates={self.dmd_fake_updates}: must be at least 1")
+        if not (self.dmd_fake_lr >= 0 and math.isfinite(self.dmd_fake_lr)):
+            p.append(f"dmd_fake_lr={self.dmd_fake_lr}: must be positive, or 0 for learning_rate")
+        if self.dmd_fake_rank < 1:
+            p.append(f"dmd_fake_rank={self.dmd_fake_rank}: must be at least 1")
+        if not self.gan_weight >= 0:
+            p.append(f"gan_weight={self.gan_weight}: must be 0 or more")
+        if self.gan_weight > 0 and not self.distribution_matching:
+            p.append(f"gan_weight={self.gan_weight} with loss={self.loss!r}: the adversarial head lives on the "
+                     "fake-score network; use --loss codi+dmd or dmd")
+        if self.distribution_matching and self.adapter == "lora" and self.gradient_checkpointing:
+            p.append(f"loss={self.loss!r} with a LoRA student and gradient checkpointing: checkpointing keeps the "
+                     "student's LoRA switched on in the teacher UNet, which the real and fake scores share; turn "
+                     "gradient checkpointing off or use a ControlNet or T2I-Adapter student")
+        return p
 
     def _tracker_problems(self) -> list[str]:
         packages = TRACKER_PACKAGES.get(self.report_to, ())

@@ -16,12 +16,14 @@ functions of the seed, whatever process, worker or resume computes them.
 """
 from __future__ import annotations
 
+import random
 import zlib
 
 import numpy as np
 import torch
 
-__all__ = ["BATCH_ORDER_STRIDE", "STEP_STRIDE", "derive_seed", "numpy_rng", "text_key", "torch_generator"]
+__all__ = ["BATCH_ORDER_STRIDE", "STEP_STRIDE", "derive_seed", "global_rng_state", "numpy_rng", "set_global_rng_state",
+           "text_key", "torch_generator"]
 
 #: stride of the per-epoch permutation of the training data
 BATCH_ORDER_STRIDE = 7919
@@ -62,3 +64,30 @@ def torch_generator(seed: int, index: int = 0, stride: int = 1) -> torch.Generat
         raise ValueError(f"a torch seed must be an integer, got {seed!r}")
     index, stride = _check((index, stride))
     return torch.Generator().manual_seed(int(seed) * stride + index)
+
+
+def global_rng_state() -> dict:
+    """The global Python, NumPy, torch (and CUDA) generator states, as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state = {
+        "python": repr(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Restore what :func:`global_rng_state` returned."""
+    import ast
+
+    py = ast.literal_eval(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -43,7 +43,7 @@ from condistill.adapters.t2i_adapter import (
     resolve_adapter_type,
 )
 
-__all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME"]
+__all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME", "switch_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,23 @@ LORA_TARGETS = {
     "attention_ff": _ATTENTION + _FF,
     "all": _ATTENTION + _FF + _CONV,
 }
+
+
+def switch_lora(unet, name: str | None) -> None:
+    """Make the peft LoRA ``name`` the only active one in ``unet`` (``None``: switch every LoRA off).
+
+    diffusers' ``set_adapter`` / ``enable_adapters`` / ``disable_adapters`` also change the
+    ``requires_grad`` of the LoRA layers of every adapter in the UNet; each keeps its own here.
+    """
+    flags = {n: p.requires_grad for n, p in unet.named_parameters() if ".lora_" in n}
+    if name is not None:
+        unet.set_adapter(name)
+        unet.enable_adapters()
+    else:
+        unet.disable_adapters()
+    for n, p in unet.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
 
 
 def _resolve_targets(targets) -> list[str]:
@@ -173,17 +190,7 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         return out
 
     def _set_lora(self, enabled: bool) -> None:
-        # diffusers' set/enable/disable_adapters also toggle requires_grad of LoRA layers (of every
-        # adapter in the UNet); restore them all.
-        flags = {n: p.requires_grad for n, p in self.unet.named_parameters() if ".lora_" in n}
-        if enabled:
-            self.unet.set_adapter(self.lora_adapter_name)
-            self.unet.enable_adapters()
-        else:
-            self.unet.disable_adapters()
-        for n, p in self.unet.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
+        switch_lora(self.unet, self.lora_adapter_name if enabled else None)
 
     @contextlib.contextmanager
     def _lora_switched(self, enabled: bool):

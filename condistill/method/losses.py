@@ -111,6 +111,7 @@ def codi_loss(
     distance: str = "l2",
     huber_c: float = 0.001,
     regression_weight: float = 1.0,
+    consistency_weight: float = 1.0,
     sigma_data: float = 0.5,
     timestep_scaling: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -140,6 +141,8 @@ def codi_loss(
         distance: ``"l2"`` or ``"huber"`` (see :func:`distance`).
         huber_c: pseudo-Huber constant.
         regression_weight: ``lambda`` of the conditional regression term (0 disables it).
+        consistency_weight: weight of the consistency term ``d(online, sg(target))``; 0 drops it
+            (the ODE and target branches are then not run and ``"distill"`` is zero).
         sigma_data, timestep_scaling: boundary-scaling constants.
 
     Returns:
@@ -160,23 +163,27 @@ def codi_loss(
         )
     if regression_weight < 0:
         raise ValueError(f"regression_weight must be >= 0, got {regression_weight}.")
+    if consistency_weight < 0:
+        raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight}.")
     t, s = grid[k], grid[k - 1]
     z_t = add_noise(z0, noise, t, alphas_cumprod)
-
+    target = None
     with torch.no_grad():
-        a_t, s_t = alpha_sigma(alphas_cumprod, t, ndim=z0.ndim)
-        x0_ode, eps_ode = split_prediction(ode_fn(z_t, t), z_t, a_t, s_t, kind)
-        a_s, s_s = alpha_sigma(alphas_cumprod, s, ndim=z0.ndim)
-        z_s = (a_s * x0_ode + s_s * eps_ode).to(z0.dtype)
-        target, _, _ = consistency_function(
-            target_fn(z_s, s), z_s, s, alphas_cumprod, kind, sigma_data, timestep_scaling
-        )
-    target = target.detach()
-
+        if consistency_weight > 0:
+            a_t, s_t = alpha_sigma(alphas_cumprod, t, ndim=z0.ndim)
+            x0_ode, eps_ode = split_prediction(ode_fn(z_t, t), z_t, a_t, s_t, kind)
+            a_s, s_s = alpha_sigma(alphas_cumprod, s, ndim=z0.ndim)
+            z_s = (a_s * x0_ode + s_s * eps_ode).to(z0.dtype)
+            target, _, _ = consistency_function(
+                target_fn(z_s, s), z_s, s, alphas_cumprod, kind, sigma_data, timestep_scaling
+            )
     online, _, _ = consistency_function(online_fn(z_t, t), z_t, t, alphas_cumprod, kind, sigma_data, timestep_scaling)
-    distill = _distance(online, target, distance, huber_c)
     regression = _distance(online, z0, "l2")
-    loss = distill + regression_weight * regression
+    if target is None:
+        distill = torch.zeros_like(regression)
+    else:
+        distill = _distance(online, target.detach(), distance, huber_c)
+    loss = consistency_weight * distill + regression_weight * regression
     info = {"distill": distill.detach(), "regression": regression.detach(), "t": t, "s": s}
     return loss, info
 

@@ -40,16 +40,16 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import statistics
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from condistill.seeding import global_rng_state, set_global_rng_state
 
 PREFIX = "step-"
 TMP = ".tmp-"
@@ -392,10 +392,12 @@ def _disk_full(err: BaseException, root: Path, needed: int) -> bool:
 
 
 def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema, optimizer, lr_scheduler,
-                    config: dict, keep: int = 2, health: RunHealth | None = None, processes: int = 1) -> Path:
+                    config: dict, keep: int = 2, health: RunHealth | None = None, processes: int = 1,
+                    extra: dict | None = None) -> Path:
     """Write a complete checkpoint for ``step`` with its health record; prune (:func:`prune`) to ``keep``.
 
-    ``processes`` is the number of processes that trained it (each with ``config["batch_size"]``).
+    ``processes`` is the number of processes that trained it (each with ``config["batch_size"]``);
+    ``extra`` maps names to objects with ``state_dict()`` (e.g. the fake score), kept with the optimizer.
 
     Raises:
         OSError: ``errno.ENOSPC`` when the disk is full, naming the folder and the space needed;
@@ -407,7 +409,8 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
     tmp = root / f"{TMP}{PREFIX}{step:07d}"
     online = {k: v.detach().float().contiguous().cpu() for k, v in params.items()}
     ema_weights = {k: v.float().contiguous().cpu() for k, v in ema.state_dict().items()}
-    training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_state()}
+    training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": global_rng_state(),
+                "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()}}
     health = health or RunHealth()
     healthy, reason = health.verdict()
     bad = _non_finite(online) + [f"ema:{k}" for k in _non_finite(ema_weights)]
@@ -450,33 +453,9 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
     return final
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": repr(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import ast
-
-    py = ast.literal_eval(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema, optimizer, lr_scheduler) -> int:
-    """Restore online and EMA weights, optimizer, schedule and RNG; return the step."""
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema, optimizer, lr_scheduler,
+                    extra: dict | None = None) -> int:
+    """Restore online and EMA weights, optimizer, schedule, RNG and the ``extra`` objects; return the step."""
     online = load_file(str(path / "online.safetensors"))
     missing, unexpected = set(params) - set(online), set(online) - set(params)
     if missing or unexpected:
@@ -489,5 +468,9 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema, opti
     state = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    _set_rng_state(state["rng"])
+    for name, obj in (extra or {}).items():
+        if name not in state.get("extra", {}):
+            raise RuntimeError(f"checkpoint {path} holds no {name} state; it was written by a run without it")
+        obj.load_state_dict(state["extra"][name])
+    set_global_rng_state(state["rng"])
     return int(read_state(path)["step"])

@@ -44,6 +44,7 @@ from condistill.training.batches import Part, StepBatchSampler, batch_length, re
 from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, reset_run_to,
                                            resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
+from condistill.training.fake_score import FakeScore
 from condistill.training.lr import build_optimizer, warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
 from condistill.training.run_folder import (ResumeMismatchError, RunLockedError, check_output_dir, check_resume,
@@ -123,7 +124,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     optimizer = build_optimizer(cfg.optimizer, params.values(), cfg.learning_rate, cfg.weight_decay, device)
     lr_scheduler = warmup_schedule(optimizer, cfg.lr_warmup_steps)
     ema = EMA(params)
-    start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler) if resume_from else 0
+    extra = {"fake_score": FakeScore.from_config(cfg, student, base)} if cfg.distribution_matching else {}
+    start = load_checkpoint(resume_from, params, ema, optimizer, lr_scheduler, extra) if resume_from else 0
     health = RunHealth.start(resume_from, params)  # the loss/weight history each checkpoint's health verdict reads
     if changes and main:
         _log(f"resuming from {resume_from} (step {start}) with changed options: " + "; ".join(changes))
@@ -151,13 +153,13 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
-    objective = build_objective(cfg, student, model, ema, base, part)
+    objective = build_objective(cfg, student, model, ema, base, part, fake_score=extra.get("fake_score"))
     validation = _validation_batch(cfg, condition, resolution, base) if main else None
     log_path = out / "loss.jsonl"
     accelerator.wait_for_everyone()  # every process has read its checkpoint
     if main:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
         reset_run_to(out, start, log_path, log=_log)
-    save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes)
+    save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes, extra=extra)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not main)
     it, t_last, seen = iter(loader), time.perf_counter(), 0
     for step in range(start, cfg.max_steps):
@@ -177,8 +179,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         ema.update(params, cfg.ema_decay_at(step))  # on every process: the same weights give the same EMA
         done = step + 1
         # the global batch's mean losses (one device sync per step): every process takes the same decisions
-        means = _global_means({"loss": loss, **{k: v for k, v in info.items() if k in ("distill", "regression")}},
-                              accelerator)
+        means = _global_means({"loss": loss, **{k: v for k, v in info.items() if k in LOGGED_TERMS}}, accelerator)
         loss_value = means.pop("loss")
         # a non-finite loss or weights stop the run before any checkpoint is written from them
         largest = check_step(out, done, loss_value, params, cfg.learning_rate, cfg.mixed_precision)
@@ -219,6 +220,10 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     accelerator.wait_for_everyone()  # no process returns before the export is complete
     accelerator.end_training()
     return out
+
+
+#: the per-sample terms of the objective's diagnostics logged beside the loss
+LOGGED_TERMS = ("distill", "regression", "dmd", "fake_score", "gan_g", "gan_d")
 
 
 def _global_means(values: dict[str, torch.Tensor], accelerator) -> dict[str, float]:

@@ -16,15 +16,17 @@ Cached embeddings of items whose caption is dropped are replaced by the empty pr
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from condistill.adapters.shared_pass import shared_frozen_blocks
 from condistill.config import DistillConfig
-from condistill.method.guidance import guided_output, make_model_fn
+from condistill.method.distribution_matching import dmd_loss, dmd_timesteps, gan_generator_loss
+from condistill.method.guidance import guided_output, make_model_fn, repeat_batch
 from condistill.method.losses import codi_loss, diffusion_loss, sample_grid_index
-from condistill.method.schedule import skip_grid
+from condistill.method.schedule import add_noise, consistency_function, skip_grid
 from condistill.seeding import STEP_STRIDE, torch_generator
 from condistill.training.batches import Part
 
@@ -41,7 +43,7 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch_generator(seed, micro_step, STEP_STRIDE)
 
 
-def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = Part()) -> Objective:
+def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = Part(), fake_score=None) -> Objective:
     """``objective(batch, micro_step)``: the per-sample loss ``[B]`` of one micro-batch and its diagnostics.
 
     Args:
@@ -52,7 +54,11 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         ema: the :class:`~condistill.training.ema.EMA` of the adapter parameters.
         base: the frozen :class:`~condistill.frozen.Base`.
         part: which slice of the global batch this process trains on (one process: all of it).
+        fake_score: the :class:`~condistill.training.fake_score.FakeScore` of the distribution-matching
+            losses (``codi+dmd``, ``dmd``); trained here, once per micro-step, ``cfg.dmd_fake_updates`` times.
     """
+    if cfg.distribution_matching and fake_score is None:
+        raise ValueError(f"loss={cfg.loss!r} needs its fake-score network: pass fake_score=FakeScore(...)")
     device = base.device
     alphas = base.alphas_cumprod.to(device)
     grid = skip_grid(base.num_train_timesteps, cfg.num_grid).to(device)
@@ -101,16 +107,87 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
                 return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
 
         k = part.take(sample_grid_index(n, cfg.num_grid, g), b).to(device)
+        online_fn = lambda z, t: guided_output(online, z, t, emb, uncond, w_student)  # noqa: E731
+        matching = None
+        if cfg.distribution_matching:
+            matching = OneStepOutputs(online, emb, uncond, w_student, grid[-1], b,
+                                      part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device))
+            online_fn = matching.online_fn
         # the frozen blocks the online and ODE branches feed equal inputs run once (bit-identical)
-        with shared_frozen_blocks(student.shared_frozen_blocks()):
-            return codi_loss(
-                lambda z, t: guided_output(online, z, t, emb, uncond, w_student), ema_fn,
-                (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
-                z0, noise, k, grid, alphas, base.prediction_type,
-                distance=cfg.distance, huber_c=cfg.huber_c, regression_weight=cfg.regression_weight,
+        with (fake_score.frozen() if fake_score is not None else contextlib.nullcontext()), \
+                shared_frozen_blocks(student.shared_frozen_blocks()):
+            loss, info = codi_loss(
+                online_fn, ema_fn, (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
+                z0, noise, k, grid, alphas, base.prediction_type, distance=cfg.distance, huber_c=cfg.huber_c,
+                regression_weight=cfg.regression_weight, consistency_weight=0.0 if cfg.loss == "dmd" else 1.0,
             )
+        if matching is None:
+            return loss, info
+        x = matching.sample(alphas, base.prediction_type)
+        info.update(_train_fake_score(cfg, fake_score, x, z0, emb, g, part, alphas.shape[0]))
+        # the real score (the teacher with CFG) and the fake score on the same noised sample and timestep
+        t_dmd = part.take(dmd_timesteps(n, alphas.shape[0], generator=g), b).to(device)
+        noise_dmd = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
+        with fake_score.frozen():
+            real_fn = lambda z, t: guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb,  # noqa: E731
+                                                 uncond, cfg.dmd_guidance)
+            term, extra = dmd_loss(x, real_fn, lambda z, t: fake_score(z, t, emb), noise_dmd, t_dmd, alphas,
+                                   base.prediction_type)
+            info.update(dmd=term.detach(), **extra)
+            loss = loss + cfg.dmd_weight * term
+            if cfg.gan_weight > 0:  # the generator side of the adversarial term (no update of the head here)
+                x_t = add_noise(x.float(), noise_dmd, t_dmd, alphas)
+                gan = gan_generator_loss(fake_score.logits(x_t, t_dmd, emb))
+                info["gan_g"] = gan.detach()
+                loss = loss + cfg.gan_weight * gan
+        return loss, info
 
     return objective
+
+
+class OneStepOutputs:
+    """The student's one-step outputs ``x = F(z_T, T)`` from fresh noise, in the online branch's call.
+
+    Distribution matching acts on what one-step sampling produces: the student at the top of the
+    grid on pure noise. That forward joins the online branch's batch (``[z_t, z_T]``, one call),
+    so a data-parallel model still runs one forward per backward.
+    """
+
+    def __init__(self, online, emb, uncond, w, t_top, batch: int, z_top: torch.Tensor):
+        self.online, self.emb, self.uncond, self.w, self.b = online, emb, uncond, w, batch
+        self.z_top = z_top
+        self.t_top = torch.full((batch,), int(t_top), dtype=torch.long, device=z_top.device)
+        self.raw = None
+
+    def online_fn(self, z, t):
+        emb = repeat_batch(self.emb, 2, self.b, "emb")
+        w = None if self.w is None else torch.cat([self.w, self.w])
+        out = guided_output(self.online, torch.cat([z, self.z_top.to(z.dtype)]), torch.cat([t, self.t_top]), emb,
+                            self.uncond, w)
+        self.raw = out[self.b:]
+        return out[:self.b]
+
+    def sample(self, alphas, prediction_type: str) -> torch.Tensor:
+        """``[B, C, h, w]`` one-step outputs, with the graph to the adapter."""
+        if self.raw is None:
+            raise RuntimeError("the online branch did not run")
+        x, _, _ = consistency_function(self.raw, self.z_top, self.t_top, alphas, prediction_type)
+        return x
+
+
+def _train_fake_score(cfg: DistillConfig, fake_score, x, z0, emb, g, part: Part, num_timesteps: int) -> dict:
+    """``cfg.dmd_fake_updates`` steps of the fake score on the detached one-step outputs ``x``."""
+    b, n = x.shape[0], part.global_size(x.shape[0])
+    records = []
+    for _ in range(cfg.dmd_fake_updates):
+        noise = part.take(torch.randn((n, *x.shape[1:]), generator=g), b).to(x.device)
+        t = part.take(torch.randint(0, num_timesteps, (n,), generator=g), b).to(x.device)
+        gan = {}
+        if fake_score.head is not None:
+            gan = dict(real=z0, gan_noise=part.take(torch.randn((n, *x.shape[1:]), generator=g), b).to(x.device),
+                       gan_t=part.take(dmd_timesteps(n, num_timesteps, generator=g), b).to(x.device))
+        records.append(fake_score.update(x, emb, noise, t, **gan))
+    return {key: records[-1][key] for key in records[-1]}
 
 
 @torch.no_grad()

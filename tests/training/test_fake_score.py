@@ -1,0 +1,130 @@
+"""Distribution matching in training: the fake-score LoRA, what gets gradients, and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condistill.adapters import build_student
+from condistill.conditions import get_condition
+from condistill.config import ConfigError
+from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.sources import open_source
+from condistill.frozen import load_base
+from condistill.training.ema import EMA
+from condistill.training.fake_score import FAKE_SCORE_ADAPTER, FakeScore
+from condistill.training.loop import distill
+from condistill.training.objective import build_objective
+from helpers import model_inputs, perturb_, tiny_run_config, torch_single_thread  # noqa: F401
+
+
+def _teacher(base, z, t, e):
+    return base.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "lora"])
+def test_fake_score_starts_as_the_teacher_and_never_leaks_into_it(tiny_base, kind):
+    base = load_base(tiny_base)
+    student = build_student(kind, base, get_condition("edge").channels)
+    z, t, e, cond = model_inputs(base)
+    before = _teacher(base, z, t, e)
+    fake = FakeScore(student, base, rank=4)
+    with torch.no_grad():
+        assert torch.equal(fake(z, t, e), before)  # zero-initialised LoRA: the teacher exactly
+        for p in fake.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(fake(z, t, e), before)
+        # the teacher, the student's teacher path and the zero-initialised student are all unchanged
+        assert torch.equal(_teacher(base, z, t, e), before)
+        assert torch.equal(student(z, t, e, use_adapter=False), before)
+        assert torch.equal(student(z, t, e, student.encode_condition(cond)), before)
+    assert all(f".{FAKE_SCORE_ADAPTER}." not in name for name in student.trainable_named_parameters())
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_base):
+    base = load_base(tiny_base)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), get_condition("edge"),
+                               base.resolution)
+    return collate([dataset[i] for i in range(4)])
+
+
+@pytest.mark.parametrize("kind, loss, gan", [("controlnet", "codi+dmd", 0.0), ("t2i_adapter", "dmd", 0.5),
+                                             ("lora", "codi+dmd", 0.5)])
+def test_student_loss_reaches_only_the_adapter_and_the_fake_score_trains_itself(tiny_base, batch, kind, loss, gan):
+    base = load_base(tiny_base)
+    student = build_student(kind, base, get_condition("edge").channels)
+    perturb_(student, seed=2)
+    cfg = tiny_run_config(tiny_base, "unused", adapter=kind, loss=loss, gan_weight=gan, dmd_fake_updates=2,
+                          dmd_fake_rank=4)
+    fake = FakeScore.from_config(cfg, student, base)
+    start = {k: v.detach().clone() for k, v in fake.params.items()}
+    objective = build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base,
+                                fake_score=fake)
+    value, info = objective(batch, 0)
+    assert value.shape == (4,) and bool(torch.isfinite(value).all())
+    assert {"dmd", "fake_score", "regression"} <= set(info) and (("gan_g" in info) == (gan > 0))
+    if loss == "dmd":
+        assert torch.equal(info["distill"], torch.zeros(4))
+    value.mean().backward()
+    assert all(p.grad is None for p in fake.params.values())  # the student's loss never reaches the fake score
+    grads = [p.grad for p in student.trainable_named_parameters().values()]
+    assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
+    moved = [name for name, p in fake.params.items() if not torch.equal(p.detach(), start[name])]
+    assert moved and (gan == 0 or any(name.startswith("head.") for name in moved))
+
+
+def test_distribution_matching_term_changes_the_step(tiny_base, batch):
+    """The DMD term is in the loss: with dmd_weight 0 the same draws give the CoDi loss alone."""
+    base = load_base(tiny_base)
+    student = build_student("controlnet", base, get_condition("edge").channels)
+    perturb_(student, seed=3)
+    ema = EMA(student.trainable_named_parameters())
+    values = {}
+    for weight in (0.0, 1.0):
+        cfg = tiny_run_config(tiny_base, "unused", loss="codi+dmd", dmd_weight=weight, dmd_fake_rank=4)
+        objective = build_objective(cfg, student, student, ema, base, fake_score=FakeScore.from_config(cfg, student, base))
+        values[weight], info = objective(batch, 5)
+        base.unet.delete_adapters(FAKE_SCORE_ADAPTER)
+    codi, _ = build_objective(tiny_run_config(tiny_base, "unused"), student, student, ema, base)(batch, 5)
+    torch.testing.assert_close(values[0.0], codi, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(values[1.0], codi + info["dmd"], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_restores_the_fake_score_and_its_optimizer_bit_identically(tiny_base, tmp_path):
+    opts = dict(loss="codi+dmd", gan_weight=0.5, dmd_fake_updates=2, dmd_fake_rank=4, checkpoint_every=2,
+                keep_checkpoints=3)
+    full = distill(tiny_run_config(tiny_base, tmp_path / "full", max_steps=4, **opts))
+    part = tmp_path / "part"
+    distill(tiny_run_config(tiny_base, part, max_steps=2, **opts))
+    distill(tiny_run_config(tiny_base, part, max_steps=4, resume="latest", **opts))
+    a_dir, b_dir = full / "checkpoints/step-0000004", part / "checkpoints/step-0000004"
+    for name in ("online.safetensors", "ema.safetensors"):
+        a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(d / "training_state.pt", weights_only=True)["extra"]["fake_score"] for d in (a_dir, b_dir))
+    assert a["weights"].keys() == b["weights"].keys() and any(k.startswith("head.") for k in a["weights"])
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq"))
+    losses = [[json.loads(line) for line in (d / "loss.jsonl").read_text().splitlines()] for d in (full, part)]
+    assert [r["loss"] for r in losses[0][-2:]] == [r["loss"] for r in losses[1][-2:]]
+    assert "dmd" in losses[0][-1] and "fake_score" in losses[0][-1] and "gan_d" in losses[0][-1]
+
+
+def test_a_checkpoint_without_a_fake_score_is_refused_by_a_distribution_matching_resume(tiny_base, tmp_path):
+    distill(tiny_run_config(tiny_base, tmp_path / "run", max_steps=1))
+    checkpoint = tmp_path / "run/checkpoints/step-0000001"
+    with pytest.raises(Exception, match="loss"):  # the config comparison names the changed loss
+        distill(tiny_run_config(tiny_base, tmp_path / "run", max_steps=2, loss="codi+dmd", resume=str(checkpoint)))
+
+
+def test_config_refuses_what_distribution_matching_cannot_do(tiny_base, tmp_path):
+    with pytest.raises(ConfigError, match="gan_weight"):
+        tiny_run_config(tiny_base, tmp_path, gan_weight=0.1)
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        tiny_run_config(tiny_base, tmp_path, adapter="lora", loss="codi+dmd", gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="dmd_guidance"):
+        tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_guidance=0.5)
