@@ -126,7 +126,9 @@ def test_guidance_doubles_the_dict_conditioning(sdxl):
         guided = guided_output(sdxl.predict, z, t, text, uncond, w)
         expanded = {k: v.expand(2, *v.shape[1:]) for k, v in uncond.items()}
         u, c = sdxl.predict(z, t, expanded), sdxl.predict(z, t, text)
-    torch.testing.assert_close(guided, u + w.view(-1, 1, 1, 1) * (c - u), rtol=0, atol=1e-5)
+    # one call on the doubled batch against two calls: convolutions block their sums by batch size, and w=5
+    # amplifies that rounding (measured up to 1.1e-5 on a busy 2-core machine)
+    torch.testing.assert_close(guided, u + w.view(-1, 1, 1, 1) * (c - u), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="same entries"):
         guided_output(sdxl.predict, z, t, text, uncond["encoder_hidden_states"], 2.0)
 

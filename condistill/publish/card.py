@@ -155,6 +155,13 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
     return "\n".join(head + body)
 
 
+
+#: how the model card names each training loss
+LOSS_NAMES = {"codi": "CoDi (consistency + conditional regression)",
+              "diffusion": "diffusion (conventional adapter training)",
+              "codi+dmd": "CoDi + distribution matching (consistency + conditional regression + DMD)",
+              "dmd": "distribution matching + conditional regression (DMD, no consistency term)"}
+
 def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, num_processes: int = 1,
                 samples: bool = False, results: str | None = None, source: str = ".",
                 stochastic: bool | None = None) -> str:
@@ -192,10 +199,13 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
     lines += ["## Training", ""]
     loss = extra.get("loss", train.get("loss", "unknown"))
     trained = extra.get("steps_trained", train.get("max_steps"))
-    facts = [("loss", "CoDi (consistency + conditional regression)" if loss == "codi"
-              else "diffusion (conventional adapter training)" if loss == "diffusion" else str(loss)),
+    facts = [("loss", LOSS_NAMES.get(loss, str(loss))),
              ("optimizer steps", str(trained) if trained is not None else "unknown"),
              ("N (skip grid)", str(config["num_grid"]))]
+    if loss in ("codi+dmd", "dmd") and "dmd_weight" in train:
+        facts.append(("distribution matching", f"weight {train['dmd_weight']:g}, real-score CFG "
+                      f"{train['dmd_guidance']:g}, fake-score LoRA rank {train['dmd_fake_rank']}, "
+                      f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"))
     if "regression_weight" in train:
         facts.append(("lambda (regression weight)", f"{train['regression_weight']:g}"))
     if "distance" in train:

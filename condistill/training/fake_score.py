@@ -96,6 +96,14 @@ class FakeScore:
             elif name in flags:
                 p.requires_grad_(flags[name])
         switch_lora(unet, None)  # add_adapter made it the active one: off until a fake-score call
+        # the LoRA lives inside the student's UNet, but DDP must neither wait for its gradients in the
+        # student's backward nor hook its own updates: it averages them itself (_average_gradients)
+        names = {f"unet.{n}" for n, _ in unet.named_parameters() if f".{FAKE_SCORE_ADAPTER}." in n}
+        if names - {n for n, _ in student.named_parameters()}:
+            raise ValueError("the student does not hold its UNet as `student.unet`; the fake score cannot find its LoRA")
+        ignored = set(getattr(student, "_ddp_params_and_buffers_to_ignore", ()))
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            student, sorted(ignored | names))
         self.head = None
         if gan:
             if getattr(unet, "mid_block", None) is None:

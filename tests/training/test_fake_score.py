@@ -112,6 +112,8 @@ def test_resume_restores_the_fake_score_and_its_optimizer_bit_identically(tiny_b
     losses = [[json.loads(line) for line in (d / "loss.jsonl").read_text().splitlines()] for d in (full, part)]
     assert [r["loss"] for r in losses[0][-2:]] == [r["loss"] for r in losses[1][-2:]]
     assert "dmd" in losses[0][-1] and "fake_score" in losses[0][-1] and "gan_d" in losses[0][-1]
+    card = (full / "README.md").read_text()
+    assert "CoDi + distribution matching" in card and "real-score CFG 4" in card
 
 
 def test_a_checkpoint_without_a_fake_score_is_refused_by_a_distribution_matching_resume(tiny_base, tmp_path):

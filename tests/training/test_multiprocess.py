@@ -153,6 +153,24 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_process_run,
     assert apart > 10 * ATOL
 
 
+def _fake_score_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    state = torch.load(out / "checkpoints" / f"step-{step:07d}" / "training_state.pt", weights_only=True)
+    return state["extra"]["fake_score"]["weights"]
+
+
+def test_distribution_matching_on_two_processes_equals_one_process_of_the_global_batch(tiny_base, tmp_path):
+    """The student (through DDP) and the fake-score LoRA (its own gradient averaging) both train on 2B items."""
+    opts = dict(loss="codi+dmd", dmd_fake_rank=4)
+    two = run_processes(_opts(tiny_base, tmp_path / "two", **opts))
+    one = distill(DistillConfig(**_opts(tiny_base, tmp_path / "one", batch_size=4, **opts)))
+    assert _moved(one)
+    _assert_same(_weights(two, 4), _weights(one, 4), ATOL)
+    fake_two, fake_one = _fake_score_weights(two, 4), _fake_score_weights(one, 4)
+    assert any(bool(v.abs().sum() > 0) for k, v in fake_one.items() if "lora_B" in k)  # it trained
+    _assert_same({"fake": fake_two}, {"fake": fake_one}, ATOL)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+
+
 def test_resume_with_one_process_and_the_same_global_batch(two_process_run, tiny_base, tmp_path):
     part = tmp_path / "part"
     shutil.copytree(two_process_run, part)
