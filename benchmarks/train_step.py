@@ -43,7 +43,7 @@ def run(loss: str, args, base, batch) -> dict:
                         loss="diffusion" if loss == "plain" else loss,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                         guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
-                        guidance_max=args.guidance_max, output_dir="/tmp/unused", dmd_fake_updates=args.dmd_fake_updates,
+                        guidance_max=args.guidance_max, output_dir="unused", dmd_fake_updates=args.dmd_fake_updates,
                         dmd_fake_targets=args.dmd_fake_targets, gan_weight=args.gan_weight)
     device = base.device
     student = build_student(args.adapter, base, get_condition(args.condition).channels).to(device)

@@ -184,13 +184,11 @@ class FakeScore:
             ``{"fake_score": [B], "gan_d": [B]}`` (detached; ``gan_d`` only with the head).
         """
         x = x.detach().float()
-        base = self.base
-        loss = diffusion_loss(lambda z, tt: self(z, tt, text).float(), x, noise, t, base.alphas_cumprod.to(x.device),
-                              base.prediction_type)
+        alphas = self.base.alphas_cumprod.to(x.device)
+        loss = diffusion_loss(lambda z, tt: self(z, tt, text).float(), x, noise, t, alphas, self.base.prediction_type)
         out = {"fake_score": loss.detach()}
         total = loss.mean()
         if self.head is not None:
-            alphas = base.alphas_cumprod.to(x.device)
             fake_t = add_noise(x, gan_noise, gan_t, alphas)
             real_t = add_noise(real.detach().float(), gan_noise, gan_t, alphas)
             d = gan_discriminator_loss(self.logits(real_t, gan_t, text), self.logits(fake_t, gan_t, text))
