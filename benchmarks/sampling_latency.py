@@ -25,6 +25,15 @@ the row's. Prints a markdown table; ``--out`` also writes the JSON report.
 
     python benchmarks/sampling_latency.py --adapter runs/edge --batch-size 8 --repeats 5 --out latency.json
     python benchmarks/sampling_latency.py --adapter runs/edge --decoder embedded:tiny-decoder
+
+For a base with no trained adapter (the random-weight SD-1.5-shaped folder of
+``benchmarks/sd_components.py``), ``--untrained KIND`` builds a freshly initialised student of that
+kind on the base and samples with it: a call costs the same whatever the weights, so the times are
+those of a trained adapter. At that size a 50-step row takes minutes per image; ``--warmup-steps 1``
+makes each warm-up run one step of its row (same shapes, guidance and decoder), not the whole row.
+
+    python benchmarks/sampling_latency.py --base runs/sd15-random --untrained controlnet --batch-size 1 \
+        --repeats 1 --warmup 1 --warmup-steps 1 --student-steps 4 --ddim-steps 50 --decoder runs/taesd-random
 """
 from __future__ import annotations
 
@@ -41,7 +50,9 @@ from condistill.frozen import load_base
 from condistill.conditions import condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
+from condistill.adapters import available_adapters, build_student
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
+from condistill.config import DistillConfig
 from condistill.method.sampler import sample_images
 from condistill.method.guidance import make_model_fn
 
@@ -65,16 +76,17 @@ def row_specs(student_steps: list[int], ddim_steps: list[int], guidance: float, 
 
 
 def make_runner(base, student, cond: torch.Tensor, prompts: list[str], row: dict, num_grid: int, seed: int):
-    """A function sampling the whole batch once for ``row`` and returning the images on the CPU."""
+    """A function sampling the whole batch once for ``row`` and returning the images on the CPU;
+    ``run(steps)`` samples with ``steps`` steps instead of the row's (for a short warm-up)."""
 
     @torch.no_grad()
-    def run() -> torch.Tensor:
+    def run(steps: int | None = None) -> torch.Tensor:
         c = cond.to(base.device)
         if student is None:
             fn = base.predict
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
-        images = sample_images(base, fn, prompts, row["steps"], sampler=row["sampler"], num_grid=num_grid,
+        images = sample_images(base, fn, prompts, steps or row["steps"], sampler=row["sampler"], num_grid=num_grid,
                                guidance_scale=row["guidance"], seed=seed).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
@@ -112,6 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="sampling steps of each warm-up run (default: the row's own steps)")
+    p.add_argument("--untrained", default=None, choices=available_adapters(), metavar="KIND",
+                   help="without --adapter: time a freshly initialised student of this kind "
+                        f"({', '.join(available_adapters())}) on --base, with --condition")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the DDIM rows")
     p.add_argument("--student-steps", type=parse_steps, default=[1, 2, 4], help="CoDi rows (CFG 1)")
     p.add_argument("--ddim-steps", type=parse_steps, default=[4, 50],
@@ -126,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    if args.warmup_steps is not None and args.warmup_steps < 1:
+        p.error("--warmup-steps must be >= 1")
+    if args.untrained and args.adapter:
+        p.error("--untrained builds a student in place of --adapter's: pass one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -142,22 +163,26 @@ def main(argv: list[str] | None = None) -> dict:
         cond = condition_from_config(adapter_cfg["condition_config"])
         student = load_student(args.adapter, base).to(base.device).eval()
         num_grid = adapter_cfg["num_grid"]
+    elif args.untrained:
+        defaults = DistillConfig(adapter=args.untrained, condition=args.condition)
+        cond, num_grid = get_condition(args.condition), defaults.num_grid
+        student = build_student(args.untrained, base, cond.channels).to(base.device).eval()
     else:
         cond, student, num_grid = get_condition(args.condition), None, 50
     source = open_source(f"synthetic:heldout:{args.batch_size}", resolution=base.resolution)
     dataset = ConditionDataset(source, cond, base.resolution, seed=args.seed + 12345)
     data = collate([dataset[i] for i in range(len(dataset))])
 
-    model = "adapter" if student is not None else "teacher"
+    model = "teacher" if student is None else ("adapter" if args.adapter else f"untrained {args.untrained}")
     # the student samples as its adapter asks (re-noising or not); the cost is the same either way
-    rows = row_specs(args.student_steps, args.ddim_steps, args.guidance,
-                     adapter_sampler(args.adapter) if args.adapter else "codi", args.decoder)
+    sampler = adapter_sampler(args.adapter) if args.adapter else (defaults.student_sampler if args.untrained else "codi")
+    rows = row_specs(args.student_steps, args.ddim_steps, args.guidance, sampler, args.decoder)
     reference = f"ddim-{max(args.ddim_steps)}-cfg"
     runners = [make_runner(bases[row["decoder"]], student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
                for row in rows]
     for run in runners:
         for _ in range(args.warmup):
-            run()
+            run(args.warmup_steps)
     times = [[] for _ in rows]
     for _ in range(args.repeats):
         for run, ts in zip(runners, times):
@@ -173,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         r["speedup"] = ref_spi / max(r["seconds_per_image"], 1e-12)
     report = {"device": str(base.device), "base": str(base_name), "adapter": args.adapter, "batch_size": args.batch_size,
-              "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(), "decoder": args.decoder,
+              "repeats": args.repeats, "warmup": args.warmup, "warmup_steps": args.warmup_steps,
+              "untrained": args.untrained, "threads": torch.get_num_threads(), "decoder": args.decoder,
               "num_grid": num_grid, "reference": reference, "rows": results}
     print(markdown(report), end="")
     if args.out:

@@ -9,6 +9,10 @@ with its length raised to 77: every id it produces is a valid row of the large e
 
     python benchmarks/sd_components.py --out runs/sd15-random
     python benchmarks/train_step.py --base runs/sd15-random --resolution 256 --batch-size 2 --steps 2 --warmup 1
+
+``--taesd-out DIR`` also writes a TAESD-shaped fast decoder (diffusers ``AutoencoderTiny`` with its
+default configuration, which is TAESD's: 64 channels per block, decoder blocks (3, 3, 3, 1), 8x
+upsampling, 1.2M decoder parameters) with random weights, for ``sampling_latency.py --decoder DIR``.
 """
 from __future__ import annotations
 
@@ -62,15 +66,29 @@ def build_sd15(out: Path, seed: int = 0) -> int:
     return sum(p.numel() for p in pipe.unet.parameters())
 
 
+def build_taesd(out: Path, seed: int = 0) -> int:
+    """Save a random-weight TAESD-shaped ``AutoencoderTiny`` at ``out``; return its decoder's parameter count."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    decoder = AutoencoderTiny()
+    decoder.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in decoder.decoder.parameters())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write (must not exist)")
+    p.add_argument("--taesd-out", default=None, help="also write a TAESD-shaped fast decoder here (must not exist)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    out = Path(args.out)
-    if out.exists():
-        raise SystemExit(f"{out} exists; pass a new folder")
-    print(f"wrote {out} (UNet parameters: {build_sd15(out, args.seed):,})")
+    outs = [Path(args.out)] + ([Path(args.taesd_out)] if args.taesd_out else [])
+    for out in outs:
+        if out.exists():
+            raise SystemExit(f"{out} exists; pass a new folder")
+    print(f"wrote {outs[0]} (UNet parameters: {build_sd15(outs[0], args.seed):,})")
+    if args.taesd_out:
+        print(f"wrote {outs[1]} (decoder parameters: {build_taesd(outs[1], args.seed):,})")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,37 @@ def test_with_adapter(latency, tiny_base, tmp_path):
                            "--device", "cpu"])
     _check(report, "adapter")
     assert report["base"] == str(tiny_base) and report["adapter"] == str(folder)
+
+
+def test_untrained_student_with_short_warmup(latency, tiny_base):
+    report = latency.main(["--base", str(tiny_base), "--untrained", "controlnet", "--batch-size", "1",
+                           "--repeats", "1", "--warmup", "1", "--warmup-steps", "1", "--device", "cpu"])
+    _check(report, "untrained controlnet")
+    rows = {r["name"]: r for r in report["rows"]}
+    # the recipe's default sampler, and one timed pass per row (the warm-up is not timed)
+    assert rows["codi-4"]["sampler"] == "codi-stochastic"
+    assert all(len(r["seconds_per_batch_all"]) == 1 for r in rows.values())
+    assert report["untrained"] == "controlnet" and report["warmup_steps"] == 1
+
+
+def test_untrained_and_adapter_together_are_refused(latency, tiny_base, capsys):
+    with pytest.raises(SystemExit):
+        latency.main(["--base", str(tiny_base), "--untrained", "lora", "--adapter", str(tiny_base)])
+    assert "pass one of them" in capsys.readouterr().err
+
+
+SD_COMPONENTS = Path(__file__).resolve().parents[1] / "benchmarks" / "sd_components.py"
+
+
+def test_taesd_shaped_decoder_loads_as_a_fast_decoder(tmp_path):
+    from condistill.decoders import load_fast_decoder
+
+    spec = importlib.util.spec_from_file_location("sd_components", SD_COMPONENTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = module.build_taesd(tmp_path / "taesd")
+    decoder = load_fast_decoder(tmp_path / "taesd")
+    # TAESD's published decoder: 64 channels per block, 8x upsampling, about 1.2M parameters
+    assert params == sum(p.numel() for p in decoder.decoder.parameters()) and 1.1e6 < params < 1.3e6
+    assert decoder.config.latent_channels == 4 and decoder.config.scaling_factor == 1.0
+    assert 2 ** (len(decoder.config.decoder_block_out_channels) - 1) == 8
