@@ -20,7 +20,7 @@ DEFAULT_BASE = "embedded:tiny-teacher"
 #: registries: :func:`option_choices`). ``--help`` lists them and :meth:`DistillConfig.problems` checks them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "distance": ("l2", "huber"),
-    "ode_source": ("ema", "teacher"),
+    "ode_source": ("ema", "teacher", "online"),
     "guidance_branches": ("all", "ode"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "loss": ("codi", "diffusion", "codi+dmd", "dmd"),
@@ -107,7 +107,9 @@ class DistillConfig:
     regression_weight: float = _h("lambda of the conditional regression term ||F - z0||^2", default=1.0)
     distance: str = _h("consistency distance: l2 or huber (pseudo-Huber)", default="l2")
     huber_c: float = _h("pseudo-Huber constant c", default=0.001)
-    ode_source: str = _h("one-step ODE predictor: ema (EMA conditional student) or teacher (frozen, no adapter)", default="ema")
+    ode_source: str = _h("one-step ODE predictor: ema (EMA conditional student), teacher (frozen, no adapter) or "
+                         "online (the online prediction at z_t, detached: one forward fewer per step; its quality "
+                         "against ema is in docs/results.md)", default="ema")
     guidance_min: float = _h("CFG-aware distillation: lowest guidance scale w drawn per sample (1 = off)", default=1.0)
     guidance_max: float = _h("CFG-aware distillation: highest guidance scale w drawn per sample", default=1.0)
     guidance_branches: str = _h("where the drawn w is applied: all (online, target and ODE; the student then samples "
@@ -209,6 +211,9 @@ class DistillConfig:
             p.append(f"caption_dropout={self.caption_dropout}: must be in [0, 1)")
         if not 1 <= self.recommended_steps <= self.num_grid:
             p.append(f"recommended_steps={self.recommended_steps}: must be between 1 and num_grid")
+        if self.ode_source == "online" and self.guidance_enabled and self.guidance_branches == "ode":
+            p.append("ode_source='online' with guidance_branches='ode': the online prediction is unguided there, "
+                     "so it cannot stand in for the guided ODE solver; use guidance_branches='all' or ode_source='ema'")
         p += self._dmd_problems()
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")

@@ -128,6 +128,30 @@ class EMA:
                 for name, p in live.items():
                     p.copy_(backup[name])
 
+    @contextmanager
+    def bound(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Like :meth:`swapped_in`, but by swapping parameter objects, not by copying values into them.
+
+        Inside the block each named parameter of ``module`` is a frozen parameter sharing the EMA
+        tensor's storage; on exit the original parameter objects are put back.  The online tensors
+        are never written, so an autograd graph built from them before the block (the online
+        branch) still backpropagates correctly after it, and the optimizer and any distributed
+        wrapper keep the objects they hold.  Use it for no-grad forwards only.
+        """
+        self._module_params(module)  # the same names check as swapped_in
+        owners = {}
+        for name in self.shadow:
+            path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            owners[name] = (owner, attr, owner._parameters[attr])
+        try:
+            for name, (owner, attr, _) in owners.items():
+                owner._parameters[attr] = nn.Parameter(self.shadow[name], requires_grad=False)
+            yield module
+        finally:
+            for owner, attr, original in owners.values():
+                owner._parameters[attr] = original
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Contiguous detached copies ``name -> tensor`` (safetensors-friendly)."""
         return {name: t.detach().clone().contiguous() for name, t in self.shadow.items()}

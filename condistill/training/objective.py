@@ -97,8 +97,12 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
 
         w_student = w if guide_student else None
 
+        # with the ODE from the online output, the target branch runs after the online forward,
+        # whose graph must survive: bind the EMA tensors instead of copying them into the weights
+        swap_ema = ema.bound if cfg.ode_source == "online" else ema.swapped_in
+
         def ema_fn(z, t, scale=w_student):
-            with ema.swapped_in(student), torch.no_grad():
+            with swap_ema(student), torch.no_grad():
                 f = make_model_fn(student, student.encode_condition(cond), b)
                 return guided_output(f, z, t, emb, uncond, scale)
 
@@ -106,6 +110,7 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
             with torch.no_grad():
                 return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
 
+        ode_fn = {"ema": lambda z, t: ema_fn(z, t, w), "teacher": teacher_fn, "online": None}[cfg.ode_source]
         k = part.take(sample_grid_index(n, cfg.num_grid, g), b).to(device)
         online_fn = lambda z, t: guided_output(online, z, t, emb, uncond, w_student)  # noqa: E731
         matching = None
@@ -117,7 +122,7 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         with (fake_score.frozen() if fake_score is not None else contextlib.nullcontext()), \
                 shared_frozen_blocks(student.shared_frozen_blocks()):
             loss, info = codi_loss(
-                online_fn, ema_fn, (lambda z, t: ema_fn(z, t, w)) if cfg.ode_source == "ema" else teacher_fn,
+                online_fn, ema_fn, ode_fn,
                 z0, noise, k, grid, alphas, base.prediction_type, distance=cfg.distance, huber_c=cfg.huber_c,
                 regression_weight=cfg.regression_weight, consistency_weight=0.0 if cfg.loss == "dmd" else 1.0,
             )

@@ -222,6 +222,38 @@ def test_codi_loss_branches_times_and_grad_isolation():
     torch.testing.assert_close(loss2, loss.detach())
 
 
+def test_codi_loss_ode_from_the_online_output_is_the_detached_online_prediction():
+    """ode_fn=None: one online call, made before the target branch, whose output solves the ODE step detached."""
+    z0, eps = _data(batch=2)
+    k = torch.tensor([4, 20])
+    theta = torch.tensor(0.7, requires_grad=True)
+    calls = []
+
+    def online(z, t):
+        calls.append("online")
+        return theta * z + 0.2
+
+    def target(z, t):
+        calls.append("target")
+        return theta.detach() * z + 0.2
+
+    loss, info = codi_loss(online, target, None, z0, eps, k, GRID, AC, "epsilon")
+    assert calls == ["online", "target"]
+    loss.sum().backward()
+    grad = theta.grad.clone()
+    theta.grad = None
+    calls.clear()
+    reference, ref_info = codi_loss(online, target, lambda z, t: online(z, t).detach(), z0, eps, k, GRID, AC, "epsilon")
+    reference.sum().backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(info["distill"], ref_info["distill"], rtol=0, atol=0)
+    # the ODE step carries no gradient: only the online term of the loss does, in both forms
+    torch.testing.assert_close(grad, theta.grad, rtol=0, atol=0)
+    # and it is a different ODE than a separate model's
+    other, _ = codi_loss(online, target, lambda z, t: 0.5 * z, z0, eps, k, GRID, AC, "epsilon")
+    assert not torch.allclose(other.detach(), loss.detach())
+
+
 def test_codi_loss_depends_on_ode_branch_and_regression_weight():
     z0, eps = _data()
     k = torch.tensor([5, 6, 7])

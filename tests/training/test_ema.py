@@ -103,6 +103,48 @@ def test_swapped_in_restores_exactly_even_on_exception():
     assert {k: id(v) for k, v in m.named_parameters()} == params_before  # same Parameter objects (optimizer-safe)
 
 
+def test_bound_swaps_objects_so_a_graph_built_before_it_stays_valid():
+    """The online forward, then a no-grad EMA forward, then the online backward (the ODE-from-online order)."""
+    m = _module()
+    ema = EMA.from_module(m)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    _train_step(m, opt, 0)
+    ema.update(dict(m.named_parameters()), decay=0.5)
+    _train_step(m, opt, 1)  # now the EMA differs from the online weights
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    objects = {k: v for k, v in m.named_parameters()}
+    online = {k: v.detach().clone() for k, v in objects.items()}
+
+    m.zero_grad()
+    m(x).pow(2).mean().backward()
+    clean_grads = {k: v.grad.clone() for k, v in objects.items() if v.requires_grad}
+
+    m.zero_grad()
+    loss = m(x).pow(2).mean()
+    with ema.bound(m) as inside, torch.no_grad():
+        assert inside is m
+        bound_params = dict(m.named_parameters())
+        for name, value in ema.state_dict().items():
+            assert torch.equal(bound_params[name], value) and bound_params[name] is not objects[name]
+        assert bound_params["0.bias"] is objects["0.bias"]  # untracked parameters stay
+        ema_out = m(x)
+    loss.backward()
+    assert {k: v for k, v in m.named_parameters()} == objects  # the same objects are back
+    for name, p in objects.items():
+        assert torch.equal(p, online[name])
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, clean_grads[name], rtol=0, atol=0)
+    with ema.swapped_in(m):
+        torch.testing.assert_close(m(x), ema_out, rtol=0, atol=0)
+
+    # the in-place swap in the same order breaks the graph: the reason bound() exists
+    loss = m(x).pow(2).mean()
+    with ema.swapped_in(m), torch.no_grad():
+        m(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_copy_to_and_state_dict_round_trip(tmp_path):
     m = _module()
     ema = EMA.from_module(m)

@@ -138,3 +138,44 @@ def test_the_controlnet_step_shares_the_frozen_down_pass_bit_identically(tiny_ba
     assert blocks == len(student.unet.down_blocks) + 1
     assert seen[-1].hits == blocks  # the online branch reused every block of the ODE branch's pass
 
+
+
+@pytest.mark.parametrize("adapter", ["t2i_adapter", "controlnet"])
+def test_ode_from_the_online_output_saves_one_student_call_and_equals_the_ema_ode_at_equal_weights(tiny_base, adapter):
+    """ode_source='online': with the EMA equal to the online weights (as at step 0), the ODE step
+    from the detached online prediction is the EMA branch's, so loss and gradients agree; one
+    student forward fewer runs per step (guided: each branch is one call on the doubled batch)."""
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student(adapter, base, condition.channels)
+    perturb_(student, seed=4)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    batch = collate([dataset[i] for i in range(4)])
+    calls = []
+    student.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def run(ode_source: str):
+        student.zero_grad(set_to_none=True)
+        calls.clear()
+        cfg = tiny_run_config(tiny_base, "unused", adapter=adapter, guidance_min=1.5, guidance_max=3.0,
+                              ode_source=ode_source)
+        objective = build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base)
+        loss, _ = objective(batch, 2)
+        loss.mean().backward()
+        return loss.detach(), [p.grad.clone() for p in student.trainable_named_parameters().values()], len(calls)
+
+    ema_loss, ema_grads, ema_calls = run("ema")
+    online_loss, online_grads, online_calls = run("online")
+    torch.testing.assert_close(online_loss, ema_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(online_grads, ema_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert ema_calls == 3 and online_calls == 2
+
+
+def test_ode_from_an_unguided_online_output_is_refused(tiny_base):
+    from condistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="guidance_branches='all' or ode_source='ema'"):
+        tiny_run_config(tiny_base, "unused", ode_source="online", guidance_min=1.5, guidance_max=3.0,
+                        guidance_branches="ode")
+    tiny_run_config(tiny_base, "unused", ode_source="online", guidance_min=1.5, guidance_max=3.0)  # accepted
