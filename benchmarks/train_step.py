@@ -38,9 +38,13 @@ from condistill.frozen import load_base
 from condistill.conditions import get_condition
 
 
-def run(loss: str, args, base, batch) -> dict:
-    cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base,
-                        loss="diffusion" if loss == "plain" else loss,
+#: the step kinds that are not a loss name of their own: kind -> (loss, ode_source)
+VARIANTS = {"plain": ("diffusion", "ema"), "codi-online-ode": ("codi", "online")}
+
+
+def run(kind: str, args, base, batch) -> dict:
+    loss, ode_source = VARIANTS.get(kind, (kind, "ema"))
+    cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base, loss=loss, ode_source=ode_source,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                         guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
                         guidance_max=args.guidance_max, output_dir="unused", dmd_fake_updates=args.dmd_fake_updates,
@@ -52,7 +56,7 @@ def run(loss: str, args, base, batch) -> dict:
     params = student.trainable_named_parameters()
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
-    if loss == "plain":
+    if kind == "plain":
         step = _plain_controlnet_step(base, student.controlnet, opt, batch, autocast)
     else:
         ema = EMA(params)
@@ -151,7 +155,9 @@ def main():
     p.add_argument("--dmd-fake-updates", type=int, default=1)
     p.add_argument("--dmd-fake-targets", default="attention_ff", choices=["attention", "attention_ff", "all"])
     p.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds the adversarial head to the codi+dmd step")
-    p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd"], default=None,
+    p.add_argument("--online-ode", action="store_true",
+                   help="also time the CoDi step whose one-step ODE is the detached online prediction (--ode-source online)")
+    p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd", "codi-online-ode"], default=None,
                    help="run one kind of step and print its figures as one JSON line (used on the CPU)")
     args = p.parse_args()
     if args.plain and args.adapter != "controlnet":
@@ -168,6 +174,12 @@ def main():
             dmd = _in_fresh_process("codi+dmd")
             report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
                           dmd_memory_ratio_to_codi=dmd["peak_rss_mib"] / codi["peak_rss_mib"])
+        if args.online_ode:
+            cheap = _in_fresh_process("codi-online-ode")
+            report.update(codi_online_ode=cheap,
+                          online_ode_time_ratio_to_codi=cheap["seconds_per_step"] / codi["seconds_per_step"],
+                          online_ode_time_ratio=cheap["seconds_per_step"] / conventional["seconds_per_step"],
+                          online_ode_memory_ratio=cheap["peak_rss_mib"] / conventional["peak_rss_mib"])
         if args.plain:
             plain = _in_fresh_process("plain")
             report.update(plain_diffusers=plain,
@@ -194,6 +206,11 @@ def main():
               "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"]}
     key = "peak_memory_gib" if "peak_memory_gib" in codi else "peak_rss_growth_mib"
     report["memory_ratio"] = codi[key] / conventional[key] if conventional[key] > 0 else None
+    if args.online_ode:
+        cheap = run("codi-online-ode", args, base, batch)
+        report.update(codi_online_ode=cheap,
+                      online_ode_time_ratio_to_codi=cheap["seconds_per_step"] / codi["seconds_per_step"],
+                      online_ode_time_ratio=cheap["seconds_per_step"] / conventional["seconds_per_step"])
     if args.dmd:
         dmd = run("codi+dmd", args, base, batch)
         report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
