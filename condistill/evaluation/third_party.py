@@ -72,6 +72,15 @@ def checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as a message shows it: under the home folder as ``~/...``, so a report written on
+    one machine (results.json is committed and shared) names the place on any machine."""
+    try:
+        return "~/" + Path(path).relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _try_import(name: str):
     """The module ``name``, or ``None`` when it is not installed or fails to import."""
     try:
@@ -92,15 +101,15 @@ def lpips_status() -> tuple[bool, str]:
     else:
         linear = Path(module.__file__).parent / "weights" / "v0.1" / "alex.pth"
         if not linear.is_file():
-            missing.append(f"the lpips package's linear-layer weights {linear} are missing "
+            missing.append("the lpips package's linear-layer weights (weights/v0.1/alex.pth inside it) are missing "
                            "(pip install --force-reinstall lpips)")
     if not weights.is_file():
-        missing.append(f"weights file {weights} not found (place torchvision's AlexNet ImageNet weights "
+        missing.append(f"weights file {shown_path(weights)} not found (place torchvision's AlexNet ImageNet weights "
                        f"{LPIPS_WEIGHTS} there, or run once with internet: python -c \"import torchvision; "
                        "torchvision.models.alexnet(weights='IMAGENET1K_V1')\")")
     if missing:
         return False, "LPIPS skipped: " + "; ".join(missing) + "; provide them to enable it"
-    return True, f"LPIPS v0.1 (AlexNet) with {weights}"
+    return True, f"LPIPS v0.1 (AlexNet) with {shown_path(weights)}"
 
 
 def fid_status() -> tuple[bool, str]:
@@ -112,10 +121,10 @@ def fid_status() -> tuple[bool, str]:
     if _try_import("pytorch_fid") is None:
         missing.append("Python package 'pytorch_fid' is not installed (pip install pytorch-fid)")
     if not weights.is_file():
-        missing.append(f"weights file {weights} not found (download {FID_WEIGHTS_URL} and place it there)")
+        missing.append(f"weights file {shown_path(weights)} not found (download {FID_WEIGHTS_URL} and place it there)")
     if missing:
         return False, "FID (Inception) skipped: " + "; ".join(missing) + "; provide them to enable it"
-    return True, f"FID on pytorch_fid's Inception pool features with {weights}"
+    return True, f"FID on pytorch_fid's Inception pool features with {shown_path(weights)}"
 
 
 STATUS = {"lpips": lpips_status, "fid_inception": fid_status,

@@ -173,3 +173,16 @@ def test_evaluate_adds_columns_when_available(tiny_base, fake_backends, tmp_path
     assert "lpips (lower)" in table and "fid_inception (lower)" in table
     assert f"{m['lpips']:.3f}" in table
     assert "Skipped" not in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_skip_reasons_name_the_home_folder_as_a_tilde(empty_hub, monkeypatch):
+    """A committed results.json must not carry the home folder of the machine that wrote it."""
+    monkeypatch.setenv("HOME", str(empty_hub.parent))
+    monkeypatch.setattr(om, "_try_import", lambda name: None)
+    for status in (om.lpips_status, om.fid_status):
+        ok, reason = status()
+        assert not ok and str(empty_hub.parent) not in reason
+        assert f"~/{empty_hub.name}/checkpoints/" in reason
+    outside = empty_hub.parent.parent / "elsewhere" / "w.pth"
+    monkeypatch.setenv("HOME", str(empty_hub))
+    assert om.shown_path(outside) == str(outside)
