@@ -140,7 +140,7 @@ def test_the_controlnet_step_shares_the_frozen_down_pass_bit_identically(tiny_ba
 
 
 
-@pytest.mark.parametrize("adapter", ["t2i_adapter", "controlnet"])
+@pytest.mark.parametrize("adapter", ["t2i_adapter", "controlnet", "lora"])
 def test_ode_from_the_online_output_saves_one_student_call_and_equals_the_ema_ode_at_equal_weights(tiny_base, adapter):
     """ode_source='online': with the EMA equal to the online weights (as at step 0), the ODE step
     from the detached online prediction is the EMA branch's, so loss and gradients agree; one
