@@ -17,6 +17,7 @@ upsampling, 1.2M decoder parameters) with random weights, for ``sampling_latency
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -73,6 +74,10 @@ def build_taesd(out: Path, seed: int = 0) -> int:
     torch.manual_seed(seed)
     decoder = AutoencoderTiny()
     decoder.save_pretrained(out, safe_serialization=True)
+    # AutoencoderTiny registers a derived "block_out_channels" that it then warns about on loading
+    config = json.loads((out / "config.json").read_text())
+    config.pop("block_out_channels", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return sum(p.numel() for p in decoder.decoder.parameters())
 
 
