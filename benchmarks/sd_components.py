@@ -17,7 +17,6 @@ upsampling, 1.2M decoder parameters) with random weights, for ``sampling_latency
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -71,13 +70,11 @@ def build_taesd(out: Path, seed: int = 0) -> int:
     """Save a random-weight TAESD-shaped ``AutoencoderTiny`` at ``out``; return its decoder's parameter count."""
     from diffusers import AutoencoderTiny
 
+    from condistill.decoders import save_fast_decoder
+
     torch.manual_seed(seed)
     decoder = AutoencoderTiny()
-    decoder.save_pretrained(out, safe_serialization=True)
-    # AutoencoderTiny registers a derived "block_out_channels" that it then warns about on loading
-    config = json.loads((out / "config.json").read_text())
-    config.pop("block_out_channels", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_fast_decoder(decoder, out)
     return sum(p.numel() for p in decoder.decoder.parameters())
 
 

@@ -42,8 +42,8 @@ import torch
 
 from condistill.hub import resolve_pretrained_dir
 
-__all__ = ["EMBEDDED_DECODER", "base_with_decoder", "decoder_mismatch", "load_fast_decoder", "upsampling_factor",
-           "use_fast_decoder"]
+__all__ = ["EMBEDDED_DECODER", "base_with_decoder", "decoder_mismatch", "load_fast_decoder", "save_fast_decoder",
+           "upsampling_factor", "use_fast_decoder"]
 
 #: The packaged decoder of the embedded tiny teacher.
 EMBEDDED_DECODER = "embedded:tiny-decoder"
@@ -108,6 +108,22 @@ def load_fast_decoder(spec: str | os.PathLike, torch_dtype: torch.dtype | None =
     decoder = AutoencoderTiny.from_pretrained(folder, **kwargs)
     decoder.requires_grad_(False)
     return decoder.eval()
+
+
+def save_fast_decoder(decoder, out: str | os.PathLike) -> Path:
+    """``decoder.save_pretrained(out)`` in safetensors, without the ``block_out_channels`` entry.
+
+    ``AutoencoderTiny`` derives that entry from ``decoder_block_out_channels`` in its constructor
+    and registers it, so a plain save writes it and every later load warns that it is not an
+    argument. The loaded config has it all the same.
+    """
+    out = Path(out)
+    decoder.save_pretrained(out, safe_serialization=True)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("block_out_channels", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
 
 
 def upsampling_factor(autoencoder) -> int:

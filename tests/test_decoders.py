@@ -3,6 +3,7 @@ fit checks, and the embedded tiny decoder against the embedded teacher's full VA
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,24 @@ def test_load_adapter_takes_the_decoder_and_refuses_a_mismatch(adapter_dir, tmp_
     assert type(pipe.condistill_full_vae).__name__ == "AutoencoderKL"
     with pytest.raises(ValueError):
         load_adapter(adapter_dir, decoder="embedded:tiny-decoder")  # 4x decoder, this base's VAE is 2x
+
+
+def test_saved_decoders_load_without_a_config_warning(tmp_path, capfd):
+    """save_fast_decoder drops the derived block_out_channels; loading then warns of nothing and
+    the config still has it (the embedded decoder was saved this way too)."""
+    from diffusers import AutoencoderTiny
+    from condistill.decoders import save_fast_decoder
+
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    tiny.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    capfd.readouterr()
+    load_fast_decoder(tmp_path / "plain")
+    assert "not expected" in capfd.readouterr().err  # a plain save does warn: the check below can fail
+    save_fast_decoder(tiny, tmp_path / "d")
+    assert "block_out_channels" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    for spec in (tmp_path / "d", EMBEDDED_DECODER):
+        decoder = load_fast_decoder(spec)
+        assert "not expected" not in capfd.readouterr().err
+        assert list(decoder.config.block_out_channels) == list(decoder.config.decoder_block_out_channels)
+    assert upsampling_factor(load_fast_decoder(tmp_path / "d")) == 2

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from condistill.decoders import load_fast_decoder, upsampling_factor
+from condistill.decoders import load_fast_decoder, save_fast_decoder, upsampling_factor
 from condistill.frozen import load_base
 from condistill.seeding import derive_seed, torch_generator
 from condistill.training.lr import lr_factor
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         decoder, facts = train(cfg, base)
         out.mkdir(parents=True, exist_ok=True)
-        decoder.save_pretrained(out, safe_serialization=True)
+        save_fast_decoder(decoder, out)
         record = {"config": asdict(cfg), "command": "python tools/train_tiny_decoder.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   "torch": torch.__version__, "platform": platform.platform(terse=True),
                   "parameters": count_parameters(decoder), **facts}
