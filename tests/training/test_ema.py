@@ -79,13 +79,19 @@ def test_ema_tracks_current_weights_not_initial_ones():
         assert not torch.allclose(y_ema, initial_model(x))
 
 
-def test_swapped_in_restores_exactly_even_on_exception():
+def _ema_behind(decay: float):
+    """A module and its EMA after one EMA update and one more training step: the two now differ."""
     m = _module()
     ema = EMA.from_module(m)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
     _train_step(m, opt, 0)
-    ema.update(dict(m.named_parameters()), decay=0.9)
+    ema.update(dict(m.named_parameters()), decay=decay)
     _train_step(m, opt, 1)
+    return m, ema
+
+
+def test_swapped_in_restores_exactly_even_on_exception():
+    m, ema = _ema_behind(0.9)
     online = {k: v.detach().clone() for k, v in m.named_parameters()}
     params_before = {k: id(v) for k, v in m.named_parameters()}
     with ema.swapped_in(m) as inside:
@@ -105,12 +111,7 @@ def test_swapped_in_restores_exactly_even_on_exception():
 
 def test_bound_swaps_objects_so_a_graph_built_before_it_stays_valid():
     """The online forward, then a no-grad EMA forward, then the online backward (the ODE-from-online order)."""
-    m = _module()
-    ema = EMA.from_module(m)
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
-    _train_step(m, opt, 0)
-    ema.update(dict(m.named_parameters()), decay=0.5)
-    _train_step(m, opt, 1)  # now the EMA differs from the online weights
+    m, ema = _ema_behind(0.5)
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
     objects = {k: v for k, v in m.named_parameters()}
     online = {k: v.detach().clone() for k, v in objects.items()}
