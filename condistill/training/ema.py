@@ -1,8 +1,10 @@
 """Exponential moving average of the trainable (adapter) parameters, kept by name.
 
 The EMA student is used by the target and ODE branches of the CoDi loss and is what gets
-exported.  It must be the *current* EMA, never the adapter's initial weights: swap it into the
-live module with :meth:`EMA.swapped_in` for those forward passes::
+exported.  It must be the *current* EMA, never the adapter's initial weights.  The training
+branches bind it in place of the live parameter objects with :meth:`EMA.bound` (no copy, and a
+graph built from the online weights stays valid); export and validation copy it in with
+:meth:`EMA.swapped_in`::
 
     ema = EMA.from_module(adapter)                        # trainable parameters only
     ...

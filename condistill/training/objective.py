@@ -85,8 +85,8 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         cache = {}
 
         def online(z, t, e):
-            # encoded on first use: codi_loss runs the EMA branches first, and swapping EMA
-            # weights in place would invalidate features computed from the online weights earlier
+            # encoded once, on first use, from the online weights (the diffusion loss, the
+            # one-step outputs of distribution matching and the online branch share them)
             if "features" not in cache:
                 cache["features"] = student.encode_condition(cond)
             return make_model_fn(model, cache["features"], b)(z, t, e)
@@ -97,12 +97,11 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
 
         w_student = w if guide_student else None
 
-        # with the ODE from the online output, the target branch runs after the online forward,
-        # whose graph must survive: bind the EMA tensors instead of copying them into the weights
-        swap_ema = ema.bound if cfg.ode_source == "online" else ema.swapped_in
-
+        # the EMA tensors are bound in place of the parameter objects, not copied into the
+        # weights: nothing is copied per branch (at SD size a copy of the adapter is gigabytes),
+        # and a graph built from the online weights stays valid (the online ODE runs it first)
         def ema_fn(z, t, scale=w_student):
-            with swap_ema(student), torch.no_grad():
+            with ema.bound(student), torch.no_grad():
                 f = make_model_fn(student, student.encode_condition(cond), b)
                 return guided_output(f, z, t, emb, uncond, scale)
 

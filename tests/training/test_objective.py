@@ -179,3 +179,29 @@ def test_ode_from_an_unguided_online_output_is_refused(tiny_base):
         tiny_run_config(tiny_base, "unused", ode_source="online", guidance_min=1.5, guidance_max=3.0,
                         guidance_branches="ode")
     tiny_run_config(tiny_base, "unused", ode_source="online", guidance_min=1.5, guidance_max=3.0)  # accepted
+
+
+def test_binding_the_ema_gives_the_same_step_as_copying_it_in(tiny_base, monkeypatch):
+    """The EMA branches bind the EMA tensors (EMA.bound) instead of copying them into the weights
+    (EMA.swapped_in): the loss and gradients of a step are bit-identical either way."""
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student("controlnet", base, condition.channels)
+    perturb_(student, seed=5)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    batch = collate([dataset[i] for i in range(4)])
+    ema = EMA(student.trainable_named_parameters())
+    perturb_(student, seed=6)  # the EMA now lags the online weights
+    cfg = tiny_run_config(tiny_base, "unused", guidance_min=1.5, guidance_max=3.0)
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        loss, _ = build_objective(cfg, student, student, ema, base)(batch, 3)
+        loss.mean().backward()
+        return loss.detach(), [p.grad.clone() for p in student.trainable_named_parameters().values()]
+
+    bound_loss, bound_grads = run()
+    monkeypatch.setattr(EMA, "bound", EMA.swapped_in)
+    copied_loss, copied_grads = run()
+    assert torch.equal(bound_loss, copied_loss)
+    assert all(torch.equal(a, b) for a, b in zip(bound_grads, copied_grads))
