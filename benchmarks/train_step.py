@@ -13,6 +13,10 @@ diffusers' ``examples/controlnet/train_controlnet.py`` written out in plain diff
 with its residuals, MSE on the noise, backward, clip, AdamW step), with no condistill code in the
 step, so the library's own overhead shows.
 
+``--cached`` adds the conventional and CoDi steps on the batch as a latent cache holds it (VAE
+latents and caption embeddings computed beforehand), and reports the cached CoDi step against the
+uncached conventional one. ``--online-ode`` adds the CoDi step with ``--ode-source online``.
+
     python benchmarks/train_step.py --adapter controlnet --batch-size 32 --steps 10
     python benchmarks/train_step.py --base runs/sd15-random --resolution 512 --batch-size 1 --steps 2 --warmup 1 --plain
 """
@@ -38,12 +42,25 @@ from condistill.frozen import load_base
 from condistill.conditions import get_condition
 
 
-#: the step kinds that are not a loss name of their own: kind -> (loss, ode_source)
-VARIANTS = {"plain": ("diffusion", "ema"), "codi-online-ode": ("codi", "online")}
+#: the step kinds that are not a loss name of their own: kind -> (loss, ode_source, cached)
+VARIANTS = {"plain": ("diffusion", "ema", False), "codi-online-ode": ("codi", "online", False),
+            "diffusion-cached": ("diffusion", "ema", True), "codi-cached": ("codi", "ema", True)}
+
+
+def cached_batch(base, batch: dict) -> dict:
+    """``batch`` as a latent cache (``condistill cache``) gives it: VAE latents and caption
+    embeddings computed beforehand, so the step runs neither encoder."""
+    with torch.no_grad():
+        latents = base.encode_images(batch["pixel_values"].to(base.device))
+        embeds = base.encode_prompts(list(batch["caption"]))
+    return {"latents": latents, "prompt_embeds": embeds,
+            **{k: v for k, v in batch.items() if k not in ("pixel_values", "latents", "prompt_embeds")}}
 
 
 def run(kind: str, args, base, batch) -> dict:
-    loss, ode_source = VARIANTS.get(kind, (kind, "ema"))
+    loss, ode_source, cached = VARIANTS.get(kind, (kind, "ema", False))
+    if cached:
+        batch = cached_batch(base, batch)
     cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base, loss=loss, ode_source=ode_source,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                         guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
@@ -157,7 +174,10 @@ def main():
     p.add_argument("--gan-weight", type=float, default=0.0, help="> 0 adds the adversarial head to the codi+dmd step")
     p.add_argument("--online-ode", action="store_true",
                    help="also time the CoDi step whose one-step ODE is the detached online prediction (--ode-source online)")
-    p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd", "codi-online-ode"], default=None,
+    p.add_argument("--cached", action="store_true",
+                   help="also time the conventional and CoDi steps on a cached batch (latents and caption "
+                        "embeddings precomputed, as `condistill cache` stores them; the --plain step always encodes)")
+    p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd", *VARIANTS], default=None,
                    help="run one kind of step and print its figures as one JSON line (used on the CPU)")
     args = p.parse_args()
     if args.plain and args.adapter != "controlnet":
@@ -174,6 +194,11 @@ def main():
             dmd = _in_fresh_process("codi+dmd")
             report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
                           dmd_memory_ratio_to_codi=dmd["peak_rss_mib"] / codi["peak_rss_mib"])
+        if args.cached:
+            conventional_cached, codi_cached = _in_fresh_process("diffusion-cached"), _in_fresh_process("codi-cached")
+            report.update(conventional_cached=conventional_cached, codi_cached=codi_cached,
+                          codi_cached_to_uncached_conventional=codi_cached["seconds_per_step"]
+                          / conventional["seconds_per_step"])
         if args.online_ode:
             cheap = _in_fresh_process("codi-online-ode")
             report.update(codi_online_ode=cheap,
@@ -206,6 +231,11 @@ def main():
               "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"]}
     key = "peak_memory_gib" if "peak_memory_gib" in codi else "peak_rss_growth_mib"
     report["memory_ratio"] = codi[key] / conventional[key] if conventional[key] > 0 else None
+    if args.cached:
+        codi_cached = run("codi-cached", args, base, batch)
+        report.update(conventional_cached=run("diffusion-cached", args, base, batch), codi_cached=codi_cached,
+                      codi_cached_to_uncached_conventional=codi_cached["seconds_per_step"]
+                      / conventional["seconds_per_step"])
     if args.online_ode:
         cheap = run("codi-online-ode", args, base, batch)
         report.update(codi_online_ode=cheap,
