@@ -44,7 +44,8 @@ from condistill.conditions import get_condition
 
 #: the step kinds that are not a loss name of their own: kind -> (loss, ode_source, cached)
 VARIANTS = {"plain": ("diffusion", "ema", False), "codi-online-ode": ("codi", "online", False),
-            "diffusion-cached": ("diffusion", "ema", True), "codi-cached": ("codi", "ema", True)}
+            "diffusion-cached": ("diffusion", "ema", True), "codi-cached": ("codi", "ema", True),
+            "codi-online-ode-cached": ("codi", "online", True)}
 
 
 def cached_batch(base, batch: dict) -> dict:
@@ -198,6 +199,11 @@ def main():
             conventional_cached, codi_cached = _in_fresh_process("diffusion-cached"), _in_fresh_process("codi-cached")
             report.update(conventional_cached=conventional_cached, codi_cached=codi_cached,
                           codi_cached_to_uncached_conventional=codi_cached["seconds_per_step"]
+                          / conventional["seconds_per_step"])
+        if args.online_ode and args.cached:
+            cheap_cached = _in_fresh_process("codi-online-ode-cached")
+            report.update(codi_online_ode_cached=cheap_cached,
+                          online_ode_cached_to_uncached_conventional=cheap_cached["seconds_per_step"]
                           / conventional["seconds_per_step"])
         if args.online_ode:
             cheap = _in_fresh_process("codi-online-ode")
