@@ -17,15 +17,20 @@ from condistill.training.objective import build_objective, prompt_embeddings, st
 from helpers import perturb_, tiny_run_config, torch_single_thread  # noqa: F401
 
 
+def _student_and_batch(tiny_base, kind: str, seed: int):
+    """The tiny base, a perturbed edge student of ``kind`` (so the condition matters) and a batch of 4 scenes."""
+    base = load_base(tiny_base)
+    condition = get_condition("edge")
+    student = build_student(kind, base, condition.channels)
+    perturb_(student, seed=seed)
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
+    return base, student, collate([dataset[i] for i in range(4)])
+
+
 @pytest.fixture(scope="module")
 def parts(tiny_base):
     """A tiny base, a perturbed T2I-Adapter student (so the condition matters) and a batch of 4 scenes."""
-    base = load_base(tiny_base)
-    condition = get_condition("edge")
-    student = build_student("t2i_adapter", base, condition.channels)
-    perturb_(student, seed=1)
-    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
-    batch = collate([dataset[i] for i in range(4)])
+    base, student, batch = _student_and_batch(tiny_base, "t2i_adapter", 1)
     batch["caption"] = ["a red cube", "the blue ball", "a green cube on the sky", "a photo of a ball"]
     return base, student, batch
 
@@ -103,12 +108,7 @@ def test_the_controlnet_step_shares_the_frozen_down_pass_bit_identically(tiny_ba
     import condistill.training.objective as objective_module
     from condistill.adapters import shared_pass
 
-    base = load_base(tiny_base)
-    condition = get_condition("edge")
-    student = build_student("controlnet", base, condition.channels)
-    perturb_(student, seed=2)
-    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
-    batch = collate([dataset[i] for i in range(4)])
+    base, student, batch = _student_and_batch(tiny_base, "controlnet", 2)
     scales = dict(guidance_min=1.5, guidance_max=3.0) if guided else {}
     cfg = tiny_run_config(tiny_base, "unused", **scales)
     seen = []
@@ -145,12 +145,7 @@ def test_ode_from_the_online_output_saves_one_student_call_and_equals_the_ema_od
     """ode_source='online': with the EMA equal to the online weights (as at step 0), the ODE step
     from the detached online prediction is the EMA branch's, so loss and gradients agree; one
     student forward fewer runs per step (guided: each branch is one call on the doubled batch)."""
-    base = load_base(tiny_base)
-    condition = get_condition("edge")
-    student = build_student(adapter, base, condition.channels)
-    perturb_(student, seed=4)
-    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
-    batch = collate([dataset[i] for i in range(4)])
+    base, student, batch = _student_and_batch(tiny_base, adapter, 4)
     calls = []
     student.register_forward_pre_hook(lambda module, args: calls.append(1))
 
@@ -184,12 +179,7 @@ def test_ode_from_an_unguided_online_output_is_refused(tiny_base):
 def test_binding_the_ema_gives_the_same_step_as_copying_it_in(tiny_base, monkeypatch):
     """The EMA branches bind the EMA tensors (EMA.bound) instead of copying them into the weights
     (EMA.swapped_in): the loss and gradients of a step are bit-identical either way."""
-    base = load_base(tiny_base)
-    condition = get_condition("edge")
-    student = build_student("controlnet", base, condition.channels)
-    perturb_(student, seed=5)
-    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), condition, base.resolution)
-    batch = collate([dataset[i] for i in range(4)])
+    base, student, batch = _student_and_batch(tiny_base, "controlnet", 5)
     ema = EMA(student.trainable_named_parameters())
     perturb_(student, seed=6)  # the EMA now lags the online weights
     cfg = tiny_run_config(tiny_base, "unused", guidance_min=1.5, guidance_max=3.0)
