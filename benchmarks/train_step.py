@@ -143,6 +143,42 @@ def _plain_controlnet_step(base, controlnet, opt, batch, autocast):
     return step
 
 
+def _memory_ratio(a: dict, b: dict, key: str) -> float | None:
+    return a[key] / b[key] if b[key] > 0 else None
+
+
+def _time_ratio(a: dict, b: dict) -> float:
+    return a["seconds_per_step"] / b["seconds_per_step"]
+
+
+def add_variants(report: dict, measure, args, key: str) -> None:
+    """Time the kinds of step the flags ask for beyond the conventional and CoDi steps already in
+    ``report`` (``measure(kind)`` times one: in a fresh process or in this one) and add each with
+    its ratios; ``key`` is the memory figure the ratios compare."""
+    conventional, codi = report["conventional"], report["codi"]
+    if args.dmd:
+        dmd = measure("codi+dmd")
+        report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=_time_ratio(dmd, codi),
+                      dmd_memory_ratio_to_codi=_memory_ratio(dmd, codi, key))
+    if args.cached:
+        conventional_cached, codi_cached = measure("diffusion-cached"), measure("codi-cached")
+        report.update(conventional_cached=conventional_cached, codi_cached=codi_cached,
+                      codi_cached_to_uncached_conventional=_time_ratio(codi_cached, conventional))
+        if args.online_ode:
+            cheap_cached = measure("codi-online-ode-cached")
+            report.update(codi_online_ode_cached=cheap_cached,
+                          online_ode_cached_to_uncached_conventional=_time_ratio(cheap_cached, conventional))
+    if args.online_ode:
+        cheap = measure("codi-online-ode")
+        report.update(codi_online_ode=cheap, online_ode_time_ratio_to_codi=_time_ratio(cheap, codi),
+                      online_ode_time_ratio=_time_ratio(cheap, conventional),
+                      online_ode_memory_ratio=_memory_ratio(cheap, conventional, key))
+    if args.plain:
+        plain = measure("plain")
+        report.update(plain_diffusers=plain, time_ratio_to_plain=_time_ratio(codi, plain),
+                      conventional_to_plain=_time_ratio(conventional, plain))
+
+
 def _in_fresh_process(loss: str) -> dict:
     """Re-run this script for one kind of step only and read its JSON line."""
     argv = [a for a in sys.argv[1:]]
@@ -189,33 +225,9 @@ def main():
                   "resolution": args.resolution or None, "gradient_checkpointing": args.gradient_checkpointing,
                   "mixed_precision": args.mixed_precision, "separate_processes": True,
                   "conventional": conventional, "codi": codi,
-                  "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"],
-                  "memory_ratio": codi["peak_rss_mib"] / conventional["peak_rss_mib"]}
-        if args.dmd:
-            dmd = _in_fresh_process("codi+dmd")
-            report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
-                          dmd_memory_ratio_to_codi=dmd["peak_rss_mib"] / codi["peak_rss_mib"])
-        if args.cached:
-            conventional_cached, codi_cached = _in_fresh_process("diffusion-cached"), _in_fresh_process("codi-cached")
-            report.update(conventional_cached=conventional_cached, codi_cached=codi_cached,
-                          codi_cached_to_uncached_conventional=codi_cached["seconds_per_step"]
-                          / conventional["seconds_per_step"])
-        if args.online_ode and args.cached:
-            cheap_cached = _in_fresh_process("codi-online-ode-cached")
-            report.update(codi_online_ode_cached=cheap_cached,
-                          online_ode_cached_to_uncached_conventional=cheap_cached["seconds_per_step"]
-                          / conventional["seconds_per_step"])
-        if args.online_ode:
-            cheap = _in_fresh_process("codi-online-ode")
-            report.update(codi_online_ode=cheap,
-                          online_ode_time_ratio_to_codi=cheap["seconds_per_step"] / codi["seconds_per_step"],
-                          online_ode_time_ratio=cheap["seconds_per_step"] / conventional["seconds_per_step"],
-                          online_ode_memory_ratio=cheap["peak_rss_mib"] / conventional["peak_rss_mib"])
-        if args.plain:
-            plain = _in_fresh_process("plain")
-            report.update(plain_diffusers=plain,
-                          time_ratio_to_plain=codi["seconds_per_step"] / plain["seconds_per_step"],
-                          conventional_to_plain=conventional["seconds_per_step"] / plain["seconds_per_step"])
+                  "time_ratio": _time_ratio(codi, conventional),
+                  "memory_ratio": _memory_ratio(codi, conventional, "peak_rss_mib")}
+        add_variants(report, _in_fresh_process, args, "peak_rss_mib")
         print(json.dumps(report, indent=2))
         return
     if args.threads:
@@ -234,27 +246,10 @@ def main():
     report = {"device": str(args.device), "adapter": args.adapter, "batch_size": args.batch_size,
               "resolution": resolution, "gradient_checkpointing": args.gradient_checkpointing,
               "mixed_precision": args.mixed_precision, "conventional": conventional, "codi": codi,
-              "time_ratio": codi["seconds_per_step"] / conventional["seconds_per_step"]}
+              "time_ratio": _time_ratio(codi, conventional)}
     key = "peak_memory_gib" if "peak_memory_gib" in codi else "peak_rss_growth_mib"
-    report["memory_ratio"] = codi[key] / conventional[key] if conventional[key] > 0 else None
-    if args.cached:
-        codi_cached = run("codi-cached", args, base, batch)
-        report.update(conventional_cached=run("diffusion-cached", args, base, batch), codi_cached=codi_cached,
-                      codi_cached_to_uncached_conventional=codi_cached["seconds_per_step"]
-                      / conventional["seconds_per_step"])
-    if args.online_ode:
-        cheap = run("codi-online-ode", args, base, batch)
-        report.update(codi_online_ode=cheap,
-                      online_ode_time_ratio_to_codi=cheap["seconds_per_step"] / codi["seconds_per_step"],
-                      online_ode_time_ratio=cheap["seconds_per_step"] / conventional["seconds_per_step"])
-    if args.dmd:
-        dmd = run("codi+dmd", args, base, batch)
-        report.update(codi_dmd=dmd, dmd_time_ratio_to_codi=dmd["seconds_per_step"] / codi["seconds_per_step"],
-                      dmd_memory_ratio_to_codi=dmd[key] / codi[key] if codi[key] > 0 else None)
-    if args.plain:
-        plain = run("plain", args, base, batch)
-        report.update(plain_diffusers=plain, time_ratio_to_plain=codi["seconds_per_step"] / plain["seconds_per_step"],
-                      conventional_to_plain=conventional["seconds_per_step"] / plain["seconds_per_step"])
+    report["memory_ratio"] = _memory_ratio(codi, conventional, key)
+    add_variants(report, lambda kind: run(kind, args, base, batch), args, key)
     print(json.dumps(report, indent=2))
 
 
