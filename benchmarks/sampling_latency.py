@@ -162,20 +162,20 @@ def main(argv: list[str] | None = None) -> dict:
     if adapter_cfg:
         cond = condition_from_config(adapter_cfg["condition_config"])
         student = load_student(args.adapter, base).to(base.device).eval()
-        num_grid = adapter_cfg["num_grid"]
+        num_grid, sampler = adapter_cfg["num_grid"], adapter_sampler(args.adapter)
     elif args.untrained:
+        # a fresh run's defaults: the grid and sampler a recipe would export
         defaults = DistillConfig(adapter=args.untrained, condition=args.condition)
-        cond, num_grid = get_condition(args.condition), defaults.num_grid
+        cond, num_grid, sampler = get_condition(args.condition), defaults.num_grid, defaults.student_sampler
         student = build_student(args.untrained, base, cond.channels).to(base.device).eval()
     else:
-        cond, student, num_grid = get_condition(args.condition), None, 50
+        cond, student, num_grid, sampler = get_condition(args.condition), None, 50, "codi"
     source = open_source(f"synthetic:heldout:{args.batch_size}", resolution=base.resolution)
     dataset = ConditionDataset(source, cond, base.resolution, seed=args.seed + 12345)
     data = collate([dataset[i] for i in range(len(dataset))])
 
     model = "teacher" if student is None else ("adapter" if args.adapter else f"untrained {args.untrained}")
     # the student samples as its adapter asks (re-noising or not); the cost is the same either way
-    sampler = adapter_sampler(args.adapter) if args.adapter else (defaults.student_sampler if args.untrained else "codi")
     rows = row_specs(args.student_steps, args.ddim_steps, args.guidance, sampler, args.decoder)
     reference = f"ddim-{max(args.ddim_steps)}-cfg"
     runners = [make_runner(bases[row["decoder"]], student, data["conditioning"], list(data["caption"]), row, num_grid, args.seed)
