@@ -140,19 +140,18 @@ class EMA:
         branch) still backpropagates correctly after it, and the optimizer and any distributed
         wrapper keep the objects they hold.  Use it for no-grad forwards only.
         """
-        self._module_params(module)  # the same names check as swapped_in
-        owners = {}
-        for name in self.shadow:
+        live = self._module_params(module)  # the same names check as swapped_in
+        slots = {}
+        for name in live:
             path, _, attr = name.rpartition(".")
-            owner = module.get_submodule(path) if path else module
-            owners[name] = (owner, attr, owner._parameters[attr])
+            slots[name] = (module.get_submodule(path) if path else module, attr)
         try:
-            for name, (owner, attr, _) in owners.items():
+            for name, (owner, attr) in slots.items():
                 owner._parameters[attr] = nn.Parameter(self.shadow[name], requires_grad=False)
             yield module
         finally:
-            for owner, attr, original in owners.values():
-                owner._parameters[attr] = original
+            for name, (owner, attr) in slots.items():
+                owner._parameters[attr] = live[name]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Contiguous detached copies ``name -> tensor`` (safetensors-friendly)."""
