@@ -160,6 +160,24 @@ class Condition(abc.ABC):
             )
         return cond.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
 
+    def start_image(self, cond: torch.Tensor) -> torch.Tensor:
+        """An image ``[B, 3, H, W]`` in ``[-1, 1]`` to start sampling from, noised, for a batch of
+        conditions ``[B, C, H, W]`` (:func:`condistill.method.sampler.sample_images` with
+        ``init_images``).
+
+        Only conditions that are themselves images have one (sr, inpaint); the default raises.
+        """
+        raise ValueError(
+            f"the {self.name} condition holds no image to start sampling from; sample from noise "
+            "(leave the start timestep unset). Only sr and inpaint conditions are images."
+        )
+
+    def _check_batch(self, cond: torch.Tensor) -> torch.Tensor:
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != self.channels:
+            shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"expected a batch of {self.name} conditions [B, {self.channels}, H, W], got {shape}.")
+        return cond.float().clamp(0.0, 1.0)
+
     def to_pil(self, cond: torch.Tensor) -> Image.Image:
         """Render a condition tensor ``[C, H, W]`` (or ``[1, C, H, W]``) as a PIL image.
 

@@ -167,6 +167,20 @@ class InpaintCondition(Condition):
         image = uint8_to_tensor(np.asarray(record.image, dtype=np.uint8))
         return torch.cat([image * (1.0 - mask), mask.unsqueeze(0)], dim=0)
 
+    def start_image(self, cond: torch.Tensor) -> torch.Tensor:
+        """The known pixels, with the hole filled by their mean colour (per image), in ``[-1, 1]``.
+
+        A hole left black would bias the noised start toward a black fill; the mean colour
+        biases it least. An image with no known pixel starts from mid-grey.
+        """
+        cond = self._check_batch(cond)
+        image, hole = cond[:, :3], (cond[:, 3:4] > 0.5).float()
+        known = 1.0 - hole
+        count = known.sum(dim=(2, 3), keepdim=True)
+        mean = torch.where(count > 0, (image * known).sum(dim=(2, 3), keepdim=True) / count.clamp(min=1.0),
+                           torch.full_like(count, 0.5))
+        return (image * known + mean * hole) * 2.0 - 1.0
+
     def to_pil(self, cond: torch.Tensor) -> Image.Image:
         """The masked image with the hole drawn as a grey checkerboard (RGB)."""
         cond = self._check_tensor(cond)

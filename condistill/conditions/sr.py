@@ -147,6 +147,10 @@ class SRCondition(Condition):
 
     bicubic_upscale = staticmethod(bicubic_upscale)
 
+    def start_image(self, cond: torch.Tensor) -> torch.Tensor:
+        """The up-scaled low-resolution input itself, in ``[-1, 1]``."""
+        return self._check_batch(cond) * 2.0 - 1.0
+
     def compute(self, record: Record, seed: int) -> torch.Tensor:
         """Degrade ``record.image`` with ``seed`` and bring it back to full size (bicubic)."""
         low = self.degrade(record.image, seed)

@@ -53,7 +53,9 @@ class RowSpec:
     """One row of the table: what to sample and how.
 
     ``model`` is an adapter folder, ``"teacher"`` (the base without adapter) or ``"bicubic"``
-    (sr only: the up-scaled low-resolution input itself).
+    (sr only: the up-scaled low-resolution input itself). ``start`` (a grid timestep, CoDi
+    samplers only) starts sampling from the condition's own image noised to that timestep
+    (``Condition.start_image``: sr, inpaint) instead of from pure noise.
     """
 
     name: str
@@ -61,6 +63,7 @@ class RowSpec:
     sampler: str = "codi"  # codi | codi-stochastic | ddim | lcm
     steps: int = 4
     guidance: float = 1.0
+    start: int | None = None
 
 
 @dataclass
@@ -71,6 +74,11 @@ class RowResult:
     steps: int
     guidance: float
     metrics: dict = field(default_factory=dict)
+    start: int | None = None
+
+    @classmethod
+    def of(cls, spec: RowSpec, metrics: dict) -> "RowResult":
+        return cls(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics, spec.start)
 
 
 def _batches(n: int, size: int):
@@ -86,15 +94,20 @@ def edge_maps(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict,
-              cache_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
-    """Sample one row; teacher rows are cached in ``cache_dir`` (they ignore the condition)."""
+              cache_dir: str | Path | None = None, condition=None) -> tuple[torch.Tensor, float]:
+    """Sample one row; teacher rows are cached in ``cache_dir`` (they ignore the condition).
+
+    ``condition`` (the :class:`~condistill.conditions.Condition`) gives the start images of a row
+    with ``spec.start``."""
     cond, prompts = data["conditioning"], data["caption"]
+    if spec.start is not None and condition is None:
+        raise ValueError(f"row {spec.name!r} starts from the condition's image: pass its condition to generate_row")
     n = cond.shape[0]
     if spec.model == "bicubic":
         t0 = time.perf_counter()
         out = cond[:, :3].clone()
         return out, (time.perf_counter() - t0) / n
-    if spec.model == "teacher" and cache_dir is not None:
+    if spec.model == "teacher" and cache_dir is not None and spec.start is None:
         key = hashlib.sha256(json.dumps([str(base.name_or_path), list(prompts), spec.sampler, spec.steps,
                                          spec.guidance, seed, batch_size]).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"teacher-{key}.safetensors"
@@ -116,8 +129,10 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
             fn = base.predict  # the frozen teacher, whatever form its text conditioning takes
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
+        init = None if spec.start is None else condition.start_image(cond[sl])
         images = sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,
-                               guidance_scale=spec.guidance, seed=seed + sl.start).cpu()
+                               guidance_scale=spec.guidance, seed=seed + sl.start, init_images=init,
+                               start_timestep=spec.start).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
         return images
@@ -221,11 +236,11 @@ def evaluate(
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = generate_row(spec, base_obj, data, batch_size, seed, students, cache_dir)
+        images, latency = generate_row(spec, base_obj, data, batch_size, seed, students, cache_dir, cond)
         metrics = score(name, images, data, judge, real_features, cond)
         metrics.update(optional.score(images, real_images))
         metrics["seconds_per_image"] = latency
-        results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
+        results.append(RowResult.of(spec, metrics))
         samples.append(images[:grid_count])
     report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
               "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped),
@@ -259,7 +274,8 @@ def markdown_table(report: dict) -> str:
         for k in keys:
             v = r["metrics"].get(k)
             vals.append("" if v is None else (f"{v:.4f}" if k == "seconds_per_image" else f"{v:.3f}"))
-        lines.append(f"| {r['name']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | " + " | ".join(vals) + " |")
+        sampler = r["sampler"] if r.get("start") is None else f"{r['sampler']} from the input at t={r['start']}"
+        lines.append(f"| {r['name']} | {sampler} | {r['steps']} | {r['guidance']:g} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,11 +310,15 @@ def ratio_summary(report: dict, student: str, reference: str) -> dict:
 
 
 def parse_rows(texts: list[str]) -> list[RowSpec]:
-    """``name=model:sampler:steps:guidance`` (sampler/steps/guidance optional) -> specs."""
+    """``name=model:sampler:steps:guidance:start`` (sampler/steps/guidance/start optional) -> specs.
+
+    ``start`` is a grid timestep to start from the condition's own image (sr, inpaint; CoDi
+    samplers), e.g. ``student-1-from-input=runs/sr:codi-stochastic:1:1:499``.
+    """
     specs = []
     for text in texts:
         if "=" not in text:
-            raise ValueError(f"row {text!r}: write NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE]]], e.g. "
+            raise ValueError(f"row {text!r}: write NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]], e.g. "
                              "'student-4=runs/edge:codi:4' or 'teacher-50=teacher:ddim:50:5'")
         name, rest = text.split("=", 1)
         parts = rest.split(":")
@@ -311,8 +331,14 @@ def parse_rows(texts: list[str]) -> list[RowSpec]:
         sampler = parts[1] if len(parts) > 1 else "codi"
         if sampler not in SAMPLERS:
             raise ValueError(f"row {name!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        specs.append(RowSpec(name, model, sampler,
-                             int(parts[2]) if len(parts) > 2 else 4, float(parts[3]) if len(parts) > 3 else 1.0))
+        if len(parts) > 5:
+            raise ValueError(f"row {name!r}: {rest!r} has {len(parts)} fields; write MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]")
+        start = int(parts[4]) if len(parts) > 4 and parts[4] else None
+        if start is not None and sampler not in ("codi", "codi-stochastic"):
+            raise ValueError(f"row {name!r}: starting from the input (START {start}) needs the codi or "
+                             f"codi-stochastic sampler, not {sampler!r}")
+        specs.append(RowSpec(name, model, sampler, int(parts[2]) if len(parts) > 2 else 4,
+                             float(parts[3]) if len(parts) > 3 else 1.0, start))
     return specs
 
 

@@ -180,11 +180,11 @@ def evaluate_data(
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = generate_row(spec, base_obj, items, batch_size, seed, students, cache_dir)
+        images, latency = generate_row(spec, base_obj, items, batch_size, seed, students, cache_dir, cond)
         metrics = fidelity(name, cond, images, items, skipped)
         metrics.update(optional.score(images, real, prompts=items["caption"]))
         metrics["seconds_per_image"] = latency
-        results.append(RowResult(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics))
+        results.append(RowResult.of(spec, metrics))
         samples.append(images[:grid_count])
     for reason in skipped.values():
         _say(log, reason)

@@ -118,6 +118,7 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         timesteps: Sequence[int] | None = None,
+        start_timestep: int | None = None,
     ) -> None:
         """Choose the K sampling timesteps (descending) on the training grid.
 
@@ -129,9 +130,14 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps: K in ``1..num_grid``; exclusive with ``timesteps``.
             device: where ``self.timesteps`` lives.
             timesteps: optional explicit schedule, a descending subset of the grid.
+            start_timestep: with ``num_inference_steps``, a grid point to start from instead of the
+                top: the K steps are chosen the same way on the grid points up to it. Sampling then
+                starts from an image noised to that timestep (``add_noise``), not from pure noise.
         """
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
+        if start_timestep is not None and timesteps is not None:
+            raise ValueError("start_timestep goes with num_inference_steps; explicit timesteps already say where to start.")
         if timesteps is not None:
             ts = torch.as_tensor(list(timesteps), dtype=torch.long).reshape(-1)
             if ts.numel() < 1:
@@ -146,7 +152,7 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
                     "use num_inference_steps or grid points only."
                 )
         else:
-            ts = sampling_timesteps(self.grid, num_inference_steps)
+            ts = sampling_timesteps(self.grid, num_inference_steps, start=start_timestep)
         self.num_inference_steps = int(ts.numel())
         self.timesteps = ts.to(device=device)
 

@@ -47,18 +47,37 @@ def sample_latents(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    init_latents: torch.Tensor | None = None,
+    start_timestep: int | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
-    """Run ``num_steps`` of ``scheduler`` from pure noise.
+    """Run ``num_steps`` of ``scheduler`` from pure noise, or from ``init_latents`` noised to ``start_timestep``.
 
     ``model_fn(z [B,4,h,w], t [B], text, **model_kwargs)`` returns the raw model output; ``text``
     is the text conditioning of ``base.encode_prompts`` (``[B, L, D]``, or SDXL's dict).
     ``guidance_scale > 1`` applies classifier-free guidance with the empty-prompt conditioning
     ``uncond_emb`` (batch 1 or B). Returns the final latents.
+
+    With ``init_latents`` (``shape``) and ``start_timestep`` (a point of the CoDi scheduler's grid),
+    sampling starts from ``scheduler.add_noise(init_latents, noise, start_timestep)`` and takes
+    ``num_steps`` steps from there (SDEdit-style): a condition that is itself an image (sr's
+    up-scaled input, inpaint's known pixels) then gives the student its layout, and noise only
+    the detail. Only the CoDi schedulers take a start timestep.
     """
-    z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-    z = z * scheduler.init_noise_sigma
-    scheduler.set_timesteps(num_steps, device=device)
+    if (init_latents is None) != (start_timestep is None):
+        raise ValueError("init_latents and start_timestep go together: give both to start from an image, or neither.")
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    if init_latents is None:
+        z = noise * scheduler.init_noise_sigma
+        scheduler.set_timesteps(num_steps, device=device)
+    else:
+        if not isinstance(scheduler, CoDiScheduler):
+            raise ValueError(f"starting from an image needs a CoDi sampler (codi or codi-stochastic), "
+                             f"not {type(scheduler).__name__}.")
+        if tuple(init_latents.shape) != tuple(shape):
+            raise ValueError(f"init_latents have shape {tuple(init_latents.shape)}, expected {tuple(shape)}.")
+        scheduler.set_timesteps(num_steps, device=device, start_timestep=start_timestep)
+        z = scheduler.add_noise(init_latents.to(device=device, dtype=dtype), noise, int(start_timestep))
     b = shape[0]
     for t in scheduler.timesteps:
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
@@ -80,11 +99,15 @@ def sample_images(
     num_grid: int = 50,
     guidance_scale: float = 1.0,
     seed: int = 0,
+    init_images: torch.Tensor | None = None,
+    start_timestep: int | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts`` with ``model_fn``.
 
     ``model_kwargs`` (e.g. the condition ``features``) go to every ``model_fn`` call.
+    ``init_images`` (``[B, 3, H, W]`` in ``[-1, 1]``, e.g. ``Condition.start_image``) with
+    ``start_timestep`` start from those images noised to that timestep (see :func:`sample_latents`).
     """
     device = base.device
     text = base.encode_prompts(list(prompts))
@@ -92,7 +115,8 @@ def sample_images(
     scheduler = make_scheduler(base, sampler, num_grid=num_grid)
     h = base.resolution // base.vae_scale_factor
     generator = torch_generator(seed)
+    init = None if init_images is None else base.encode_images(init_images.to(device))
     z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, h, h), text, uncond,
                        num_steps, guidance_scale=guidance_scale, generator=generator, device=device,
-                       dtype=base.dtype, **model_kwargs)
+                       dtype=base.dtype, init_latents=init, start_timestep=start_timestep, **model_kwargs)
     return ((base.decode_latents(z).float() + 1) / 2).clamp(0, 1)

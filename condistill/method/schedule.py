@@ -207,7 +207,7 @@ def skip_grid(num_train_timesteps: int = 1000, num_grid: int = 50) -> torch.Tens
     return torch.arange(1, N + 1, dtype=torch.long) * step - 1
 
 
-def sampling_timesteps(grid: torch.Tensor, num_steps: int) -> torch.Tensor:
+def sampling_timesteps(grid: torch.Tensor, num_steps: int, start: int | None = None) -> torch.Tensor:
     """The K sampling timesteps, a descending subset of the training grid starting at its top.
 
     Same choice as diffusers ``LCMScheduler.set_timesteps(K, original_inference_steps=N)``:
@@ -215,20 +215,35 @@ def sampling_timesteps(grid: torch.Tensor, num_steps: int) -> torch.Tensor:
     (computed with numpy float64 exactly as diffusers does), i.e. about ``floor(i * N / K)``.
     For T=1000, N=50: K=1 -> [999]; K=2 -> [999, 499]; K=4 -> [999, 759, 499, 259].
 
+    ``start`` (a grid point) starts the schedule there instead of at the top: the same choice is
+    made on the grid points up to ``start``. That is the schedule of sampling from a noised
+    image rather than from pure noise (:func:`condistill.method.sampler.sample_latents` with
+    ``init_latents``): for N=50, K=1 and ``start=499`` it is ``[499]``; K=2 gives ``[499, 259]``.
+
     Args:
         grid: LongTensor ``[N]`` from :func:`skip_grid` (ascending).
-        num_steps: K, between 1 and N.
+        num_steps: K, between 1 and the number of grid points up to ``start``.
+        start: optional first timestep, a point of ``grid`` (default: its top).
 
     Returns:
-        LongTensor ``[K]``, strictly descending, every entry in ``grid``, first entry ``grid[-1]``.
+        LongTensor ``[K]``, strictly descending, every entry in ``grid``, first entry ``grid[-1]``
+        (or ``start``).
     """
     grid = torch.as_tensor(grid)
     if grid.ndim != 1 or grid.numel() < 1:
         raise ValueError(f"grid must be a non-empty 1-D tensor of timesteps, got shape {tuple(grid.shape)}.")
+    if start is not None:
+        if isinstance(start, bool) or int(start) != start or not bool((grid == int(start)).any()):
+            raise ValueError(
+                f"start timestep {start!r} is not a point of the training grid ({grid[:3].tolist()} ... "
+                f"{grid[-1].item()}, every {int(grid[1] - grid[0]) if grid.numel() > 1 else 1}); pick one of its points."
+            )
+        grid = grid[grid <= int(start)]
     N = grid.numel()
     if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= int(num_steps) <= N:
         raise ValueError(
-            f"num_inference_steps must be an integer between 1 and the grid size {N}, got {num_steps!r}. "
+            f"num_inference_steps must be an integer between 1 and the grid size {N}"
+            f"{'' if start is None else f' (the points up to the start timestep {start})'}, got {num_steps!r}. "
             "The student is distilled for 1-4 steps; use a value in that range."
         )
     K = int(num_steps)

@@ -199,3 +199,9 @@ def test_non_rgb_images_are_converted():
     c = SRCondition()(grey, seed=0)
     assert c.shape == (3, 64, 64)
     assert torch.allclose(c[0], c[1]) and torch.allclose(c[1], c[2])
+
+
+def test_conditions_that_are_not_images_have_no_start_image():
+    for name in ("edge", "depth"):
+        with pytest.raises(ValueError, match=f"the {name} condition holds no image to start sampling from"):
+            get_condition(name).start_image(torch.zeros(1, 1, 8, 8))

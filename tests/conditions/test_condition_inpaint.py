@@ -87,3 +87,20 @@ def test_errors():
         InpaintCondition(min_coverage=0.3, max_coverage=0.31).make_mask(3, 3, seed=0)
     with pytest.raises(ValueError, match="height"):
         InpaintCondition().make_mask(0, 10)
+
+
+def test_start_image_keeps_the_known_pixels_and_fills_the_hole_with_their_mean():
+    cond = InpaintCondition()
+    batch = torch.stack([cond(inpaint_record(), seed=s) for s in (2, 3)])
+    start = cond.start_image(batch)
+    assert start.shape == (2, 3, 64, 64)
+    for c, s in zip(batch, start):
+        hole = c[3] > 0.5
+        torch.testing.assert_close(s[:, ~hole], c[:3][:, ~hole] * 2 - 1)
+        mean = c[:3][:, ~hole].mean(dim=1) * 2 - 1
+        torch.testing.assert_close(s[:, hole], mean[:, None].expand(3, int(hole.sum())))
+    everything = batch.clone()
+    everything[:, 3] = 1.0
+    everything[:, :3] = 0.0
+    assert torch.equal(cond.start_image(everything), torch.zeros(2, 3, 64, 64))  # no known pixel: mid-grey
+

@@ -92,3 +92,13 @@ def test_invalid_options():
         SRCondition(jpeg_quality=(90, 40))
     with pytest.raises(ValueError, match="downsample"):
         SRCondition(downsample="lanczos3")
+
+
+def test_start_image_is_the_upscaled_input_in_minus_one_to_one():
+    cond = SRCondition()
+    batch = torch.stack([cond(sr_record(), seed=s) for s in (0, 1)])
+    start = cond.start_image(batch)
+    assert start.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(start, batch * 2 - 1)
+    with pytest.raises(ValueError, match=r"batch of sr conditions \[B, 3, H, W\]"):
+        cond.start_image(batch[0])

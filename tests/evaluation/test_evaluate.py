@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from condistill.cli import main
 from condistill.config import DistillConfig
@@ -66,6 +67,44 @@ def test_bad_rows_are_explained(tmp_path):
     with pytest.raises(ValueError, match="unknown sampler 'euler'.*codi-stochastic"):
         parse_rows([f"s={tmp_path}:euler:4"])
     assert parse_rows([f"s={tmp_path}:codi-stochastic:2"])[0].sampler == "codi-stochastic"
+    spec = parse_rows([f"s={tmp_path}:codi-stochastic:1:1:499"])[0]
+    assert (spec.steps, spec.guidance, spec.start) == (1, 1.0, 499)
+    assert parse_rows([f"s={tmp_path}:codi:1:1"])[0].start is None
+    with pytest.raises(ValueError, match="needs the codi or codi-stochastic sampler, not 'ddim'"):
+        parse_rows([f"s={tmp_path}:ddim:1:1:499"])
+    with pytest.raises(ValueError, match="6 fields"):
+        parse_rows([f"s={tmp_path}:codi:1:1:499:7"])
+
+
+def test_rows_from_the_input_start_from_the_conditions_own_image(tiny_run, tmp_path, monkeypatch):
+    import condistill.evaluation.evaluate as ev
+
+    calls, real = [], ev.sample_images
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("init_images"), kwargs.get("start_timestep")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "sample_images", recording)
+    rows = [RowSpec("noise", str(tiny_run), "codi", 1), RowSpec("input", str(tiny_run), "codi", 1, start=259),
+            RowSpec("input-again", str(tiny_run), "codi", 1, start=259)]
+    report = evaluate("sr", rows, num_images=2, batch_size=2, out_dir=tmp_path / "o")
+    m = {r["name"]: r["metrics"] for r in report["rows"]}
+    assert [r["start"] for r in report["rows"]] == [None, 259, 259]
+    assert m["input"]["psnr"] != m["noise"]["psnr"]
+    assert m["input"]["psnr"] == pytest.approx(m["input-again"]["psnr"])  # seeded like every row
+    assert all(init is None and start is None for init, start in calls[: len(calls) // 3])
+    from condistill.conditions import get_condition
+    from condistill.data.dataset import ConditionDataset, collate
+    from condistill.data.sources import open_source
+
+    dataset = ConditionDataset(open_source("synthetic:heldout:2", resolution=16), get_condition("sr"), 16, seed=12345)
+    conds = collate([dataset[i] for i in range(2)])["conditioning"]
+    init, start = calls[-1]
+    assert start == 259 and torch.equal(init, conds * 2 - 1)
+    assert "| input | codi from the input at t=259 | 1 |" in (tmp_path / "o" / "results.md").read_text()
+    with pytest.raises(ValueError, match="pass its condition"):
+        ev.generate_row(rows[1], None, {"conditioning": conds, "caption": ["a", "b"]}, 2, 0, {})
 
 
 def test_student_rows_use_the_sampler_saved_with_the_adapter(tiny_run, tmp_path):

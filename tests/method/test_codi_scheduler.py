@@ -67,6 +67,22 @@ def test_set_timesteps_values_custom_and_errors():
         sched.set_timesteps(51)
 
 
+def test_set_timesteps_from_a_start_timestep():
+    sched = CoDiScheduler()
+    sched.set_timesteps(1, start_timestep=499)
+    assert sched.timesteps.tolist() == [499] and sched.num_inference_steps == 1
+    sched.set_timesteps(2, start_timestep=499)
+    assert sched.timesteps.tolist() == [499, 259]
+    sched.set_timesteps(4, start_timestep=999)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]
+    with pytest.raises(ValueError, match="not a point of the training grid"):
+        sched.set_timesteps(1, start_timestep=500)
+    with pytest.raises(ValueError, match="up to the start timestep 39"):
+        sched.set_timesteps(3, start_timestep=39)
+    with pytest.raises(ValueError, match="start_timestep goes with num_inference_steps"):
+        sched.set_timesteps(timesteps=[499], start_timestep=499)
+
+
 # ---------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])

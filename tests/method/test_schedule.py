@@ -204,3 +204,24 @@ def test_add_noise_matches_diffusers_and_keeps_dtype():
     ours = add_noise(z0, eps, t, ref.alphas_cumprod)
     torch.testing.assert_close(ours, ref.add_noise(z0, eps, t))
     assert add_noise(z0.half(), eps.half(), t, ref.alphas_cumprod).dtype == torch.float16
+
+
+# --------------------------------------------------------------------- start timestep
+def test_sampling_timesteps_from_a_start_point_choose_on_the_grid_below_it():
+    grid = skip_grid(1000, 50)
+    for k in (1, 2, 4):
+        assert torch.equal(sampling_timesteps(grid, k, start=999), sampling_timesteps(grid, k))
+    for start in (19, 259, 499, 739):
+        for k in range(1, min(4, (start + 1) // 20) + 1):
+            ts = sampling_timesteps(grid, k, start=start)
+            below = grid[grid <= start]
+            # the same rule as from the top, applied to the grid points up to ``start``
+            assert torch.equal(ts, sampling_timesteps(below, k))
+            assert int(ts[0]) == start and all(bool((grid == t).any()) for t in ts)
+    assert sampling_timesteps(grid, 2, start=499).tolist() == [499, 259]
+    with pytest.raises(ValueError, match="not a point of the training grid"):
+        sampling_timesteps(grid, 1, start=498)
+    with pytest.raises(ValueError, match="not a point of the training grid"):
+        sampling_timesteps(grid, 1, start=True)
+    with pytest.raises(ValueError, match="up to the start timestep 19"):
+        sampling_timesteps(grid, 2, start=19)
