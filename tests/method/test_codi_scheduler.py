@@ -309,3 +309,29 @@ def test_runs_in_controlnet_pipeline(tiny_components):
     b = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == (1, 32, 32, 3)
     np.testing.assert_array_equal(a, b)  # the stochastic re-noising uses the pipeline's generator
+
+
+def test_runs_in_controlnet_img2img_pipeline_from_a_start_timestep(tiny_components):
+    """The stock img2img pipeline's ``strength`` picks the start: 2 steps at strength 0.5 is one
+    step from t=499 on the image noised there, the path the sr and inpaint docs show."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+
+    c = tiny_components
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(c["unet"], conditioning_embedding_out_channels=(4, 8)).eval()
+    pipe = StableDiffusionControlNetImg2ImgPipeline(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
+        controlnet=controlnet, scheduler=CoDiScheduler.from_config(c["scheduler"].config, stochastic=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    init, control = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    seen, handle = _record_timesteps(pipe.unet)
+    try:
+        for steps, strength, expected in [(2, 0.5, [499]), (4, 0.5, [499, 259]), (4, 1.0, [999, 759, 499, 259])]:
+            seen.clear()
+            out = pipe("a cat", image=init, control_image=control, num_inference_steps=steps, strength=strength,
+                       guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+            assert seen == expected and out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    finally:
+        handle.remove()
