@@ -291,18 +291,25 @@ def test_runs_in_stable_diffusion_pipeline(tiny_components, guidance_scale):
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
 
 
-def test_runs_in_controlnet_pipeline(tiny_components):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def _controlnet_pipeline(c, pipeline_class):
+    """A stock ControlNet pipeline of ``pipeline_class`` on the tiny components, with the stochastic CoDiScheduler."""
+    from diffusers import ControlNetModel
 
-    c = tiny_components
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(c["unet"], conditioning_embedding_out_channels=(4, 8)).eval()
-    pipe = StableDiffusionControlNetPipeline(
+    pipe = pipeline_class(
         vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
         controlnet=controlnet, scheduler=CoDiScheduler.from_config(c["scheduler"].config, stochastic=True),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_runs_in_controlnet_pipeline(tiny_components):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = _controlnet_pipeline(tiny_components, StableDiffusionControlNetPipeline)
     control = torch.rand(1, 3, 32, 32)
     kwargs = dict(image=control, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np")
     a = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -314,17 +321,9 @@ def test_runs_in_controlnet_pipeline(tiny_components):
 def test_runs_in_controlnet_img2img_pipeline_from_a_start_timestep(tiny_components):
     """The stock img2img pipeline's ``strength`` picks the start: 2 steps at strength 0.5 is one
     step from t=499 on the image noised there, the path the sr and inpaint docs show."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
-    c = tiny_components
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(c["unet"], conditioning_embedding_out_channels=(4, 8)).eval()
-    pipe = StableDiffusionControlNetImg2ImgPipeline(
-        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
-        controlnet=controlnet, scheduler=CoDiScheduler.from_config(c["scheduler"].config, stochastic=True),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _controlnet_pipeline(tiny_components, StableDiffusionControlNetImg2ImgPipeline)
     init, control = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     seen, handle = _record_timesteps(pipe.unet)
     try:
