@@ -105,6 +105,8 @@ class DistillConfig:
     ema_late_from: int = _h("optimizer step at which ema_decay_late takes over", default=0)
     num_grid: int = _h("N, the points of the skip grid shared by training and sampling", default=50)
     regression_weight: float = _h("lambda of the conditional regression term ||F - z0||^2", default=1.0)
+    grid_top_fraction: float = _h("share of the CoDi loss's samples drawn at the top of the grid (where one-step "
+                                  "sampling starts) before the uniform draw over the rest; 0 = uniform", default=0.0)
     distance: str = _h("consistency distance: l2 or huber (pseudo-Huber)", default="l2")
     huber_c: float = _h("pseudo-Huber constant c", default=0.001)
     ode_source: str = _h("one-step ODE predictor: ema (EMA conditional student), teacher (frozen, no adapter) or "
@@ -204,6 +206,8 @@ class DistillConfig:
             p.append(f"num_grid={self.num_grid}: must be between 2 and the teacher's 1000 training steps")
         if self.regression_weight < 0:
             p.append(f"regression_weight={self.regression_weight}: must be 0 or more")
+        if not 0.0 <= self.grid_top_fraction <= 1.0:
+            p.append(f"grid_top_fraction={self.grid_top_fraction}: must be in [0, 1] (0 = uniform over the grid)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")

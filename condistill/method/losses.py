@@ -78,15 +78,22 @@ _distance = distance  # codi_loss has a keyword argument named ``distance``
 
 
 def sample_grid_index(
-    batch: int, num_grid: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch: int, num_grid: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    top_fraction: float = 0.0,
 ) -> torch.Tensor:
     """Draw grid indices ``k ~ U{1, ..., N-1}`` (k >= 1 so that ``grid[k-1]`` exists).
+
+    With ``top_fraction = p > 0`` each index is instead the top of the grid, ``N - 1`` (where
+    one-step sampling starts), with probability ``p``, else uniform as above: the top then gets
+    ``p + (1 - p) / (N - 1)`` of the samples. ``p = 0`` draws exactly what it always did (same
+    random stream).
 
     Args:
         batch: B.
         num_grid: N >= 2.
         generator: optional ``torch.Generator`` for reproducible draws (its device is used).
         device: where to put the result (defaults to the generator's device, else CPU).
+        top_fraction: p in ``[0, 1]``.
 
     Returns:
         LongTensor ``[B]``.
@@ -95,8 +102,13 @@ def sample_grid_index(
         raise ValueError(f"num_grid must be >= 2 to form (t, s) pairs on the grid, got {num_grid}.")
     if int(batch) < 1:
         raise ValueError(f"batch must be >= 1, got {batch}.")
+    if not 0.0 <= float(top_fraction) <= 1.0:
+        raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}.")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     k = torch.randint(1, int(num_grid), (int(batch),), generator=generator, device=gen_device)
+    if top_fraction > 0:
+        top = torch.rand((int(batch),), generator=generator, device=gen_device) < float(top_fraction)
+        k = torch.where(top, torch.full_like(k, int(num_grid) - 1), k)
     return k.to(device) if device is not None else k
 
 

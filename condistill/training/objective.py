@@ -110,7 +110,7 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
                 return guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb, uncond, w)
 
         ode_fn = {"ema": lambda z, t: ema_fn(z, t, w), "teacher": teacher_fn, "online": None}[cfg.ode_source]
-        k = part.take(sample_grid_index(n, cfg.num_grid, g), b).to(device)
+        k = part.take(sample_grid_index(n, cfg.num_grid, g, top_fraction=cfg.grid_top_fraction), b).to(device)
         online_fn = lambda z, t: guided_output(online, z, t, emb, uncond, w_student)  # noqa: E731
         matching = None
         if cfg.distribution_matching:

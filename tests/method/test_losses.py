@@ -152,6 +152,23 @@ def test_sample_grid_index_range_and_determinism():
         sample_grid_index(4, 1)
 
 
+def test_sample_grid_index_top_fraction():
+    # p = 0 is the uniform draw, on the same random stream
+    assert torch.equal(sample_grid_index(64, 50, torch.Generator().manual_seed(5), top_fraction=0.0),
+                       sample_grid_index(64, 50, torch.Generator().manual_seed(5)))
+    k = sample_grid_index(20000, 50, torch.Generator().manual_seed(0), top_fraction=0.25)
+    assert k.min().item() == 1 and k.max().item() == 49
+    expected = 0.25 + 0.75 / 49
+    assert abs((k == 49).float().mean().item() - expected) < 0.01
+    # the rest stays uniform over 1..48
+    rest = k[k != 49]
+    counts = torch.bincount(rest, minlength=49)[1:49].float()
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    assert bool((sample_grid_index(16, 50, torch.Generator().manual_seed(1), top_fraction=1.0) == 49).all())
+    with pytest.raises(ValueError, match="top_fraction"):
+        sample_grid_index(4, 50, top_fraction=1.5)
+
+
 # ------------------------------------------------------------------------------ CoDi loss
 def _data(batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -195,3 +195,17 @@ def test_binding_the_ema_gives_the_same_step_as_copying_it_in(tiny_base, monkeyp
     copied_loss, copied_grads = run()
     assert torch.equal(bound_loss, copied_loss)
     assert all(torch.equal(a, b) for a, b in zip(bound_grads, copied_grads))
+
+
+def test_grid_top_fraction_reaches_the_consistency_draw(tiny_base, parts):
+    """``grid_top_fraction`` moves the CoDi loss's timesteps to the top of the grid; 0 keeps the uniform draw."""
+    from condistill.config import ConfigError
+
+    base, student, batch = parts
+    _, top = _objective(tiny_base, base, student, grid_top_fraction=1.0)(batch, 3)
+    assert top["t"].tolist() == [999] * 4
+    _, uniform = _objective(tiny_base, base, student)(batch, 3)
+    _, zero = _objective(tiny_base, base, student, grid_top_fraction=0.0)(batch, 3)
+    assert torch.equal(uniform["t"], zero["t"]) and not bool((uniform["t"] == 999).all())
+    with pytest.raises(ConfigError, match="grid_top_fraction=1.5"):
+        tiny_run_config(tiny_base, "unused", grid_top_fraction=1.5)
