@@ -99,6 +99,35 @@ def test_stock_pipeline_matches_student(kind, exports, base_path):
     assert np.isfinite(image).all()
 
 
+def test_img2img_pipeline_on_the_same_components_starts_from_the_input(exports, base_path):
+    """The stock ControlNet img2img pipeline built from ``load_adapter``'s components, at 2 steps and
+    strength 0.5, is one student step from t = 499 on the start latents noised there: exactly what
+    ``sample_latents(init_latents=..., start_timestep=499)`` computes."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from condistill.method.codi_scheduler import CoDiScheduler
+    from condistill.method.guidance import make_model_fn
+    from condistill.method.sampler import sample_latents
+
+    root, students = exports
+    pipe = load_adapter(root / "controlnet")
+    img2img = StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    base = load_base(base_path)
+    _, _, _, cond = model_inputs(base, batch=1, seed=3)
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # latents: used as given
+    # the img2img pipeline scales the ControlNet by 0.8 unless told otherwise; the student was distilled at 1
+    out = img2img("a red cube", image=start.clone(), control_image=cond, num_inference_steps=2, strength=0.5,
+                  controlnet_conditioning_scale=1.0, guidance_scale=1.0, output_type="latent",
+                  generator=torch.Generator().manual_seed(9)).images
+    student = students["controlnet"]
+    text = base.encode_prompts(["a red cube"])
+    expected = sample_latents(make_model_fn(student, student.encode_condition(cond), 1),
+                              CoDiScheduler.from_config(pipe.scheduler.config), tuple(start.shape), text, text, 1,
+                              generator=torch.Generator().manual_seed(9), init_latents=start, start_timestep=499)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
 def test_attach_to_existing_pipeline(exports, base_path):
     from diffusers import StableDiffusionPipeline
 
