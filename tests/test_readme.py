@@ -24,6 +24,7 @@ def test_using_a_distilled_adapter_snippets_run(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     distill(tiny_run_config("embedded:tiny-teacher", "runs/edge", batch_size=2))
+    distill(tiny_run_config("embedded:tiny-teacher", "runs/sr", batch_size=2, condition="sr"))
     generate_scene(0, "heldout").image.save("scene.png")
     blocks = _python_blocks("Using a distilled adapter")
     assert blocks, "the README lost its usage snippet"
