@@ -36,14 +36,14 @@ from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
 from condistill.plots import grid, to_pil
-from condistill.method.sampler import sample_images
+from condistill.method.sampler import CODI_SAMPLERS, sample_images
 from condistill.method.guidance import make_model_fn
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
 # while their total stays under TIMING_SECONDS, at most MAX_TIMING_PASSES of them.
 TIMING_SECONDS = 10.0
 MAX_TIMING_PASSES = 5
-SAMPLERS = ("codi", "codi-stochastic", "ddim", "lcm")
+SAMPLERS = (*CODI_SAMPLERS, "ddim", "lcm")
 FIDELITY = {"edge": ("edge_f1", "higher"), "depth": ("depth_error", "lower"), "sr": ("psnr", "higher"),
             "inpaint": ("masked_psnr", "higher")}
 
@@ -334,7 +334,7 @@ def parse_rows(texts: list[str]) -> list[RowSpec]:
         if len(parts) > 5:
             raise ValueError(f"row {name!r}: {rest!r} has {len(parts)} fields; write MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]")
         start = int(parts[4]) if len(parts) > 4 and parts[4] else None
-        if start is not None and sampler not in ("codi", "codi-stochastic"):
+        if start is not None and sampler not in CODI_SAMPLERS:
             raise ValueError(f"row {name!r}: starting from the input (START {start}) needs the codi or "
                              f"codi-stochastic sampler, not {sampler!r}")
         specs.append(RowSpec(name, model, sampler, int(parts[2]) if len(parts) > 2 else 4,

@@ -16,13 +16,15 @@ from condistill.method.codi_scheduler import CoDiScheduler
 from condistill.seeding import torch_generator
 
 ModelFn = Callable[..., torch.Tensor]
+# the sampler names served by CoDiScheduler (the only ones that can start from a noised image)
+CODI_SAMPLERS = ("codi", "codi-stochastic")
 
 
 def make_scheduler(base, kind: str = "codi", *, num_grid: int = 50, stochastic: bool = False):
     """A scheduler on the base's noise schedule: ``codi`` (few-step), ``codi-stochastic`` (the
     same, re-noising with fresh noise between steps), ``ddim`` or ``lcm``."""
     config = dict(base.scheduler_config)
-    if kind in ("codi", "codi-stochastic"):
+    if kind in CODI_SAMPLERS:
         return CoDiScheduler.from_config(config, num_grid=num_grid, stochastic=stochastic or kind == "codi-stochastic",
                                          prediction_type=base.prediction_type)
     if kind == "ddim":
