@@ -158,6 +158,10 @@ class DistillConfig:
     dmd_fake_rank: int = _h("LoRA rank of the fake-score network on the frozen teacher UNet", default=16)
     dmd_fake_targets: str = _h("layers of the fake-score LoRA: attention, attention_ff (also the feed-forward and "
                                "transformer projections) or all (also the ResNet convolutions)", default="attention_ff")
+    dmd_start_timestep: int = _h("distribution matching's one-step outputs start from the condition's own image "
+                                 "noised to this grid timestep, as one-step sampling from the input does (sr, "
+                                 "inpaint; eval row NAME=RUN:codi-stochastic:1:1:T); 0 = from pure noise at the "
+                                 "top of the grid", default=0)
     gan_weight: float = _h("weight of the adversarial term: a discriminator head on the fake score's mid-block "
                            "features tells the student's one-step outputs from noised training images (0 = off)",
                            default=0.0)
@@ -241,6 +245,7 @@ class DistillConfig:
             p.append(f"dmd_fake_lr={self.dmd_fake_lr}: must be positive, or 0 for learning_rate")
         if self.dmd_fake_rank < 1:
             p.append(f"dmd_fake_rank={self.dmd_fake_rank}: must be at least 1")
+        p += self._dmd_start_problems()
         if not self.gan_weight >= 0:
             p.append(f"gan_weight={self.gan_weight}: must be 0 or more")
         if self.gan_weight > 0 and not self.distribution_matching:
@@ -251,6 +256,22 @@ class DistillConfig:
                      "student's LoRA switched on in the teacher UNet, which the real and fake scores share; turn "
                      "gradient checkpointing off or use a ControlNet or T2I-Adapter student")
         return p
+
+    def _dmd_start_problems(self) -> list[str]:
+        start = self.dmd_start_timestep
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            return [f"dmd_start_timestep={start!r}: must be a grid timestep (an integer), or 0 for pure noise"]
+        if not start:
+            return []
+        if not self.distribution_matching:
+            return [f"dmd_start_timestep={start} with loss={self.loss!r}: it sets where distribution matching's "
+                    "one-step outputs start; use --loss codi+dmd or dmd, or leave it 0"]
+        from condistill.conditions import available_conditions, condition_class
+
+        if self.condition in available_conditions() and not condition_class(self.condition).has_start_image():
+            return [f"dmd_start_timestep={start} with condition={self.condition!r}: this condition holds no image "
+                    "to start from (only sr and inpaint do); leave it 0 to start from pure noise"]
+        return []
 
     def _tracker_problems(self) -> list[str]:
         packages = TRACKER_PACKAGES.get(self.report_to, ())

@@ -14,6 +14,7 @@ Example::
 from condistill.conditions.condition import (
     Condition,
     available_conditions,
+    condition_class,
     condition_from_config,
     get_condition,
     register_condition,
@@ -33,6 +34,7 @@ __all__ = [
     "available_conditions",
     "bicubic_upscale",
     "canny_edges",
+    "condition_class",
     "condition_from_config",
     "get_condition",
     "register_condition",

@@ -160,6 +160,11 @@ class Condition(abc.ABC):
             )
         return cond.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
 
+    @classmethod
+    def has_start_image(cls) -> bool:
+        """Whether the condition defines :meth:`start_image` (sr, inpaint: conditions that are images)."""
+        return cls.start_image is not Condition.start_image
+
     def start_image(self, cond: torch.Tensor) -> torch.Tensor:
         """An image ``[B, 3, H, W]`` in ``[-1, 1]`` to start sampling from, noised, for a batch of
         conditions ``[B, C, H, W]`` (:func:`condistill.method.sampler.sample_images` with
@@ -309,6 +314,11 @@ def _lookup(name: str) -> type[Condition]:
             f"Unknown condition {name!r}. Available conditions: {', '.join(available_conditions()) or '(none)'}."
         )
     return _REGISTRY[name]
+
+
+def condition_class(name: str) -> type[Condition]:
+    """The registered :class:`Condition` subclass ``name`` (``ValueError`` naming the available ones)."""
+    return _lookup(name)
 
 
 def get_condition(name: str, **options: Any) -> Condition:

@@ -205,7 +205,9 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
     if loss in ("codi+dmd", "dmd") and "dmd_weight" in train:
         facts.append(("distribution matching", f"weight {train['dmd_weight']:g}, real-score CFG "
                       f"{train['dmd_guidance']:g}, fake-score LoRA rank {train['dmd_fake_rank']}, "
-                      f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"))
+                      f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"
+                      + (f", one-step outputs from the input noised to t={train['dmd_start_timestep']}"
+                         if train.get("dmd_start_timestep") else "")))
     if "regression_weight" in train:
         facts.append(("lambda (regression weight)", f"{train['regression_weight']:g}"))
     if "distance" in train:

@@ -153,7 +153,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.init_trackers("condistill", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
-    objective = build_objective(cfg, student, model, ema, base, part, fake_score=extra.get("fake_score"))
+    objective = build_objective(cfg, student, model, ema, base, part, fake_score=extra.get("fake_score"),
+                                condition=condition)
     validation = _validation_batch(cfg, condition, resolution, base) if main else None
     log_path = out / "loss.jsonl"
     accelerator.wait_for_everyone()  # every process has read its checkpoint

@@ -26,7 +26,7 @@ from condistill.config import DistillConfig
 from condistill.method.distribution_matching import dmd_loss, dmd_timesteps, gan_generator_loss
 from condistill.method.guidance import guided_output, make_model_fn, repeat_batch
 from condistill.method.losses import codi_loss, diffusion_loss, sample_grid_index
-from condistill.method.schedule import add_noise, consistency_function, skip_grid
+from condistill.method.schedule import add_noise, consistency_function, sampling_timesteps, skip_grid
 from condistill.seeding import STEP_STRIDE, torch_generator
 from condistill.training.batches import Part
 
@@ -43,7 +43,8 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch_generator(seed, micro_step, STEP_STRIDE)
 
 
-def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = Part(), fake_score=None) -> Objective:
+def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = Part(), fake_score=None,
+                    condition=None) -> Objective:
     """``objective(batch, micro_step)``: the per-sample loss ``[B]`` of one micro-batch and its diagnostics.
 
     Args:
@@ -56,12 +57,15 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         part: which slice of the global batch this process trains on (one process: all of it).
         fake_score: the :class:`~condistill.training.fake_score.FakeScore` of the distribution-matching
             losses (``codi+dmd``, ``dmd``); trained here, once per micro-step, ``cfg.dmd_fake_updates`` times.
+        condition: the run's :class:`~condistill.conditions.Condition`; needed only with
+            ``cfg.dmd_start_timestep`` (its ``start_image`` is where the one-step outputs start).
     """
     if cfg.distribution_matching and fake_score is None:
         raise ValueError(f"loss={cfg.loss!r} needs its fake-score network: pass fake_score=FakeScore(...)")
     device = base.device
     alphas = base.alphas_cumprod.to(device)
     grid = skip_grid(base.num_train_timesteps, cfg.num_grid).to(device)
+    t_one_step = _one_step_timestep(cfg, grid, condition)
     uncond = base.encode_prompts([""])
     guided = cfg.guidance_enabled
     # guidance_branches="ode": only the ODE solver is guided, so the student learns to land on
@@ -114,8 +118,12 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         online_fn = lambda z, t: guided_output(online, z, t, emb, uncond, w_student)  # noqa: E731
         matching = None
         if cfg.distribution_matching:
-            matching = OneStepOutputs(online, emb, uncond, w_student, grid[-1], b,
-                                      part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device))
+            z_one = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
+            if cfg.dmd_start_timestep:  # from the condition's own image, noised to t_one_step
+                with torch.no_grad():
+                    x_start = base.encode_images(condition.start_image(cond).to(base.dtype)).float()
+                z_one = add_noise(x_start, z_one, torch.full((b,), t_one_step, device=device), alphas)
+            matching = OneStepOutputs(online, emb, uncond, w_student, t_one_step, b, z_one)
             online_fn = matching.online_fn
         # the frozen blocks the online and ODE branches feed equal inputs run once (bit-identical)
         with (fake_score.frozen() if fake_score is not None else contextlib.nullcontext()), \
@@ -149,12 +157,28 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
     return objective
 
 
+def _one_step_timestep(cfg: DistillConfig, grid: torch.Tensor, condition) -> int:
+    """Where distribution matching's one-step outputs start: the grid's top, or ``cfg.dmd_start_timestep``."""
+    if not cfg.dmd_start_timestep:
+        return int(grid[-1])
+    start = int(sampling_timesteps(grid.cpu(), 1, start=cfg.dmd_start_timestep)[0])  # refuses a non-grid point
+    if condition is None:
+        raise ValueError(f"dmd_start_timestep={start} starts the one-step outputs from the condition's image: pass "
+                         "build_objective(..., condition=the run's condition)")
+    if not condition.has_start_image():
+        raise ValueError(f"dmd_start_timestep={start}: the {condition.name} condition holds no image to start from "
+                         "(only sr and inpaint do); leave it 0")
+    return start
+
+
 class OneStepOutputs:
-    """The student's one-step outputs ``x = F(z_T, T)`` from fresh noise, in the online branch's call.
+    """The student's one-step outputs ``x = F(z_s, s)``, in the online branch's call.
 
     Distribution matching acts on what one-step sampling produces: the student at the top of the
-    grid on pure noise. That forward joins the online branch's batch (``[z_t, z_T]``, one call),
-    so a data-parallel model still runs one forward per backward.
+    grid on pure noise (``z_s`` = fresh noise, ``s`` = the grid's top), or on the condition's own
+    image noised to ``s`` (``dmd_start_timestep``, sampling from the input). That forward joins the
+    online branch's batch (``[z_t, z_s]``, one call), so a data-parallel model still runs one
+    forward per backward.
     """
 
     def __init__(self, online, emb, uncond, w, t_top, batch: int, z_top: torch.Tensor):

@@ -130,3 +130,57 @@ def test_config_refuses_what_distribution_matching_cannot_do(tiny_base, tmp_path
         tiny_run_config(tiny_base, tmp_path, adapter="lora", loss="codi+dmd", gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="dmd_guidance"):
         tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_guidance=0.5)
+
+
+def test_one_step_outputs_can_start_from_the_conditions_own_image(tiny_base, monkeypatch):
+    """``dmd_start_timestep``: the one-step outputs start from ``start_image`` noised to that timestep, with
+    the same noise draw as from pure noise (the other draws of the step are unchanged)."""
+    import condistill.training.objective as objective_module
+    from condistill.method.schedule import add_noise
+
+    base = load_base(tiny_base)
+    inpaint = get_condition("inpaint")
+    dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), inpaint, base.resolution)
+    inpaint_batch = collate([dataset[i] for i in range(4)])
+    student = build_student("controlnet", base, inpaint.channels)
+    ema = EMA(student.trainable_named_parameters())
+    seen = []
+
+    class Recording(objective_module.OneStepOutputs):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append((self.z_top.clone(), self.t_top.clone()))
+
+    monkeypatch.setattr(objective_module, "OneStepOutputs", Recording)
+    for start in (0, 499):
+        cfg = tiny_run_config(tiny_base, "unused", condition="inpaint", loss="codi+dmd", dmd_fake_rank=4,
+                              dmd_start_timestep=start)
+        objective = build_objective(cfg, student, student, ema, base, fake_score=FakeScore.from_config(cfg, student, base),
+                                    condition=inpaint)
+        objective(inpaint_batch, 3)
+        base.unet.delete_adapters(FAKE_SCORE_ADAPTER)
+    (noise, t_top), (z_start, t_start) = seen
+    assert torch.equal(t_top, torch.full((4,), 999)) and torch.equal(t_start, torch.full((4,), 499))
+    with torch.no_grad():
+        image = base.encode_images(inpaint.start_image(inpaint_batch["conditioning"])).float()
+    expected = add_noise(image, noise, torch.full((4,), 499), base.alphas_cumprod)
+    torch.testing.assert_close(z_start, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_one_step_start_is_checked_before_training(tiny_base, tmp_path):
+    with pytest.raises(ConfigError, match="holds no image"):  # edge has no image to start from
+        tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_start_timestep=499)
+    with pytest.raises(ConfigError, match="--loss codi\\+dmd or dmd"):
+        tiny_run_config(tiny_base, tmp_path, condition="sr", dmd_start_timestep=499)
+    with pytest.raises(ConfigError, match="dmd_start_timestep"):
+        tiny_run_config(tiny_base, tmp_path, condition="sr", loss="codi+dmd", dmd_start_timestep=-1)
+    with pytest.raises(ValueError, match="not a point of the training grid"):
+        distill(tiny_run_config(tiny_base, tmp_path / "run", condition="sr", loss="codi+dmd", dmd_fake_rank=4,
+                                dmd_start_timestep=500))
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_a_run_from_the_input_says_so_in_its_model_card(tiny_base, tmp_path):
+    run = distill(tiny_run_config(tiny_base, tmp_path / "run", condition="sr", loss="codi+dmd", dmd_fake_rank=4,
+                                  max_steps=1, dmd_start_timestep=499))
+    assert "one-step outputs from the input noised to t=499" in (run / "README.md").read_text()
