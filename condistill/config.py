@@ -159,9 +159,9 @@ class DistillConfig:
     dmd_fake_targets: str = _h("layers of the fake-score LoRA: attention, attention_ff (also the feed-forward and "
                                "transformer projections) or all (also the ResNet convolutions)", default="attention_ff")
     dmd_start_timestep: int = _h("distribution matching's one-step outputs start from the condition's own image "
-                                 "noised to this grid timestep, as one-step sampling from the input does (sr, "
-                                 "inpaint; eval row NAME=RUN:codi-stochastic:1:1:T); 0 = from pure noise at the "
-                                 "top of the grid", default=0)
+                                 "(sr, inpaint; the zero latent for edge and depth) noised to this grid timestep, "
+                                 "as one-step sampling from the input does (eval row NAME=RUN:codi-stochastic:1:1:T); "
+                                 "0 = from pure noise at the top of the grid", default=0)
     gan_weight: float = _h("weight of the adversarial term: a discriminator head on the fake score's mid-block "
                            "features tells the student's one-step outputs from noised training images (0 = off)",
                            default=0.0)
@@ -266,11 +266,6 @@ class DistillConfig:
         if not self.distribution_matching:
             return [f"dmd_start_timestep={start} with loss={self.loss!r}: it sets where distribution matching's "
                     "one-step outputs start; use --loss codi+dmd or dmd, or leave it 0"]
-        from condistill.conditions import available_conditions, condition_class
-
-        if self.condition in available_conditions() and not condition_class(self.condition).has_start_image():
-            return [f"dmd_start_timestep={start} with condition={self.condition!r}: this condition holds no image "
-                    "to start from (only sr and inpaint do); leave it 0 to start from pure noise"]
         return []
 
     def _tracker_problems(self) -> list[str]:

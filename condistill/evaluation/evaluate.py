@@ -129,10 +129,15 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
             fn = base.predict  # the frozen teacher, whatever form its text conditioning takes
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
-        init = None if spec.start is None else condition.start_image(cond[sl])
+        init, init_latents = None, None
+        if spec.start is not None and condition.has_start_image():
+            init = condition.start_image(cond[sl])
+        elif spec.start is not None:  # edge, depth: from the zero latent noised to the start
+            h = base.resolution // base.vae_scale_factor
+            init_latents = torch.zeros((c.shape[0], base.latent_channels, h, h), device=base.device, dtype=base.dtype)
         images = sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,
                                guidance_scale=spec.guidance, seed=seed + sl.start, init_images=init,
-                               start_timestep=spec.start).cpu()
+                               start_timestep=spec.start, init_latents=init_latents).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
         return images

@@ -103,21 +103,25 @@ def sample_images(
     seed: int = 0,
     init_images: torch.Tensor | None = None,
     start_timestep: int | None = None,
+    init_latents: torch.Tensor | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts`` with ``model_fn``.
 
     ``model_kwargs`` (e.g. the condition ``features``) go to every ``model_fn`` call.
     ``init_images`` (``[B, 3, H, W]`` in ``[-1, 1]``, e.g. ``Condition.start_image``) with
-    ``start_timestep`` start from those images noised to that timestep (see :func:`sample_latents`).
+    ``start_timestep`` start from those images noised to that timestep (see :func:`sample_latents`);
+    ``init_latents`` (``[B, c, h, w]``) start from latents instead (not both).
     """
+    if init_images is not None and init_latents is not None:
+        raise ValueError("give init_images or init_latents to start from, not both")
     device = base.device
     text = base.encode_prompts(list(prompts))
     uncond = base.encode_prompts([""])
     scheduler = make_scheduler(base, sampler, num_grid=num_grid)
     h = base.resolution // base.vae_scale_factor
     generator = torch_generator(seed)
-    init = None if init_images is None else base.encode_images(init_images.to(device))
+    init = init_latents if init_images is None else base.encode_images(init_images.to(device))
     z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, h, h), text, uncond,
                        num_steps, guidance_scale=guidance_scale, generator=generator, device=device,
                        dtype=base.dtype, init_latents=init, start_timestep=start_timestep, **model_kwargs)

@@ -119,10 +119,9 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         matching = None
         if cfg.distribution_matching:
             z_one = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
-            if cfg.dmd_start_timestep:  # from the condition's own image, noised to t_one_step
-                with torch.no_grad():
-                    x_start = base.encode_images(condition.start_image(cond).to(base.dtype)).float()
-                z_one = add_noise(x_start, z_one, torch.full((b,), t_one_step, device=device), alphas)
+            if cfg.dmd_start_timestep:  # from the condition's own image (or the zero latent), noised to t_one_step
+                z_one = add_noise(_start_latents(base, condition, cond, z0), z_one,
+                                  torch.full((b,), t_one_step, device=device), alphas)
             matching = OneStepOutputs(online, emb, uncond, w_student, t_one_step, b, z_one)
             online_fn = matching.online_fn
         # the frozen blocks the online and ODE branches feed equal inputs run once (bit-identical)
@@ -165,10 +164,16 @@ def _one_step_timestep(cfg: DistillConfig, grid: torch.Tensor, condition) -> int
     if condition is None:
         raise ValueError(f"dmd_start_timestep={start} starts the one-step outputs from the condition's image: pass "
                          "build_objective(..., condition=the run's condition)")
-    if not condition.has_start_image():
-        raise ValueError(f"dmd_start_timestep={start}: the {condition.name} condition holds no image to start from "
-                         "(only sr and inpaint do); leave it 0")
     return start
+
+
+@torch.no_grad()
+def _start_latents(base, condition, cond: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """The latents one-step sampling from the input starts from: the condition's own image encoded
+    (sr, inpaint), or the zero latent for conditions that are not images (edge, depth)."""
+    if not condition.has_start_image():
+        return torch.zeros_like(z0)
+    return base.encode_images(condition.start_image(cond).to(base.dtype)).float()
 
 
 class OneStepOutputs:

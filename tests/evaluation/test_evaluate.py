@@ -107,6 +107,27 @@ def test_rows_from_the_input_start_from_the_conditions_own_image(tiny_run, tmp_p
         ev.generate_row(rows[1], None, {"conditioning": conds, "caption": ["a", "b"]}, 2, 0, {})
 
 
+def test_rows_with_a_start_on_a_condition_that_is_not_an_image_start_from_the_zero_latent(tmp_path, monkeypatch):
+    import condistill.evaluation.evaluate as ev
+
+    base = make_tiny_base(tmp_path)
+    run = distill(DistillConfig(condition="edge", base=str(base), data="synthetic:train:8", output_dir=str(tmp_path / "run"),
+                                max_steps=1, batch_size=2, checkpoint_every=0, validate_every=0, log_every=1))
+    calls, real = [], ev.sample_images
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "sample_images", recording)
+    report = evaluate("edge", [RowSpec("zero", str(run), "codi", 1, start=499)], num_images=2, batch_size=2,
+                      out_dir=tmp_path / "o")
+    assert report["rows"][0]["start"] == 499 and 0.0 <= report["rows"][0]["metrics"]["edge_f1"] <= 1.0
+    last = calls[-1]
+    assert last["init_images"] is None and last["start_timestep"] == 499
+    assert last["init_latents"].shape == (2, 4, 8, 8) and not last["init_latents"].any()
+
+
 def test_student_rows_use_the_sampler_saved_with_the_adapter(tiny_run, tmp_path):
     # training exports the re-noising sampler by default; an adapter saved deterministic keeps it
     assert adapter_sampler(tiny_run) == "codi-stochastic"

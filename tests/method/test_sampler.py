@@ -66,3 +66,14 @@ def test_start_arguments_are_checked():
         sample_latents(fn, DDIMScheduler(), shape, text, text, 1, init_latents=torch.zeros(shape), start_timestep=499)
     with pytest.raises(ValueError, match="not a point of the training grid"):
         sample_latents(fn, sched, shape, text, text, 1, init_latents=torch.zeros(shape), start_timestep=500)
+
+
+def test_sample_images_takes_one_start_not_both(base_path):
+    from condistill.frozen import load_base
+    from condistill.method.sampler import sample_images
+
+    base = load_base(base_path)
+    h = base.resolution // base.vae_scale_factor
+    with pytest.raises(ValueError, match="not both"):
+        sample_images(base, base.predict, ["a"], 1, init_images=torch.zeros(1, 3, base.resolution, base.resolution),
+                      init_latents=torch.zeros(1, base.latent_channels, h, h), start_timestep=499)

@@ -132,14 +132,16 @@ def test_config_refuses_what_distribution_matching_cannot_do(tiny_base, tmp_path
         tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_guidance=0.5)
 
 
-def test_one_step_outputs_can_start_from_the_conditions_own_image(tiny_base, monkeypatch):
-    """``dmd_start_timestep``: the one-step outputs start from ``start_image`` noised to that timestep, with
-    the same noise draw as from pure noise (the other draws of the step are unchanged)."""
+@pytest.mark.parametrize("name", ["inpaint", "edge"])
+def test_one_step_outputs_can_start_from_the_conditions_own_image(tiny_base, monkeypatch, name):
+    """``dmd_start_timestep``: the one-step outputs start from ``start_image`` (inpaint; the zero latent for
+    edge) noised to that timestep, with the same noise draw as from pure noise (the other draws of the step
+    are unchanged)."""
     import condistill.training.objective as objective_module
     from condistill.method.schedule import add_noise
 
     base = load_base(tiny_base)
-    inpaint = get_condition("inpaint")
+    inpaint = get_condition(name)
     dataset = ConditionDataset(open_source("synthetic:train:4", resolution=base.resolution), inpaint, base.resolution)
     inpaint_batch = collate([dataset[i] for i in range(4)])
     student = build_student("controlnet", base, inpaint.channels)
@@ -153,7 +155,7 @@ def test_one_step_outputs_can_start_from_the_conditions_own_image(tiny_base, mon
 
     monkeypatch.setattr(objective_module, "OneStepOutputs", Recording)
     for start in (0, 499):
-        cfg = tiny_run_config(tiny_base, "unused", condition="inpaint", loss="codi+dmd", dmd_fake_rank=4,
+        cfg = tiny_run_config(tiny_base, "unused", condition=name, loss="codi+dmd", dmd_fake_rank=4,
                               dmd_start_timestep=start)
         objective = build_objective(cfg, student, student, ema, base, fake_score=FakeScore.from_config(cfg, student, base),
                                     condition=inpaint)
@@ -162,14 +164,13 @@ def test_one_step_outputs_can_start_from_the_conditions_own_image(tiny_base, mon
     (noise, t_top), (z_start, t_start) = seen
     assert torch.equal(t_top, torch.full((4,), 999)) and torch.equal(t_start, torch.full((4,), 499))
     with torch.no_grad():
-        image = base.encode_images(inpaint.start_image(inpaint_batch["conditioning"])).float()
+        image = (base.encode_images(inpaint.start_image(inpaint_batch["conditioning"])).float()
+                 if name == "inpaint" else torch.zeros_like(noise))
     expected = add_noise(image, noise, torch.full((4,), 499), base.alphas_cumprod)
     torch.testing.assert_close(z_start, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_one_step_start_is_checked_before_training(tiny_base, tmp_path):
-    with pytest.raises(ConfigError, match="holds no image"):  # edge has no image to start from
-        tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_start_timestep=499)
     with pytest.raises(ConfigError, match="--loss codi\\+dmd or dmd"):
         tiny_run_config(tiny_base, tmp_path, condition="sr", dmd_start_timestep=499)
     with pytest.raises(ConfigError, match="dmd_start_timestep"):
