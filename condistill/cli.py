@@ -227,7 +227,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows)")
     ev.add_argument("--row", action="append", help="custom row NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]; MODEL is "
                     "an adapter folder, 'teacher' or 'bicubic'; START, a grid timestep (e.g. 499), starts a codi sampler "
-                    "from the condition's own image noised to it (sr, inpaint); repeatable (replaces the default rows)")
+                    "from the condition's own image noised to it (sr, inpaint; the zero latent for edge, depth); repeatable (replaces the default rows)")
     ev.add_argument("--base", help="base model [the one recorded with the first adapter]")
     ev.add_argument("--guidance", type=float, default=4.0,
                     help="CFG scale of the 50-step baseline and teacher rows (every documented result uses 4) [4.0]")

@@ -55,7 +55,8 @@ class RowSpec:
     ``model`` is an adapter folder, ``"teacher"`` (the base without adapter) or ``"bicubic"``
     (sr only: the up-scaled low-resolution input itself). ``start`` (a grid timestep, CoDi
     samplers only) starts sampling from the condition's own image noised to that timestep
-    (``Condition.start_image``: sr, inpaint) instead of from pure noise.
+    (``Condition.start_image``: sr, inpaint), or from the zero latent noised to it (edge, depth),
+    instead of from pure noise.
     """
 
     name: str
@@ -266,6 +267,9 @@ def training_facts(path: str) -> dict:
 def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a markdown table (fidelity metric first)."""
     fid_key, better = FIDELITY[report["condition"]]
+    from condistill.conditions import condition_class
+
+    start_from = "the input" if condition_class(report["condition"]).has_start_image() else "the zero latent"
     keys = [fid_key] + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
                                     "clip_score", "seconds_per_image")
                         if any(k in r["metrics"] for r in report["rows"])]
@@ -279,7 +283,7 @@ def markdown_table(report: dict) -> str:
         for k in keys:
             v = r["metrics"].get(k)
             vals.append("" if v is None else (f"{v:.4f}" if k == "seconds_per_image" else f"{v:.3f}"))
-        sampler = r["sampler"] if r.get("start") is None else f"{r['sampler']} from the input at t={r['start']}"
+        sampler = r["sampler"] if r.get("start") is None else f"{r['sampler']} from {start_from} at t={r['start']}"
         lines.append(f"| {r['name']} | {sampler} | {r['steps']} | {r['guidance']:g} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -317,8 +321,8 @@ def ratio_summary(report: dict, student: str, reference: str) -> dict:
 def parse_rows(texts: list[str]) -> list[RowSpec]:
     """``name=model:sampler:steps:guidance:start`` (sampler/steps/guidance/start optional) -> specs.
 
-    ``start`` is a grid timestep to start from the condition's own image (sr, inpaint; CoDi
-    samplers), e.g. ``student-1-from-input=runs/sr:codi-stochastic:1:1:499``.
+    ``start`` is a grid timestep to start from the condition's own image (sr, inpaint; the zero
+    latent for edge and depth; CoDi samplers), e.g. ``student-1-from-input=runs/sr:codi-stochastic:1:1:499``.
     """
     specs = []
     for text in texts:

@@ -126,6 +126,7 @@ def test_rows_with_a_start_on_a_condition_that_is_not_an_image_start_from_the_ze
     last = calls[-1]
     assert last["init_images"] is None and last["start_timestep"] == 499
     assert last["init_latents"].shape == (2, 4, 8, 8) and not last["init_latents"].any()
+    assert "| zero | codi from the zero latent at t=499 | 1 |" in (tmp_path / "o" / "results.md").read_text()
 
 
 def test_student_rows_use_the_sampler_saved_with_the_adapter(tiny_run, tmp_path):
