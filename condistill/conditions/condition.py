@@ -165,6 +165,11 @@ class Condition(abc.ABC):
         """Whether the condition defines :meth:`start_image` (sr, inpaint: conditions that are images)."""
         return cls.start_image is not Condition.start_image
 
+    @classmethod
+    def start_description(cls) -> str:
+        """What sampling from the input starts from, in words: "the input" or "the zero latent"."""
+        return "the input" if cls.has_start_image() else "the zero latent"
+
     def start_image(self, cond: torch.Tensor) -> torch.Tensor:
         """An image ``[B, 3, H, W]`` in ``[-1, 1]`` to start sampling from, noised, for a batch of
         conditions ``[B, C, H, W]`` (:func:`condistill.method.sampler.sample_images` with

@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from condistill.frozen import load_base
-from condistill.conditions import condition_from_config, get_condition
+from condistill.conditions import condition_class, condition_from_config, get_condition
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
 from condistill.plots import grid, to_pil
-from condistill.method.sampler import CODI_SAMPLERS, sample_images
+from condistill.method.sampler import CODI_SAMPLERS, sample_images, start_latents
 from condistill.method.guidance import make_model_fn
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
@@ -130,15 +130,10 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
             fn = base.predict  # the frozen teacher, whatever form its text conditioning takes
         else:
             fn = make_model_fn(student, student.encode_condition(c), c.shape[0])
-        init, init_latents = None, None
-        if spec.start is not None and condition.has_start_image():
-            init = condition.start_image(cond[sl])
-        elif spec.start is not None:  # edge, depth: from the zero latent noised to the start
-            h = base.resolution // base.vae_scale_factor
-            init_latents = torch.zeros((c.shape[0], base.latent_channels, h, h), device=base.device, dtype=base.dtype)
+        init = None if spec.start is None else start_latents(base, condition, c)
         images = sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,
-                               guidance_scale=spec.guidance, seed=seed + sl.start, init_images=init,
-                               start_timestep=spec.start, init_latents=init_latents).cpu()
+                               guidance_scale=spec.guidance, seed=seed + sl.start, init_latents=init,
+                               start_timestep=spec.start).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
         return images
@@ -267,9 +262,7 @@ def training_facts(path: str) -> dict:
 def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a markdown table (fidelity metric first)."""
     fid_key, better = FIDELITY[report["condition"]]
-    from condistill.conditions import condition_class
-
-    start_from = "the input" if condition_class(report["condition"]).has_start_image() else "the zero latent"
+    start_from = condition_class(report["condition"]).start_description()
     keys = [fid_key] + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
                                     "clip_score", "seconds_per_image")
                         if any(k in r["metrics"] for r in report["rows"])]

@@ -20,6 +20,21 @@ ModelFn = Callable[..., torch.Tensor]
 CODI_SAMPLERS = ("codi", "codi-stochastic")
 
 
+@torch.no_grad()
+def start_latents(base, condition, cond: torch.Tensor) -> torch.Tensor:
+    """The float32 latents ``[B, c, h, w]`` that sampling from the input starts from, for a batch of
+    conditions ``cond``: the condition's own image encoded (``Condition.start_image``: sr, inpaint),
+    or the zero latent for conditions that are not images (edge, depth).
+
+    Training (``--dmd-start-timestep``) and evaluation rows with a start both use it, so a student
+    is sampled from exactly the start it was trained on.
+    """
+    if condition.has_start_image():
+        return base.encode_images(condition.start_image(cond).to(base.device, base.dtype)).float()
+    h = base.resolution // base.vae_scale_factor
+    return torch.zeros((cond.shape[0], base.latent_channels, h, h), device=base.device)
+
+
 def make_scheduler(base, kind: str = "codi", *, num_grid: int = 50, stochastic: bool = False):
     """A scheduler on the base's noise schedule: ``codi`` (few-step), ``codi-stochastic`` (the
     same, re-noising with fresh noise between steps), ``ddim`` or ``lcm``."""

@@ -162,6 +162,13 @@ LOSS_NAMES = {"codi": "CoDi (consistency + conditional regression)",
               "codi+dmd": "CoDi + distribution matching (consistency + conditional regression + DMD)",
               "dmd": "distribution matching + conditional regression (DMD, no consistency term)"}
 
+def _start_description(condition: str) -> str:
+    """``Condition.start_description`` of a registered condition; a generic phrase for one that is not."""
+    from condistill.conditions import available_conditions, condition_class
+
+    return condition_class(condition).start_description() if condition in available_conditions() else "its start"
+
+
 def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, num_processes: int = 1,
                 samples: bool = False, results: str | None = None, source: str = ".",
                 stochastic: bool | None = None) -> str:
@@ -206,8 +213,8 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
         facts.append(("distribution matching", f"weight {train['dmd_weight']:g}, real-score CFG "
                       f"{train['dmd_guidance']:g}, fake-score LoRA rank {train['dmd_fake_rank']}, "
                       f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"
-                      + (f", one-step outputs from the input noised to t={train['dmd_start_timestep']}"
-                         if train.get("dmd_start_timestep") else "")))
+                      + (f", one-step outputs from {_start_description(condition)} noised to "
+                         f"t={train['dmd_start_timestep']}" if train.get("dmd_start_timestep") else "")))
     if "regression_weight" in train:
         facts.append(("lambda (regression weight)", f"{train['regression_weight']:g}"))
     if "distance" in train:

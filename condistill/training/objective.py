@@ -26,6 +26,7 @@ from condistill.config import DistillConfig
 from condistill.method.distribution_matching import dmd_loss, dmd_timesteps, gan_generator_loss
 from condistill.method.guidance import guided_output, make_model_fn, repeat_batch
 from condistill.method.losses import codi_loss, diffusion_loss, sample_grid_index
+from condistill.method.sampler import start_latents
 from condistill.method.schedule import add_noise, consistency_function, sampling_timesteps, skip_grid
 from condistill.seeding import STEP_STRIDE, torch_generator
 from condistill.training.batches import Part
@@ -120,7 +121,7 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         if cfg.distribution_matching:
             z_one = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
             if cfg.dmd_start_timestep:  # from the condition's own image (or the zero latent), noised to t_one_step
-                z_one = add_noise(_start_latents(base, condition, cond, z0), z_one,
+                z_one = add_noise(start_latents(base, condition, cond), z_one,
                                   torch.full((b,), t_one_step, device=device), alphas)
             matching = OneStepOutputs(online, emb, uncond, w_student, t_one_step, b, z_one)
             online_fn = matching.online_fn
@@ -167,21 +168,13 @@ def _one_step_timestep(cfg: DistillConfig, grid: torch.Tensor, condition) -> int
     return start
 
 
-@torch.no_grad()
-def _start_latents(base, condition, cond: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    """The latents one-step sampling from the input starts from: the condition's own image encoded
-    (sr, inpaint), or the zero latent for conditions that are not images (edge, depth)."""
-    if not condition.has_start_image():
-        return torch.zeros_like(z0)
-    return base.encode_images(condition.start_image(cond).to(base.dtype)).float()
-
-
 class OneStepOutputs:
     """The student's one-step outputs ``x = F(z_s, s)``, in the online branch's call.
 
     Distribution matching acts on what one-step sampling produces: the student at the top of the
     grid on pure noise (``z_s`` = fresh noise, ``s`` = the grid's top), or on the condition's own
-    image noised to ``s`` (``dmd_start_timestep``, sampling from the input). That forward joins the
+    image (the zero latent for edge and depth) noised to ``s`` (``dmd_start_timestep``, sampling
+    from the input; :func:`~condistill.method.sampler.start_latents`). That forward joins the
     online branch's batch (``[z_t, z_s]``, one call), so a data-parallel model still runs one
     forward per backward.
     """

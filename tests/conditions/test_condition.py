@@ -205,3 +205,13 @@ def test_conditions_that_are_not_images_have_no_start_image():
     for name in ("edge", "depth"):
         with pytest.raises(ValueError, match=f"the {name} condition holds no image to start sampling from"):
             get_condition(name).start_image(torch.zeros(1, 1, 8, 8))
+
+
+def test_which_conditions_start_from_their_own_image():
+    from condistill.conditions import condition_class
+
+    for name, image in (("sr", True), ("inpaint", True), ("edge", False), ("depth", False)):
+        assert condition_class(name).has_start_image() is image
+        assert condition_class(name).start_description() == ("the input" if image else "the zero latent")
+    with pytest.raises(ValueError, match="Available conditions"):
+        condition_class("nope")

@@ -7,7 +7,7 @@ import torch
 from condistill.cli import main
 from condistill.config import DistillConfig
 from condistill.evaluation.evaluate import RowSpec, default_rows, evaluate, markdown_table, parse_rows, ratio_summary
-from condistill.adapters.save_load import adapter_sampler
+from condistill.adapters.save_load import adapter_sampler, read_adapter_config
 from condistill.training.loop import distill
 from helpers import make_tiny_base
 
@@ -82,7 +82,8 @@ def test_rows_from_the_input_start_from_the_conditions_own_image(tiny_run, tmp_p
     calls, real = [], ev.sample_images
 
     def recording(*args, **kwargs):
-        calls.append((kwargs.get("init_images"), kwargs.get("start_timestep")))
+        assert kwargs.get("init_images") is None  # rows start from latents (method.sampler.start_latents)
+        calls.append((kwargs.get("init_latents"), kwargs.get("start_timestep")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ev, "sample_images", recording)
@@ -100,8 +101,11 @@ def test_rows_from_the_input_start_from_the_conditions_own_image(tiny_run, tmp_p
 
     dataset = ConditionDataset(open_source("synthetic:heldout:2", resolution=16), get_condition("sr"), 16, seed=12345)
     conds = collate([dataset[i] for i in range(2)])["conditioning"]
+    from condistill.frozen import load_base
+
+    base = load_base(read_adapter_config(tiny_run)["base_name_or_path"])
     init, start = calls[-1]
-    assert start == 259 and torch.equal(init, conds * 2 - 1)
+    assert start == 259 and torch.equal(init, base.encode_images(conds * 2 - 1).float())
     assert "| input | codi from the input at t=259 | 1 |" in (tmp_path / "o" / "results.md").read_text()
     with pytest.raises(ValueError, match="pass its condition"):
         ev.generate_row(rows[1], None, {"conditioning": conds, "caption": ["a", "b"]}, 2, 0, {})
@@ -124,7 +128,7 @@ def test_rows_with_a_start_on_a_condition_that_is_not_an_image_start_from_the_ze
                       out_dir=tmp_path / "o")
     assert report["rows"][0]["start"] == 499 and 0.0 <= report["rows"][0]["metrics"]["edge_f1"] <= 1.0
     last = calls[-1]
-    assert last["init_images"] is None and last["start_timestep"] == 499
+    assert last.get("init_images") is None and last["start_timestep"] == 499
     assert last["init_latents"].shape == (2, 4, 8, 8) and not last["init_latents"].any()
     assert "| zero | codi from the zero latent at t=499 | 1 |" in (tmp_path / "o" / "results.md").read_text()
 

@@ -181,7 +181,8 @@ def test_the_one_step_start_is_checked_before_training(tiny_base, tmp_path):
     assert not (tmp_path / "run" / "adapter_config.json").exists()
 
 
-def test_a_run_from_the_input_says_so_in_its_model_card(tiny_base, tmp_path):
-    run = distill(tiny_run_config(tiny_base, tmp_path / "run", condition="sr", loss="codi+dmd", dmd_fake_rank=4,
+@pytest.mark.parametrize("name, start", [("sr", "the input"), ("edge", "the zero latent")])
+def test_a_run_from_the_input_says_so_in_its_model_card(tiny_base, tmp_path, name, start):
+    run = distill(tiny_run_config(tiny_base, tmp_path / "run", condition=name, loss="codi+dmd", dmd_fake_rank=4,
                                   max_steps=1, dmd_start_timestep=499))
-    assert "one-step outputs from the input noised to t=499" in (run / "README.md").read_text()
+    assert f"one-step outputs from {start} noised to t=499" in (run / "README.md").read_text()
