@@ -75,6 +75,11 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+class SettingError(ValueError):
+    """A setting that this base or machine cannot run (an unusable ``--resolution``, fp16 without CUDA),
+    found at the start of a run before anything loads; its message is one line naming what to use instead."""
+
+
 @dataclass
 class DistillConfig:
     """Options of one conditional distillation run."""

@@ -23,9 +23,12 @@ The base family (:func:`condistill.frozen.family_of` of the UNet) names these cl
 
 Its scheduler is a :class:`condistill.method.codi_scheduler.CoDiScheduler` configured from the adapter's
 ``scheduler/scheduler_config.json`` (same skip grid as training). The recommended sampling
-settings are in ``pipe.condistill_defaults`` (``num_inference_steps``, ``guidance_scale``);
+settings are in ``pipe.condistill_defaults`` (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``);
 stock pipelines do not read them by themselves, so pass them: ``pipe(..., **pipe.condistill_defaults)``.
-The full adapter config is ``pipe.condistill_config``.
+They also hold ``height`` and ``width``: the adapter's training resolution (the size it samples
+best at). ``pipe.condistill_condition`` is the condition the adapter was trained with (its
+recorded options, e.g. edge thresholds): ``pipe.condistill_condition.control_image(photo)`` makes
+the control image as training made its conditions. The full adapter config is ``pipe.condistill_config``.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from condistill.hub import resolve_pretrained_dir
 from condistill.adapters.integrity import adapter_class_for, check_adapter_fits, resolve_weight_files
 from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
 
-__all__ = ["load_adapter", "resolve_adapter_dir"]
+__all__ = ["load_adapter", "resolve_adapter_dir", "trained_condition"]
 
 
 def resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -145,7 +148,8 @@ def load_adapter(
     Returns:
         ``StableDiffusionControlNetPipeline`` (controlnet) or ``StableDiffusionAdapterPipeline``
         (t2i_adapter, lora), their SDXL versions on an SDXL base, with a ``CoDiScheduler``, plus ``pipe.condistill_defaults``
-        (``num_inference_steps``, ``guidance_scale``: pass them to the call) and
+        (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``: pass them to the call),
+        ``pipe.condistill_condition`` (the trained :class:`~condistill.conditions.Condition`) and
         ``pipe.condistill_config``.
 
     Before anything is built from the adapter's files they are checked
@@ -242,6 +246,19 @@ def load_adapter(
     pipe.condistill_defaults = {
         "num_inference_steps": int(config["recommended_steps"]),
         "guidance_scale": float(config["recommended_guidance"]),
+        "height": int(config["height"]),
+        "width": int(config["width"]),
     }
     pipe.condistill_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    pipe.condistill_condition = trained_condition(config)
     return pipe
+
+
+def trained_condition(config: dict):
+    """The :class:`~condistill.conditions.Condition` an adapter was trained with (its options as recorded),
+    whose ``control_image`` fits images to the adapter's training resolution first, as training did."""
+    from condistill.conditions import condition_from_config
+
+    recorded = dict(config["condition_config"])
+    recorded.setdefault("name", config["condition_name"])
+    return condition_from_config(recorded).at_resolution(int(config["resolution"]))

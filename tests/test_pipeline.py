@@ -78,7 +78,7 @@ def test_stock_pipeline_matches_student(kind, exports, base_path):
     assert type(pipe).__name__ == PIPELINE_CLASS[kind]
     assert isinstance(pipe.scheduler, CoDiScheduler)
     assert pipe.scheduler.config.num_grid == 50
-    assert pipe.condistill_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0}
+    assert pipe.condistill_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0, "height": 16, "width": 16}
     assert pipe.condistill_config["kind"] == kind
     if kind == "lora":
         assert "condistill" in pipe.unet.peft_config

@@ -52,7 +52,14 @@ REQUIRED_KEYS = (
     "weight_files",
     "adapter_options",
 )
-OPTIONAL_KEYS = ("initialized_from", "scheduler", "base_resolved_path", "extra")
+OPTIONAL_KEYS = ("initialized_from", "scheduler", "base_resolved_path", "extra", "schema_version", "height", "width",
+                 "one_step_start", "checksums")
+
+#: The version of the ``condistill_config.json`` layout written by :func:`save_adapter`. 1: the
+#: exports written before the key existed (no ``height``/``width``); 2: adds ``schema_version``,
+#: ``height``/``width`` (the sampling size) and ``one_step_start``. ``docs/export-format.md``
+#: describes every key. :func:`read_adapter_config` derives the keys an older export lacks.
+SCHEMA_VERSION = 2
 
 
 def condistill_version() -> str:
@@ -120,6 +127,9 @@ def save_adapter(
     extra: Mapping[str, Any] | None = None,
     noise_schedule: Mapping[str, Any] | None = None,
     stochastic: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+    one_step_start: int | None = None,
 ) -> Path:
     """Export a trained student's adapter to ``out_dir`` (see the module docstring for the layout).
 
@@ -134,13 +144,17 @@ def save_adapter(
         num_grid: N of the training skip grid (the sampler must use the same grid).
         prediction_type: the teacher's prediction type.
         recommended_steps, recommended_guidance: sampling defaults stored with the adapter.
-        resolution: training resolution in pixels.
+        resolution: training resolution in pixels (training images are square).
+        height, width: the image size the adapter samples at by default (``load_adapter``'s
+            ``pipe.condistill_defaults``); default ``resolution``. Multiples of the base's VAE factor.
         extra: any further JSON-able facts (loss, steps trained...).
         noise_schedule: the teacher's noise schedule (``base.noise_schedule_config()``); when
             None it is read from the base folder if found, else filled in at load time from the
             base pipeline's scheduler.
         stochastic: the saved sampler re-noises with fresh noise between steps (consistency-model
             multistep sampling, the default); False makes it reuse the model's noise estimate.
+        one_step_start: the grid timestep a one-step student was trained to start from
+            (``dmd_start_timestep``), or None (the top of the grid, from pure noise).
 
     Returns:
         ``Path(out_dir)``.
@@ -156,6 +170,12 @@ def save_adapter(
         raise ValueError(f"recommended_steps must be an int in 1..num_grid={num_grid}, got {recommended_steps!r}.")
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int (pixels), got {resolution!r}.")
+    height, width = resolution if height is None else height, resolution if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
+    if one_step_start is not None and (not isinstance(one_step_start, int) or one_step_start < 0):
+        raise ValueError(f"one_step_start must be a grid timestep (an int) or None, got {one_step_start!r}.")
     prediction_type = normalize_prediction_type(prediction_type)
     fingerprint = jsonable(dict(base_fingerprint), "base_fingerprint")
     if fingerprint.get("prediction_type", prediction_type) != prediction_type:
@@ -181,6 +201,7 @@ def save_adapter(
     _write_scheduler_config(out, scheduler_config)
 
     config = {
+        "schema_version": SCHEMA_VERSION,
         "condistill_version": condistill_version(),
         "kind": kind,
         "base_name_or_path": os.fspath(base_name_or_path),
@@ -194,6 +215,9 @@ def save_adapter(
         "recommended_steps": recommended_steps,
         "recommended_guidance": float(recommended_guidance),
         "resolution": resolution,
+        "height": height,
+        "width": width,
+        "one_step_start": one_step_start,
         "weight_files": dict(weight_files),
         "adapter_options": jsonable(student.adapter_options, "adapter_options"),
         "scheduler": f"{SCHEDULER_SUBFOLDER}/scheduler_config.json",
@@ -235,6 +259,8 @@ def adapter_sampler(path: str | os.PathLike) -> str:
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``condistill_config.json`` of an adapter folder (or run folder, or the file).
 
+    Keys an export written by an earlier schema lacks are derived as they were then (``height``
+    and ``width``: the training ``resolution``; ``schema_version``: 1; ``one_step_start``: None).
     Unknown keys are warned about and kept; missing keys, invalid JSON, an unknown ``kind`` or
     ``weight_files`` that are not that kind's components raise
     :class:`~condistill.adapters.AdapterWeightsError` (a ``ValueError``) naming them; an adapter
@@ -268,7 +294,15 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{file} was written by condistill {saved}, a newer major version than the installed {ours}; "
             "upgrade condistill (pip install -U condistill) to load it."
         )
+    if int(config.get("schema_version", 1)) > SCHEMA_VERSION:
+        warnings.warn(f"{file} has schema version {config['schema_version']}, newer than this condistill's "
+                      f"{SCHEMA_VERSION}; keys it does not know are ignored (upgrade condistill to use them).",
+                      stacklevel=2)
     adapter_class_for(config, folder)
+    config.setdefault("schema_version", 1)
+    config.setdefault("height", config["resolution"])
+    config.setdefault("width", config["resolution"])
+    config.setdefault("one_step_start", None)
     config["_folder"] = str(folder)
     return config
 

@@ -17,6 +17,7 @@ Concrete conditions register themselves with one explicit
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import inspect
 import math
@@ -52,6 +53,17 @@ class Condition(abc.ABC):
 
     name: ClassVar[str] = ""
     channels: ClassVar[int] = 0
+
+    def check(self) -> None:
+        """Make sure what this condition will need later is at hand, without loading any model.
+
+        A training run calls it before it loads the base, so that a missing file stops the run in
+        seconds. The default has nothing to check; the depth condition makes sure its estimator's
+        weight file is in its folder or the Hugging Face cache (downloading it there if needed).
+
+        Raises:
+            OSError: something the condition needs is missing; the message says how to provide it.
+        """
 
     # ------------------------------------------------------------------ making c
     @abc.abstractmethod
@@ -114,19 +126,48 @@ class Condition(abc.ABC):
             raise TypeError(f"Unknown Record field(s) {unknown}; valid fields are {valid}.")
         return self(Record(image=image, **record_fields), seed)
 
-    def control_image(self, image: Image.Image, seed: int = 0, multiple: int = 8, **record_fields: Any) -> torch.Tensor:
+    #: The side in pixels that :meth:`control_image` first fits an image to, as training fitted its
+    #: images (shorter side resized to it, center crop); None: the image's own size. Not an option of the
+    #: condition: ``load_adapter`` sets the adapter's training resolution on ``pipe.condistill_condition``
+    #: (:meth:`at_resolution`).
+    training_resolution: int | None = None
+
+    def at_resolution(self, resolution: int | None) -> "Condition":
+        """A copy of this condition whose :meth:`control_image` fits images to ``resolution`` first."""
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                       or resolution < 1):
+            raise ValueError(f"resolution must be a positive int (pixels) or None, got {resolution!r}")
+        out = copy.copy(self)
+        out.training_resolution = resolution
+        return out
+
+    def control_image(self, image: Image.Image, seed: int = 0, multiple: int = 8, resolution: int | None = None,
+                      **record_fields: Any) -> torch.Tensor:
         """The condition of one image in the form a stock pipeline takes: float32 ``[1, C, H, W]`` in ``[0, 1]``.
 
-        ``pipe(prompt, image=get_condition("edge").control_image(photo), **pipe.condistill_defaults)``.
-        The condition is computed at the image's own size (:meth:`prepare`), then its sides are
-        center-cropped down to a multiple of ``multiple`` (8 suits every SD pipeline, whose
-        images must be multiples of the VAE factor), so the pipeline never stretches it.
+        ``pipe(prompt, image=pipe.condistill_condition.control_image(photo), **pipe.condistill_defaults)``.
+        With a ``resolution`` (default :attr:`training_resolution`: the adapter's, on the condition
+        ``load_adapter`` hands back) the image (and any aligned ``record_fields``) is first fitted
+        to ``resolution x resolution`` exactly as training fitted its images (shorter side resized,
+        center crop); ``resolution=0`` keeps the image's own size. The condition is then computed
+        at that size (:meth:`prepare`) and its sides are center-cropped down to a multiple of
+        ``multiple`` (8 suits every SD pipeline, whose images must be multiples of the VAE factor),
+        so the pipeline never stretches it.
 
         Raises:
             ValueError: a side is shorter than ``2 * multiple`` pixels, too small to carry a condition.
         """
         if not isinstance(multiple, int) or multiple < 1:
             raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+        resolution = self.training_resolution if resolution is None else resolution
+        if resolution:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"control_image() expects a PIL.Image, got {type(image).__name__}")
+            from condistill.data.images import fit_record
+
+            fitted, _ = fit_record(Record(image=image, **record_fields), int(resolution))
+            image = fitted.image
+            record_fields = {k: getattr(fitted, k) for k in record_fields}
         if isinstance(image, Image.Image) and min(image.size) < 2 * multiple:
             raise ValueError(
                 f"the control image is {image.size[0]}x{image.size[1]} pixels; both sides must be at least "

@@ -241,12 +241,13 @@ def cache_command(*, condition: str, data: str, out: str, base: str, resolution:
     """``condistill cache``: open the base, the condition and the data as a training run would, then :func:`write_cache`."""
     from condistill.conditions import get_condition
     from condistill.data.sources import open_source
-    from condistill.frozen import load_base
+    from condistill.frozen import check_resolution, load_base
 
     if Path(out).exists() and not overwrite:  # before any model loads
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    resolution = check_resolution(base, resolution)
     cond = get_condition(condition, **(condition_options or {}))
+    source = open_source(data, resolution=resolution, **(data_options or {}))
     loaded = load_base(base, device=device)
-    source = open_source(data, resolution=resolution or loaded.resolution, **(data_options or {}))
     return write_cache(out, base=loaded, condition=cond, source=source, seed=seed, batch_size=batch_size,
                        shard_size=shard_size, dtype=dtype, overwrite=overwrite, data_spec=data, log=log)

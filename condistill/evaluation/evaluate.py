@@ -109,8 +109,9 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
         out = cond[:, :3].clone()
         return out, (time.perf_counter() - t0) / n
     if spec.model == "teacher" and cache_dir is not None and spec.start is None:
+        size = [] if tuple(cond.shape[-2:]) == (base.resolution,) * 2 else [list(cond.shape[-2:])]
         key = hashlib.sha256(json.dumps([str(base.name_or_path), list(prompts), spec.sampler, spec.steps,
-                                         spec.guidance, seed, batch_size]).encode()).hexdigest()[:20]
+                                         spec.guidance, seed, batch_size, *size]).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"teacher-{key}.safetensors"
         if path.is_file():
             saved = load_file(str(path))
@@ -133,7 +134,7 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
         init = None if spec.start is None else start_latents(base, condition, c)
         images = sample_images(base, fn, prompts[sl], spec.steps, sampler=spec.sampler, num_grid=num_grid,
                                guidance_scale=spec.guidance, seed=seed + sl.start, init_latents=init,
-                               start_timestep=spec.start).cpu()
+                               start_timestep=spec.start, size=tuple(c.shape[-2:])).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
         return images
@@ -198,6 +199,17 @@ def rows_base_and_condition(rows, base, condition):
     return adapters, base, cond
 
 
+def eval_resolution(adapters: list[str], base) -> int:
+    """The image size every row samples at: the resolution the adapters were trained at (they must agree),
+    else the base's native one (``base``: a loaded :class:`~condistill.frozen.Base`)."""
+    sizes = {path: int(read_adapter_config(path)["resolution"]) for path in dict.fromkeys(adapters)}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{path} at {size} px" for path, size in sizes.items())
+        raise ValueError(f"the adapters were trained at different resolutions ({listed}); evaluate adapters of "
+                         "one resolution together")
+    return next(iter(sizes.values()), base.resolution)
+
+
 def evaluate(
     condition: str | dict,
     rows: list[RowSpec],
@@ -227,8 +239,9 @@ def evaluate(
     adapters, base, cond = rows_base_and_condition(rows, base, condition)
     name = cond.name
     base_obj = load_base(base, device=device)
-    source = open_source(f"synthetic:heldout:{num_images}", resolution=base_obj.resolution)
-    dataset = ConditionDataset(source, cond, base_obj.resolution, seed=seed + 12345)
+    resolution = eval_resolution(adapters, base_obj)
+    source = open_source(f"synthetic:heldout:{num_images}", resolution=resolution)
+    dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
     data = collate([dataset[i] for i in range(len(dataset))])
     judge = load_judge(judge_path)
     real_images = (data["pixel_values"] + 1) / 2
@@ -243,7 +256,7 @@ def evaluate(
         metrics["seconds_per_image"] = latency
         results.append(RowResult.of(spec, metrics))
         samples.append(images[:grid_count])
-    report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed,
+    report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed, "resolution": resolution,
               "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped),
               "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}
     if out_dir is not None:

@@ -1,7 +1,7 @@
 """``condistill eval --data SRC``: score students and baselines on the user's own images.
 
 The held-out items: ``SRC`` is any training data source spec (:func:`condistill.data.sources.open_source`:
-an image folder, a ``datasets`` id or folder, ``.tar`` shards), opened at the base's resolution.
+an image folder, a ``datasets`` id or folder, ``.tar`` shards), opened at the adapters' training resolution (the base's native one without an adapter row).
 Its items are visited in a seeded order (a ``torch.randperm`` of the item indices drawn with
 ``torch.Generator().manual_seed(seed)``; stream-only sources are read into memory first) and the
 first ``num_images`` usable ones (items the source skips, e.g. corrupt files, are passed over)
@@ -165,15 +165,16 @@ def evaluate_data(
     :func:`condistill.evaluation.evaluate.evaluate` (plus ``conditions.safetensors``: the
     conditions every row sampled), but no judge: see the module doc for the items and metrics.
     """
-    from condistill.evaluation.evaluate import (RowResult, generate_row, rows_base_and_condition, training_facts,
-                                                write_report)
+    from condistill.evaluation.evaluate import (RowResult, eval_resolution, generate_row, rows_base_and_condition,
+                                                training_facts, write_report)
     from condistill.evaluation.third_party import OptionalMetrics
 
     adapters, base, cond = rows_base_and_condition(rows, base, condition)
     name = cond.name
     prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
     base_obj = load_base(base, device=device)
-    items = load_items(str(data), cond, base_obj.resolution, num_images, seed, prompt_list)
+    resolution = eval_resolution(adapters, base_obj)
+    items = load_items(str(data), cond, resolution, num_images, seed, prompt_list)
     real = (items["pixel_values"] + 1) / 2
     optional = OptionalMetrics(name, device=device, log=log)
     skipped: dict[str, str] = {}
@@ -190,7 +191,7 @@ def evaluate_data(
         _say(log, reason)
     n = len(items["index"])
     report = {"condition": name, "base": str(base), "data": str(data), "num_images": n,
-              "num_images_requested": num_images, "seed": seed, "device": device,
+              "num_images_requested": num_images, "seed": seed, "device": device, "resolution": resolution,
               "selection": f"the first {n} usable items of {data} in the order torch.randperm(len, "
                            f"generator=manual_seed({seed}))",
               "items": [{"key": k, "index": i, "prompt": p} for k, i, p in

@@ -31,8 +31,9 @@ def start_latents(base, condition, cond: torch.Tensor) -> torch.Tensor:
     """
     if condition.has_start_image():
         return base.encode_images(condition.start_image(cond).to(base.device, base.dtype)).float()
-    h = base.resolution // base.vae_scale_factor
-    return torch.zeros((cond.shape[0], base.latent_channels, h, h), device=base.device)
+    f = base.vae_scale_factor
+    h, w = cond.shape[-2] // f, cond.shape[-1] // f  # the latents of the condition's own size (the run's resolution)
+    return torch.zeros((cond.shape[0], base.latent_channels, h, w), device=base.device)
 
 
 def make_scheduler(base, kind: str = "codi", *, num_grid: int = 50, stochastic: bool = False):
@@ -119,9 +120,13 @@ def sample_images(
     init_images: torch.Tensor | None = None,
     start_timestep: int | None = None,
     init_latents: torch.Tensor | None = None,
+    size: int | tuple[int, int] | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts`` with ``model_fn``.
+
+    ``size`` is the image size in pixels, ``H`` or ``(H, W)``: the run's resolution for a student
+    (its conditions have that size); default the base's native resolution.
 
     ``model_kwargs`` (e.g. the condition ``features``) go to every ``model_fn`` call.
     ``init_images`` (``[B, 3, H, W]`` in ``[-1, 1]``, e.g. ``Condition.start_image``) with
@@ -134,10 +139,23 @@ def sample_images(
     text = base.encode_prompts(list(prompts))
     uncond = base.encode_prompts([""])
     scheduler = make_scheduler(base, sampler, num_grid=num_grid)
-    h = base.resolution // base.vae_scale_factor
+    height, width = _pixel_size(base, size)
+    f = base.vae_scale_factor
     generator = torch_generator(seed)
     init = init_latents if init_images is None else base.encode_images(init_images.to(device))
-    z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, h, h), text, uncond,
+    z = sample_latents(model_fn, scheduler, (len(prompts), base.latent_channels, height // f, width // f), text, uncond,
                        num_steps, guidance_scale=guidance_scale, generator=generator, device=device,
                        dtype=base.dtype, init_latents=init, start_timestep=start_timestep, **model_kwargs)
     return ((base.decode_latents(z).float() + 1) / 2).clamp(0, 1)
+
+
+def _pixel_size(base, size) -> tuple[int, int]:
+    """``(H, W)`` in pixels of ``size`` (``None``: the base's native resolution; an int: a square)."""
+    if size is None:
+        return base.resolution, base.resolution
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    f = base.vae_scale_factor
+    if height < f or width < f or height % f or width % f:
+        raise ValueError(f"cannot sample {height}x{width} px with this base: both sides must be positive multiples of "
+                         f"its VAE factor {f}")
+    return height, width

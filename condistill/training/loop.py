@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from condistill.adapters import build_student
 from condistill.adapters.save_load import save_adapter
 from condistill.conditions import get_condition
-from condistill.config import DistillConfig
+from condistill.config import DistillConfig, SettingError
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.report import REPORT_NAME, SkipMonitor
 from condistill.data.skips import EmptySourceError
 from condistill.data.cache import CachedDataset, is_cache
 from condistill.data.sources import IndexedSource, open_source
 from condistill.data.streaming import StreamingConditionDataset, is_streaming
-from condistill.frozen import load_base, native_resolution
+from condistill.frozen import check_resolution, load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
@@ -62,6 +62,7 @@ def distill(cfg: DistillConfig) -> Path:
     multi-process launch calls it; it returns once the main process has written the export.
     """
     state = start_processes()
+    check_precision(cfg.mixed_precision, state.device)
     out = Path(cfg.output_dir)
     log = _log if state.is_main_process else _quiet
     resume_from = resolve_resume(out, cfg.resume, log=log)  # the newest healthy checkpoint for 'latest'
@@ -72,6 +73,14 @@ def distill(cfg: DistillConfig) -> Path:
     # one writer per run folder: the main process holds the lock for the whole run
     with _main_process_lock(state, out):
         return _distill(cfg, out, resume_from, changes, cpu=state.device.type == "cpu")
+
+
+def check_precision(mixed_precision: str, device: torch.device) -> None:
+    """Refuse fp16 anywhere but on CUDA: elsewhere there is no fp16 autocast with loss scaling
+    (half-precision weights would meet float32 activations). bf16 runs on CPUs and GPUs."""
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise SettingError(f"--mixed-precision fp16 needs a CUDA GPU and this run is on {device.type}; use "
+                             "--mixed-precision bf16 (or no)")
 
 
 def _log(message: str) -> None:
@@ -100,7 +109,7 @@ def _main_process_lock(state, out: Path):
 
 def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str], cpu: bool) -> Path:
     # the data first: a bad --data fails in a second, before any model loads
-    resolution = cfg.resolution or native_resolution(cfg.base)
+    resolution = check_resolution(cfg.base, cfg.resolution)  # refused in one line before anything loads
     condition = get_condition(cfg.condition, **cfg.condition_options)
     dataset = _open_dataset(cfg, condition, resolution)
     if cfg.threads:
@@ -168,7 +177,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         for j in range(accum):
             batch = monitor.update(next(it))
             with accelerator.accumulate(model):
-                loss, info = objective(batch, step * accum + j)
+                with accelerator.autocast():  # every forward of the step: online, EMA, teacher, real and fake scores
+                    loss, info = objective(batch, step * accum + j)
                 accelerator.backward(loss.mean())
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -214,6 +224,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                          prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
                          recommended_guidance=cfg.sampling_guidance, stochastic=cfg.stochastic_sampling,
                          resolution=resolution, noise_schedule=base.noise_schedule_config(),
+                         one_step_start=cfg.dmd_start_timestep or None,
                          extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
         from condistill.publish.card import write_model_card  # the export's README.md and samples.png
@@ -329,7 +340,8 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
     device = base.device
     step_counts = sorted({1, 2, 4, cfg.recommended_steps})
     rows: dict[int, list[torch.Tensor]] = {steps: [] for steps in step_counts}
-    with ema.swapped_in(student):
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with ema.swapped_in(student), autocast:
         for first in range(0, len(batch["caption"]), VALIDATION_CHUNK):
             cond = batch["conditioning"][first:first + VALIDATION_CHUNK].to(device)
             captions = batch["caption"][first:first + VALIDATION_CHUNK]
@@ -338,7 +350,7 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
             for steps in step_counts:
                 rows[steps].append(sample_images(base, fn, captions, steps, sampler=cfg.student_sampler,
                                                  num_grid=cfg.num_grid, seed=cfg.seed + first,
-                                                 guidance_scale=cfg.sampling_guidance))
+                                                 guidance_scale=cfg.sampling_guidance, size=tuple(cond.shape[-2:])))
     student.train()
     names = [f"{steps} step" + ("s" if steps > 1 else "") for steps in step_counts]
     path = save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch,
