@@ -7,28 +7,24 @@
 
 Each option of :class:`~condistill.config.DistillConfig` becomes ``--option-name`` with the
 field's help text. The resolved configuration is validated as a whole (every problem reported
-at once) and saved to the run folder.
+at once) and saved to the run folder. Every command parses with
+:class:`~condistill.cli_parsing.CommandParser`: options spelt in full, errors in one line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import json
 import sys
 import typing
 
+from condistill.cli_parsing import CommandParser, FlagWithOldValue, cli_form, did_you_mean, json_object, parse_bool
 from condistill.config import ConfigError, DistillConfig, option_choices
 from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
 
 SKIP = {"condition"}
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def _shown(value) -> str:
@@ -58,9 +54,12 @@ def effective_defaults(presets: dict[str, dict], preset: str) -> dict[str, typin
 
 def chosen_preset(presets: dict[str, dict], argv=None) -> str:
     """The ``--preset`` named in ``argv`` (the default one when absent or unknown; the full parser reports the latter)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--preset")
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:  # "--preset" without a value: the full parser says so
+        return DEFAULT_PRESET
     return known.preset if known.preset in presets else DEFAULT_PRESET
 
 
@@ -71,9 +70,10 @@ def build_parser(condition: str, presets: dict[str, dict], description: str, pro
     Every option parses to ``None`` when not given, so that :func:`config_from_args` can tell an
     explicit option (which wins over the preset) from a defaulted one; the effective default
     (``preset``'s value, else the dataclass default) is written into the help text instead.
-    Enumerated options have ``choices`` (:func:`condistill.config.option_choices`).
+    Enumerated options have ``choices`` (:func:`condistill.config.option_choices`); ``--overwrite``
+    is a bare flag (``--overwrite true``/``false``, its old form, is still read, with a warning).
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description=description,
         epilog="Run the same command again with --resume latest to continue an interrupted run.",
     )
@@ -89,13 +89,16 @@ def build_parser(condition: str, presets: dict[str, dict], description: str, pro
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        help_text = f.metadata.get("help", "") + (" (a JSON object)" if f.name.endswith("_options") else "")
+        help_text = cli_form(f.metadata.get("help", ""))  # options named as typed: --output-dir, not output_dir
+        help_text += " (a JSON object)" if f.name.endswith("_options") else ""
         help_text = f"{help_text} (default: {_shown(defaults[f.name])})".replace("%", "%%")
         kw: dict[str, typing.Any] = dict(default=None, help=help_text)
         if f.name.endswith("_options"):
-            kw.update(type=json.loads, metavar="JSON")
+            kw.update(type=json_object, metavar="JSON")
+        elif f.name == "overwrite":  # a bare flag; "--overwrite true/false" is still read, with a warning
+            kw.update(action=FlagWithOldValue)
         elif kind is bool:
-            kw.update(type=_parse_bool, metavar="{true,false}")
+            kw.update(type=parse_bool, metavar="{true,false}")
         elif kind in (int, float):
             kw.update(type=kind)
         elif typing.get_origin(kind) is list:
@@ -120,8 +123,8 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
     values = {"condition": condition, **preset, **{k: v for k, v in args.items() if v is not None}}
     try:
         return DistillConfig(**values)
-    except ConfigError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except ConfigError as err:  # the options as the user wrote them: --max-steps 0, not max_steps=0
+        parser.exit(2, f"{parser.prog}: error: {cli_form(str(err))}\n")
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
@@ -136,19 +139,52 @@ def _run_errors() -> tuple[type[BaseException], ...]:
             TooManySkipsError, FloatingPointError, CacheMismatchError)
 
 
+def _adapter_option_problem(cfg: DistillConfig) -> str | None:
+    """A ``--adapter-options`` name the adapter does not take (one line), or ``None``.
+
+    Checked before any model loads; the values are checked when the student is built, which needs
+    the base's UNet.
+    """
+    from condistill.adapters.student import get_adapter_class
+
+    params = inspect.signature(get_adapter_class(cfg.adapter).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    names = [n for n in params if n not in ("self", "unet", "condition_channels")]
+    for name in cfg.adapter_options:
+        if name not in names:
+            return (f"--adapter-options: the {cfg.adapter} adapter has no option {name!r}"
+                    + did_you_mean(name, names, "option") + f" (its options: {', '.join(names)})")
+    return None
+
+
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
     """Run ``condistill train CONDITION`` with ``argv`` (what ``recipes/<condition>.py`` calls).
 
-    Returns 0 on success; a run stopped by one of the errors of :func:`_run_errors` prints its
-    message (no traceback) and returns 1.
+    Returns 0 on success. What can be checked before a model loads is checked first: the options
+    (status 2), then the files the condition needs (:meth:`Condition.check`). A run stopped by one
+    of the errors of :func:`_run_errors` prints its message in one line, the options it names as
+    they are typed (no traceback), and returns 1.
     """
     cfg = config_from_args(condition, argv, prog)
+    prog = prog or f"condistill train {condition}"
+    problem = _adapter_option_problem(cfg)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    from condistill.conditions import get_condition
     from condistill.training.loop import distill
 
     try:
+        try:  # the condition's options, and the files it needs (the depth estimator's weights), before any model
+            built = get_condition(cfg.condition, **cfg.condition_options)
+        except (ValueError, TypeError) as error:
+            print(f"{prog}: error: --condition-options {json.dumps(cfg.condition_options)}: {error}", file=sys.stderr)
+            return 2
+        built.check()
         out = distill(cfg)
     except _run_errors() as error:
-        print(f"{prog or f'condistill train {condition}'}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {cli_form(str(error))}", file=sys.stderr)
         return 1
     from accelerate import PartialState
 
@@ -165,9 +201,17 @@ def _train(argv: list[str]) -> int:
         print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     condition, rest = argv[0], argv[1:]
+    if condition.startswith("-"):
+        later = [word for word in rest if word in RECIPES]
+        hint = (f"condistill train {later[0]} {' '.join(w for w in argv if w != later[0])}" if later
+                else f"condistill train {{{','.join(RECIPES)}}} [options]")
+        print(f"condistill train: error: the condition comes first: {hint}", file=sys.stderr)
+        return 2
     if condition not in RECIPES:
-        print(f"{usage}\ncondistill train: error: unknown condition {condition!r}; choose one of {list(RECIPES)}",
-              file=sys.stderr)
+        close = difflib.get_close_matches(condition, list(RECIPES), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(RECIPES)}"
+        print(f"condistill train: error: unknown condition {condition!r}; {hint} (condistill train --help "
+              "describes them)", file=sys.stderr)
         return 2
     return recipe_main(condition, rest, prog=f"condistill train {condition}")
 
@@ -217,7 +261,7 @@ def _eval(args) -> int:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    ev = argparse.ArgumentParser(
+    ev = CommandParser(
         prog="condistill eval", description="Score students and baselines on held-out synthetic scenes (fidelity, "
         "Frechet distance on the judge's features, prompt accuracy, seconds per image), or with --data on your own "
         "images (fidelity, Inception FID, LPIPS, CLIP score where available, seconds per image).",
@@ -250,7 +294,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     from condistill.publish.formats import FORMATS
 
-    ex = argparse.ArgumentParser(
+    ex = CommandParser(
         prog="condistill export", description="Write a run's adapter as a file other tools (A1111, ComfyUI, "
         "diffusers' single-file and kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {v[0]!r})"
                                                                      for k, v in FORMATS.items()) + ".")
@@ -280,7 +324,7 @@ def _cache_parser() -> argparse.ArgumentParser:
     from condistill.config import DEFAULT_BASE
     from condistill.data.cache_writer import DTYPES
 
-    ca = argparse.ArgumentParser(
+    ca = CommandParser(
         prog="condistill cache", description="Compute once what the frozen encoders compute from the training data "
         "(VAE latents, caption embeddings, condition tensors) and store it in safetensors shards; train on it with "
         "--data OUT. The cache records the base, resolution, condition and seed, and a run with other ones refuses it.",
@@ -291,9 +335,9 @@ def _cache_parser() -> argparse.ArgumentParser:
     ca.add_argument("--base", default=DEFAULT_BASE, help=f"the run's base model [{DEFAULT_BASE}]")
     ca.add_argument("--resolution", type=int, default=0, help="the run's resolution in pixels [0: the base's native one]")
     ca.add_argument("--seed", type=int, default=0, help="the run's seed: it fixes every item's condition [0]")
-    ca.add_argument("--condition-options", type=json.loads, default=None, metavar="JSON",
+    ca.add_argument("--condition-options", type=json_object, default=None, metavar="JSON",
                     help="the run's condition options, a JSON object [none]")
-    ca.add_argument("--data-options", type=json.loads, default=None, metavar="JSON",
+    ca.add_argument("--data-options", type=json_object, default=None, metavar="JSON",
                     help="the run's data options, a JSON object [none]")
     ca.add_argument("--batch-size", type=int, default=16, help="images encoded at once [16]")
     ca.add_argument("--device", default="cpu", help="torch device, e.g. cuda [cpu]")
@@ -345,7 +389,10 @@ def main(argv=None) -> int:
     if argv[0] == "push":
         from condistill.publish.push import push_main
         return push_main(argv[1:])
-    print(f"condistill: error: unknown command {argv[0]!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
+    close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+    hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(COMMANDS)}"
+    print(f"condistill: error: unknown command {argv[0]!r}; {hint} (condistill --help describes them)",
+          file=sys.stderr)
     return 2
 
 

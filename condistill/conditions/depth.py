@@ -6,6 +6,8 @@ a depth column, give exact depth) or from a monocular depth estimator of control
 """
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from typing import Any
 
@@ -64,7 +66,9 @@ class DepthCondition(Condition):
 
     The estimator is loaded on first use (or by :meth:`load_estimator`); when its
     weights are unavailable an :class:`EstimatorWeightsError` says which file is needed
-    and how to provide it.
+    and how to provide it. With ``source="estimator"`` a local folder is checked when the
+    condition is built, and :meth:`check` (which a training run calls before it loads the
+    base) makes sure a Hub repository's weight file is in the cache.
     """
 
     name = "depth"
@@ -111,14 +115,58 @@ class DepthCondition(Condition):
         model_type = self.estimator_model_type or default_type
         return class_name, model_type, self.estimator_filename or files[model_type]
 
+    def _options_with(self, **changes: Any) -> tuple[str, str]:
+        """This condition's options that differ from the defaults, with ``changes``: as the
+        command's ``--condition-options`` JSON and as ``get_condition`` keyword arguments."""
+        defaults = {name: p.default for name, p in inspect.signature(DepthCondition.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        options = {name: getattr(self, name) for name in defaults
+                   if name not in changes and getattr(self, name) != defaults[name]}
+        options.update(changes)
+        python = ", ".join(["'depth'"] + [f"{name}={value!r}" for name, value in options.items()])
+        return f"--condition-options '{json.dumps(options)}'", f"get_condition({python})"
+
     def _how_to_provide(self, filename: str) -> str:
+        folder_cli, folder_python = self._options_with(estimator_path="<folder>")
         return (
             f"Download it once on a machine with internet access, e.g. "
             f"`hf download {DEFAULT_ESTIMATOR_PATH} {filename} --local-dir <folder>`, "
-            f"then pass estimator_path='<folder>' (or pre-download it into the Hugging Face cache and keep "
-            f"estimator_path as a Hub id). Alternatively use a data source that provides depth "
-            f"(a depth column, or the built-in synthetic scenes) with source='record'."
+            f"then pass {folder_cli} (Python: {folder_python}), or download it into the Hugging Face cache "
+            f"and keep the Hub id as estimator_path. Alternatively use a data source that provides depth "
+            f"(a depth column, or the built-in synthetic scenes) with --condition-options '{{\"source\": \"record\"}}' "
+            f"(Python: source='record')."
         )
+
+    def check(self) -> None:
+        """Make sure the estimator's weight file is at hand, without loading the estimator.
+
+        Only ``source="estimator"`` needs the estimator for certain (``"auto"`` needs it only for
+        records without depth). A local folder must hold the weight file; from a Hub repository the
+        file is fetched into the Hugging Face cache now, as loading would (offline, it must be there).
+
+        Raises:
+            EstimatorWeightsError: the file is missing; the message says how to provide it.
+        """
+        if self.source != "estimator":
+            return
+        if _looks_like_local_path(self.estimator_path):
+            self._local_weights()
+            return
+        from huggingface_hub import hf_hub_download
+
+        from condistill.hub import hub_offline
+
+        _, _, filename = self._weights()
+        offline = hub_offline()
+        try:
+            hf_hub_download(self.estimator_path, filename, local_files_only=offline)
+        except Exception as err:  # not cached offline, no connection, unknown repository or file
+            why = ("is not in the Hugging Face cache, and offline mode (HF_HUB_OFFLINE=1) forbids downloading it"
+                   if offline else f"could not be downloaded ({type(err).__name__}: {_first_line(err)})")
+            raise EstimatorWeightsError(
+                f"Depth estimator {self.estimator!r} needs the weight file {filename!r} of Hub repository "
+                f"{self.estimator_path!r}, which {why}. " + self._how_to_provide(filename)
+            ) from err
 
     def _local_weights(self) -> str:
         _, _, filename = self._weights()
@@ -156,7 +204,7 @@ class DepthCondition(Condition):
             origin = f"folder {where!r}" if local else f"Hub repository {where!r}"
             raise EstimatorWeightsError(
                 f"Could not load depth estimator {self.estimator!r} ({model_type}, weight file {filename!r}) "
-                f"from {origin}: {type(err).__name__}: {err}. " + self._how_to_provide(filename)
+                f"from {origin}: {type(err).__name__}: {_first_line(err)}. " + self._how_to_provide(filename)
             ) from err
         self._detector = detector.to(self.device)
         return self._detector
@@ -192,6 +240,12 @@ class DepthCondition(Condition):
         """Depth of ``record`` replicated to three channels; ``seed`` is unused."""
         depth = torch.from_numpy(np.ascontiguousarray(self.depth_map(record)))
         return depth.unsqueeze(0).repeat(3, 1, 1)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, without its closing full stop (a sentence follows it)."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__).rstrip(". ")
 
 
 def _record_depth(record: Record) -> np.ndarray:

@@ -154,10 +154,11 @@ def push_to_hub(run: str | os.PathLike, repo_id: str, *, private: bool = False, 
 
 def push_main(argv: list[str]) -> int:
     """``condistill push RUN REPO_ID [options]``: 0 when pushed; a :class:`PushError` prints one line and gives 1."""
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(
+    from condistill.cli_parsing import CommandParser
+
+    parser = CommandParser(
         prog="condistill push", description="Upload a run's export (adapter files, scheduler, model card, samples) "
         "to a Hugging Face model repository, created if missing. Checkpoints, logs and validation grids stay local.")
     parser.add_argument("run", help="the run folder (the export at its root)")
