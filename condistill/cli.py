@@ -21,7 +21,7 @@ import sys
 import typing
 
 from condistill.cli_parsing import CommandParser, FlagWithOldValue, cli_form, did_you_mean, json_object, parse_bool
-from condistill.config import ConfigError, DistillConfig, option_choices
+from condistill.config import ConfigError, DistillConfig, SettingError, option_choices
 from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
 
 SKIP = {"condition"}
@@ -134,9 +134,10 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     from condistill.training.checkpoint import UnhealthyCheckpointError
     from condistill.training.run_folder import ResumeMismatchError, RunLockedError
 
-    # OSError: a file in the way, a missing base or data folder, a full disk (each message names the path)
+    # OSError: a file in the way, a missing base or data folder, a full disk (each message names the path);
+    # SettingError: a resolution or precision this base or machine cannot run
     return (OSError, RunLockedError, ResumeMismatchError, UnhealthyCheckpointError, EmptySourceError,
-            TooManySkipsError, FloatingPointError, CacheMismatchError)
+            TooManySkipsError, FloatingPointError, CacheMismatchError, SettingError)
 
 
 def _adapter_option_problem(cfg: DistillConfig) -> str | None:

@@ -80,6 +80,31 @@ class SettingError(ValueError):
     found at the start of a run before anything loads; its message is one line naming what to use instead."""
 
 
+def check_resolution(base: str | os.PathLike, resolution: int) -> int:
+    """The training resolution of a run on ``base``: ``resolution``, or the native one for 0 (read from
+    the base's configs, no weights load).
+
+    Usable sides are multiples of the VAE factor times ``2 ** (UNet down-samplings)`` (64 for SD 1.x/2.x
+    and SDXL, 16 for the embedded teacher), so every UNet, ControlNet and T2I-Adapter level has a whole
+    number of latent pixels.
+
+    Raises:
+        SettingError: one line naming the nearest usable resolutions.
+    """
+    from condistill.frozen import base_architecture
+
+    sample, factor, downsamplings = base_architecture(base)
+    if not resolution:
+        return sample * factor
+    multiple = factor * 2 ** downsamplings
+    if resolution >= multiple and resolution % multiple == 0:
+        return int(resolution)
+    lower = resolution // multiple * multiple
+    nearest = [size for size in (lower, lower + multiple) if size >= multiple]
+    raise SettingError(f"--resolution {resolution}: this base ({os.fspath(base)}, native {sample * factor} px) trains "
+                       f"at multiples of {multiple} px; the nearest usable are {' and '.join(map(str, nearest))}")
+
+
 @dataclass
 class DistillConfig:
     """Options of one conditional distillation run."""

@@ -21,7 +21,7 @@ from condistill.method.schedule import make_alphas_cumprod, normalize_prediction
 from condistill.utils import jsonable
 
 __all__ = ["Base", "BaseFamily", "SD", "SDXL", "FAMILIES", "family_of", "load_base", "native_resolution",
-           "compute_fingerprint", "fingerprint_mismatch", "check_resolution", "resolution_multiple", "NOISE_SCHEDULE_KEYS", "NOISE_SCHEDULE_DEFAULTS"]
+           "compute_fingerprint", "fingerprint_mismatch", "base_architecture", "NOISE_SCHEDULE_KEYS", "NOISE_SCHEDULE_DEFAULTS"]
 
 #: Scheduler config keys that define the teacher's noise schedule (copied into the few-step
 #: scheduler config of an exported adapter).
@@ -380,7 +380,7 @@ class Base:
         return self
 
 
-def _architecture(name_or_path, revision=None) -> tuple[int, int, int]:
+def base_architecture(name_or_path, revision=None) -> tuple[int, int, int]:
     """``(UNet sample size, VAE factor, UNet down-samplings)`` read from the base's configs (no weights load)."""
     root = resolve_pretrained_dir(name_or_path, revision=revision, what="base model")
     try:
@@ -391,47 +391,14 @@ def _architecture(name_or_path, revision=None) -> tuple[int, int, int]:
                                 f"layout: {error}") from None
     sample = unet.get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    downsamplings = len(unet.get("block_out_channels", [0, 0, 0, 0])) - 1  # every down block but the last
-    return int(sample), factor, downsamplings
+    # every UNet down block but the last halves the latent
+    return int(sample), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), len(unet.get("block_out_channels", [0] * 4)) - 1
 
 
 def native_resolution(name_or_path: str | os.PathLike, revision: str | None = None) -> int:
-    """The base's native image size in pixels, read from its UNet and VAE configs (no weights load).
-
-    Equals :attr:`Base.resolution` of :func:`load_base`.
-    """
-    sample, factor, _ = _architecture(name_or_path, revision)
+    """The base's native image size in pixels (:attr:`Base.resolution`), read from its configs (no weights load)."""
+    sample, factor, _ = base_architecture(name_or_path, revision)
     return sample * factor
-
-
-def resolution_multiple(name_or_path: str | os.PathLike, revision: str | None = None) -> int:
-    """What every usable image side of the base is a multiple of, in pixels: the VAE factor times
-    ``2 ** (UNet down-samplings)`` (64 for SD 1.x/2.x and SDXL), so that every UNet, ControlNet and
-    T2I-Adapter level has a whole number of latent pixels. Read from the configs (no weights load)."""
-    _, factor, downsamplings = _architecture(name_or_path, revision)
-    return factor * 2 ** downsamplings
-
-
-def check_resolution(name_or_path: str | os.PathLike, resolution: int, revision: str | None = None) -> int:
-    """The training resolution of a run on this base: ``resolution``, or the native one for 0.
-
-    Raises:
-        condistill.config.SettingError: one line naming the nearest usable resolutions when
-            ``resolution`` is not a positive multiple of :func:`resolution_multiple` (a ``ValueError``).
-    """
-    from condistill.config import SettingError
-
-    native = native_resolution(name_or_path, revision)
-    if not resolution:
-        return native
-    multiple = resolution_multiple(name_or_path, revision)
-    if resolution >= multiple and resolution % multiple == 0:
-        return int(resolution)
-    lower = resolution // multiple * multiple
-    nearest = [size for size in (lower, lower + multiple) if size >= multiple]
-    raise SettingError(f"--resolution {resolution}: this base ({os.fspath(name_or_path)}, native {native} px) trains at "
-                     f"multiples of {multiple} px; the nearest usable are {' and '.join(map(str, nearest))}")
 
 
 def _vae_dtype(vae_config, dtype: torch.dtype) -> torch.dtype:

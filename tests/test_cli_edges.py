@@ -241,8 +241,6 @@ def test_distill_stops_on_a_missing_local_estimator_folder_before_the_base_loads
         distill(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="training.loop._distill does not call condition.check() yet: the Python API "
-                   "reaches a Hub estimator's weights only after the base has loaded (the command checks first)")
 def test_distill_stops_on_a_missing_hub_estimator_before_the_base_loads(tmp_path, monkeypatch, no_model):
     from condistill.conditions import EstimatorWeightsError
     from condistill.config import DistillConfig

@@ -240,8 +240,9 @@ def cache_command(*, condition: str, data: str, out: str, base: str, resolution:
                   overwrite: bool = False, log: Callable[[str], Any] = print) -> Path:
     """``condistill cache``: open the base, the condition and the data as a training run would, then :func:`write_cache`."""
     from condistill.conditions import get_condition
+    from condistill.config import check_resolution
     from condistill.data.sources import open_source
-    from condistill.frozen import check_resolution, load_base
+    from condistill.frozen import load_base
 
     if Path(out).exists() and not overwrite:  # before any model loads
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")

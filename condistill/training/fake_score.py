@@ -105,6 +105,7 @@ class FakeScore:
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             student, sorted(ignored | names))
         self.head = None
+        self._active = False  # the LoRA is switched on (see active())
         if gan:
             if getattr(unet, "mid_block", None) is None:
                 raise ValueError("the GAN term reads the UNet's mid-block features, and this UNet has no mid block; "
@@ -124,11 +125,16 @@ class FakeScore:
     # ---- calls ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self):
-        """The fake-score LoRA switched on (and only it)."""
+        """The fake-score LoRA switched on (and only it); nested uses keep it on until the outermost ends."""
+        if self._active:
+            yield
+            return
         switch_lora(self.unet, FAKE_SCORE_ADAPTER)
+        self._active = True
         try:
             yield
         finally:
+            self._active = False
             switch_lora(self.unet, None)
 
     @contextlib.contextmanager
@@ -185,16 +191,19 @@ class FakeScore:
         """
         x = x.detach().float()
         alphas = self.base.alphas_cumprod.to(x.device)
-        loss = diffusion_loss(lambda z, tt: self(z, tt, text).float(), x, noise, t, alphas, self.base.prediction_type)
-        out = {"fake_score": loss.detach()}
-        total = loss.mean()
-        if self.head is not None:
-            fake_t = add_noise(x, gan_noise, gan_t, alphas)
-            real_t = add_noise(real.detach().float(), gan_noise, gan_t, alphas)
-            d = gan_discriminator_loss(self.logits(real_t, gan_t, text), self.logits(fake_t, gan_t, text))
-            out["gan_d"] = d.detach()
-            total = total + d.mean()
-        total.backward()
+        # the backward inside the LoRA's switch too: with gradient checkpointing, it re-runs the forward
+        with self.active():
+            loss = diffusion_loss(lambda z, tt: self(z, tt, text).float(), x, noise, t, alphas,
+                                  self.base.prediction_type)
+            out = {"fake_score": loss.detach()}
+            total = loss.mean()
+            if self.head is not None:
+                fake_t = add_noise(x, gan_noise, gan_t, alphas)
+                real_t = add_noise(real.detach().float(), gan_noise, gan_t, alphas)
+                d = gan_discriminator_loss(self.logits(real_t, gan_t, text), self.logits(fake_t, gan_t, text))
+                out["gan_d"] = d.detach()
+                total = total + d.mean()
+            total.backward()
         _average_gradients(self.params.values())
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm)

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from condistill.adapters import build_student
 from condistill.adapters.save_load import save_adapter
 from condistill.conditions import get_condition
-from condistill.config import DistillConfig, SettingError
+from condistill.config import DistillConfig, SettingError, check_resolution
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.report import REPORT_NAME, SkipMonitor
 from condistill.data.skips import EmptySourceError
 from condistill.data.cache import CachedDataset, is_cache
 from condistill.data.sources import IndexedSource, open_source
 from condistill.data.streaming import StreamingConditionDataset, is_streaming
-from condistill.frozen import check_resolution, load_base
+from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
@@ -111,6 +111,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     # the data first: a bad --data fails in a second, before any model loads
     resolution = check_resolution(cfg.base, cfg.resolution)  # refused in one line before anything loads
     condition = get_condition(cfg.condition, **cfg.condition_options)
+    condition.check()  # e.g. a depth estimator that is not on this machine
     dataset = _open_dataset(cfg, condition, resolution)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

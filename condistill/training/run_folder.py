@@ -74,7 +74,7 @@ def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
     if resume_from is None and (out / CONFIG_NAME).is_file() and not cfg.overwrite:
         raise FileExistsError(
             f"{out} holds a finished adapter export ({CONFIG_NAME}) and no checkpoint to resume from; pass "
-            "--overwrite true to replace it, or choose another --output-dir (nothing was overwritten)")
+            "--overwrite to replace it, or choose another --output-dir (nothing was overwritten)")
 
 
 def _alive(pid: int) -> bool:
