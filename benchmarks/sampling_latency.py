@@ -95,6 +95,22 @@ def make_runner(base, student, cond: torch.Tensor, prompts: list[str], row: dict
     return run
 
 
+def untrained_student(kind: str, condition: str, base):
+    """``(condition, student, num_grid, sampler)``: a freshly initialised student of ``kind`` on ``base``
+    (on its device, in eval mode) with a fresh run's defaults, the grid and sampler a recipe would export."""
+    defaults = DistillConfig(adapter=kind, condition=condition)
+    cond = get_condition(condition)
+    student = build_student(kind, base, cond.channels).to(base.device).eval()
+    return cond, student, defaults.num_grid, defaults.student_sampler
+
+
+def heldout_batch(cond, batch_size: int, resolution: int, seed: int = 0) -> dict:
+    """``batch_size`` held-out scenes with their ``cond`` conditions and captions (the batch every row samples)."""
+    source = open_source(f"synthetic:heldout:{batch_size}", resolution=resolution)
+    dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
+    return collate([dataset[i] for i in range(len(dataset))])
+
+
 def markdown(report: dict) -> str:
     ref = next(r for r in report["rows"] if r["name"] == report["reference"])
     decoders = report.get("decoder") is not None
@@ -164,15 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         student = load_student(args.adapter, base).to(base.device).eval()
         num_grid, sampler = adapter_cfg["num_grid"], adapter_sampler(args.adapter)
     elif args.untrained:
-        # a fresh run's defaults: the grid and sampler a recipe would export
-        defaults = DistillConfig(adapter=args.untrained, condition=args.condition)
-        cond, num_grid, sampler = get_condition(args.condition), defaults.num_grid, defaults.student_sampler
-        student = build_student(args.untrained, base, cond.channels).to(base.device).eval()
+        cond, student, num_grid, sampler = untrained_student(args.untrained, args.condition, base)
     else:
         cond, student, num_grid, sampler = get_condition(args.condition), None, 50, "codi"
-    source = open_source(f"synthetic:heldout:{args.batch_size}", resolution=base.resolution)
-    dataset = ConditionDataset(source, cond, base.resolution, seed=args.seed + 12345)
-    data = collate([dataset[i] for i in range(len(dataset))])
+    data = heldout_batch(cond, args.batch_size, base.resolution, args.seed)
 
     model = "teacher" if student is None else ("adapter" if args.adapter else f"untrained {args.untrained}")
     # the student samples as its adapter asks (re-noising or not); the cost is the same either way

@@ -58,14 +58,26 @@ def cached_batch(base, batch: dict) -> dict:
             **{k: v for k, v in batch.items() if k not in ("pixel_values", "latents", "prompt_embeds")}}
 
 
+def guidance_min(args) -> float:
+    """The lowest guidance scale drawn per sample: ``--guidance-min``, else one fixed scale ``--guidance-max``."""
+    if args.guidance_min is not None:
+        return args.guidance_min
+    return args.guidance_max if args.guidance_max > 1 else 1.0
+
+
+def synthetic_batch(condition, batch_size: int, resolution: int) -> dict:
+    """``batch_size`` training scenes at ``resolution`` with ``condition`` (a Condition), collated as the loop reads them."""
+    ds = ConditionDataset(open_source(f"synthetic:train:{batch_size}", resolution=resolution), condition, resolution)
+    return collate([ds[i] for i in range(batch_size)])
+
+
 def run(kind: str, args, base, batch) -> dict:
     loss, ode_source, cached = VARIANTS.get(kind, (kind, "ema", False))
     if cached:
         batch = cached_batch(base, batch)
     cfg = DistillConfig(condition=args.condition, adapter=args.adapter, base=args.base, loss=loss, ode_source=ode_source,
                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
-                        guidance_min=args.guidance_max if args.guidance_max > 1 else 1.0,
-                        guidance_max=args.guidance_max, output_dir="unused", dmd_fake_updates=args.dmd_fake_updates,
+                        guidance_min=guidance_min(args), guidance_max=args.guidance_max, output_dir="unused", dmd_fake_updates=args.dmd_fake_updates,
                         dmd_fake_targets=args.dmd_fake_targets, gan_weight=args.gan_weight)
     device = base.device
     student = build_student(args.adapter, base, get_condition(args.condition).channels).to(device)
@@ -188,7 +200,8 @@ def _in_fresh_process(loss: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script (also how ``gpu_check.py`` builds the options of a step)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="embedded:tiny-teacher")
     p.add_argument("--condition", default="edge")
@@ -197,6 +210,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--guidance-max", type=float, default=1.0, help=">1 benchmarks CFG-aware distillation")
+    p.add_argument("--guidance-min", type=float, default=None,
+                   help="lowest guidance scale drawn per sample [--guidance-max: one fixed scale]")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
@@ -216,6 +231,11 @@ def main():
                         "embeddings precomputed, as `condistill cache` stores them; the --plain step always encodes)")
     p.add_argument("--only", choices=["diffusion", "codi", "plain", "codi+dmd", *VARIANTS], default=None,
                    help="run one kind of step and print its figures as one JSON line (used on the CPU)")
+    return p
+
+
+def main():
+    p = parser()
     args = p.parse_args()
     if args.plain and args.adapter != "controlnet":
         p.error("--plain times diffusers' ControlNet step; use it with --adapter controlnet")
@@ -235,8 +255,7 @@ def main():
     base = load_base(args.base, device=args.device, dtype=DTYPES[args.mixed_precision])
     cond = get_condition(args.condition)
     resolution = args.resolution or base.resolution
-    ds = ConditionDataset(open_source(f"synthetic:train:{args.batch_size}", resolution=resolution), cond, resolution)
-    batch = collate([ds[i] for i in range(args.batch_size)])
+    batch = synthetic_batch(cond, args.batch_size, resolution)
     if args.only:
         print(json.dumps(run(args.only, args, base, batch)))
         return
