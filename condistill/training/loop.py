@@ -63,6 +63,7 @@ def distill(cfg: DistillConfig) -> Path:
     """
     state = start_processes()
     check_precision(cfg.mixed_precision, state.device)
+    resolution = check_resolution(cfg.base, cfg.resolution)  # refused in one line before anything is written
     out = Path(cfg.output_dir)
     log = _log if state.is_main_process else _quiet
     resume_from = resolve_resume(out, cfg.resume, log=log)  # the newest healthy checkpoint for 'latest'
@@ -72,7 +73,7 @@ def distill(cfg: DistillConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # one writer per run folder: the main process holds the lock for the whole run
     with _main_process_lock(state, out):
-        return _distill(cfg, out, resume_from, changes, cpu=state.device.type == "cpu")
+        return _distill(cfg, out, resume_from, changes, resolution, cpu=state.device.type == "cpu")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
@@ -107,9 +108,9 @@ def _main_process_lock(state, out: Path):
         yield
 
 
-def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str], cpu: bool) -> Path:
+def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str], resolution: int,
+             cpu: bool) -> Path:
     # the data first: a bad --data fails in a second, before any model loads
-    resolution = check_resolution(cfg.base, cfg.resolution)  # refused in one line before anything loads
     condition = get_condition(cfg.condition, **cfg.condition_options)
     condition.check()  # e.g. a depth estimator that is not on this machine
     dataset = _open_dataset(cfg, condition, resolution)
