@@ -143,6 +143,9 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     if any(change.startswith("learning_rate:") for change in changes):
         set_learning_rate(optimizer, lr_scheduler, cfg.learning_rate)
     accum = cfg.gradient_accumulation_steps
+    if main and cfg.distribution_matching and cfg.mixed_precision == "fp16":
+        _log("note: the fake score's own update is not loss-scaled under fp16 and its gradients may underflow; "
+             "--mixed-precision bf16 is the safer choice with --loss " + cfg.loss)
     if main:
         cfg.save(out / "config.json")
         _log(f"training {cfg.condition}/{cfg.adapter} on {device.type}, processes: {processes}; global batch "
