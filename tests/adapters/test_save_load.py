@@ -204,3 +204,29 @@ def test_save_adapter_input_errors(base_path, tmp_path):
         _export(student, base, tmp_path / "d", condition_config={"f": object()})
     with pytest.raises(TypeError, match="condistill Student"):
         _export(torch.nn.Linear(2, 2), base, tmp_path / "e")
+
+
+def test_schema_keys_sampling_size_and_newer_schemas(base_path, tmp_path):
+    """Schema 2 writes its version, the sampling size and the one-step start; a newer schema loads with a warning."""
+    from condistill.adapters.save_load import SCHEMA_VERSION
+    from condistill.pipeline import trained_condition
+
+    base = load_base(base_path)
+    student = build_student("controlnet", base, 3)
+    out = _export(student, base, tmp_path / "export", height=24, width=32, one_step_start=499)
+    config = read_adapter_config(out)
+    assert (config["schema_version"], config["height"], config["width"]) == (SCHEMA_VERSION, 24, 32)
+    assert config["one_step_start"] == 499
+    condition = trained_condition(config)  # the recorded options, though this config has no "name" in them
+    assert (condition.name, condition.low_threshold, condition.high_threshold) == ("edge", 100, 200)
+    assert condition.training_resolution == 16
+    for bad in ({"height": 0}, {"width": "64"}, {"one_step_start": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _export(student, base, tmp_path / "bad", **bad)
+    raw = json.loads((out / "condistill_config.json").read_text())
+    raw.update(schema_version=SCHEMA_VERSION + 1, a_later_key=True)
+    (out / "condistill_config.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning) as caught:
+        read_adapter_config(out)
+    text = " ".join(str(w.message) for w in caught)
+    assert f"schema version {SCHEMA_VERSION + 1}" in text and "a_later_key" in text
