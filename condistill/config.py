@@ -84,8 +84,8 @@ def check_resolution(base: str | os.PathLike, resolution: int) -> int:
     """The training resolution of a run on ``base``: ``resolution``, or the native one for 0 (read from
     the base's configs, no weights load).
 
-    Usable sides are multiples of the VAE factor times ``2 ** (UNet down-samplings)`` (64 for SD 1.x/2.x
-    and SDXL, 16 for the embedded teacher), so every UNet, ControlNet and T2I-Adapter level has a whole
+    Usable sides are multiples of the VAE factor times ``2 ** (UNet down-samplings)`` (64 for SD 1.x/2.x,
+    32 for SDXL, 16 for the embedded teacher), so every UNet, ControlNet and T2I-Adapter level has a whole
     number of latent pixels.
 
     Raises:
@@ -149,8 +149,12 @@ class DistillConfig:
                                 "solver; the student learns the guided trajectory and samples without CFG, at the "
                                 "cost of one unguided model call per step)", default="all")
     caption_dropout: float = _h("probability of training on an empty caption", default=0.1)
-    resolution: int = _h("training resolution in pixels (0 = the base's native resolution)", default=0)
-    mixed_precision: str = _h("no, fp16 or bf16 (GPU); the frozen base runs in that dtype", default="no")
+    resolution: int = _h("training resolution in pixels (0 = the base's native resolution): a multiple of 64 for SD "
+                         "1.x/2.x, of 32 for SDXL, of 16 for the embedded teacher; the export samples at it by default",
+                         default=0)
+    mixed_precision: str = _h("no, fp16 (CUDA GPUs only) or bf16 (GPUs and CPUs): the frozen base runs in that dtype, "
+                              "the adapter, EMA and fake score stay float32, every forward runs in autocast "
+                              "(docs/mixed-precision.md)", default="no")
     gradient_checkpointing: bool = _h("trade compute for memory in the UNet and adapter", default=False)
     allow_tf32: bool = _h("let CUDA matmuls and cuDNN convolutions use TF32 (Ampere and newer GPUs: faster float32, "
                           "about 3 fewer significant digits); false leaves torch's defaults; no effect on CPU",

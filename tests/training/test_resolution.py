@@ -91,3 +91,23 @@ def test_an_export_written_before_the_schema_version_still_loads(tmp_path):
     assert pipe.condistill_config["schema_version"] == 1
     assert (pipe.condistill_defaults["height"], pipe.condistill_defaults["width"]) == (32, 32)
     assert pipe.condistill_condition.training_resolution == 32
+
+
+@pytest.mark.parametrize("family,blocks,sample,multiple", [("sd15", [320, 640, 1280, 1280], 64, 64),
+                                                            ("sdxl", [320, 640, 1280], 128, 32)])
+def test_usable_resolutions_of_full_size_bases(tmp_path, family, blocks, sample, multiple):
+    """Read from the configs alone (the published SD 1.5 and SDXL shapes), no weights."""
+    from condistill.config import SettingError, check_resolution
+
+    root = tmp_path / family
+    for sub, config in (("unet", {"block_out_channels": blocks, "sample_size": sample}),
+                        ("vae", {"block_out_channels": [128, 256, 512, 512]})):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(config))
+    native = sample * 8
+    assert check_resolution(str(root), 0) == native
+    assert check_resolution(str(root), 256) == 256  # the cheap first run
+    assert check_resolution(str(root), native + multiple) == native + multiple
+    with pytest.raises(SettingError, match=f"multiples of {multiple} px; the nearest usable are "
+                                           f"{native} and {native + multiple}$"):
+        check_resolution(str(root), native + 8)
