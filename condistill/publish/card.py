@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = ["CARD_NAME", "SAMPLES_NAME", "NO_RESULTS", "write_model_card", "render_card", "update_results",
-           "record_eval", "read_front_matter", "base_license", "set_card_source"]
+           "record_eval", "read_front_matter", "base_license", "set_card_source", "base_code", "with_base",
+           "is_embedded_base"]
 
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
@@ -123,37 +124,92 @@ def _yaml_scalar(value: str) -> str:
     return json.dumps(value) if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/+-]*", value) else value
 
 
+#: stands for the base, quoted, in plain-diffusers lines (the adapters' snippets); :func:`with_base` makes it ``BASE``
+BASE_MARK = "\x00condistill-base\x00"
+
+
+def is_embedded_base(base: str) -> bool:
+    """Whether ``base`` names a model shipped inside condistill (``embedded:<name>``, or a legacy
+    ``data/<name>`` that is not a local folder): one that only condistill knows how to find."""
+    from condistill.hub import EMBEDDED_PREFIX, embedded_path
+
+    try:
+        return base.startswith(EMBEDDED_PREFIX) or embedded_path(base) is not None
+    except FileNotFoundError:  # an embedded name this package does not ship
+        return True
+
+
+def base_code(base: str) -> tuple[list[str], str]:
+    """``(imports, assignment)``: plain-diffusers code that sets ``BASE`` to what ``from_pretrained`` takes.
+
+    An embedded base (``embedded:tiny-teacher``) is a folder inside the installed package, which
+    ``from_pretrained`` cannot find by that name: ``BASE = resolve_pretrained_dir("embedded:...")``.
+    A local folder is its path as recorded; a hub base is its repo id.
+    """
+    if is_embedded_base(base):
+        return (["from condistill.hub import resolve_pretrained_dir"],
+                f"BASE = resolve_pretrained_dir({json.dumps(base)})  # the base's folder inside the condistill package")
+    if _is_local_base(base):
+        return [], f"BASE = {json.dumps(base)}  # a local folder: change this path where it does not exist"
+    return [], f"BASE = {json.dumps(base)}"
+
+
+def with_base(lines: list[str], base: str) -> list[str]:
+    """Plain-diffusers ``lines`` written with :data:`BASE_MARK` for the base, turned into code that runs.
+
+    The quoted mark becomes the name ``BASE``; :func:`base_code`'s imports join the first import
+    block and its assignment follows that block's blank line (or comes first when there is none).
+    """
+    out = []
+    for line in lines:
+        for quote in ('"', "'"):
+            line = line.replace(f"{quote}{BASE_MARK}{quote}", "BASE")
+        out.append(line.replace(BASE_MARK, base))
+    if not any(BASE_MARK in line for line in lines):
+        return out
+    imports, assignment = base_code(base)
+    blank = out.index("") if "" in out else 0
+    return out[:blank] + imports + ([""] if blank else []) + [assignment] + out[blank + (1 if blank else 0):]
+
+
 def _usage(config: Mapping[str, Any], source: str) -> str:
-    kind, base = config["kind"], config["base_name_or_path"]
+    kind, base = config["kind"], str(config["base_name_or_path"])
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    height = int(config.get("height") or config["resolution"])
+    width = int(config.get("width") or config["resolution"])
     files = config.get("weight_files", {})
-    condition = config["condition_name"]
     head = [
         "```python",
-        "from condistill import get_condition, load_adapter",
+        "from PIL import Image",
+        "from condistill import load_adapter",
         "",
         f'ADAPTER = "{source}"',
         "pipe = load_adapter(ADAPTER)  # a stock diffusers pipeline with the few-step CoDiScheduler",
-        f'control = get_condition("{condition}").control_image(my_pil_image)  # [1, C, H, W] in [0, 1]',
+        'photo = Image.open("photo.png").convert("RGB")  # your image',
+        "control = pipe.condistill_condition.control_image(photo)  # [1, C, H, W] in [0, 1]",
         'image = pipe("a prompt", image=control, **pipe.condistill_defaults).images[0]'
-        f"  # {steps} steps, guidance {guidance:g}",
+        f"  # {steps} steps, guidance {guidance:g}, {height}x{width} px",
         "```",
         "",
-        "The same in plain diffusers (the scheduler class comes from condistill):",
+        "`pipe.condistill_condition` is the condition the adapter was trained with (its recorded options), and "
+        "its `control_image` first fits the photo to the training resolution as training did.",
+        "",
+        "The same in plain diffusers (the scheduler class comes from condistill; `ADAPTER` and `control` as above):",
         "",
         "```python",
     ]
     from condistill.adapters import get_adapter_class
 
     # each adapter kind writes its own plain-diffusers loading lines (the registry dispatches)
-    body = get_adapter_class(kind).diffusers_snippet(base, files, config.get("base_fingerprint", {}).get("family", "sd"))
+    family = config.get("base_fingerprint", {}).get("family", "sd")
+    body = with_base(get_adapter_class(kind).diffusers_snippet(BASE_MARK, files, family), base)
     body += [
         'pipe.scheduler = CoDiScheduler.from_pretrained(ADAPTER, subfolder="scheduler")',
-        f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]',
+        f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g},',
+        f"             height={height}, width={width}).images[0]",
         "```",
     ]
     return "\n".join(head + body)
-
 
 
 #: how the model card names each training loss

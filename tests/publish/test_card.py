@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from condistill.publish.card import (NO_RESULTS, RESULTS_END, RESULTS_START, base_license, read_front_matter,
                                      render_card, update_results, write_model_card)
 
@@ -98,3 +100,94 @@ def test_a_hub_base_names_base_model_and_its_license(run_copy, tmp_path, monkeyp
     config["base_name_or_path"] = "embedded:tiny-teacher"
     meta, body = read_front_matter(render_card(config, None))
     assert "base_model" not in meta and "the frozen local base `embedded:tiny-teacher`" in body
+
+
+# ---- the card's code runs -----------------------------------------------------------------
+KINDS = ("controlnet", "t2i_adapter", "lora")
+_RUN_CARDS = r"""
+import re, sys
+from pathlib import Path
+for card in sys.argv[1:]:
+    scope = {}
+    for block in re.findall(r"^```python\n(.*?)^```", Path(card).read_text(), flags=re.S | re.M):
+        scope.pop("image", None)
+        exec(compile(block, card, "exec"), scope)
+        print(card, type(scope["image"]).__name__, *scope["image"].size)
+"""
+
+
+def _card_blocks(run) -> list[str]:
+    import re
+
+    return re.findall(r"^```python\n(.*?)^```", (run / "README.md").read_text(), flags=re.S | re.M)
+
+
+def _train_kinds(base: str, root) -> dict:
+    import torch
+
+    from condistill.training.loop import distill
+    from helpers import tiny_run_config
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {kind: distill(tiny_run_config(base, root / kind, adapter=kind, batch_size=2)) for kind in KINDS}
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "local folder"])
+def test_the_cards_code_runs_for_an_embedded_or_local_base(where, base_path, tmp_path, monkeypatch):
+    """Both usage blocks of the card (condistill, then plain diffusers), run in order as written, sample an
+    image at the training size for every adapter kind. The plain-diffusers block finds the embedded base
+    through ``resolve_pretrained_dir`` (``from_pretrained("embedded:tiny-teacher")`` is not a hub id) and a
+    local base by the path the run recorded."""
+    from condistill.world.scenes import generate_scene
+
+    base = "embedded:tiny-teacher" if where == "embedded" else str(base_path)
+    runs = _train_kinds(base, tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    generate_scene(0, "heldout").image.save("photo.png")
+    for kind, run in runs.items():
+        text = (run / "README.md").read_text()
+        assert "from_pretrained(BASE" in text and f'from_pretrained("{base}"' not in text
+        expected = ('BASE = resolve_pretrained_dir("embedded:tiny-teacher")' if where == "embedded"
+                    else f"BASE = {json.dumps(base)}  # a local folder")
+        assert expected in text, kind
+        size = json.loads((run / "condistill_config.json").read_text())["resolution"]
+        blocks = _card_blocks(run)
+        assert len(blocks) == 2, kind
+        scope: dict = {}
+        for block in blocks:
+            scope.pop("image", None)
+            exec(compile(block, f"{kind} card", "exec"), scope)  # noqa: S102
+            assert scope["image"].size == (size, size), kind
+
+
+@pytest.mark.slow
+def test_the_cards_code_runs_for_a_hub_base(base_path, tmp_path, monkeypatch):
+    """A run on a hub id: the card names the id, and its code runs as a user runs it, in a fresh process
+    with the hub cache and ``HF_HUB_OFFLINE=1`` (diffusers reads both when it is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    from condistill.world.scenes import generate_scene
+    from helpers import make_fake_hub_cache
+
+    cache = make_fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-sd", base_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs = _train_kinds("tiny-org/tiny-sd", tmp_path / "runs")
+    for run in runs.values():
+        text = (run / "README.md").read_text()
+        assert 'BASE = "tiny-org/tiny-sd"\n' in text and "resolve_pretrained_dir" not in text
+    generate_scene(0, "heldout").image.save(tmp_path / "photo.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cards = [str(run / "README.md") for run in runs.values()]
+    proc = subprocess.run([sys.executable, "-c", _RUN_CARDS, *cards], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines == [f"{card} Image 16 16" for card in cards for _ in range(2)]
