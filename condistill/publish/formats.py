@@ -13,6 +13,13 @@
   ``.middle_block_out``.
 
 Both files hold exactly the tensors of the run's exported adapter (renamed, not changed).
+
+The printed instructions are code that works for the run at hand: the base is written as
+diffusers finds it (an embedded base through ``condistill.hub.resolve_pretrained_dir``, see
+:func:`condistill.publish.card.base_code`). Those loaders read SD's hint block only (conv_out at
+``input_hint_block.14``, VAE factor 8), so a ControlNet of another base (the embedded teacher's
+factor is 4) gets a note and the code that loads the run's diffusers folder instead of
+``from_single_file``, and no A1111/ComfyUI line; neither tool knows the embedded teacher.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from condistill.publish.card import BASE_MARK
 
 __all__ = ["FORMATS", "ExportResult", "export", "kohya_lora_state_dict", "controlnet_ldm_state_dict"]
 
@@ -132,23 +141,31 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     }
     _write_safetensors(kohya, out, metadata)
     _copy_folder(adapter_src, adapter_out)
-    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
     from condistill.frozen import FAMILIES
 
     family = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")]
     text_class, adapter_class = family.pipelines["text"], family.pipelines["adapter"]
-    instructions = f"""\
-LoRA (kohya/webui format): {out}
-condition adapter (diffusers T2I-Adapter): {adapter_out}
-Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter):
-    sd = {text_class}.from_pretrained({config['base_name_or_path']!r})
-    sd.load_lora_weights({str(out)!r})
-    parts = {{k: v for k, v in sd.components.items() if k not in ("image_encoder", "scheduler")}}
-    pipe = {adapter_class}(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),
-        scheduler=CoDiScheduler.from_pretrained({str(folder)!r}, subfolder="scheduler"))  # from condistill import CoDiScheduler
-    pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale={guidance})
-A1111/ComfyUI: put {out.name} in models/Lora; they read the LoRA, but the condition adapter is in
-diffusers' T2I-Adapter format, which they do not load (use diffusers, or condistill.load_adapter({str(folder)!r}))."""
+    code = _with_base([
+        f"from diffusers import {adapter_class}, {text_class}, T2IAdapter",
+        "from condistill import CoDiScheduler",
+        "",
+        f'sd = {text_class}.from_pretrained("{BASE_MARK}")',
+        f"sd.load_lora_weights({str(out)!r})",
+        'parts = {k: v for k, v in sd.components.items() if k not in ("image_encoder", "scheduler")}',
+        f"pipe = {adapter_class}(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),",
+        f"    scheduler=CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\"))",
+        _call_line(config),
+    ], config)
+    lines = [f"LoRA (kohya/webui format): {out}",
+             f"condition adapter (diffusers T2I-Adapter): {adapter_out}",
+             "Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter;",
+             f"control: the condition image, {CONTROL_TEXT}):",
+             *code]
+    if not _embedded_base(config):  # the embedded teacher lives only inside condistill
+        lines += [f"A1111/ComfyUI: put {out.name} in models/Lora; they read the LoRA, but the condition adapter is in",
+                  "diffusers' T2I-Adapter format, which they do not load (use diffusers, or "
+                  f"condistill.load_adapter({str(folder)!r}))."]
+    instructions = "\n".join(lines)
     return ExportResult("kohya", [out, adapter_out], instructions)
 
 
@@ -235,13 +252,60 @@ def _export_single_file(folder: Path, config: dict, out: Path, overwrite: bool) 
             f"{4 * len(widths) - 2}, not 14, so A1111/ComfyUI and diffusers' from_single_file, which assume SD's, "
             "will not load it."
         )
-    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-    instructions = f"""\
-ControlNet (original single-file layout): {out}
-A1111/ComfyUI: put {out.name} in models/ControlNet (sample with {steps} steps, CFG {guidance}; the distilled
-few-step sampler is condistill's CoDiScheduler, nearest webui choice: LCM).
-diffusers: ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})"""
+    from condistill.frozen import FAMILIES
+
+    pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["controlnet"]
+    sub = weights.parent.relative_to(folder).as_posix()
+    readable = not notes  # the hint block diffusers' single-file reader and the webui loaders assume
+    load = (f"controlnet = ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})" if readable
+            else f"controlnet = ControlNetModel.from_pretrained({str(folder)!r}, subfolder={sub!r})")
+    code = _with_base([
+        f"from diffusers import ControlNetModel, {pipeline}",
+        "from condistill import CoDiScheduler",
+        "",
+        load,
+        f'pipe = {pipeline}.from_pretrained("{BASE_MARK}", controlnet=controlnet, safety_checker=None)',
+        f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
+        _call_line(config),
+    ], config)
+    lines = [f"ControlNet (original single-file layout): {out}"]
+    if readable and not _embedded_base(config):
+        steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+        lines += [f"A1111/ComfyUI: put {out.name} in models/ControlNet (sample with {steps} steps, CFG {guidance}; "
+                  "the distilled", "few-step sampler is condistill's CoDiScheduler, nearest webui choice: LCM)."]
+    lines.append(f"diffusers (control: the condition image, {CONTROL_TEXT}):" if readable else
+                 "diffusers cannot read this file (see the note above); the same ControlNet from the run's diffusers "
+                 f"folder (control: the condition image, {CONTROL_TEXT}):")
+    instructions = "\n".join(lines + code)
     return ExportResult("single-file", [out], instructions, notes)
+
+
+# ---- printed instructions -----------------------------------------------------------------
+#: what the printed code's ``control`` is
+CONTROL_TEXT = ("[1, C, H, W] in [0, 1]; condistill.load_adapter(RUN).condistill_condition.control_image(photo) "
+                "makes it as training did")
+
+
+def _embedded_base(config: dict) -> bool:
+    from condistill.publish.card import is_embedded_base
+
+    return is_embedded_base(str(config["base_name_or_path"]))
+
+
+def _call_line(config: dict) -> str:
+    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    height = int(config.get("height") or config["resolution"])
+    width = int(config.get("width") or config["resolution"])
+    return (f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}, '
+            f"height={height}, width={width}).images[0]")
+
+
+def _with_base(lines: list[str], config: dict) -> list[str]:
+    """Code lines with the base (written ``"BASE_MARK"``) set so that diffusers finds it (``card.base_code``),
+    indented by 4."""
+    from condistill.publish.card import with_base
+
+    return [("    " + line) if line else "" for line in with_base(lines, str(config["base_name_or_path"]))]
 
 
 # ---- files --------------------------------------------------------------------------------

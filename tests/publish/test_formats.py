@@ -1,9 +1,12 @@
 """condistill export: kohya LoRA and single-file ControlNet files that other tools (and diffusers) read back."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
+from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import perturb_, torch_single_thread  # noqa: F401
@@ -151,18 +154,88 @@ def test_cli(lora_run, tmp_path, capsys):
     assert "condistill export: error: no run or adapter folder" in capsys.readouterr().err
 
 
-def test_printed_kohya_instructions_run(lora_run, base_path, tmp_path):
-    """The diffusers snippet the kohya export prints loads both files into a working pipeline."""
-    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter  # noqa: F401
+def _printed_code(printed: str) -> str:
+    """The code in export's printed instructions: its lines indented by 4, unindented (blank lines kept)."""
+    lines = printed.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    code = []
+    for line in lines[first:]:
+        if line and not line.startswith("    "):
+            break
+        code.append(line[4:])
+    return "\n".join(code)
 
-    from condistill import CoDiScheduler  # noqa: F401
+
+def test_printed_kohya_instructions_run(lora_run, base_path, tmp_path):
+    """The diffusers code the kohya export prints loads both files into a working pipeline that samples."""
+    from condistill import CoDiScheduler
 
     result = export(lora_run, "kohya", tmp_path / "s.safetensors")
-    lines = result.instructions.splitlines()
-    start = next(i for i, line in enumerate(lines) if "from_pretrained(" in line)
-    code = "\n".join(line[4:] for line in lines[start:] if line.startswith("    ") and "pipe(prompt" not in line)
-    code = code.replace(repr(str(load_base(base_path).name_or_path)), repr(str(base_path)))
-    scope = dict(locals())
+    code = _printed_code(result.instructions)
+    assert f"BASE = {json.dumps(str(base_path))}" in code  # the local base as the run recorded it
+    scope = {"control": torch.rand(1, 3, 16, 16)}
     exec(code, scope)  # noqa: S102
     pipe = scope["pipe"]
     assert isinstance(pipe.scheduler, CoDiScheduler) and pipe.unet.peft_config
+    assert scope["image"].size == (16, 16)
+    assert "A1111/ComfyUI" in result.instructions
+
+
+def _tiny_base_vae8(folder):
+    """A tiny SD-layout base whose VAE downsamples by 8, as SD's does (64 px images, 8 x 8 latents): its
+    ControlNets get SD's 4-width condition embedding, the layout of the single-file loaders."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from helpers import make_tiny_components
+
+    components = make_tiny_components(folder)
+    torch.manual_seed(1)
+    components["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), latent_channels=4,
+        layers_per_block=1, norm_num_groups=16, sample_size=64)
+    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "tiny_base_vae8")
+    return folder / "tiny_base_vae8"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_kind", ["embedded", "tiny base", "tiny base, VAE factor 8"])
+def test_printed_single_file_instructions_run(base_kind, base_path, tmp_path, monkeypatch, capsys):
+    """``condistill export RUN --format single-file`` prints only code that works for the run, and it runs.
+
+    diffusers' ``from_single_file`` reads SD's hint block only (conv_out at ``input_hint_block.14``): on the
+    embedded teacher (VAE factor 4) and the tiny base (factor 2) it would leave tensors on the meta device, so
+    the export prints the run's diffusers folder instead, and no A1111/ComfyUI line. On a base with SD's
+    factor 8 it prints ``from_single_file`` of the file just written, and the loaded weights are the run's.
+    """
+    from diffusers import ControlNetModel
+
+    from condistill.training.loop import distill
+    from helpers import tiny_run_config
+
+    base = {"embedded": "embedded:tiny-teacher", "tiny base": str(base_path)}.get(base_kind) or \
+        str(_tiny_base_vae8(tmp_path))
+    run = distill(tiny_run_config(base, tmp_path / "run", batch_size=2))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "run", "--format", "single-file", "--out", "cn.safetensors"]) == 0
+    printed = capsys.readouterr()
+    sd_layout = base_kind.endswith("factor 8")
+    assert ("from_single_file('cn.safetensors'" in printed.out) == sd_layout
+    assert ("A1111/ComfyUI" in printed.out) == (base_kind != "embedded" and sd_layout)
+    assert ("from_single_file, which assume SD's, will not load it" in printed.err) == (not sd_layout)
+    if base_kind == "embedded":
+        assert 'BASE = resolve_pretrained_dir("embedded:tiny-teacher")' in printed.out
+
+    from condistill.pipeline import load_adapter
+
+    control = load_adapter(run).condistill_condition.control_image(Image.new("RGB", (64, 64), "white"))
+    scope = {"control": control}
+    exec(_printed_code(printed.out), scope)  # noqa: S102
+    size = json.loads((run / "condistill_config.json").read_text())["resolution"]
+    assert scope["image"].size == (size, size)
+    saved = load_file(str(run / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    loaded = scope["controlnet"].state_dict()
+    assert isinstance(scope["controlnet"], ControlNetModel) and set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
