@@ -473,11 +473,13 @@ def _prepare(work: Path, names: tuple[str, ...]) -> None:
         first = work / NEEDS_SOURCE
         if not (first / "condistill_config.json").is_file():
             threads = torch.get_num_threads()
+            _fresh_accelerate_state()
             try:
                 torch.set_num_threads(1)
                 distill(tiny_run_config("embedded:tiny-teacher", first, batch_size=2))
             finally:
                 torch.set_num_threads(threads)
+                _fresh_accelerate_state()
         if work / name != first:
             shutil.copytree(first, work / name)
 
