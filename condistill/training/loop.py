@@ -84,6 +84,16 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                              "--mixed-precision bf16 (or no)")
 
 
+def _fresh_accelerator_state(cpu: bool) -> None:
+    """Forget the mixed precision of an earlier run in this process (one process only): accelerate keeps its
+    state per process and refuses a second ``Accelerator`` with another ``mixed_precision``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
 def _log(message: str) -> None:
     print(f"condistill: {message}", file=sys.stderr, flush=True)
 
@@ -120,6 +130,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
+    _fresh_accelerator_state(cpu)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         cpu=cpu,

@@ -177,3 +177,12 @@ def test_bf16_loss_is_close_to_fp32_on_a_fixed_batch(bases, base_name, adapter, 
     assert torch.isfinite(bf16)
     assert abs(bf16 - fp32) <= LOSS_RTOL * abs(fp32), (float(fp32), float(bf16))
     assert not torch.equal(losses[torch.float32], losses[torch.bfloat16])  # bf16 really computed something else
+
+
+def test_runs_of_different_precisions_in_one_process(bases, validation_image, tmp_path):
+    """accelerate keeps one state per process; a run after one of another precision starts afresh."""
+    for i, precision in enumerate(["bf16", "no", "bf16"]):
+        out = distill(tiny_run_config(bases["sd"], tmp_path / f"run-{i}", max_steps=1, batch_size=2, report_to="none",
+                                      mixed_precision=precision, data="synthetic:train:4",
+                                      validation_images=[validation_image]))
+        assert (out / "condistill_config.json").is_file()
