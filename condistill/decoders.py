@@ -9,7 +9,7 @@ small loss of fidelity::
 
     pipe = condistill.load_adapter("runs/edge")
     use_fast_decoder(pipe, "embedded:tiny-decoder")     # SD 1.x/2.x bases: "madebyollin/taesd"
-    image = pipe("a red cube", image=edge_map, **pipe.condistill_defaults).images[0]
+    image = pipe("a red cube", image=pipe.condistill_condition.control_image(photo), **pipe.condistill_defaults).images[0]
 
 How ``AutoencoderTiny`` meets the pipelines' latents: the UNet works on *scaled* latents
 ``z = vae_latent * vae.config.scaling_factor``, and every stock pipeline calls

@@ -4,7 +4,7 @@
 
     import condistill
     pipe = condistill.load_adapter("runs/edge")            # or a hub id, or (pipe, "runs/edge")
-    image = pipe("a red cube", image=edge_map, **pipe.condistill_defaults).images[0]
+    image = pipe("a red cube", image=pipe.condistill_condition.control_image(photo), **pipe.condistill_defaults).images[0]
 
 The pipeline is a plain diffusers one of the right flavour (SD 1.x/2.x base | SDXL base):
 
