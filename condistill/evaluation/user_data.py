@@ -1,7 +1,8 @@
 """``condistill eval --data SRC``: score students and baselines on the user's own images.
 
 The held-out items: ``SRC`` is any training data source spec (:func:`condistill.data.sources.open_source`:
-an image folder, a ``datasets`` id or folder, ``.tar`` shards), opened at the adapters' training resolution (the base's native one without an adapter row).
+an image folder, a ``datasets`` id or folder, ``.tar`` shards), opened at the adapters' training resolution
+(the base's native one without an adapter row).
 Its items are visited in a seeded order (a ``torch.randperm`` of the item indices drawn with
 ``torch.Generator().manual_seed(seed)``; stream-only sources are read into memory first) and the
 first ``num_images`` usable ones (items the source skips, e.g. corrupt files, are passed over)

@@ -84,7 +84,7 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                              "--mixed-precision bf16 (or no)")
 
 
-def _fresh_accelerator_state(cpu: bool) -> None:
+def _fresh_accelerator_state() -> None:
     """Forget the mixed precision of an earlier run in this process (one process only): accelerate keeps its
     state per process and refuses a second ``Accelerator`` with another ``mixed_precision``."""
     from accelerate.state import AcceleratorState, GradientState
@@ -130,7 +130,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    _fresh_accelerator_state(cpu)
+    _fresh_accelerator_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         cpu=cpu,

@@ -51,25 +51,26 @@ def test_embedded_teacher_at_another_resolution(tmp_path, size, capsys):
     assert report["resolution"] == size  # the student's and the teacher's rows, at the run's size
 
 
-def test_an_unusable_resolution_is_refused_in_one_line_before_the_base_loads(tmp_path, capsys, monkeypatch):
+def _refused_before_the_base_loads(tmp_path, capsys, monkeypatch, *options) -> list[str]:
+    """The stderr lines of a training command that must stop (status 1) before the base loads or a folder appears."""
     import condistill.training.loop as loop
 
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
-    assert _train(tmp_path / "run", "--max-steps", "1", "--resolution", "40") == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    assert _train(tmp_path / "run", "--max-steps", "1", *options) == 1
+    assert not (tmp_path / "run").exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_unusable_resolution_is_refused_in_one_line_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    err = _refused_before_the_base_loads(tmp_path, capsys, monkeypatch, "--resolution", "40")
     assert err == ["condistill train edge: error: --resolution 40: this base (embedded:tiny-teacher, native 64 px) "
                    "trains at multiples of 16 px; the nearest usable are 32 and 48"]
-    assert _train(tmp_path / "run", "--max-steps", "1", "--resolution", "8") == 1
-    assert "the nearest usable are 16" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    err = _refused_before_the_base_loads(tmp_path, capsys, monkeypatch, "--resolution", "8")
+    assert "the nearest usable are 16" in err[0]
 
 
 def test_fp16_off_cuda_is_refused_in_one_line_naming_bf16(tmp_path, capsys, monkeypatch):
-    import condistill.training.loop as loop
-
-    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
-    assert _train(tmp_path / "run", "--max-steps", "1", "--mixed-precision", "fp16") == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _refused_before_the_base_loads(tmp_path, capsys, monkeypatch, "--mixed-precision", "fp16")
     assert err == ["condistill train edge: error: --mixed-precision fp16 needs a CUDA GPU and this run is on cpu; "
                    "use --mixed-precision bf16 (or no)"]
 
