@@ -185,6 +185,10 @@ COMMANDS: list[Entry] = [
     Entry("docs/benchmarks/sd15.md", r"benchmarks/(sd_components|train_step|sampling_latency)\.py", "skip",
           "SD-1.5-size random components (about a billion parameters) timed at 512 px: minutes per command; the "
           "scripts themselves run on tiny bases in tests/test_benchmarks.py and above"),
+    # ---- docs/mixed-precision.md
+    Entry("docs/mixed-precision.md", r"benchmarks/bf16_vs_fp32\.py", "skip",
+          "18 loss pairs and 6 timed samplings, minutes; its loss comparison (loss_pair) runs on the tiny test bases "
+          "in tests/training/test_mixed_precision.py"),
     # ---- docs/benchmarks/gpu.md
     Entry("docs/benchmarks/gpu.md", r"gpu_check\.py --out docs/benchmarks/gpu ", "skip",
           "needs a CUDA GPU (full-size SD 1.5 and SDXL components, up to 8 minutes)"),
