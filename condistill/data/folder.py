@@ -1,8 +1,9 @@
 """Image folders: image files found recursively under a folder, with their captions.
 
 ``open_source("path/to/images/")`` opens an :class:`ImageFolderSource`; it can also be
-built directly. :func:`caption_from_cell` normalises a caption cell (text, bytes, or a list
-of alternatives) and is shared with the ``datasets`` and webdataset sources.
+built directly. :func:`caption_from_cell` (a caption cell: text, bytes, or a list of
+alternatives) lives in :mod:`condistill.data.source_base`, shared with the ``datasets`` and
+webdataset sources; it is importable from here too.
 """
 from __future__ import annotations
 
@@ -12,25 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from condistill.data.images import IMAGE_EXTENSIONS, ImageSanitizer, key_rng
+from condistill.data.images import IMAGE_EXTENSIONS, ImageSanitizer
 from condistill.data.record import Record
-from condistill.data.sources import IndexedSource
+from condistill.data.source_base import IndexedSource, caption_from_cell
 
 __all__ = ["ImageFolderSource", "caption_from_cell"]
-
-
-def caption_from_cell(value: Any, seed: int, key: str) -> str:
-    """Normalise a caption cell: ``None`` -> ``""``, a list -> one entry chosen per (seed, key)."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace").strip()
-    if isinstance(value, (list, tuple)):
-        options = [str(v).strip() for v in value if v is not None and str(v).strip()]
-        if not options:
-            return ""
-        return options[int(key_rng(seed, key).integers(len(options)))]
-    return str(value).strip()
 
 
 class ImageFolderSource(IndexedSource):

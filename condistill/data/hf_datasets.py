@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from condistill.data.folder import caption_from_cell
 from condistill.data.images import ImageSanitizer, open_image
 from condistill.data.record import Record
 from condistill.data.skips import SkipItem
-from condistill.data.sources import SPEC_FORMS, IndexedSource
+from condistill.data.source_base import SPEC_FORMS, IndexedSource, caption_from_cell
 
-__all__ = ["HFDatasetSource", "decode_row", "is_saved_dataset"]
+__all__ = ["DatasetsColumns", "HFDatasetSource", "decode_row", "is_saved_dataset"]
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -58,7 +57,64 @@ def _depth_to_unit(value: Any, conversions: list[str]) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-class HFDatasetSource(IndexedSource):
+class DatasetsColumns:
+    """What both ``datasets`` sources do on opening: their options, and the columns they read.
+
+    ``__init__`` takes :class:`HFDatasetSource`'s arguments, opens the dataset with the class's
+    ``_open(name, split, load_kwargs)``, refuses a missing column naming the ones there are
+    (when ``datasets`` knows them), keeps only the used columns with their images undecoded,
+    sets ``dataset`` and calls ``_opened(split)``. It comes first in the bases, before the
+    :class:`~condistill.data.source_base.DataSource` kind.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str | None = "text",
+        conditioning_column: str | None = None,
+        depth_column: str | None = None,
+        resolution: int = 64,
+        *,
+        min_size: int | None = None,
+        crop: str = "center",
+        seed: int = 0,
+        **load_kwargs: Any,
+    ):
+        name = os.fspath(name_or_path)
+        super().__init__(resolution, f"{type(self).__name__}({name!r}, split={split!r})")
+        self.sanitizer = ImageSanitizer(resolution, min_size=min_size, crop=crop, seed=seed)
+        self.seed = seed
+        self.image_column, self.caption_column = image_column, caption_column
+        self.conditioning_column, self.depth_column = conditioning_column, depth_column
+        dataset = self._open(name, split, load_kwargs)
+        wanted = {"image_column": image_column, "caption_column": caption_column,
+                  "conditioning_column": conditioning_column, "depth_column": depth_column}
+        columns = dataset.column_names
+        for option, column in wanted.items():
+            if columns is not None and column is not None and column not in columns:
+                extra = " or None" if option != "image_column" else ""
+                raise KeyError(f"{self.name} has no column {column!r} ({option}); available columns: {list(columns)}. "
+                               f"Set {option}= to one of them{extra}.")
+        import datasets
+
+        dataset = dataset.select_columns([c for c in dict.fromkeys(wanted.values()) if c is not None])
+        features = dataset.features or {}
+        for column in (image_column, conditioning_column, depth_column):
+            if column is not None and isinstance(features.get(column), datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
+        self._opened(split)
+
+    def _open(self, name: str, split: str, load_kwargs: dict[str, Any]):
+        raise NotImplementedError
+
+    def _opened(self, split: str) -> None:
+        """Called once ``self.dataset`` is set."""
+
+
+class HFDatasetSource(DatasetsColumns, IndexedSource):
     """A Hugging Face ``datasets`` dataset.
 
     A folder written by ``save_to_disk`` is read with ``load_from_disk``; anything else
@@ -84,52 +140,8 @@ class HFDatasetSource(IndexedSource):
         **load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
     """
 
-    def __init__(
-        self,
-        name_or_path: str | os.PathLike,
-        split: str = "train",
-        image_column: str = "image",
-        caption_column: str | None = "text",
-        conditioning_column: str | None = None,
-        depth_column: str | None = None,
-        resolution: int = 64,
-        *,
-        min_size: int | None = None,
-        crop: str = "center",
-        seed: int = 0,
-        **load_kwargs: Any,
-    ):
-        super().__init__(resolution, f"HFDatasetSource({os.fspath(name_or_path)!r}, split={split!r})")
-        self.sanitizer = ImageSanitizer(resolution, min_size=min_size, crop=crop, seed=seed)
-        self.seed = seed
-        dataset = self._open(os.fspath(name_or_path), split, load_kwargs)
-        columns = list(dataset.column_names)
-        wanted = {
-            "image_column": image_column,
-            "caption_column": caption_column,
-            "conditioning_column": conditioning_column,
-            "depth_column": depth_column,
-        }
-        for option, column in wanted.items():
-            if column is not None and column not in columns:
-                extra = " or None" if option != "image_column" else ""
-                raise KeyError(
-                    f"{self.name} has no column {column!r} ({option}); available columns: {columns}. "
-                    f"Set {option}= to one of them{extra}."
-                )
-        self.image_column = image_column
-        self.caption_column = caption_column
-        self.conditioning_column = conditioning_column
-        self.depth_column = depth_column
-        used = [c for c in dict.fromkeys(wanted.values()) if c is not None]
-        dataset = dataset.select_columns(used)
-        import datasets
-
-        for column in (image_column, conditioning_column, depth_column):
-            if column is not None and isinstance(dataset.features[column], datasets.Image):
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        self.dataset = dataset
-        if len(dataset) == 0:
+    def _opened(self, split: str) -> None:
+        if len(self.dataset) == 0:
             raise self.stats.empty_error(f"Split {split!r} has no rows.")
 
     def _open(self, name: str, split: str, load_kwargs: dict[str, Any]):

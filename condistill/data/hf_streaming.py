@@ -19,17 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from condistill.data.hf_datasets import decode_row, is_saved_dataset
-from condistill.data.images import ImageSanitizer
+from condistill.data.hf_datasets import DatasetsColumns, decode_row, is_saved_dataset
 from condistill.data.record import Record
-from condistill.data.sources import SPEC_FORMS, DataSource
+from condistill.data.source_base import SPEC_FORMS, ShardedSource
 
 __all__ = ["HFStreamingSource"]
 
 _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-class HFStreamingSource(DataSource):
+class HFStreamingSource(DatasetsColumns, ShardedSource):
     """A ``datasets`` dataset read as a stream, with the options of ``HFDatasetSource``.
 
     Row ``p`` of shard ``j`` has the key ``"<j>/<p>"``. The length is not known in advance.
@@ -41,45 +40,8 @@ class HFStreamingSource(DataSource):
         **load_kwargs: passed to ``datasets.load_dataset`` (with ``streaming=True``).
     """
 
-    def __init__(
-        self,
-        name_or_path: str | os.PathLike,
-        split: str = "train",
-        image_column: str = "image",
-        caption_column: str | None = "text",
-        conditioning_column: str | None = None,
-        depth_column: str | None = None,
-        resolution: int = 64,
-        *,
-        min_size: int | None = None,
-        crop: str = "center",
-        seed: int = 0,
-        **load_kwargs: Any,
-    ):
-        name = os.fspath(name_or_path)
-        super().__init__(resolution, f"HFStreamingSource({name!r}, split={split!r})")
-        self.sanitizer = ImageSanitizer(resolution, min_size=min_size, crop=crop, seed=seed)
-        self.seed = seed
-        self.image_column, self.caption_column = image_column, caption_column
-        self.conditioning_column, self.depth_column = conditioning_column, depth_column
-        dataset = self._open(name, split, load_kwargs)
-        columns = dataset.column_names
-        wanted = {"image_column": image_column, "caption_column": caption_column,
-                  "conditioning_column": conditioning_column, "depth_column": depth_column}
-        if columns is not None:
-            for option, column in wanted.items():
-                if column is not None and column not in columns:
-                    raise KeyError(f"{self.name} has no column {column!r} ({option}); available columns: {columns}. "
-                                   f"Set {option}= to one of them.")
-        import datasets
-
-        dataset = dataset.select_columns([c for c in dict.fromkeys(wanted.values()) if c is not None])
-        features = dataset.features or {}
-        for column in (image_column, conditioning_column, depth_column):
-            if column is not None and isinstance(features.get(column), datasets.Image):
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        self.dataset = dataset
-        self.shards = [str(j) for j in range(dataset.n_shards)]
+    def _opened(self, split: str) -> None:
+        self.shards = [str(j) for j in range(self.dataset.n_shards)]
 
     def _open(self, name: str, split: str, load_kwargs: dict[str, Any]):
         import datasets
@@ -109,20 +71,6 @@ class HFStreamingSource(DataSource):
         for position, row in enumerate(part):
             yield f"{index}/{position}", row
 
-    def count_samples(self, shard: str) -> int:
-        """How many rows :meth:`shard_samples` yields for ``shard`` (read, not decoded)."""
-        return sum(1 for _ in self.shard_samples(shard, report=False))
-
     def decode_sample(self, shard: str, key: str, row: dict[str, Any]) -> Record | None:
         """The record of one row, or ``None`` when it is unusable (counted in :attr:`stats` either way)."""
         return self.observe_decode(key, lambda: decode_row(self, row, key, {"shard": shard}))
-
-    def _iter_records(self) -> Iterator[Record]:
-        for shard in self.shards:
-            for key, row in self.shard_samples(shard):
-                record = self.decode_sample(shard, key, row)
-                if record is not None:
-                    yield record
-
-    def _empty_hint(self) -> str:
-        return f"Shards read: {len(self.shards)}."

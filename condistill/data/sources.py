@@ -18,16 +18,18 @@ sources with random access (everything except tar shards) also have ``__len__`` 
 ``user/dataset`` or a data folder      :class:`~condistill.data.hf_datasets.HFDatasetSource`
 =====================================  =============================================
 
-This module holds the base classes, :func:`open_source` and the registry of spec
-prefixes. One module per source kind holds the rest: :mod:`condistill.data.folder`,
-:mod:`condistill.data.hf_datasets` and :mod:`condistill.data.webdataset` (recognised
-from the path), and :mod:`condistill.world.source` (the ``synthetic`` prefix).
+This module holds :class:`RecordSequenceSource`, :func:`open_source` and the registry of
+spec prefixes; the base classes are in :mod:`condistill.data.source_base`. One module per
+source kind holds the rest: :mod:`condistill.data.folder`, :mod:`condistill.data.hf_datasets`,
+:mod:`condistill.data.hf_streaming` and :mod:`condistill.data.webdataset` (recognised from
+the path), and :mod:`condistill.world.source` (the ``synthetic`` prefix).
 
 How the pieces find each other without an import cycle:
 
-* the path-based kinds subclass the base classes here, so they import this module at
-  load time; this module imports them only inside :func:`open_source` (and the folder
-  classification it calls), when all of them are loaded;
+* the base classes (:class:`DataSource`, :class:`IndexedSource`, ``ShardedSource``), the spec
+  forms and ``caption_from_cell`` live in :mod:`condistill.data.source_base`, which imports no
+  source kind; the kinds import it, and this module imports the kinds (and re-exports the base
+  classes and :data:`SPEC_FORMS`, so ``from condistill.data.sources import DataSource`` works);
 * a prefix kind (a spec ``prefix`` or ``prefix:...``) registers an opener with
   :func:`register_source_kind`. When a spec's prefix is not registered, ``open_source``
   imports the module :data:`PACKAGED_KINDS` names for it (``synthetic`` ->
@@ -40,7 +42,6 @@ How the pieces find each other without an import cycle:
 """
 from __future__ import annotations
 
-import abc
 import functools
 import glob
 import importlib
@@ -49,15 +50,18 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from condistill.data.folder import ImageFolderSource
+from condistill.data.hf_datasets import HFDatasetSource, is_saved_dataset
+from condistill.data.hf_streaming import HFStreamingSource
 from condistill.data.images import IMAGE_EXTENSIONS, fit_record
 from condistill.data.record import Record
-from condistill.data.skips import EmptySourceError, SkipItem, SourceStats
+from condistill.data.skips import EmptySourceError
+from condistill.data.source_base import SPEC_FORMS, DataSource, IndexedSource
+from condistill.data.webdataset import TAR_SUFFIXES, WebDatasetSource, expand_braces, is_tar_name, tars_under
 
 __all__ = [
     "DataSource",
@@ -73,123 +77,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPEC_FORMS = (
-    "'synthetic', 'synthetic:heldout', 'synthetic:train:5000' (split and size), "
-    "a folder of images (png/jpg/jpeg/webp/bmp/tif, captions in name.txt or metadata.jsonl), "
-    "a folder written by datasets' save_to_disk, "
-    "webdataset .tar shards (a path, a glob, or a brace pattern like 'shard-{000..003}.tar'), "
-    "or a Hugging Face dataset id such as 'user/name' (read from the local cache when HF_HUB_OFFLINE=1)"
-)
 #: Entry-point group searched for spec prefixes that are not registered yet.
 ENTRY_POINT_GROUP = "condistill.data_sources"
 _DATA_FILE_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 _SPLIT_DIR_NAMES = ("train", "test", "validation", "val", "valid", "heldout", "eval")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _KIND_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-# ----------------------------------------------------------------------------- base
-
-
-class DataSource(abc.ABC):
-    """An iterable of :class:`Record` at a fixed square ``resolution``.
-
-    Iterating yields every usable record once; unusable items are skipped and counted in
-    :attr:`stats`. If a full pass yields nothing, iteration raises
-    :class:`~condistill.data.skips.EmptySourceError` explaining what was skipped and why.
-
-    Attributes:
-        resolution: side length of every yielded image.
-        stats: conversion and skip counts (:class:`SourceStats`).
-    """
-
-    def __init__(self, resolution: int, name: str):
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-        self.resolution = resolution
-        self.stats = SourceStats(name=name)
-
-    @property
-    def name(self) -> str:
-        """A short description of the source, used in messages."""
-        return self.stats.name
-
-    def observe_decode(self, key: str, decode: Callable[[], tuple[Record, Any]]) -> Record | None:
-        """``decode()`` -> ``(record, conversions)``, counted in :attr:`stats` under ``key``; ``None`` when it skips.
-
-        A :class:`~condistill.data.skips.SkipItem` raised by ``decode`` is counted as that item's skip.
-        """
-        try:
-            record, conversions = decode()
-        except SkipItem as exc:
-            self.stats.observe(key, skipped=exc)
-            return None
-        self.stats.observe(key, conversions)
-        return record
-
-    def __repr__(self) -> str:
-        return f"<{self.name}, resolution={self.resolution}>"
-
-    def __iter__(self) -> Iterator[Record]:
-        yielded = 0
-        for record in self._iter_records():
-            yielded += 1
-            yield record
-        if yielded == 0:
-            raise self.stats.empty_error(self._empty_hint())
-
-    @abc.abstractmethod
-    def _iter_records(self) -> Iterator[Record]:
-        """Yield usable records, counting every item in ``self.stats``."""
-
-    def _empty_hint(self) -> str:
-        return ""
-
-
-class IndexedSource(DataSource):
-    """A sized source with random access: ``len(source)`` items, ``source.load(i)``.
-
-    ``len`` counts candidate items; an item that turns out unusable is skipped
-    (:meth:`load` returns ``None``) and counted in :attr:`stats`.
-    """
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of candidate items."""
-
-    @abc.abstractmethod
-    def _key(self, index: int) -> str:
-        """The stable key of item ``index`` (known without decoding it)."""
-
-    @abc.abstractmethod
-    def _load(self, index: int) -> tuple[Record, list[str]]:
-        """Decode item ``index``; return ``(record, conversions)`` or raise :class:`SkipItem`."""
-
-    def load(self, index: int) -> Record | None:
-        """Load item ``index`` (negative counts from the end).
-
-        Returns:
-            The record, or ``None`` if the item is unusable (the reason is counted in
-            :attr:`stats`).
-
-        Raises:
-            IndexError: if ``index`` is out of range.
-        """
-        n = len(self)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {self.name} with {n} items")
-        return self.observe_decode(self._key(index), lambda: self._load(index))
-
-    def _iter_records(self) -> Iterator[Record]:
-        for index in range(len(self)):
-            record = self.load(index)
-            if record is not None:
-                yield record
 
 
 # ------------------------------------------------------------------------ sequences
@@ -312,10 +205,6 @@ def _find_opener(text: str) -> SourceOpener | None:
 
 def _classify_folder(path: Path) -> str:
     """``"saved"``, ``"data"``, ``"images"``, ``"shards"`` or ``"empty"``."""
-    from condistill.data.folder import ImageFolderSource
-    from condistill.data.hf_datasets import is_saved_dataset
-    from condistill.data.webdataset import is_tar_name
-
     if is_saved_dataset(path):
         return "saved"
     has_images = has_tars = has_columnar = has_text_data = False
@@ -400,16 +289,10 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
         FileNotFoundError: the spec is no existing path and not a plausible dataset id.
         ValueError: an option the chosen source does not take, or a malformed spec.
     """
-    from condistill.data.folder import ImageFolderSource
-    from condistill.data.hf_datasets import HFDatasetSource
-    from condistill.data.webdataset import TAR_SUFFIXES, WebDatasetSource, expand_braces, is_tar_name, tars_under
-
     streaming = options.pop("streaming", False)
     if not isinstance(streaming, bool):
         raise ValueError(f"the data option streaming must be true or false, got {streaming!r}")
-    hf_kind = HFDatasetSource
-    if streaming:
-        from condistill.data.hf_streaming import HFStreamingSource as hf_kind
+    hf_kind = HFStreamingSource if streaming else HFDatasetSource
     if isinstance(spec, (list, tuple)):
         return construct_source(WebDatasetSource, options, urls=list(spec), resolution=resolution)
     if not isinstance(spec, (str, os.PathLike)):

@@ -45,7 +45,7 @@ from condistill.data.dataset import DATA_EVENTS_KEY, build_item, check_condition
 from condistill.data.images import fit_record
 from condistill.data.record import Record
 from condistill.data.skips import EmptySourceError, SourceStats
-from condistill.data.sources import DataSource, IndexedSource
+from condistill.data.source_base import DataSource, IndexedSource
 from condistill.seeding import derive_seed, numpy_rng
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER", "StreamingConditionDataset", "batches_before", "is_streaming", "item_seed"]

@@ -19,11 +19,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from condistill.data.folder import caption_from_cell
 from condistill.data.images import ImageSanitizer
 from condistill.data.record import Record
 from condistill.data.skips import SkipItem
-from condistill.data.sources import DataSource
+from condistill.data.source_base import ShardedSource, caption_from_cell
 
 __all__ = ["WebDatasetSource", "expand_braces", "expand_shards", "is_tar_name", "tars_under", "TAR_SUFFIXES"]
 
@@ -107,7 +106,7 @@ def expand_shards(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return list(dict.fromkeys(shards))
 
 
-class WebDatasetSource(DataSource):
+class WebDatasetSource(ShardedSource):
     """Samples from webdataset-format tar shards, read with the standard ``tarfile``.
 
     Members are grouped into samples by key (the member path up to the first dot of its
@@ -151,16 +150,6 @@ class WebDatasetSource(DataSource):
         self.caption_keys = tuple(caption_keys)
         self.conditioning_extension = conditioning_extension.lower().lstrip(".") if conditioning_extension else None
 
-    def _empty_hint(self) -> str:
-        return f"Shards read: {len(self.shards)}."
-
-    def _iter_records(self) -> Iterator[Record]:
-        for shard in self.shards:
-            for key, members in self.shard_samples(shard):
-                record = self.decode_sample(shard, key, members)
-                if record is not None:
-                    yield record
-
     # ------------------------------------------------------------------ one shard at a time
     def shard_samples(self, shard: str, report: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Yield ``(key, {extension: bytes})`` for each complete sample of one shard, in file order.
@@ -170,10 +159,6 @@ class WebDatasetSource(DataSource):
         (for a second pass, e.g. :meth:`count_samples`).
         """
         return self._samples(shard, report)
-
-    def count_samples(self, shard: str) -> int:
-        """How many samples :meth:`shard_samples` yields for ``shard`` (the shard is read, nothing decoded)."""
-        return sum(1 for _ in self._samples(shard, report=False))
 
     def decode_sample(self, shard: str, key: str, members: dict[str, bytes]) -> Record | None:
         """The record of one sample, or ``None`` when it is unusable; counted in :attr:`stats`

@@ -168,3 +168,31 @@ def test_a_broken_entry_point_warns_and_its_own_prefix_names_the_failure(tmp_pat
         "ImportError: the data source kind 'broken' comes from entry point 'broken' of group "
         "'condistill.data_sources', which failed to load: No module named 'no_such_module_xyz'"
     )
+
+
+def _imports(module: Path) -> set[str]:
+    """The ``condistill`` modules a file imports, anywhere in it (deferred imports included)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("condistill"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("condistill"))
+    return found
+
+
+def test_the_source_kinds_do_not_import_the_dispatcher():
+    # sources.py (open_source) imports the kinds; the kinds take their base classes from source_base.py,
+    # so the imports go one way and none of them is deferred to break a circle
+    data = Path(__file__).resolve().parents[2] / "condistill" / "data"
+    kinds = ("folder", "hf_datasets", "hf_streaming", "webdataset", "source_base")
+    for kind in kinds:
+        assert "condistill.data.sources" not in _imports(data / f"{kind}.py"), kind
+    assert {f"condistill.data.{k}" for k in kinds} <= _imports(data / "sources.py")
+    from condistill.data.folder import caption_from_cell
+    from condistill.data.source_base import DataSource, IndexedSource, caption_from_cell as shared
+    from condistill.data.sources import DataSource as old_data_source, IndexedSource as old_indexed_source
+
+    assert (caption_from_cell, old_data_source, old_indexed_source) == (shared, DataSource, IndexedSource)
