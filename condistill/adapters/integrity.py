@@ -26,15 +26,14 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from condistill.adapters.student import (
+from condistill.adapters.errors import (
+    REEXPORT,
     AdapterWeightsError,
-    Student,
-    available_adapters,
-    build_student,
     check_state_dict_keys,
     check_state_dict_shapes,
-    get_adapter_class,
+    name_list,
 )
+from condistill.adapters.registry import available_adapters, build_student, get_adapter_class
 
 __all__ = [
     "REEXPORT",
@@ -48,22 +47,11 @@ __all__ = [
     "load_stock_module",
 ]
 
-#: What the user can do about damaged or mismatched adapter files (ends every message).
-REEXPORT = (
-    "Re-export the adapter with condistill.adapters.save_load.save_adapter (or re-download it); "
-    "do not edit its files by hand."
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
-_MAX_NAMES = 5
 
 
-def _names(names: list[str]) -> str:
-    more = f" (and {len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else ""
-    return f"{names[:_MAX_NAMES]}{more}"
-
-
-def adapter_class_for(config: Mapping[str, Any], source) -> type[Student]:
+def adapter_class_for(config: Mapping[str, Any], source) -> type:
     """The :class:`Student` class of an adapter config, after checking its kind and weight_files.
 
     Raises:
@@ -82,7 +70,7 @@ def adapter_class_for(config: Mapping[str, Any], source) -> type[Student]:
     return cls
 
 
-def check_components(cls: type[Student], weight_files, source) -> None:
+def check_components(cls: type, weight_files, source) -> None:
     """``weight_files`` must map exactly ``cls.weight_components`` to relative file paths."""
     if not isinstance(weight_files, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in weight_files.items()
@@ -150,7 +138,7 @@ def _shards(index: Path, folder: Path, component: str) -> list[Path]:
 
 
 def resolve_weight_files(
-    folder: str | os.PathLike, cls: type[Student], weight_files: Mapping[str, str] | None = None
+    folder: str | os.PathLike, cls: type, weight_files: Mapping[str, str] | None = None
 ) -> dict[str, Path]:
     """``{component: path}`` of an adapter's weight files, each checked to exist and be safetensors.
 
@@ -216,14 +204,14 @@ def check_weight_tensors(
         if bad:
             raise AdapterWeightsError(
                 f"The weights in {path} hold non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
-                f"{_names(sorted(bad))}. The adapter is damaged or its training diverged. {REEXPORT}"
+                f"{name_list(sorted(bad))}. The adapter is damaged or its training diverged. {REEXPORT}"
             )
         states[component] = state
     return states
 
 
 def read_checked_weights(
-    student: Student, folder: str | os.PathLike, weight_files: Mapping[str, str] | None = None
+    student, folder: str | os.PathLike, weight_files: Mapping[str, str] | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The training side: ``{component: state}`` of an adapter's files, checked against ``student``."""
     files = resolve_weight_files(folder, type(student), weight_files)
@@ -232,7 +220,7 @@ def read_checked_weights(
     return states
 
 
-def student_from_config(config: Mapping[str, Any], unet, source) -> Student:
+def student_from_config(config: Mapping[str, Any], unet, source):
     """A student of the config's kind built from its ``adapter_options`` around ``unet`` (or a Base)."""
     cls = adapter_class_for(config, source)
     options = config.get("adapter_options")

@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
+
+from condistill.adapters.errors import AdapterWeightsError, check_state_dict_keys, check_state_dict_shapes
+from condistill.adapters.integrity import read_checked_weights
+from condistill.adapters.registry import add_adapter_class, available_adapters, build_student, get_adapter_class
 
 __all__ = [
     "Student",
@@ -45,116 +49,11 @@ __all__ = [
     "base_family",
 ]
 
-_REGISTRY: dict[str, type["Student"]] = {}
-
-
-class AdapterWeightsError(ValueError):
-    """Adapter files that cannot be used: damaged, incomplete, pickled, non-finite, or not fitting.
-
-    Raised for missing / unexpected tensors, wrong shapes, NaN/Inf weights, missing or
-    non-safetensors weight files and configs whose ``kind`` does not match their files; the
-    message names the file and tensors and says what to do (re-export or re-download).
-    """
-
-
 def register_adapter(name: str, cls: type["Student"]) -> None:
     """Register the :class:`Student` subclass ``cls`` under ``name`` (one call per adapter module)."""
     if not (isinstance(cls, type) and issubclass(cls, Student)):
         raise TypeError(f"register_adapter({name!r}, ...) needs a Student subclass, got {cls!r}.")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"An adapter named {name!r} is already registered ({_REGISTRY[name].__name__}).")
-    _REGISTRY[name] = cls
-
-
-def available_adapters() -> list[str]:
-    """Names of the registered adapter kinds, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get_adapter_class(name: str) -> type["Student"]:
-    """The :class:`Student` subclass registered as ``name``; a clear error lists the options."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown adapter kind {name!r}; choose one of {available_adapters()}.") from None
-
-
-def build_student(kind: str, unet, condition_channels: int, **options) -> "Student":
-    """Build a student of adapter ``kind`` around a frozen UNet.
-
-    Args:
-        kind: a registered adapter name (:func:`available_adapters`): ``"controlnet"``,
-            ``"t2i_adapter"`` or ``"lora"``.
-        unet: the teacher's ``UNet2DConditionModel``, or a :class:`condistill.frozen.Base`
-            (then its UNet and ``vae_scale_factor`` are used).
-        condition_channels: channels ``C`` of the condition tensor ``[B, C, H, W]``.
-        **options: kind-specific options (see each class), plus ``vae_scale_factor``
-            (pixels per latent pixel, 8 for SD): taken from the base when a
-            :class:`~condistill.frozen.Base` is passed, required with a bare UNet.
-
-    Trainable parameter names (:meth:`Student.trainable_named_parameters`) are the student's
-    own ``named_parameters()`` names (``controlnet.*``, ``adapter.*``, ``unet.*lora*``), so an
-    EMA keyed by them can be swapped into the student directly.
-
-    Note:
-        ``lora`` injects LoRA layers into the UNet *in place*; they are switched on only inside
-        the student's own forward, so the UNet called directly stays the teacher.
-    """
-    cls = get_adapter_class(kind)
-    from condistill.frozen import Base
-
-    if isinstance(unet, Base):
-        base_factor = unet.vae_scale_factor
-        if options.get("vae_scale_factor", base_factor) != base_factor:
-            raise ValueError(
-                f"vae_scale_factor={options['vae_scale_factor']} contradicts the base's VAE factor "
-                f"{base_factor}; leave it out when passing a Base."
-            )
-        options["vae_scale_factor"] = base_factor
-        unet = unet.unet
-    return cls(unet, condition_channels, **options)
-
-
-_FIT_HINT = (
-    "If you built the student yourself, build it with the same adapter kind, options and base as the "
-    "saved adapter (condistill.adapters.save_load.load_student does this from condistill_config.json); "
-    "otherwise the adapter's files are damaged or incomplete: re-export it with save_adapter or re-download it."
-)
-
-
-def check_state_dict_keys(expected: Iterable[str], found: Iterable[str], source: str, max_names: int = 5) -> None:
-    """Raise :class:`AdapterWeightsError` when ``found`` keys differ from ``expected`` keys.
-
-    The message names up to ``max_names`` missing and unexpected keys and says what to do.
-    """
-    expected, found = set(expected), set(found)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if not missing and not unexpected:
-        return
-    parts = []
-    if missing:
-        more = f" (and {len(missing) - max_names} more)" if len(missing) > max_names else ""
-        parts.append(f"{len(missing)} missing key(s): {missing[:max_names]}{more}")
-    if unexpected:
-        more = f" (and {len(unexpected) - max_names} more)" if len(unexpected) > max_names else ""
-        parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:max_names]}{more}")
-    raise AdapterWeightsError(
-        f"The weights in {source} do not fit this student: " + "; ".join(parts) + ". " + _FIT_HINT
-    )
-
-
-def check_state_dict_shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`AdapterWeightsError` naming the first tensors whose shapes differ."""
-    bad = [
-        f"{k}: saved {tuple(found[k].shape)} vs student {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and tuple(found[k].shape) != tuple(v.shape)
-    ]
-    if bad:
-        raise AdapterWeightsError(
-            f"The weights in {source} have the wrong shape for this student ({len(bad)} tensors, e.g. "
-            f"{bad[:3]}). " + _FIT_HINT
-        )
+    add_adapter_class(name, cls)
 
 
 def pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.json", revision=None) -> Path:
@@ -277,8 +176,6 @@ class Student(nn.Module):
         Raises:
             AdapterWeightsError: naming the file and tensors that fail a check.
         """
-        from condistill.adapters.integrity import read_checked_weights
-
         self._load_file_states(read_checked_weights(self, folder, weight_files))
 
     @classmethod
