@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from condistill.files import replace_file, write_text
+
 __all__ = ["CARD_NAME", "SAMPLES_NAME", "NO_RESULTS", "write_model_card", "render_card", "update_results",
            "record_eval", "read_front_matter", "base_license", "set_card_source", "base_code", "with_base",
            "is_embedded_base"]
@@ -314,33 +316,42 @@ def _results_block(text: str) -> str | None:
     return None if block == NO_RESULTS else block
 
 
-def write_model_card(run: str | os.PathLike, *, num_processes: int = 1, keep_results: bool = False) -> Path:
-    """Write ``RUN/README.md`` (and ``RUN/samples.png`` from the last validation grid); return the card path.
+def write_model_card(folder: str | os.PathLike, *, run: str | os.PathLike | None = None,
+                     source: str | os.PathLike | None = None, num_processes: int = 1, keep_results: bool = False) -> Path:
+    """Write ``FOLDER/README.md`` (and ``FOLDER/samples.png`` from the last validation grid); return the card path.
 
     Args:
-        run: an export folder (``condistill_config.json`` at its root; ``config.json`` from training).
+        folder: an export folder (``condistill_config.json`` at its root).
+        run: the training run folder that holds ``config.json`` and ``validation/`` (and that the
+            card's snippets load from); default ``folder`` (runs written before exports moved to
+            ``RUN/adapter/``), or its parent when ``folder`` is a run's ``adapter/``.
+        source: the folder the card's snippets load from (default ``folder``; a run writes its card
+            into a staging folder that becomes ``RUN/adapter``, and passes that).
         num_processes: training processes, for the images-seen count.
         keep_results: keep the results section of an existing card (training starts a fresh one:
             new weights make an old measurement stale).
     """
     from condistill.adapters.save_load import CONFIG_NAME
 
+    folder = Path(folder)
+    if run is None:
+        run = folder.parent if folder.name == "adapter" and (folder.parent / "config.json").is_file() else folder
     run = Path(run)
-    config = json.loads((run / CONFIG_NAME).read_text())
+    config = json.loads((folder / CONFIG_NAME).read_text())
     train_path = run / "config.json"
     train = json.loads(train_path.read_text()) if train_path.is_file() else None
     grid = _last_grid(run, (config.get("extra") or {}).get("steps_trained"))
     if grid is not None:
-        shutil.copyfile(grid, run / SAMPLES_NAME)
-    scheduler = run / str(config.get("scheduler") or "scheduler/scheduler_config.json")
+        replace_file(folder / SAMPLES_NAME, lambda tmp: shutil.copyfile(grid, tmp))
+    scheduler = folder / str(config.get("scheduler") or "scheduler/scheduler_config.json")
     stochastic = json.loads(scheduler.read_text()).get("stochastic") if scheduler.is_file() else None
     results = None
-    card = run / CARD_NAME
+    card = folder / CARD_NAME
     if keep_results and card.is_file():
         results = _results_block(card.read_text(encoding="utf-8"))
-    text = render_card(config, train, num_processes=num_processes, samples=(run / SAMPLES_NAME).is_file(),
-                       results=results, source=str(run), stochastic=stochastic)
-    card.write_text(text, encoding="utf-8")
+    text = render_card(config, train, num_processes=num_processes, samples=(folder / SAMPLES_NAME).is_file(),
+                       results=results, source=str(source or folder), stochastic=stochastic)
+    write_text(card, text)
     return card
 
 
@@ -349,14 +360,16 @@ def update_results(run: str | os.PathLike, table: str, command: str) -> Path:
 
     A run without a card gets one first; only the text between the results markers changes.
     """
-    run = Path(run)
-    card = run / CARD_NAME
+    from condistill.adapters.save_load import find_adapter_dir
+
+    folder = find_adapter_dir(run)
+    card = folder / CARD_NAME
     if not card.is_file() or RESULTS_START not in card.read_text(encoding="utf-8"):
-        write_model_card(run)
+        write_model_card(folder)
     text = card.read_text(encoding="utf-8")
     start, end = text.index(RESULTS_START) + len(RESULTS_START), text.index(RESULTS_END)
     block = f"Measured with `{command}`:\n\n{table.strip()}"
-    card.write_text(text[:start] + "\n" + block + "\n" + text[end:], encoding="utf-8")
+    write_text(card, text[:start] + "\n" + block + "\n" + text[end:])
     return card
 
 
@@ -373,19 +386,37 @@ def _eval_command(options: Mapping[str, Any]) -> str:
     return shlex.join(words)
 
 
+def export_identity(student: str | os.PathLike) -> str | None:
+    """A digest of a local export's ``condistill_config.json`` (it changes with every new export, its
+    checksums and steps included), or ``None`` for a hub id or a folder that is not an export."""
+    from condistill.adapters.save_load import CONFIG_NAME, find_adapter_dir
+    from condistill.files import sha256_file
+
+    try:
+        return sha256_file(find_adapter_dir(Path(student).expanduser()) / CONFIG_NAME)
+    except OSError:
+        return None
+
+
 def record_eval(student: str, table: str, options: Mapping[str, Any],
-                log: Callable[[str], None] | None = None) -> Path | None:
+                log: Callable[[str], None] | None = None, measured: str | None = None) -> Path | None:
     """After ``condistill eval --student RUN``: record ``table`` in RUN's card (a local export only).
 
-    ``options`` are the eval command's parsed options (they become the recorded command). A
-    hub id or a folder that is not an export is left alone; returns the card path or None.
+    ``options`` are the eval command's parsed options (they become the recorded command).
+    ``measured``: :func:`export_identity` of the export when the evaluation loaded it; when the export
+    has been replaced since (a continuing run wrote a new one), the table is not recorded (``log``
+    says so): it measured the old weights. A hub id or a folder that is not an export is left
+    alone; returns the card path or None.
     """
-    from condistill.adapters.save_load import CONFIG_NAME
-
-    run = Path(student).expanduser()
-    if not (run / CONFIG_NAME).is_file():
+    now = export_identity(student)
+    if now is None:
         return None
-    card = update_results(run, table, _eval_command(options))
+    if measured is not None and now != measured:
+        if log is not None:
+            log(f"not recording the results in the card of {student}: its export was replaced while the evaluation "
+                "ran (they measured the previous one); evaluate it again")
+        return None
+    card = update_results(student, table, _eval_command(options))
     if log is not None:
         log(f"recorded the results in {card}")
     return card

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["PushError", "export_files", "push_to_hub", "push_main"]
+__all__ = ["PushError", "export_folder", "export_files", "push_to_hub", "push_main"]
 
 
 class PushError(RuntimeError):
@@ -29,6 +29,22 @@ def _files_under(folder: Path, root: Path) -> list[str]:
                   if p.is_file() and not p.name.startswith(".") and "/." not in p.relative_to(root).as_posix())
 
 
+def export_folder(run: str | os.PathLike) -> Path:
+    """The export folder of ``run``: ``RUN/adapter`` (or ``RUN`` itself for an export folder and for runs
+    written before exports moved there).
+
+    Raises:
+        PushError: ``run`` holds no ``condistill_config.json``.
+    """
+    from condistill.adapters.save_load import CONFIG_NAME, find_adapter_dir
+
+    try:
+        return find_adapter_dir(Path(run))
+    except FileNotFoundError:
+        raise PushError(f"{run} is not an adapter export (no {CONFIG_NAME}); push the run folder that "
+                        "`condistill train` wrote") from None
+
+
 def export_files(run: str | os.PathLike) -> list[str]:
     """The paths (relative, posix, sorted) of ``run``'s export that a push uploads.
 
@@ -36,14 +52,11 @@ def export_files(run: str | os.PathLike) -> list[str]:
         PushError: ``run`` is not an export (no readable ``condistill_config.json``, a weight
             file missing).
     """
-    from condistill.adapters.save_load import CONFIG_NAME, SCHEDULER_SUBFOLDER, read_adapter_config
+    from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, read_adapter_config
 
     from .card import CARD_NAME, SAMPLES_NAME
 
-    run = Path(run)
-    if not (run / CONFIG_NAME).is_file():
-        raise PushError(f"{run} is not an adapter export (no {CONFIG_NAME}); push the run folder that "
-                        "`condistill train` wrote")
+    run = export_folder(run)
     try:
         config = read_adapter_config(run)
     except (OSError, ValueError) as error:
@@ -83,7 +96,7 @@ def push_to_hub(run: str | os.PathLike, repo_id: str, *, private: bool = False, 
     """Create ``repo_id`` (if needed) and upload ``run``'s export to it in one commit; return the commit URL.
 
     Args:
-        run: the run folder (the export at its root).
+        run: the run folder (its export in ``adapter/``), or an export folder.
         repo_id: ``org/name`` of a model repository.
         private: create the repository private (an existing one keeps its visibility).
         revision: branch to commit to (created from main when missing); default main.
@@ -97,11 +110,9 @@ def push_to_hub(run: str | os.PathLike, repo_id: str, *, private: bool = False, 
     """
     import json
 
-    from condistill.adapters.save_load import CONFIG_NAME
-
     from .card import CARD_NAME, set_card_source, write_model_card
 
-    run = Path(run)
+    run = export_folder(run)
     files = export_files(run)
     if _offline():
         raise PushError("the Hugging Face hub is in offline mode (HF_HUB_OFFLINE=1): unset it to push")
@@ -115,7 +126,7 @@ def push_to_hub(run: str | os.PathLike, repo_id: str, *, private: bool = False, 
     if CARD_NAME not in files:  # an export from before model cards: write its card now
         write_model_card(run)
         files = export_files(run)
-    config = json.loads((run / CONFIG_NAME).read_text())
+    config = json.loads((run / "condistill_config.json").read_text())
     message = commit_message or (f"Upload condistill {config['kind']} adapter ({config['condition_name']}, "
                                  f"{(config.get('extra') or {}).get('steps_trained', '?')} steps)")
     operations = []

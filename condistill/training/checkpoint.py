@@ -10,20 +10,13 @@ A checkpoint folder ``checkpoints/step-XXXXXXX`` holds:
   and its global batch (images per optimizer step, all processes and accumulation together), and
   the health record.
 
-Health. Every checkpoint records in ``state.json["health"]`` whether a run may continue from it.
-Two per-step series are watched: the training loss (every step's, not only the logged ones) and
-the largest absolute adapter weight after the step. A checkpoint is healthy when its online and
-EMA weights are all finite and, for each series, the mean over the last :data:`HEALTH_WINDOW`
-(K) steps is finite and at most :data:`HEALTH_FACTOR` (M) times the median of the means of the
-earlier K-step windows (steps ``1..K``, ``K+1..2K``, ...: those that end before the last K steps
-begin, the newest :data:`HEALTH_HISTORY`). The weights before the first step are the first
-weight window, so a checkpoint whose weights exploded in its very first step is unhealthy; with
-no earlier loss window the loss is only checked for finiteness.
-
-Checkpoints written before the health record existed count as healthy. ``--resume latest``
-(:func:`resolve_resume`) picks the newest healthy checkpoint and says which (and which unhealthy
-ones it skipped); an unhealthy checkpoint passed by path is refused, naming the last healthy one.
-Pruning always keeps the newest healthy checkpoint, even beyond ``keep``.
+Health (:mod:`condistill.training.health`). Every checkpoint records in ``state.json["health"]``
+whether a run may continue from it. ``--resume latest`` (:func:`resolve_resume`) picks the newest
+healthy checkpoint; an unhealthy checkpoint passed by path is refused, naming the last healthy one.
+A checkpoint found unhealthy when it is written goes to ``checkpoints/unhealthy/`` instead, and an
+unhealthy checkpoint that a resume passes over is moved there: kept and reported, never counted by
+pruning, never removed. ``loss.jsonl`` lines that a resume past such checkpoints cuts are kept
+beside them (``checkpoints/unhealthy/loss-after-step-XXXXXXX.jsonl``).
 
 Disk safety. A checkpoint is written under ``.tmp-step-*``; every file and the folder are fsynced
 before the folder is renamed to ``step-*``, and the parent folder after. A checkpoint leaves the
@@ -41,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -49,18 +41,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from condistill.files import fsync as _fsync
+from condistill.files import set_shared_mode
 from condistill.seeding import global_rng_state, set_global_rng_state
+from condistill.training.health import HEALTH_FACTOR, HEALTH_WINDOW, RunHealth, max_abs_weight, non_finite
 
 PREFIX = "step-"
 TMP = ".tmp-"
 TRASH = ".trash-"
 CHECKPOINT_FILES = ("online.safetensors", "ema.safetensors", "training_state.pt", "state.json")
-#: K: the health rule compares the mean loss (and largest |weight|) of the last K steps ...
-HEALTH_WINDOW = 10
-#: M: ... with M times the median of the earlier K-step windows' means
-HEALTH_FACTOR = 10.0
-#: how many earlier window means a checkpoint remembers (the median runs over these)
-HEALTH_HISTORY = 1000
+#: where unhealthy checkpoints are kept, inside ``checkpoints/``
+UNHEALTHY = "unhealthy"
 
 _logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -91,89 +82,24 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return _list(checkpoint_dir(output_dir))
 
 
-class _Series:
-    """One per-step quantity: its last K values, the open K-step window, the means of closed windows."""
-
-    def __init__(self, state: dict | None = None):
-        state = state or {}
-        self.recent: list[tuple[int, float]] = [(int(s), float(v)) for s, v in state.get("recent", [])]
-        self.pending: list[float] = [float(v) for v in state.get("pending", [])]
-        self.windows: list[tuple[int, float]] = [(int(s), float(v)) for s, v in state.get("windows", [])]
-
-    def add(self, step: int, value: float) -> None:
-        self.recent = (self.recent + [(step, float(value))])[-HEALTH_WINDOW:]
-        self.pending.append(float(value))
-        if step % HEALTH_WINDOW == 0:
-            self.windows = (self.windows + [(step, sum(self.pending) / len(self.pending))])[-HEALTH_HISTORY:]
-            self.pending = []
-
-    def verdict(self, what: str) -> tuple[bool, str]:
-        if not self.recent:
-            return True, f"no {what} recorded yet"
-        first, last = self.recent[0][0], self.recent[-1][0]
-        values = [v for _, v in self.recent]
-        mean = sum(values) / len(values)
-        where = f"the mean {what} of steps {first}-{last} is {mean:.4g}"
-        if not all(math.isfinite(v) for v in values) or not math.isfinite(mean):
-            return False, f"{where} (not finite)"
-        earlier = [m for end, m in self.windows if end < first and math.isfinite(m)]
-        if not earlier or statistics.median(earlier) <= 0:
-            return True, f"{where} (finite; nothing earlier to compare with)"
-        median = statistics.median(earlier)
-        compared = f"{HEALTH_FACTOR:g} x the median {median:.4g} of the {len(earlier)} earlier windows"
-        if mean > HEALTH_FACTOR * median:
-            return False, f"{where}, above {compared} (it is exploding)"
-        return True, f"{where}, within {compared}"
-
-    def state_dict(self) -> dict:
-        return {"recent": [list(x) for x in self.recent], "pending": list(self.pending),
-                "windows": [list(x) for x in self.windows]}
+def list_unhealthy(output_dir: str | Path) -> list[Path]:
+    """The checkpoints kept under ``checkpoints/unhealthy/``, oldest first."""
+    return _list(checkpoint_dir(output_dir) / UNHEALTHY)
 
 
-def max_abs_weight(params: dict[str, torch.Tensor]) -> float:
-    """The largest ``|w|`` over the adapter tensors (NaN if any is NaN, inf if any is inf); one sync."""
-    norms = [torch.linalg.vector_norm(p.detach(), ord=math.inf).float() for p in params.values() if p.numel()]
-    return float(torch.stack(norms).max()) if norms else 0.0
+def set_aside(path: Path, log: Log | None = None) -> Path:
+    """Move the checkpoint ``path`` into ``checkpoints/unhealthy/`` (kept, out of resume's and pruning's way)."""
+    root = path.parent / UNHEALTHY if path.parent.name != UNHEALTHY else path.parent
+    root.mkdir(exist_ok=True)
+    target = root / path.name
+    if target.exists():  # the same step written unhealthy twice: keep both
+        target = root / f"{path.name}-{len(list(root.glob(path.name + '*')))}"
+    os.rename(path, target)
+    _fsync(path.parent)
+    (log or _logger.info)(f"kept the unhealthy checkpoint {path.name} as {target} ({checkpoint_health(target)[1]})")
+    return target
 
 
-class RunHealth:
-    """The per-step losses and largest adapter weights a checkpoint's health verdict reads (module docstring)."""
-
-    def __init__(self, state: dict | None = None):
-        state = state or {}
-        self.loss = _Series(state.get("loss"))
-        self.weights = _Series(state.get("max_abs_weight"))
-
-    @classmethod
-    def start(cls, resume_from: Path | None, params: dict[str, torch.Tensor]) -> "RunHealth":
-        """The history of a run that starts from ``resume_from`` (``None``: fresh) with ``params`` loaded."""
-        state = read_state(resume_from) if resume_from else {}
-        health = cls(state.get("health", {}).get("history"))
-        if not (health.weights.windows or health.weights.recent):
-            # the weights before the first step (or of a checkpoint without history) are the first reference
-            health.weights.windows.append((int(state.get("step", 0)), max_abs_weight(params)))
-        return health
-
-    def add(self, step: int, loss: float, max_abs: float | None = None) -> None:
-        """Record the loss of (1-based) ``step`` and the largest adapter weight after it."""
-        self.loss.add(step, loss)
-        if max_abs is not None:
-            self.weights.add(step, max_abs)
-
-    def verdict(self) -> tuple[bool, str]:
-        """``(healthy, reason)`` of the steps recorded so far."""
-        (a, why_a), (b, why_b) = self.loss.verdict("loss"), self.weights.verdict("largest |adapter weight|")
-        return a and b, f"{why_a}; {why_b}"
-
-    def state_dict(self) -> dict:
-        return {"loss": self.loss.state_dict(), "max_abs_weight": self.weights.state_dict()}
-
-
-def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    if not tensors:
-        return []
-    flags = torch.stack([torch.isfinite(t.detach()).all() for t in tensors.values()]).cpu().tolist()
-    return [name for name, ok in zip(tensors, flags) if not ok]
 
 
 def read_state(path: Path) -> dict:
@@ -224,7 +150,7 @@ def check_step(output_dir, step: int, loss: float, params: dict[str, torch.Tenso
         raise divergence_error(output_dir, step, f"the loss became {loss}", learning_rate, mixed_precision)
     largest = max_abs_weight(params)
     if not math.isfinite(largest):
-        bad = _non_finite(params)
+        bad = non_finite(params)
         raise divergence_error(output_dir, step, f"the adapter weights became non-finite after the optimizer step "
                                f"(NaN/inf gradients or an overflowing update; e.g. {', '.join(bad[:3])})",
                                learning_rate, mixed_precision)
@@ -279,8 +205,9 @@ def resolve_resume(output_dir: str | Path, resume: str | None, log: Log | None =
                                 f"or another folder under {checkpoint_dir(output_dir)}")
     healthy, reason = checkpoint_health(path)
     if not healthy:
-        good = _last_healthy_in(path.parent)
-        hint = f"the last healthy one is {good}" if good else f"no checkpoint in {path.parent} is healthy"
+        root = path.parent.parent if path.parent.name == UNHEALTHY else path.parent
+        good = _last_healthy_in(root)
+        hint = f"the last healthy one is {good}" if good else f"no checkpoint in {root} is healthy"
         raise UnhealthyCheckpointError(f"checkpoint {path} is unhealthy ({reason}); refusing to resume from it: {hint}")
     return path
 
@@ -292,13 +219,21 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def truncate_log(log_path: Path, step: int) -> int:
-    """Keep the lines of ``loss.jsonl`` with ``step <= step`` (none for 0); return how many were dropped."""
+def truncate_log(log_path: Path, step: int, keep_cut: Path | None = None) -> int:
+    """Keep the lines of ``loss.jsonl`` with ``step <= step`` (none for 0); return how many were dropped.
+
+    ``keep_cut``: a file the dropped lines are appended to first.
+    """
     log_path = Path(log_path)
     if not log_path.exists():
         return 0
     lines = log_path.read_text().splitlines()
     kept = [line for line in lines if _logged_step(line) <= step]
+    cut = [line for line in lines if _logged_step(line) > step]
+    if cut and keep_cut is not None:
+        keep_cut.parent.mkdir(parents=True, exist_ok=True)
+        with keep_cut.open("a") as f:
+            f.write("\n".join(cut) + "\n")
     if not kept:
         log_path.unlink()
     elif len(kept) < len(lines):
@@ -310,40 +245,42 @@ def truncate_log(log_path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
+    """The healthy checkpoints after ``step``: what resuming from ``step`` would delete."""
+    return [p for p in list_checkpoints(output_dir) if _step_of(p) > step and checkpoint_health(p)[0]]
+
+
 def reset_run_to(output_dir: str | Path, step: int, log_path: Path | None = None, log: Log | None = None) -> None:
     """Make the run folder describe a run at ``step`` (call once at start, on the main process).
 
-    Removes stale ``.tmp-*``/``.trash-*`` folders, moves away checkpoints after ``step`` (a
-    history the resumed run replaces) and cuts ``log_path`` (``loss.jsonl``) back to ``step``.
+    Removes stale ``.tmp-*``/``.trash-*`` folders; moves unhealthy checkpoints into
+    ``checkpoints/unhealthy/`` (kept); deletes healthy checkpoints after ``step`` (a history the
+    resumed run replaces: :func:`condistill.training.run_folder.check_losses` has refused this
+    without ``--overwrite``) and cuts ``log_path`` (``loss.jsonl``) back to ``step``. The lines cut
+    after an unhealthy checkpoint was set aside are kept beside it.
     """
     log = log or _logger.info
     root = checkpoint_dir(output_dir)
+    moved = []
     if root.is_dir():
         for p in root.iterdir():
             if p.is_dir() and p.name.startswith((TMP, TRASH)):
                 log(f"removing the stale folder {p} (left by an interrupted save or prune)")
                 shutil.rmtree(p, ignore_errors=True)
+        moved = [set_aside(p, log) for p in _list(root) if not checkpoint_health(p)[0]]
         later = [p for p in _list(root) if _step_of(p) > step]
         if later:
             log(f"removing checkpoints after step {step} ({', '.join(p.name for p in later)}): the run continues "
                 f"from step {step}")
         for p in later:
             _discard(p)
-    if log_path is not None:
-        dropped = truncate_log(log_path, step)
+    if log_path is not None:  # the lines of a stretch whose unhealthy checkpoints are kept are kept beside them
+        kept_later = moved or any(_step_of(p) > step for p in _list(root / UNHEALTHY))
+        keep = root / UNHEALTHY / f"loss-after-step-{step:07d}.jsonl" if kept_later else None
+        dropped = truncate_log(log_path, step, keep_cut=keep)
         if dropped and step:
-            log(f"cut {log_path} back to step {step} ({dropped} later lines removed)")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to the disk (folders cannot be opened for it on Windows)."""
-    if os.name == "nt" and Path(path).is_dir():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            where = f"; they are kept in {keep}" if keep else ""
+            log(f"cut {log_path} back to step {step} ({dropped} later lines removed{where})")
 
 
 def _discard(path: Path) -> None:
@@ -357,7 +294,10 @@ def _discard(path: Path) -> None:
 
 
 def prune(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints and the newest healthy one; return the deleted ones."""
+    """Delete all but the newest ``keep`` checkpoints and the newest healthy one; return the deleted ones.
+
+    Unhealthy checkpoints (in ``checkpoints/unhealthy/``) are neither counted nor deleted.
+    """
     found = list_checkpoints(output_dir)
     kept = set(found[-keep:])
     good = last_healthy(output_dir)
@@ -413,7 +353,7 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
                 "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()}}
     health = health or RunHealth()
     healthy, reason = health.verdict()
-    bad = _non_finite(online) + [f"ema:{k}" for k in _non_finite(ema_weights)]
+    bad = non_finite(online) + [f"ema:{k}" for k in non_finite(ema_weights)]
     if bad:
         healthy, reason = False, f"non-finite adapter weights ({', '.join(bad[:3])}); {reason}"
     global_batch = config.get("batch_size", 0) * processes * config.get("gradient_accumulation_steps", 1)
@@ -429,6 +369,7 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
         save_file(ema_weights, str(tmp / "ema.safetensors"))
         torch.save(training, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        set_shared_mode(tmp)  # 0644 files under umask 022 (safetensors writes 0600)
         for name in CHECKPOINT_FILES:
             _fsync(tmp / name)
         _fsync(tmp)
@@ -445,10 +386,15 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
                           f"removed and the earlier checkpoints ({kept}) are intact; free some space (or lower "
                           f"--keep-checkpoints) and continue with --resume latest") from err
         raise
-    if final.exists():
+    if not healthy:  # kept for inspection, never resumed from by 'latest', never pruned
+        (root / UNHEALTHY).mkdir(exist_ok=True)
+        final = root / UNHEALTHY / final.name
+        if final.exists():
+            final = final.with_name(f"{final.name}-{len(list(final.parent.glob(final.name + '*')))}")
+    elif final.exists():
         _discard(final)
     os.rename(tmp, final)
-    _fsync(root)
+    _fsync(final.parent)
     prune(output_dir, keep)
     return final
 

@@ -47,8 +47,9 @@ from condistill.training.ema import EMA
 from condistill.training.fake_score import FakeScore
 from condistill.training.lr import build_optimizer, warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
-from condistill.training.run_folder import (ResumeMismatchError, RunLockedError, check_output_dir, check_resume,
-                                           run_lock, set_learning_rate)
+from condistill.files import staged_folder
+from condistill.training.run_folder import (EXPORT_SUBFOLDER, ResumeMismatchError, RunLockedError, check_output_dir,
+                                           check_resume, retire_root_export, run_lock, set_learning_rate)
 
 __all__ = ["StepBatchSampler", "distill"]
 
@@ -56,8 +57,8 @@ __all__ = ["StepBatchSampler", "distill"]
 def distill(cfg: DistillConfig) -> Path:
     """Train ``cfg.adapter`` on ``cfg.condition`` against the frozen ``cfg.base``; return the run folder.
 
-    The run folder holds the EMA adapter export at its root (what ``load_adapter`` reads),
-    ``checkpoints/`` (resumable training state), ``logs/`` (TensorBoard), ``loss.jsonl``,
+    The run folder holds the EMA adapter export in ``adapter/`` (what ``load_adapter`` reads from the
+    run folder; replaced whole, never a mix of two exports), ``checkpoints/`` (resumable training state), ``logs/`` (TensorBoard), ``loss.jsonl``,
     ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids. Every process of a
     multi-process launch calls it; it returns once the main process has written the export.
     """
@@ -224,7 +225,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         bar.update(1)
         if main:
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
-                save_checkpoint(out, done, params, ema, optimizer, lr_scheduler, **save)
+                _checkpoint(out, done, params, ema, optimizer, lr_scheduler, save)
             if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
                 _validate(out, done, base, student, ema, validation, cfg, accelerator)
     bar.close()
@@ -232,22 +233,38 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         monitor.finish()
     accelerator.wait_for_everyone()
     if main:
-        save_checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, **save)
+        _checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, save)
         _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator)
-        with ema.swapped_in(student):
-            save_adapter(student, out, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
-                         condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
-                         prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
-                         recommended_guidance=cfg.sampling_guidance, stochastic=cfg.stochastic_sampling,
-                         resolution=resolution, noise_schedule=base.noise_schedule_config(),
-                         one_step_start=cfg.dmd_start_timestep or None,
-                         extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         plot_loss_curve(log_path, out / "loss.png")
-        from condistill.publish.card import write_model_card  # the export's README.md and samples.png
-        write_model_card(out, num_processes=processes)
+        _export(out, cfg, student, ema, base, condition, resolution, processes)
     accelerator.wait_for_everyone()  # no process returns before the export is complete
     accelerator.end_training()
     return out
+
+
+def _checkpoint(out: Path, step: int, params, ema, optimizer, lr_scheduler, save: dict) -> Path:
+    path = save_checkpoint(out, step, params, ema, optimizer, lr_scheduler, **save)
+    if path.parent.name != "checkpoints":
+        _log(f"the checkpoint of step {step} is unhealthy ({save['health'].verdict()[1]}); it is kept in {path} "
+             "and --resume latest passes over it")
+    return path
+
+
+def _export(out: Path, cfg: DistillConfig, student, ema, base, condition, resolution: int, processes: int) -> Path:
+    """The EMA export and its card, written whole beside ``out/adapter`` and swapped in (never a mix)."""
+    from condistill.publish.card import write_model_card  # the export's README.md and samples.png
+
+    with staged_folder(out / EXPORT_SUBFOLDER, log=_log) as stage, ema.swapped_in(student):
+        save_adapter(student, stage, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
+                     condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
+                     prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
+                     recommended_guidance=cfg.sampling_guidance, stochastic=cfg.stochastic_sampling,
+                     resolution=resolution, noise_schedule=base.noise_schedule_config(),
+                     one_step_start=cfg.dmd_start_timestep or None,
+                     extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
+        write_model_card(stage, run=out, source=out / EXPORT_SUBFOLDER, num_processes=processes)
+    retire_root_export(out, log=_log)
+    return out / EXPORT_SUBFOLDER
 
 
 #: the per-sample terms of the objective's diagnostics logged beside the loss

@@ -2,8 +2,14 @@
 and a resumed run may change only the options that cannot alter what was already computed.
 
 - :func:`check_output_dir` refuses a file in the way, a folder that holds checkpoints when
-  ``--resume latest`` was not given, and a finished export (``condistill_config.json``) with
-  no checkpoint to resume unless ``--overwrite``.
+  ``--resume`` was not given, and, unless ``--overwrite``, anything that would remove finished
+  work: a finished export with no checkpoint to resume, a resume from an older checkpoint than the
+  newest healthy one (the later checkpoints and the export they led to would be deleted), and a
+  restart from step 0 when every checkpoint is unhealthy. Continuing forward from the newest
+  healthy checkpoint needs nothing: its export is replaced, atomically, when the run ends.
+- The run's export lives in ``<output_dir>/adapter/`` (:data:`EXPORT_SUBFOLDER`), written whole
+  beside it and swapped in (:func:`condistill.files.staged_folder`); runs written before keep
+  theirs at the root until they write a new one (:func:`retire_root_export`).
 - :func:`run_lock` holds ``<output_dir>/.condistill.lock`` (pid and host of the writer) for the
   whole run; a second run into the same folder fails at once, and a lock left by a process that
   no longer runs on this host is removed with a message.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -25,12 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from condistill.adapters.save_load import CONFIG_NAME
-from condistill.training.checkpoint import list_checkpoints
+from condistill.files import previous_folder
+from condistill.training.checkpoint import (UNHEALTHY, checkpoint_dir, later_checkpoints, list_checkpoints,
+                                           list_unhealthy, read_state)
 
-__all__ = ["CHANGEABLE_ON_RESUME", "LOCK_NAME", "ResumeMismatchError", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
+__all__ = ["CHANGEABLE_ON_RESUME", "EXPORT_SUBFOLDER", "LOCK_NAME", "finished_export", "retire_root_export", "ResumeMismatchError", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
            "run_lock", "set_learning_rate"]
 
 LOCK_NAME = ".condistill.lock"
+#: the run's export folder, inside the run folder
+EXPORT_SUBFOLDER = "adapter"
 
 #: Options a resumed run may change. They steer what happens from the resumed step on, never
 #: what the steps before it computed (a slower EMA from step K on is "stop at K, resume with a
@@ -53,13 +64,31 @@ class ResumeMismatchError(ValueError):
     """The options of a resumed run contradict its checkpoint's."""
 
 
+def finished_export(out: Path) -> Path | None:
+    """The folder of the run's finished export: ``adapter/``, the root (runs written before it moved),
+    or the previous export an interrupted swap left as ``.old-adapter``; ``None`` when there is none."""
+    for folder in (out / EXPORT_SUBFOLDER, out, previous_folder(out / EXPORT_SUBFOLDER)):
+        if folder is not None and (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
+
+
+def _export_steps(folder: Path) -> int | None:
+    try:
+        steps = json.loads((folder / CONFIG_NAME).read_text()).get("extra", {}).get("steps_trained")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
 def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
-    """Refuse an output folder whose use would overwrite finished work or cannot be a folder.
+    """Refuse an output folder whose use would remove finished work or cannot be a folder (module docstring).
 
     Raises:
         NotADirectoryError: ``out`` or one of its parents is a file.
-        FileExistsError: checkpoints without ``--resume latest``, or a finished export with no
-            checkpoint to resume and no ``--overwrite``. Nothing has been written at that point.
+        FileExistsError: the run would delete checkpoints, ``loss.jsonl`` lines or an export that
+            ``--overwrite`` was not given for; the message says what and how to keep it. Nothing
+            has been written at that point.
     """
     for path in (out, *out.parents):
         if path.exists():
@@ -68,13 +97,66 @@ def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
                     f"--output-dir {out}: {path} is a file, not a folder; choose another --output-dir or move "
                     "the file away (nothing was written)")
             break
-    if resume_from is None and list_checkpoints(out) and cfg.resume != "latest":
-        raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue it "
-                              f"or choose another --output-dir (nothing was overwritten)")
-    if resume_from is None and (out / CONFIG_NAME).is_file() and not cfg.overwrite:
+    export = finished_export(out)
+    found, unhealthy = list_checkpoints(out), list_unhealthy(out)
+    if resume_from is None:
+        if found and cfg.resume is None:
+            raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue "
+                                  f"it or choose another --output-dir (nothing was overwritten)")
+        if (found or unhealthy) and not cfg.overwrite:  # none healthy: a restart from step 0
+            export_note = f" and replace the export in {export}" if export else ""
+            raise FileExistsError(
+                f"every checkpoint of {out} is unhealthy ({', '.join(p.name for p in found + unhealthy)}); "
+                f"starting again from step 0 would cut {out / 'loss.jsonl'}{export_note}. Pass --overwrite to "
+                f"start again (the unhealthy checkpoints are kept in {checkpoint_dir(out) / UNHEALTHY}), or "
+                f"choose another --output-dir (nothing was overwritten)")
+        if export is not None and not found and not cfg.overwrite:
+            raise FileExistsError(
+                f"{out} holds a finished adapter export ({export / CONFIG_NAME}) and no checkpoint to resume from; "
+                "pass --overwrite to replace it, or choose another --output-dir (nothing was overwritten)")
+        return
+    step = int(read_state(resume_from)["step"])
+    lost = []
+    later = later_checkpoints(out, step)
+    if later:
+        lost.append(f"the later checkpoints {', '.join(p.name for p in later)}")
+        if (out / "loss.jsonl").is_file():
+            lost.append(f"the lines of {out / 'loss.jsonl'} after step {step}")
+    exported = _export_steps(export) if export is not None else None
+    if exported is not None and exported > step:
+        lost.append(f"the finished export of step {exported} in {export}")
+    if lost and not cfg.overwrite:
         raise FileExistsError(
-            f"{out} holds a finished adapter export ({CONFIG_NAME}) and no checkpoint to resume from; pass "
-            "--overwrite to replace it, or choose another --output-dir (nothing was overwritten)")
+            f"resuming {out} from {resume_from} (step {step}) would delete {'; '.join(lost)}. Pass --overwrite to "
+            f"resume from there anyway, or keep them and continue in a new folder: --resume {resume_from} "
+            f"--output-dir <new folder> (nothing was overwritten)")
+
+
+def retire_root_export(out: Path, log: Callable[[str], None] = lambda message: None) -> None:
+    """Remove an export at the run folder's root (written before exports moved to ``adapter/``) once
+    ``adapter/`` holds the newer one: its config first, so it stops being an export at once."""
+    config_file = out / CONFIG_NAME
+    if not config_file.is_file() or not (out / EXPORT_SUBFOLDER / CONFIG_NAME).is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+        files = [str(rel) for rel in (config.get("weight_files") or {}).values()]
+    except (OSError, ValueError, AttributeError):
+        files = []
+    config_file.unlink()
+    for rel in files:
+        top = Path(rel).parts[0] if Path(rel).parts else ""
+        target = out / top
+        if top in ("", ".", "..", "checkpoints", EXPORT_SUBFOLDER) or not target.exists():
+            continue
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in ("scheduler", "README.md", "samples.png"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.is_file():
+            target.unlink()
+    log(f"the export moved from {out} to {out / EXPORT_SUBFOLDER} (the older one at the run folder's root was removed)")
 
 
 def _alive(pid: int) -> bool:
@@ -143,6 +225,20 @@ def _same_base(a: Any, b: Any) -> bool:
         return False
 
 
+def _same_when_resolved(key: str, old: Any, value: Any, saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Options whose "automatic" value (0) and the value it stands for are the same setting."""
+    if key == "resolution":
+        from condistill.config import check_resolution
+
+        try:
+            return check_resolution(saved.get("base", new["base"]), old) == check_resolution(new["base"], value)
+        except (OSError, ValueError):
+            return False
+    if key == "dmd_fake_lr":  # 0 = the learning rate
+        return (old or saved.get("learning_rate")) == (value or new.get("learning_rate"))
+    return False
+
+
 def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, saved_processes: int = 1) -> list[str]:
     """The options of ``cfg`` that differ from the checkpoint's ``saved`` config, as ``"name: old -> new"``.
 
@@ -165,6 +261,8 @@ def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, sa
         if json.dumps(old, sort_keys=True) == json.dumps(value, sort_keys=True):
             continue
         if key == "base" and _same_base(old, value):
+            continue
+        if _same_when_resolved(key, old, value, saved, new):
             continue
         if key == "batch_size" and processes != saved_processes:
             if old_global == new_global:

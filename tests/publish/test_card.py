@@ -16,7 +16,7 @@ def _sections(body: str) -> list[str]:
 def test_training_writes_the_card_and_the_samples(trained_export):
     from huggingface_hub import ModelCard
 
-    card = trained_export / "README.md"
+    card = trained_export / "adapter" / "README.md"
     text = card.read_text()
     meta, body = read_front_matter(text)
     assert meta == {"library_name": "diffusers", "tags": ["condistill", "edge", "controlnet", "few-step"],
@@ -28,18 +28,18 @@ def test_training_writes_the_card_and_the_samples(trained_export):
     assert "| N (skip grid) | 50 |" in body and "| lambda (regression weight) | 1 |" in body
     assert "CoDi (consistency + conditional regression)" in body and "`synthetic:train:24`" in body
     assert "Recommended: **4 steps**, guidance **1**" in body
-    assert f'ADAPTER = "{trained_export}"' in body and "ControlNetModel.from_pretrained(ADAPTER, " \
+    assert f'ADAPTER = "{trained_export / "adapter"}"' in body and "ControlNetModel.from_pretrained(ADAPTER, " \
         'subfolder="controlnet")' in body
     assert "![validation samples](samples.png)" in body
     grid = sorted((trained_export / "validation").glob("step-*.png"))[-1]
     assert grid.name == "step-0000002.png"
-    assert (trained_export / "samples.png").read_bytes() == grid.read_bytes()
+    assert (trained_export / "adapter" / "samples.png").read_bytes() == grid.read_bytes()
     results = body[body.index(RESULTS_START) + len(RESULTS_START):body.index(RESULTS_END)].strip()
     assert results == NO_RESULTS  # nothing invented before an evaluation
 
 
 def test_eval_update_replaces_only_the_results_section(run_copy):
-    card = run_copy / "README.md"
+    card = run_copy / "adapter" / "README.md"
     before = card.read_text()
     update_results(run_copy, "| row | x |\n|---|---|\n| student-4 | 0.5 |\n", "condistill eval --condition edge")
     first = card.read_text()
@@ -71,8 +71,8 @@ def test_condistill_eval_records_its_table_in_the_card(run_copy, monkeypatch, ca
     assert main(["eval", "--condition", "edge", "--student", str(run_copy), "--num-images", "8"]) == 0
     out = capsys.readouterr()
     table = out.out.split("\n{")[0]
-    assert f"recorded the results in {run_copy / 'README.md'}" in out.err
-    text = (run_copy / "README.md").read_text()
+    assert f"recorded the results in {run_copy / 'adapter' / 'README.md'}" in out.err
+    text = (run_copy / "adapter" / "README.md").read_text()
     results = text[text.index(RESULTS_START) + len(RESULTS_START):text.index(RESULTS_END)]
     command = (f"condistill eval --condition edge --student {run_copy} --guidance 4.0 --num-images 8 "
                "--batch-size 64 --seed 0 --judge embedded:judge --device cpu")
@@ -92,7 +92,7 @@ def test_a_hub_base_names_base_model_and_its_license(run_copy, tmp_path, monkeyp
     assert base_license("some-org/some-base") == "creativeml-openrail-m"
     assert base_license(str(base_readme)) == "creativeml-openrail-m"  # a local folder's README too
     assert base_license("other-org/not-cached") is None and base_license("embedded:tiny-teacher") is None
-    config = json.loads((run_copy / "condistill_config.json").read_text())
+    config = json.loads((run_copy / "adapter" / "condistill_config.json").read_text())
     config["base_name_or_path"] = "some-org/some-base"
     meta, body = read_front_matter(render_card(config, None))
     assert meta["base_model"] == "some-org/some-base" and meta["license"] == "creativeml-openrail-m"
@@ -119,7 +119,7 @@ for card in sys.argv[1:]:
 def _card_blocks(run) -> list[str]:
     import re
 
-    return re.findall(r"^```python\n(.*?)^```", (run / "README.md").read_text(), flags=re.S | re.M)
+    return re.findall(r"^```python\n(.*?)^```", (run / "adapter" / "README.md").read_text(), flags=re.S | re.M)
 
 
 def _train_kinds(base: str, root) -> dict:
@@ -150,12 +150,12 @@ def test_the_cards_code_runs_for_an_embedded_or_local_base(where, base_path, tmp
     monkeypatch.chdir(tmp_path)
     generate_scene(0, "heldout").image.save("photo.png")
     for kind, run in runs.items():
-        text = (run / "README.md").read_text()
+        text = (run / "adapter" / "README.md").read_text()
         assert "from_pretrained(BASE" in text and f'from_pretrained("{base}"' not in text
         expected = ('BASE = resolve_pretrained_dir("embedded:tiny-teacher")' if where == "embedded"
                     else f"BASE = {json.dumps(base)}  # a local folder")
         assert expected in text, kind
-        size = json.loads((run / "condistill_config.json").read_text())["resolution"]
+        size = json.loads((run / "adapter" / "condistill_config.json").read_text())["resolution"]
         blocks = _card_blocks(run)
         assert len(blocks) == 2, kind
         scope: dict = {}
@@ -181,13 +181,28 @@ def test_the_cards_code_runs_for_a_hub_base(base_path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runs = _train_kinds("tiny-org/tiny-sd", tmp_path / "runs")
     for run in runs.values():
-        text = (run / "README.md").read_text()
+        text = (run / "adapter" / "README.md").read_text()
         assert 'BASE = "tiny-org/tiny-sd"\n' in text and "resolve_pretrained_dir" not in text
     generate_scene(0, "heldout").image.save(tmp_path / "photo.png")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cards = [str(run / "README.md") for run in runs.values()]
+    cards = [str(run / "adapter" / "README.md") for run in runs.values()]
     proc = subprocess.run([sys.executable, "-c", _RUN_CARDS, *cards], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines == [f"{card} Image 16 16" for card in cards for _ in range(2)]
+
+
+def test_a_table_measured_on_an_export_replaced_since_is_not_recorded(run_copy):
+    """A continuing run can replace the export while `condistill eval --student RUN` measures the old one."""
+    from condistill.publish.card import export_identity, record_eval
+
+    card = run_copy / "adapter" / "README.md"
+    before, measured = card.read_text(), export_identity(run_copy)
+    config = run_copy / "adapter" / "condistill_config.json"
+    config.write_text(config.read_text().replace('"steps_trained": 2', '"steps_trained": 4'))  # the new export
+    said = []
+    assert record_eval(str(run_copy), "| row | x |\n|---|---|\n| s | 1 |", {}, log=said.append, measured=measured) is None
+    assert card.read_text() == before and "was replaced while the evaluation ran" in said[0]
+    assert record_eval(str(run_copy), "| row | x |\n|---|---|\n| s | 1 |", {}, measured=export_identity(run_copy))
+    assert "| s | 1 |" in card.read_text()

@@ -164,10 +164,10 @@ def test_push_uploads_the_export_only_and_loads_back_from_the_cache(run_copy, fa
     assert commit["kinds"] == {p: "lfsFile" if p.endswith((".safetensors", ".png")) else "file" for p in EXPECTED}
     for rel in EXPECTED:
         if rel != "README.md":
-            assert commit["files"][rel] == (run_copy / rel).read_bytes(), rel
+            assert commit["files"][rel] == (run_copy / "adapter" / rel).read_bytes(), rel
     card = commit["files"]["README.md"].decode()
     assert f'ADAPTER = "{REPO}"' in card and str(run_copy) not in card.split("## Sampling")[1].split("```")[1]
-    local = (run_copy / "README.md").read_text()
+    local = (run_copy / "adapter" / "README.md").read_text()
     assert card == set_card_source(local, REPO) and card != local
     calls = [r for r in fake_hub.requests if r[1] != "/api/agent-harnesses"]
     assert calls[:4] + calls[6:] == [
@@ -193,8 +193,8 @@ def test_push_to_a_branch_with_the_cli(run_copy, fake_hub, monkeypatch, capsys):
     from condistill.cli import main
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    shutil.copyfile(run_copy / "README.md", run_copy / "card.bak")
-    (run_copy / "README.md").unlink()  # an export without a card gets one before the push
+    shutil.copyfile(run_copy / "adapter" / "README.md", run_copy / "adapter" / "card.bak")
+    (run_copy / "adapter" / "README.md").unlink()  # an export without a card gets one before the push
     assert main(["push", str(run_copy), REPO, "--revision", "v1"]) == 0
     assert capsys.readouterr().out.strip() == f"{fake_hub.url}/{REPO}/commit/{'a' * 40}"
     assert fake_hub.created == [{"name": "codi-edge", "organization": "my-org", "type": "model"}]
@@ -202,7 +202,7 @@ def test_push_to_a_branch_with_the_cli(run_copy, fake_hub, monkeypatch, capsys):
     (commit,) = fake_hub.commits
     assert commit["revision"] == "v1"
     assert commit["header"]["summary"] == "Upload condistill controlnet adapter (edge, 2 steps)"
-    assert sorted(commit["files"]) == EXPECTED and (run_copy / "README.md").is_file()
+    assert sorted(commit["files"]) == EXPECTED and (run_copy / "adapter" / "README.md").is_file()
 
 
 def test_a_403_is_one_clear_line(run_copy, fake_hub, capsys):
@@ -229,11 +229,11 @@ def test_no_token_offline_and_not_an_export_refuse_before_any_request(run_copy, 
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(PushError, match=r"not-a-run is not an adapter export \(no condistill_config.json\)"):
         push_to_hub(tmp_path / "not-a-run", REPO, token=TOKEN, endpoint=fake_hub.url)
-    (run_copy / "controlnet" / "diffusion_pytorch_model.safetensors").rename(run_copy / "moved.safetensors")
+    (run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors").rename(run_copy / "adapter" / "moved.safetensors")
     with pytest.raises(PushError, match=r"the controlnet weights controlnet/diffusion_pytorch_model.safetensors "
                                         r"are missing"):
         push_to_hub(run_copy, REPO, token=TOKEN, endpoint=fake_hub.url)
-    (run_copy / "moved.safetensors").rename(run_copy / "controlnet" / "diffusion_pytorch_model.safetensors")
+    (run_copy / "adapter" / "moved.safetensors").rename(run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PushError, match=r"offline mode \(HF_HUB_OFFLINE=1\)"):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import condistill.training.checkpoint as ckpt
+import condistill.training.health as health_module
 import condistill.training.loop as loop
 from condistill.training.checkpoint import (CHECKPOINT_FILES, RunHealth, UnhealthyCheckpointError, checkpoint_health,
                                             list_checkpoints, reset_run_to, resolve_resume, save_checkpoint)
@@ -131,27 +132,33 @@ def test_old_checkpoints_without_health_count_as_healthy(tmp_path):
 
 
 def test_exploding_loss_marks_checkpoints_and_resume_picks_the_last_healthy(tiny_base, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ckpt, "HEALTH_WINDOW", 2)
+    monkeypatch.setattr(health_module, "HEALTH_WINDOW", 2)
     out = tmp_path / "run"
     # steps 7 and 8 report a loss 1e6 times larger (finite: the run goes on, AdamW barely notices)
     _patch_objective(monkeypatch, lambda loss, i: loss * 1e6 if i >= 6 else loss)
     distill(_cfg(tiny_base, out, max_steps=8, checkpoint_every=2, keep_checkpoints=1))
-    # keep=1, yet the newest healthy checkpoint survives pruning
-    assert _names(out) == ["step-0000006", "step-0000008"]
+    # the unhealthy checkpoint of step 8 is kept aside, not counted by keep=1 and not pruned
+    assert _names(out) == ["step-0000006"]
     assert checkpoint_health(out / "checkpoints/step-0000006")[0]
-    healthy, reason = checkpoint_health(out / "checkpoints/step-0000008")
+    healthy, reason = checkpoint_health(out / "checkpoints/unhealthy/step-0000008")
     assert not healthy and "exploding" in reason
+    assert "the checkpoint of step 8 is unhealthy" in capsys.readouterr().err
     with pytest.raises(UnhealthyCheckpointError, match="last healthy one is .*step-0000006"):
-        distill(_cfg(tiny_base, out, max_steps=8, resume=str(out / "checkpoints/step-0000008")))
+        distill(_cfg(tiny_base, out, max_steps=8, resume=str(out / "checkpoints/unhealthy/step-0000008")))
     monkeypatch.undo()
-    monkeypatch.setattr(ckpt, "HEALTH_WINDOW", 2)
+    monkeypatch.setattr(health_module, "HEALTH_WINDOW", 2)
+    # the export of step 8 came after step 6: resuming from 6 replaces it only with --overwrite
+    with pytest.raises(FileExistsError, match="would delete the finished export of step 8"):
+        distill(_cfg(tiny_base, out, max_steps=8, checkpoint_every=2, keep_checkpoints=1, resume="latest"))
     capsys.readouterr()
-    distill(_cfg(tiny_base, out, max_steps=8, checkpoint_every=2, keep_checkpoints=1, resume="latest"))
+    distill(_cfg(tiny_base, out, max_steps=8, checkpoint_every=2, keep_checkpoints=1, resume="latest", overwrite=True))
     err = capsys.readouterr().err
     assert "resuming from" in err and "step-0000006, the newest healthy checkpoint" in err
-    assert "skipped the newer unhealthy step-0000008" in err
     assert _log_steps(out) == list(range(1, 9))
-    assert checkpoint_health(out / "checkpoints/step-0000008")[0]  # replaced by the resumed run's
+    assert checkpoint_health(out / "checkpoints/step-0000008")[0]  # the resumed run's
+    assert (out / "checkpoints/unhealthy/step-0000008").is_dir()  # still kept
+    kept = (out / "checkpoints/unhealthy/loss-after-step-0000006.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [7, 8]  # the cut lines of the diverged stretch
 
 
 # ------------------------------------------------------------------------------ divergence stops
@@ -211,9 +218,17 @@ def test_huge_finite_learning_rate_marks_the_exploded_checkpoint_unhealthy(tiny_
         distill(_cfg(tiny_base, out, learning_rate=1e30, lr_warmup_steps=0, max_steps=6, checkpoint_every=1))
     _all_listed_weights_finite(out)
     # step 1 blew the weights up (finite, ~1e30) before any loss could show it: its checkpoint is unhealthy
-    healthy, reason = checkpoint_health(out / "checkpoints/step-0000001")
+    healthy, reason = checkpoint_health(out / "checkpoints/unhealthy/step-0000001")
     assert not healthy and "largest |adapter weight|" in reason
     assert resolve_resume(out, "latest") is None
+    log = (out / "loss.jsonl").read_bytes()
+    # starting again from step 0 would cut loss.jsonl: refused without --overwrite, and nothing moves
+    with pytest.raises(FileExistsError, match="every checkpoint of .* is unhealthy .*step-0000001.*--overwrite"):
+        distill(_cfg(tiny_base, out, max_steps=2, checkpoint_every=1, resume="latest"))
+    assert (out / "loss.jsonl").read_bytes() == log
+    distill(_cfg(tiny_base, out, max_steps=2, checkpoint_every=1, resume="latest", overwrite=True))
+    assert (out / "checkpoints/unhealthy/step-0000001").is_dir()  # kept, never removed
+    assert (out / "checkpoints/unhealthy/loss-after-step-0000000.jsonl").read_bytes() == log
 
 
 def test_mixed_precision_hint(tmp_path):

@@ -83,7 +83,7 @@ def test_mostly_bad_data_stops_the_run_with_the_report_and_keeps_the_checkpoint(
     report = json.loads((out / "data_report.json").read_text())
     assert report["stopped"] is True and (report["seen"], report["skipped"]) == (10, 6)
     assert _reasons(report) == {(f"{i:02d}_{k}.png", k) for i, k in enumerate(kinds) if k != "good"}
-    assert not (out / "condistill_config.json").exists()  # no export of a run that stopped
+    assert not (out / "adapter").exists()  # no export of a run that stopped
     last = out / "checkpoints" / "step-0000002"
     assert load_file(str(last / "online.safetensors")) and load_file(str(last / "ema.safetensors"))
 

@@ -112,7 +112,7 @@ def test_resume_restores_the_fake_score_and_its_optimizer_bit_identically(tiny_b
     losses = [[json.loads(line) for line in (d / "loss.jsonl").read_text().splitlines()] for d in (full, part)]
     assert [r["loss"] for r in losses[0][-2:]] == [r["loss"] for r in losses[1][-2:]]
     assert "dmd" in losses[0][-1] and "fake_score" in losses[0][-1] and "gan_d" in losses[0][-1]
-    card = (full / "README.md").read_text()
+    card = (full / "adapter" / "README.md").read_text()
     assert "CoDi + distribution matching" in card and "real-score CFG 4" in card
 
 
@@ -185,4 +185,4 @@ def test_the_one_step_start_is_checked_before_training(tiny_base, tmp_path):
 def test_a_run_from_the_input_says_so_in_its_model_card(tiny_base, tmp_path, name, start):
     run = distill(tiny_run_config(tiny_base, tmp_path / "run", condition=name, loss="codi+dmd", dmd_fake_rank=4,
                                   max_steps=1, dmd_start_timestep=499))
-    assert f"one-step outputs from {start} noised to t=499" in (run / "README.md").read_text()
+    assert f"one-step outputs from {start} noised to t=499" in (run / "adapter" / "README.md").read_text()

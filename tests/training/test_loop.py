@@ -22,8 +22,9 @@ RECORDED_LOSSES = {"codi": [93.07316589355469, 3.410846471786499], "diffusion": 
 def test_two_step_run_matches_recorded_losses(tiny_base, tmp_path, loss):
     out = distill(_cfg(tiny_base, tmp_path / "run", loss=loss))
     assert _losses(out) == pytest.approx(RECORDED_LOSSES[loss], rel=1e-3)
-    for name in ("condistill_config.json", "loss.png", "config.json"):
+    for name in ("adapter/condistill_config.json", "adapter/README.md", "loss.png", "config.json"):
         assert (out / name).is_file()
+    assert not (out / "condistill_config.json").exists()  # the export lives in adapter/ only
     assert list((out / "validation").glob("step-*.png"))
 
 
@@ -55,7 +56,7 @@ def test_exported_sampler_follows_stochastic_sampling(tiny_base, tmp_path, stoch
 
     out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=1, stochastic_sampling=stochastic))
     assert adapter_sampler(out) == sampler
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic"] is stochastic
+    assert json.loads((out / "adapter" / "scheduler" / "scheduler_config.json").read_text())["stochastic"] is stochastic
 
 
 def test_existing_run_is_not_overwritten(tiny_base, tmp_path):

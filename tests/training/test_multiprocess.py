@@ -123,7 +123,7 @@ def two_process_run(tiny_base, tmp_path_factory):
 
 def test_two_process_run_finishes_and_exports_once(two_process_run):
     out = two_process_run
-    for name in ("condistill_config.json", "README.md", "loss.png", "config.json", "data_report.json"):
+    for name in ("adapter/condistill_config.json", "adapter/README.md", "loss.png", "config.json", "data_report.json"):
         assert (out / name).is_file(), name
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     state = read_state(out / "checkpoints" / "step-0000004")
@@ -215,7 +215,7 @@ def test_killed_run_resumed_on_two_processes_equals_the_uninterrupted_one(two_pr
                 pass
         launcher.wait()
         launcher.stderr.close()
-    assert not (out / "condistill_config.json").exists()
+    assert not (out / "adapter").exists()
     # the command line ran the fixture's configuration (without DataLoader workers, which change nothing)
     differ = {k for k, v in json.loads((out / "config.json").read_text()).items()
               if json.loads((two_process_run / "config.json").read_text())[k] != v}

@@ -29,7 +29,7 @@ def test_embedded_teacher_at_another_resolution(tmp_path, size, capsys):
     out = tmp_path / f"edge-{size}"
     assert _train(out, "--max-steps", "1", "--resolution", str(size)) == 0
     assert _train(out, "--max-steps", "2", "--resolution", str(size), "--resume", "latest") == 0
-    config = json.loads((out / "condistill_config.json").read_text())
+    config = json.loads((out / "adapter" / "condistill_config.json").read_text())
     assert (config["resolution"], config["height"], config["width"]) == (size, size, size)
     assert config["extra"]["steps_trained"] == 2
     from PIL import Image
@@ -84,10 +84,10 @@ def test_an_export_written_before_the_schema_version_still_loads(tmp_path):
     out = tmp_path / "old"
     distill(tiny_run_config("embedded:tiny-teacher", out, max_steps=1, batch_size=2, resolution=32,
                             data="synthetic:train:4", report_to="none"))
-    config = json.loads((out / "condistill_config.json").read_text())
+    config = json.loads((out / "adapter" / "condistill_config.json").read_text())
     for key in ("schema_version", "height", "width", "one_step_start"):
         del config[key]
-    (out / "condistill_config.json").write_text(json.dumps(config))
+    (out / "adapter" / "condistill_config.json").write_text(json.dumps(config))
     pipe = load_adapter(out)
     assert pipe.condistill_config["schema_version"] == 1
     assert (pipe.condistill_defaults["height"], pipe.condistill_defaults["width"]) == (32, 32)

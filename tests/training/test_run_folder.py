@@ -31,11 +31,11 @@ def test_finished_export_without_checkpoints_needs_overwrite(tiny_base, tmp_path
         for f in ckpt.iterdir():
             f.unlink()
         ckpt.rmdir()
-    before = (out / "condistill_config.json").read_bytes()
+    before = (out / "adapter" / "condistill_config.json").read_bytes()
     for resume in (None, "latest"):
         with pytest.raises(FileExistsError, match="finished adapter export .* --overwrite"):
             distill(_cfg(tiny_base, out, resume=resume))
-    assert (out / "condistill_config.json").read_bytes() == before
+    assert (out / "adapter" / "condistill_config.json").read_bytes() == before
     distill(_cfg(tiny_base, out, overwrite=True))
     assert (out / "checkpoints" / "step-0000002").is_dir()
 
@@ -74,12 +74,12 @@ def test_lock_is_released_when_the_run_fails(tiny_base, tmp_path, monkeypatch):
 
 def test_shortening_a_finished_run_is_refused(tiny_base, tmp_path):
     out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=3))
-    exported = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    exported = load_file(str(out / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ResumeMismatchError, match="max_steps=2 is below the checkpoint's step 3"):
         distill(_cfg(tiny_base, out, max_steps=2, resume="latest"))
-    again = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(out / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(exported[k], again[k]) for k in exported)
-    assert json.loads((out / "condistill_config.json").read_text())["extra"]["steps_trained"] == 3
+    assert json.loads((out / "adapter" / "condistill_config.json").read_text())["extra"]["steps_trained"] == 3
 
 
 def test_changed_options_are_listed_and_refused(tiny_base, tmp_path):
@@ -146,3 +146,91 @@ def test_optimizer_cannot_change_on_resume_and_tf32_can(tmp_path):
         "allow_tf32: False -> True"]
     with pytest.raises(ResumeMismatchError, match="optimizer: 'adamw8bit' -> 'adamw'"):
         resume_changes({**saved, "optimizer": "adamw8bit"}, DistillConfig(output_dir=str(tmp_path), max_steps=10), 5)
+
+
+# ------------------------------------------------------------------------------ nothing lost
+
+def _listing(out):
+    return sorted(str(p.relative_to(out)) + ("" if p.is_dir() else f":{p.stat().st_size}") for p in out.rglob("*")
+                  if "validation" not in p.parts and "logs" not in p.parts)
+
+
+def test_resuming_from_an_older_checkpoint_needs_overwrite_and_says_how_to_keep_the_rest(tiny_base, tmp_path):
+    out = distill(_cfg(tiny_base, tmp_path / "run", max_steps=6, checkpoint_every=2, keep_checkpoints=3))
+    older = out / "checkpoints" / "step-0000002"
+    before, log = _listing(out), (out / "loss.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match=r"would delete the later checkpoints step-0000004, step-0000006; the "
+                       r"lines of .*loss.jsonl after step 2; the finished export of step 6 .*--overwrite.*"
+                       r"--resume .*step-0000002 --output-dir <new folder>"):
+        distill(_cfg(tiny_base, out, max_steps=6, checkpoint_every=2, keep_checkpoints=3, resume=str(older)))
+    assert _listing(out) == before and (out / "loss.jsonl").read_bytes() == log
+    # the way the message offers: continue from that checkpoint in a new folder, the run stays whole
+    branch = distill(_cfg(tiny_base, tmp_path / "branch", max_steps=4, resume=str(older)))
+    assert [json.loads(line)["step"] for line in (branch / "loss.jsonl").read_text().splitlines()] == [3, 4]
+    assert _listing(out) == before
+    # continuing forward from the newest checkpoint needs nothing; the export is replaced whole
+    distill(_cfg(tiny_base, out, max_steps=8, checkpoint_every=2, keep_checkpoints=3, resume="latest"))
+    assert json.loads((out / "adapter" / "condistill_config.json").read_text())["extra"]["steps_trained"] == 8
+    # with --overwrite the older point is taken, as asked
+    distill(_cfg(tiny_base, out, max_steps=6, checkpoint_every=2, keep_checkpoints=3, resume=str(out / "checkpoints" / "step-0000004"),
+                 overwrite=True))
+    assert [p.name for p in (out / "checkpoints").iterdir()] and json.loads(
+        (out / "adapter" / "condistill_config.json").read_text())["extra"]["steps_trained"] == 6
+
+
+def test_an_interrupted_export_leaves_the_previous_one_whole(tiny_base, tmp_path, monkeypatch):
+    import condistill.publish.card as card
+
+    out = distill(_cfg(tiny_base, tmp_path / "run"))
+    before = {p.relative_to(out / "adapter"): p.read_bytes() for p in (out / "adapter").rglob("*") if p.is_file()}
+
+    def killed(*args, **kwargs):  # the new weights and config are written, the card is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(card, "write_model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        distill(_cfg(tiny_base, out, max_steps=3, resume="latest"))
+    after = {p.relative_to(out / "adapter"): p.read_bytes() for p in (out / "adapter").rglob("*") if p.is_file()}
+    assert after == before  # the step-2 export, untouched
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-adapter")]
+    monkeypatch.undo()
+    # a kill (no clean-up) leaves a staging folder; one between the two renames leaves only .old-adapter
+    (out / ".tmp-adapter-999999999").mkdir()
+    (out / "adapter").rename(out / ".old-adapter")
+    distill(_cfg(tiny_base, out, max_steps=3, resume="latest"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert json.loads((out / "adapter" / "condistill_config.json").read_text())["extra"]["steps_trained"] == 3
+
+
+def test_a_run_with_its_export_at_the_root_moves_it_to_adapter(tiny_base, tmp_path):
+    """Runs written before the export moved to adapter/ continue; their root export is replaced, not left stale."""
+    import shutil
+
+    from condistill import load_adapter
+
+    out = distill(_cfg(tiny_base, tmp_path / "run"))
+    for p in (out / "adapter").iterdir():
+        shutil.move(str(p), str(out / p.name))
+    (out / "adapter").rmdir()
+    assert load_adapter(out).condistill_config["extra"]["steps_trained"] == 2
+    distill(_cfg(tiny_base, out, max_steps=3, resume="latest"))
+    root = {p.name for p in out.iterdir()}
+    assert "adapter" in root and not root & {"condistill_config.json", "controlnet", "scheduler", "README.md", "samples.png"}
+    assert load_adapter(out).condistill_config["extra"]["steps_trained"] == 3
+
+
+def test_an_option_set_to_the_value_its_default_stands_for_is_no_change(tiny_base):
+    saved = _cfg(tiny_base, "run").to_dict()  # resolution 0: the base's native 16 px
+    assert resume_changes(saved, _cfg(tiny_base, "run", resolution=16), step=2) == []
+    with pytest.raises(ResumeMismatchError, match="resolution: 0 -> 32"):
+        resume_changes(saved, _cfg(tiny_base, "run", resolution=32), step=2)
+
+
+def test_checkpoint_and_export_files_are_readable_by_others(tiny_base, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = distill(_cfg(tiny_base, tmp_path / "run"))
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".json")]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
