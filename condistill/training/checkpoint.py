@@ -7,7 +7,8 @@ A checkpoint folder ``checkpoints/step-XXXXXXX`` holds:
 - ``training_state.pt``: optimizer, learning-rate schedule, RNG states (tensors and plain
   containers only, read back with ``weights_only=True``),
 - ``state.json``: the step, the resolved configuration, the number of processes that trained it
-  and its global batch (images per optimizer step, all processes and accumulation together), and
+  and its global batch (images per optimizer step, all processes and accumulation together), the
+  fingerprint of its data source (:mod:`condistill.data.fingerprint`, compared on resume), and
   the health record.
 
 Health (:mod:`condistill.training.health`). Every checkpoint records in ``state.json["health"]``
@@ -333,11 +334,12 @@ def _disk_full(err: BaseException, root: Path, needed: int) -> bool:
 
 def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema, optimizer, lr_scheduler,
                     config: dict, keep: int = 2, health: RunHealth | None = None, processes: int = 1,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, data: dict | None = None) -> Path:
     """Write a complete checkpoint for ``step`` with its health record; prune (:func:`prune`) to ``keep``.
 
     ``processes`` is the number of processes that trained it (each with ``config["batch_size"]``);
-    ``extra`` maps names to objects with ``state_dict()`` (e.g. the fake score), kept with the optimizer.
+    ``extra`` maps names to objects with ``state_dict()`` (e.g. the fake score), kept with the optimizer;
+    ``data`` is the fingerprint of the run's data source (``state.json["data"]``), compared on resume.
 
     Raises:
         OSError: ``errno.ENOSPC`` when the disk is full, naming the folder and the space needed;
@@ -357,7 +359,8 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
     if bad:
         healthy, reason = False, f"non-finite adapter weights ({', '.join(bad[:3])}); {reason}"
     global_batch = config.get("batch_size", 0) * processes * config.get("gradient_accumulation_steps", 1)
-    state = {"step": step, "config": config, "processes": processes, "global_batch": global_batch, "health": {
+    state = {"step": step, "config": config, "processes": processes, "global_batch": global_batch, "data": data,
+             "health": {
         "healthy": healthy, "reason": reason, "rule": f"K={HEALTH_WINDOW}, M={HEALTH_FACTOR:g}",
         "history": health.state_dict()}}
     needed = _nbytes(online) + _nbytes(ema_weights) + _nbytes(training)

@@ -32,6 +32,7 @@ from condistill.adapters.save_load import save_adapter
 from condistill.conditions import get_condition
 from condistill.config import DistillConfig, SettingError, check_resolution
 from condistill.data.dataset import ConditionDataset, collate
+from condistill.data.fingerprint import source_fingerprint
 from condistill.data.report import REPORT_NAME, SkipMonitor
 from condistill.data.skips import EmptySourceError
 from condistill.data.cache import CachedDataset, is_cache
@@ -69,12 +70,13 @@ def distill(cfg: DistillConfig) -> Path:
     log = _log if state.is_main_process else _quiet
     resume_from = resolve_resume(out, cfg.resume, log=log)  # the newest healthy checkpoint for 'latest'
     check_output_dir(out, cfg, resume_from)
-    changes = check_resume(resume_from, cfg, processes=state.num_processes) if resume_from else []
+    data = source_fingerprint(cfg.data, cfg.data_options)  # recorded in every checkpoint, compared on resume
+    changes = check_resume(resume_from, cfg, processes=state.num_processes, data=data, log=log) if resume_from else []
     state.wait_for_everyone()  # every process has read the folder before the main process changes it
     out.mkdir(parents=True, exist_ok=True)
     # one writer per run folder: the main process holds the lock for the whole run
     with _main_process_lock(state, out):
-        return _distill(cfg, out, resume_from, changes, resolution, cpu=state.device.type == "cpu")
+        return _distill(cfg, out, resume_from, changes, resolution, data, cpu=state.device.type == "cpu")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
@@ -120,7 +122,7 @@ def _main_process_lock(state, out: Path):
 
 
 def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: list[str], resolution: int,
-             cpu: bool) -> Path:
+             data: dict, cpu: bool) -> Path:
     # the data first: a bad --data fails in a second, before any model loads
     condition = get_condition(cfg.condition, **cfg.condition_options)
     condition.check()  # e.g. a depth estimator that is not on this machine
@@ -186,7 +188,8 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     accelerator.wait_for_everyone()  # every process has read its checkpoint
     if main:  # stale temp folders, checkpoints after `start`, loss.jsonl lines after it
         reset_run_to(out, start, log_path, log=_log)
-    save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes, extra=extra)
+    save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes, extra=extra,
+                data=data)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not main)
     it, t_last, seen = iter(loader), time.perf_counter(), 0
     for step in range(start, cfg.max_steps):

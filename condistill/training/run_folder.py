@@ -291,14 +291,37 @@ def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, sa
     return changed
 
 
-def check_resume(checkpoint: Path, cfg, processes: int = 1) -> list[str]:
-    """:func:`resume_changes` against the config and process count saved in ``checkpoint/state.json``.
+def check_resume(checkpoint: Path, cfg, processes: int = 1, data: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = lambda message: None) -> list[str]:
+    """:func:`resume_changes` against the config and process count saved in ``checkpoint/state.json``, and
+    ``data`` (:func:`condistill.data.fingerprint.source_fingerprint` of this run's data) against the
+    fingerprint the checkpoint recorded.
 
-    Called before any model loads. A checkpoint without a process count was written by one process.
+    Called before any model loads. A checkpoint without a process count was written by one process;
+    one without a data fingerprint (written before it was recorded) is not compared. A source that
+    cannot be looked at now or could not then (a hub dataset offline) is said by ``log``, not refused.
+
+    Raises:
+        ResumeMismatchError: also when the data changed since the checkpoint (the data order of the
+            remaining steps and every random draw would differ from the run it continues).
     """
+    from condistill.data.fingerprint import fingerprint_difference, unavailable
+
     state = json.loads((checkpoint / "state.json").read_text())
-    return resume_changes(state.get("config", {}), cfg, int(state["step"]), processes=processes,
-                          saved_processes=int(state.get("processes", 1)))
+    step = int(state["step"])
+    changes = resume_changes(state.get("config", {}), cfg, step, processes=processes,
+                             saved_processes=int(state.get("processes", 1)))
+    saved = state.get("data")
+    if data is not None and saved is not None:
+        difference = fingerprint_difference(saved, data)
+        if difference and (unavailable(saved) or unavailable(data)):
+            log(f"the data could not be checked against the checkpoint's: {difference}")
+        elif difference:
+            raise ResumeMismatchError(
+                f"cannot resume from the checkpoint at step {step}: the data changed since it was written ({difference}). "
+                "The remaining steps would read another data order; resume with the data as it was, or start a new "
+                "--output-dir")
+    return changes
 
 
 def set_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:

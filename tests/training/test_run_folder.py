@@ -234,3 +234,24 @@ def test_checkpoint_and_export_files_are_readable_by_others(tiny_base, tmp_path)
         os.umask(old)
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".json")]
     assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+def test_resuming_onto_changed_data_is_refused_with_the_difference(tiny_base, tmp_path, capsys):
+    from condistill.world.scenes import generate_scene
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(20):
+        generate_scene(i, "train").image.save(data / f"{i:02d}.png")
+    grown = [data / f"{i:02d}.png" for i in range(16, 20)]
+    for path in grown:  # 16 images when the run starts ...
+        path.rename(tmp_path / path.name)
+    out = distill(_cfg(tiny_base, tmp_path / "run", data=str(data), checkpoint_every=1))
+    for path in grown:  # ... 20 when it is resumed
+        (tmp_path / path.name).rename(path)
+    with pytest.raises(ResumeMismatchError, match=r"the data changed since it was written \(.*images: 4 files added "
+                                                  r"\(16.png, 17.png, 18.png, \.\.\.\)"):
+        distill(_cfg(tiny_base, out, data=str(data), max_steps=3, resume="latest"))
+    for path in grown:
+        path.unlink()
+    distill(_cfg(tiny_base, out, data=str(data), max_steps=3, resume="latest"))  # the same 16: resumes
