@@ -40,7 +40,7 @@ def test_wheel_trains_and_loads_from_an_empty_folder(tmp_path):
                             "--batch-size", "4", "--validate-every", "0", "--output-dir", "X"],
                            capture_output=True, text=True, cwd=empty, env=env, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
-    assert (empty / "X" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (empty / "X" / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     check = ("import condistill, json; from condistill import load_adapter; pipe = load_adapter('X'); "
              "print(json.dumps([condistill.__file__, type(pipe).__name__, pipe.condistill_config['base_name_or_path']]))")
     load = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=empty, env=env,

@@ -42,7 +42,7 @@ def test_a_cache_trains_without_the_encoders_and_like_the_live_data(tiny_base, t
     cached = distill(_cfg(tiny_base, tmp_path / "cached", data=str(cache)))
     # the steps compute only the unconditional embedding; the 8 validation captions are sampled at the end
     assert [""] in calls and all(prompts == [""] or len(prompts) == 8 for prompts in calls)
-    assert (cached / "controlnet").is_dir() and list((cached / "validation").glob("step-*.png"))
+    assert (cached / "adapter" / "controlnet").is_dir() and list((cached / "validation").glob("step-*.png"))
     # float32 cache: the same items, latents and embeddings as the live path, so the same run to float noise
     _assert_same_weights(live, cached, 2, atol=1e-5)
 
