@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from condistill.data.cache_index import CacheDamagedError, cache_folder_problem, read_index
 from condistill.data.folder import ImageFolderSource
 from condistill.data.hf_datasets import HFDatasetSource, is_saved_dataset
 from condistill.data.hf_streaming import HFStreamingSource
@@ -71,6 +72,10 @@ __all__ = [
     "register_source_kind",
     "registered_source_kinds",
     "construct_source",
+    "classify_folder",
+    "split_subfolder",
+    "is_prefix_spec",
+    "is_hub_id",
     "ENTRY_POINT_GROUP",
     "SPEC_FORMS",
 ]
@@ -81,7 +86,8 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "condistill.data_sources"
 _DATA_FILE_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 _SPLIT_DIR_NAMES = ("train", "test", "validation", "val", "valid", "heldout", "eval")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+#: A Hugging Face dataset id: ``name`` or ``owner/name``.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _KIND_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -200,10 +206,21 @@ def _find_opener(text: str) -> SourceOpener | None:
     return opener
 
 
+def is_prefix_spec(spec: str) -> bool:
+    """True when ``open_source(spec)`` hands ``spec`` to a registered prefix kind's opener (``synthetic:...``)."""
+    return _find_opener(os.fspath(spec).strip()) is not None
+
+
+def is_hub_id(text: str) -> bool:
+    """True when ``open_source`` reads ``text`` (no existing path) as a Hugging Face dataset id."""
+    return (bool(HUB_ID.match(text)) and ".." not in text
+            and not text.lower().endswith(IMAGE_EXTENSIONS + _DATA_FILE_EXTENSIONS + TAR_SUFFIXES))
+
+
 # ----------------------------------------------------------------------- open_source
 
 
-def _classify_folder(path: Path) -> str:
+def classify_folder(path: Path) -> str:
     """``"saved"``, ``"data"``, ``"images"``, ``"shards"`` or ``"empty"``."""
     if is_saved_dataset(path):
         return "saved"
@@ -233,7 +250,7 @@ def _classify_folder(path: Path) -> str:
     return "empty"
 
 
-def _split_subfolder(path: Path, split: str) -> Path:
+def split_subfolder(path: Path, split: str) -> Path:
     """If ``path`` holds split folders (train/, test/, ...) and no top-level images, pick ``split``."""
     subdirs = [d.name for d in path.iterdir() if d.is_dir() and d.name.lower() in _SPLIT_DIR_NAMES]
     top_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in path.iterdir() if f.is_file())
@@ -245,6 +262,19 @@ def _split_subfolder(path: Path, split: str) -> Path:
         f"{os.fspath(path)!r} is split into folders {sorted(subdirs)} but has none named {split!r}; "
         f"pass split= one of them (or point at the subfolder directly)"
     )
+
+
+def _refuse_cache(path: Path) -> None:
+    """A latent cache folder is no image source: say what it is (and, when damaged, what is wrong with it)."""
+    problem = cache_folder_problem(path)
+    if problem:
+        raise CacheDamagedError(f"{os.fspath(path)!r} looks like a latent cache, but {problem}: it cannot be "
+                                "trained on; rebuild it with `condistill cache ... --out "
+                                f"{os.fspath(path)} --overwrite`")
+    index = read_index(path)
+    if index is not None:
+        raise ValueError(f"{os.fspath(path)!r} is a latent cache (of {index.get('data')!r}): it holds latents, not "
+                         "images; a training run takes it as --data, other commands take the images it was built from")
 
 
 def construct_source(cls, options: dict[str, Any], **fixed: Any) -> DataSource:
@@ -309,11 +339,12 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
     if is_tar_name(text) or (len(expanded) > 1 and all(is_tar_name(p) for p in expanded)):
         return construct_source(WebDatasetSource, options, urls=text, resolution=resolution)
     if path.is_dir():
-        kind = _classify_folder(path)
+        _refuse_cache(path)
+        kind = classify_folder(path)
         if kind in ("saved", "data"):
             return construct_source(hf_kind, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
         if kind == "images":
-            folder = _split_subfolder(path, split)
+            folder = split_subfolder(path, split)
             return construct_source(ImageFolderSource, options, path=folder, resolution=resolution)
         if kind == "shards":
             return construct_source(WebDatasetSource, options, urls=tars_under(path), resolution=resolution)
@@ -335,7 +366,7 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
             f"pattern {text!r} matches {'no files' if not matches else 'files that are not .tar shards'}; "
             f"a data source may be: {SPEC_FORMS}"
         )
-    if _HUB_ID.match(text) and not text.lower().endswith(IMAGE_EXTENSIONS + _DATA_FILE_EXTENSIONS + TAR_SUFFIXES) and ".." not in text:
+    if is_hub_id(text):
         return construct_source(hf_kind, options, name_or_path=text, split=split, resolution=resolution)
     raise FileNotFoundError(f"data source {text!r} does not exist. A data source may be: {SPEC_FORMS}.")
 
