@@ -11,6 +11,11 @@ gets the condition ``condition(record_i, seed=derive_seed(seed, i))`` exactly as
 a stream-only source's sample gets :func:`~condistill.data.streaming.item_seed` of its
 identity, exactly as ``StreamingConditionDataset`` computes it.
 
+Every shard's SHA-256 is recorded with it, and the data's
+:func:`~condistill.data.fingerprint.source_fingerprint` (taken before the first item is read), so
+that reading the cache can tell damage and a changed source (:mod:`condistill.data.cache`).
+Non-finite latents or embeddings are refused here, not written: they would make training diverge.
+
 The folder appears under its name only when complete: everything is written to a hidden
 ``.<name>.partial-<pid>`` folder next to it, ``index.json`` last, then the folder is renamed.
 A stopped run leaves only that hidden folder (removed by the next run once its process is gone).
@@ -28,8 +33,10 @@ from typing import Any, Callable
 
 import torch
 
-from condistill.data.cache import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, is_cache
+from condistill.data.cache_index import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, cache_folder_problem, is_cache
+from condistill.data.fingerprint import source_fingerprint
 from condistill.data.report import REPORT_NAME, write_report
+from condistill.files import sha256_file
 from condistill.utils import jsonable
 
 __all__ = ["DTYPES", "cache_command", "encoders_digest", "write_cache"]
@@ -93,10 +100,10 @@ class _ShardWriter:
             self.float_conditions += 1
         if caption not in self.slots:
             self.slots[caption] = slot = len(self.slots)
-            self._add_prompt(slot, encode([caption]))
+            self._add_prompt(slot, encode([caption]), key)
         self.items.append({"key": key, "caption": caption, "prompt": self.slots[caption], "conditioning": kind})
 
-    def _add_prompt(self, slot: int, embeds: Any) -> None:
+    def _add_prompt(self, slot: int, embeds: Any, key: str) -> None:
         names = sorted(embeds) if isinstance(embeds, dict) else None
         if self.prompt_names is False:
             self.prompt_names = names
@@ -108,6 +115,9 @@ class _ShardWriter:
             if not isinstance(tensor, torch.Tensor) or tensor.ndim < 1 or tensor.shape[0] != 1:
                 raise ValueError(f"encode_prompts([caption]) must give tensors with a batch axis of 1; {name} is "
                                  f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"the base's text encoder gave non-finite values (NaN or inf) for the caption of item "
+                                 f"{key!r}; nothing was cached")
             self.tensors[name] = tensor[0].to("cpu", self.dtype).contiguous()
 
     def flush(self) -> None:
@@ -117,7 +127,8 @@ class _ShardWriter:
 
         name = f"shard-{len(self.shards):05d}.safetensors"
         save_file(self.tensors, os.fspath(self.folder / name), metadata={"items": json.dumps(self.items)})
-        self.shards.append({"file": name, "items": len(self.items), "bytes": (self.folder / name).stat().st_size})
+        self.shards.append({"file": name, "items": len(self.items), "bytes": (self.folder / name).stat().st_size,
+                            "sha256": sha256_file(self.folder / name)})
         self._reset()
 
 
@@ -147,7 +158,7 @@ def _remove_stale_partials(out: Path, log: Callable[[str], Any]) -> None:
 
 def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 0, batch_size: int = 16,
                 shard_size: int = 256, dtype: str = "float16", overwrite: bool = False, data_spec: str = "",
-                log: Callable[[str], Any] = print) -> Path:
+                data_options: dict[str, Any] | None = None, log: Callable[[str], Any] = print) -> Path:
     """Write the latent cache of ``source`` (opened at the run's resolution) for ``base`` and ``condition``.
 
     Args:
@@ -158,10 +169,13 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
         shard_size: items per safetensors shard (one shard is held in memory while written).
         dtype: ``"float16"`` or ``"float32"``, storage of latents, embeddings and inexact conditions.
         overwrite: replace an existing cache at ``out`` (only once the new one is complete).
-        data_spec: the ``--data`` text, recorded for messages.
+        data_spec: the ``--data`` text, recorded for messages and fingerprinted (with ``data_options``,
+            the options ``source`` was opened with) so that opening the cache names a change of its data.
+            Without it the cache records that its source is not known, and nothing is compared.
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is false, or it is not a cache.
+        ValueError: the base gave non-finite latents or embeddings (nothing is written).
     """
     out = Path(out)
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("seed", seed)):
@@ -172,13 +186,18 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-        if not is_cache(out) and not (out.is_dir() and not any(out.iterdir())):
+        if not (is_cache(out) or cache_folder_problem(out) or out.is_dir() and not any(out.iterdir())):
             raise FileExistsError(f"{out} exists and is not a condistill cache; not replacing it (choose another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out, log)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
+    if data_spec:  # before the first item is read: a change during the build shows at the next open
+        source_record = source_fingerprint(data_spec, data_options)
+    else:
+        source_record = {"kind": "object", "spec": source.name, "options": {},
+                         "unavailable": "the cache was written from a source object, not a --data spec"}
     resolution = source.resolution
     items, seed_rule, total = _items(source, condition, resolution, seed)
     writer = _ShardWriter(partial, DTYPES[dtype])
@@ -187,6 +206,10 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
     def encode_batch() -> None:
         pixels = torch.stack([item["pixel_values"] for item in batch])
         latents = base.encode_images(pixels.to(base.device, base.dtype)).float().cpu()
+        bad = [item["key"] for item, latent in zip(batch, latents) if not bool(torch.isfinite(latent).all())]
+        if bad:
+            raise ValueError(f"the base's VAE gave non-finite latents (NaN or inf) for item(s) {', '.join(map(repr, bad[:3]))}"
+                             f" (VAE dtype {base.dtype}); a cache of them would make training diverge, so nothing was cached")
         for item, latent in zip(batch, latents):
             writer.add(latent, item["conditioning"], item["caption"], item["key"], base.encode_prompts)
             if len(writer.items) >= shard_size:
@@ -194,15 +217,19 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
                 log(f"cache: {sum(shard['items'] for shard in writer.shards)} items written")
         batch.clear()
 
-    with torch.no_grad():
-        for item in items:
-            batch.append(item)
-            count += 1
-            if len(batch) == batch_size:
+    try:
+        with torch.no_grad():
+            for item in items:
+                batch.append(item)
+                count += 1
+                if len(batch) == batch_size:
+                    encode_batch()
+            if batch:
                 encode_batch()
-        if batch:
-            encode_batch()
-        writer.flush()
+            writer.flush()
+    except Exception:  # an error ends the build: nothing of it stays (a killed run's folder goes at the next run)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if count == 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise ValueError(f"{data_spec or source.name} gave no usable item; nothing to cache")
@@ -213,6 +240,7 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
         "resolution": resolution,
         "condition": {"name": condition.name, "config": condition.config(), "channels": condition.channels},
         "seed": seed, "item_seeds": seed_rule, "data": data_spec or source.name,
+        "data_options": jsonable(dict(data_options or {})), "source": source_record,
         "storage": {"dtype": dtype, "latents": dtype, "prompt_embeds": dtype,
                     "prompt_names": writer.prompt_names if writer.prompt_names is not False else None,
                     "conditioning": {"uint8": writer.uint8_conditions, dtype: writer.float_conditions}},
@@ -251,4 +279,5 @@ def cache_command(*, condition: str, data: str, out: str, base: str, resolution:
     source = open_source(data, resolution=resolution, **(data_options or {}))
     loaded = load_base(base, device=device)
     return write_cache(out, base=loaded, condition=cond, source=source, seed=seed, batch_size=batch_size,
-                       shard_size=shard_size, dtype=dtype, overwrite=overwrite, data_spec=data, log=log)
+                       shard_size=shard_size, dtype=dtype, overwrite=overwrite, data_spec=data,
+                       data_options=data_options, log=log)

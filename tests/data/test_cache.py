@@ -1,4 +1,6 @@
-"""The latent cache: equal to the live path, refused for other settings, never read when partial, the CLI."""
+"""The latent cache: equal to the live path, refused for other settings, never read when partial, the CLI.
+
+Damage, a changed source and old caches: tests/data/test_cache_checks.py."""
 from __future__ import annotations
 
 import io
@@ -13,11 +15,10 @@ import torch
 from condistill.cli import main
 from condistill.conditions import get_condition
 from condistill.data import ConditionDataset, open_source
-from condistill.data.cache import CacheMismatchError, CachedDataset, is_cache
+from condistill.data.cache import CacheDamagedError, CacheMismatchError, CachedDataset, is_cache
 from condistill.data.cache_writer import encoders_digest, write_cache
 from condistill.data.report import SkipMonitor
 from condistill.data.streaming import StreamingConditionDataset
-from condistill.frozen import load_base
 
 BASE = "embedded:tiny-teacher"
 DATA = "synthetic:train:16"
@@ -26,16 +27,8 @@ quiet = lambda message: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def base():
-    return load_base(BASE)
-
-
-@pytest.fixture(scope="module")
-def sr_cache(base, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "sr"
-    source = open_source(DATA, resolution=base.resolution)
-    return write_cache(out, base=base, condition=get_condition("sr"), source=source, seed=SEED, batch_size=5,
-                       shard_size=6, data_spec=DATA, log=quiet)
+def sr_cache(sr_cache_of, tmp_path_factory) -> Path:
+    return sr_cache_of(tmp_path_factory.mktemp("cache") / "sr", DATA, SEED, batch_size=5, shard_size=6)
 
 
 def test_cached_items_equal_the_live_path(base, sr_cache: Path):
@@ -147,12 +140,11 @@ def test_a_stopped_or_damaged_cache_is_not_complete(base, tmp_path: Path, sr_cac
     for f in sr_cache.iterdir():
         (damaged / f.name).write_bytes(f.read_bytes())
     assert is_cache(damaged)
-    shard = damaged / "shard-00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])  # cut short
-    assert not is_cache(damaged)
     index = json.loads((sr_cache / "index.json").read_text())
     (damaged / "index.json").write_text(json.dumps({**index, "complete": False}))
-    assert not is_cache(damaged)
+    assert not is_cache(damaged)  # a shard cut short is the cache's damage: tests/data/test_cache_checks.py
+    with pytest.raises(CacheDamagedError, match="does not say it is complete"):
+        CachedDataset(damaged)
 
 
 def test_the_cli_writes_a_cache_and_refuses_to_overwrite(tmp_path: Path, capsys):
