@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import inspect
 import json
+import os
 import sys
 import typing
 
-from condistill.cli_parsing import CommandParser, FlagWithOldValue, cli_form, did_you_mean, json_object, parse_bool
-from condistill.config import ConfigError, DistillConfig, SettingError, option_choices
+from condistill.cli_parsing import (DEBUG_FLAG, DEBUG_HELP, CommandParser, FlagWithOldValue, adapter_option_problem,
+                                    check_data_source, check_output, cli_form, condition_from_options, guarded,
+                                    json_object, parse_bool, warmup_warning)
+from condistill.config import ConfigError, DistillConfig, check_grid, check_resolution, option_choices
 from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
 
 SKIP = {"condition"}
@@ -106,6 +108,7 @@ def build_parser(condition: str, presets: dict[str, dict], description: str, pro
         else:
             kw.update(type=str, choices=choices.get(f.name))
         parser.add_argument(flag, **kw)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return parser
 
 
@@ -113,83 +116,68 @@ def config_from_args(condition: str, argv=None, prog: str | None = None) -> Dist
     """The validated :class:`DistillConfig` of ``condistill train CONDITION ARGV``.
 
     Precedence: the explicit options, then the chosen preset, then the dataclass defaults.
-    Invalid values exit with status 2 and every problem listed.
+    A command line that does not parse exits with status 2; invalid values exit with status 1 and
+    every problem listed on one line.
     """
     presets = presets_for(condition)
     parser = build_parser(condition, presets, recipe_description(condition), prog=prog,
                           preset=chosen_preset(presets, argv))
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     preset = {k: v for k, v in presets[args.pop("preset")].items() if not k.startswith("_")}
     values = {"condition": condition, **preset, **{k: v for k, v in args.items() if v is not None}}
     try:
         return DistillConfig(**values)
     except ConfigError as err:  # the options as the user wrote them: --max-steps 0, not max_steps=0
-        parser.exit(2, f"{parser.prog}: error: {cli_form(str(err))}\n")
+        parser.exit(1, f"{parser.prog}: error: {problems_line(err.problems)}\n")
 
 
-def _run_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a run raises for the user to act on (their messages say what to do)."""
-    from condistill.data.cache import CacheMismatchError
-    from condistill.data.skips import EmptySourceError, TooManySkipsError
-    from condistill.training.checkpoint import UnhealthyCheckpointError
-    from condistill.training.run_folder import ResumeMismatchError, RunLockedError
-
-    # OSError: a file in the way, a missing base or data folder, a full disk (each message names the path);
-    # SettingError: a resolution or precision this base or machine cannot run
-    return (OSError, RunLockedError, ResumeMismatchError, UnhealthyCheckpointError, EmptySourceError,
-            TooManySkipsError, FloatingPointError, CacheMismatchError, SettingError)
+def problems_line(problems: list[str]) -> str:
+    """Every problem of a configuration on one line, the options as typed."""
+    if len(problems) == 1:
+        return cli_form(problems[0])
+    return f"{len(problems)} problems: " + " ".join(f"({i}) {cli_form(p)};" for i, p in enumerate(problems, 1))[:-1]
 
 
-def _adapter_option_problem(cfg: DistillConfig) -> str | None:
-    """A ``--adapter-options`` name the adapter does not take (one line), or ``None``.
-
-    Checked before any model loads; the values are checked when the student is built, which needs
-    the base's UNet.
+def check_run(cfg: DistillConfig) -> None:
+    """What ``condistill train`` checks before any model loads (each raises one line): the adapter and condition
+    options, the files the condition needs, the resolution and grid against the base's configs, the output
+    folder and the data. The run itself then checks what its folder holds
+    (:func:`condistill.training.loop.distill`).
     """
-    from condistill.adapters.student import get_adapter_class
-
-    params = inspect.signature(get_adapter_class(cfg.adapter).__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    names = [n for n in params if n not in ("self", "unet", "condition_channels")]
-    for name in cfg.adapter_options:
-        if name not in names:
-            return (f"--adapter-options: the {cfg.adapter} adapter has no option {name!r}"
-                    + did_you_mean(name, names, "option") + f" (its options: {', '.join(names)})")
-    return None
+    problem = adapter_option_problem(cfg.adapter, cfg.adapter_options)
+    if problem:
+        raise ValueError(problem)
+    condition_from_options(cfg.condition, cfg.condition_options)  # and the depth estimator's weights
+    resolution = check_resolution(cfg.base, cfg.resolution)
+    check_grid(cfg.base, cfg.num_grid, cfg.dmd_start_timestep)
+    check_output(cfg.output_dir, "--output-dir", "folder")
+    check_data_source(cfg.data, resolution, cfg.data_options)
 
 
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
     """Run ``condistill train CONDITION`` with ``argv`` (what ``recipes/<condition>.py`` calls).
 
-    Returns 0 on success. What can be checked before a model loads is checked first: the options
-    (status 2), then the files the condition needs (:meth:`Condition.check`). A run stopped by one
-    of the errors of :func:`_run_errors` prints its message in one line, the options it names as
-    they are typed (no traceback), and returns 1.
+    Returns 0 on success. What can be checked before a model loads is checked first (:func:`check_run`).
+    A refused input or a stopped run prints its message in one line, the options it names as they are
+    typed, and returns 1 (:func:`condistill.cli_parsing.guarded`; ``--debug`` shows the traceback).
     """
-    cfg = config_from_args(condition, argv, prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or f"condistill train {condition}"
-    problem = _adapter_option_problem(cfg)
-    if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
-    from condistill.conditions import get_condition
+    return guarded(prog, lambda: _run_training(condition, argv, prog), argv)
+
+
+def _run_training(condition: str, argv: list[str], prog: str) -> int:
+    cfg = config_from_args(condition, argv, prog)
+    check_run(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # a launcher's other processes say nothing
+    warning = warmup_warning(cfg)
+    if warning and main_process:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
     from condistill.training.loop import distill
 
-    try:
-        try:  # the condition's options, and the files it needs (the depth estimator's weights), before any model
-            built = get_condition(cfg.condition, **cfg.condition_options)
-        except (ValueError, TypeError) as error:
-            print(f"{prog}: error: --condition-options {json.dumps(cfg.condition_options)}: {error}", file=sys.stderr)
-            return 2
-        built.check()
-        out = distill(cfg)
-    except _run_errors() as error:
-        print(f"{prog}: error: {cli_form(str(error))}", file=sys.stderr)
-        return 1
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:  # one line for the run, not one per process
+    out = distill(cfg)
+    if main_process:  # one line for the run, not one per process
         print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
     return 0
 
@@ -217,41 +205,71 @@ def _train(argv: list[str]) -> int:
     return recipe_main(condition, rest, prog=f"condistill train {condition}")
 
 
-def _eval(args) -> int:
-    from condistill.evaluation.evaluate import default_rows, evaluate, markdown_table, parse_rows, skipped_note
+def _nonnegative(args, *names: str, least: int = 0) -> None:
+    """Refuse an integer option below ``least`` (one line naming it as typed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value < least:
+            what = "at least 1" if least == 1 else "0 or more"
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {what}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {device}: not a torch device ({error}); write cpu, cuda or cuda:0") from None
+
+
+def _eval_rows(args) -> list:
+    """The rows of ``condistill eval``: ``--row`` specs, or the default rows of ``--student`` (and ``--baseline``)."""
+    from condistill.evaluation.evaluate import default_rows, parse_rows
 
     if args.row:
-        rows = parse_rows(args.row)
-    elif args.student:
-        rows = default_rows(args.student, args.baseline, args.condition, args.guidance)
-    else:
-        print("condistill eval: give --student (and optionally --baseline) or one or more --row", file=sys.stderr)
-        return 2
+        return parse_rows(args.row)
+    if not args.student:
+        print("condistill eval: error: give --student (and optionally --baseline) or one or more --row",
+              file=sys.stderr)
+        raise SystemExit(2)
+    for flag, folder in (("--student", args.student), ("--baseline", args.baseline)):
+        if folder is not None:
+            from condistill.adapters.save_load import read_adapter_config
+            try:
+                read_adapter_config(folder)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{flag} {folder}: {error}") from None
+    return default_rows(args.student, args.baseline, args.condition, args.guidance)
+
+
+def _eval(args) -> int:
+    from condistill.evaluation.evaluate import evaluate, markdown_table, skipped_note
+
+    rows = _eval_rows(args)
     if args.prompts and not args.data:
-        print("condistill eval: --prompts needs --data (the synthetic scenes come with their own prompts)", file=sys.stderr)
-        return 2
+        raise ValueError("--prompts needs --data (the synthetic scenes come with their own prompts)")
+    _nonnegative(args, "num_images", "batch_size", least=1)
+    _nonnegative(args, "seed")
+    _check_device(args.device)
+    for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if folder:
+            check_output(folder, flag, "folder")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
+                      seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
+                      cache_dir=args.cache_dir, log=log, data=args.data, prompts=args.prompts)
     note = ""
     if args.data:  # the user's own images: conditions made as in training, metrics without the judge
-        from condistill.evaluation.user_data import data_note, evaluate_data
-        try:
-            report = evaluate_data(args.condition, rows, args.data, base=args.base, num_images=args.num_images,
-                                   batch_size=args.batch_size, seed=args.seed, prompts=args.prompts, out_dir=args.out,
-                                   device=args.device, cache_dir=args.cache_dir, log=log)
-        except (OSError, ValueError) as error:
-            print(f"condistill eval: error: {error}", file=sys.stderr)
-            return 1
+        from condistill.evaluation.user_data import data_note
         note = data_note(report)
-    else:
-        report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
-                          seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
-                          cache_dir=args.cache_dir, log=log)
     skipped = skipped_note(report)  # after a blank line: a line right below a markdown table would join it
     table = note + markdown_table(report) + ("\n" + skipped if skipped else "")
     print(table)
     if args.student and not args.row:  # a local run's model card records what was measured
         from condistill.publish.card import record_eval
-        options = {k: v for k, v in vars(args).items() if not (args.data and k == "judge")}  # no judge with --data
+        options = {k: v for k, v in vars(args).items()
+                   if not (args.data and k == "judge") and k != "debug"}  # no judge with --data
         record_eval(args.student, table, options, log=log)
     if args.out:
         extra = ", conditions.safetensors" if args.data else ""
@@ -261,13 +279,22 @@ def _eval(args) -> int:
     return 0
 
 
+def _command_parser(prog: str, description: str, condition: str | None = None, **kwargs) -> CommandParser:
+    """A command's parser with ``--debug``, and ``--condition`` (required) when ``condition`` gives its help."""
+    parser = CommandParser(prog=prog, description=description, **kwargs)
+    if condition:
+        parser.add_argument("--condition", required=True, choices=list(RECIPES), help=condition)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    return parser
+
+
 def _eval_parser() -> argparse.ArgumentParser:
-    ev = CommandParser(
-        prog="condistill eval", description="Score students and baselines on held-out synthetic scenes (fidelity, "
-        "Frechet distance on the judge's features, prompt accuracy, seconds per image), or with --data on your own "
-        "images (fidelity, Inception FID, LPIPS, CLIP score where available, seconds per image).",
+    ev = _command_parser(
+        "condistill eval", "Score students and baselines on held-out synthetic scenes (fidelity, Frechet distance on "
+        "the judge's features, prompt accuracy, seconds per image), or with --data on your own images (fidelity, "
+        "Inception FID, LPIPS, CLIP score where available, seconds per image).",
+        "the condition the adapters were trained for (an adapter trained for another one is refused)",
         epilog="Defaults are shown in brackets.")
-    ev.add_argument("--condition", required=True, choices=list(RECIPES), help="the condition the adapters were trained for")
     ev.add_argument("--student", help="distilled adapter folder (rows at 1, 2 and 4 steps)")
     ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows)")
     ev.add_argument("--row", action="append", help="custom row NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]; MODEL is "
@@ -288,17 +315,18 @@ def _eval_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda [cpu]")
     ev.add_argument("--cache-dir", help="folder that keeps teacher samples across conditions (they ignore the "
                     "condition) [no cache]")
-    ev.add_argument("--out", help="folder for results.json, results.md and samples.png [print the JSON instead]")
+    ev.add_argument("--out", help="folder for results.json, results.md and samples.png, checked before the "
+                    "evaluation starts [print the JSON instead]")
     return ev
 
 
 def _export_parser() -> argparse.ArgumentParser:
     from condistill.publish.formats import FORMATS
 
-    ex = CommandParser(
-        prog="condistill export", description="Write a run's adapter as a file other tools (A1111, ComfyUI, "
-        "diffusers' single-file and kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {v[0]!r})"
-                                                                     for k, v in FORMATS.items()) + ".")
+    ex = _command_parser(
+        "condistill export", "Write a run's adapter as a file other tools (A1111, ComfyUI, diffusers' single-file and "
+        "kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {v[0]!r})" for k, v in FORMATS.items()) + ". Every "
+        "output is written under a temporary name and renamed into place when complete.")
     ex.add_argument("run", help="a run folder or exported adapter folder")
     ex.add_argument("--format", required=True, choices=list(FORMATS), help="the file format to write")
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -308,13 +336,13 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> int:
-    from condistill.publish.formats import export
+    from condistill.publish.formats import default_adapter_out, export
 
-    try:
-        result = export(args.run, args.format, args.out, adapter_out=args.adapter_out, overwrite=args.overwrite)
-    except (OSError, ValueError) as error:
-        print(f"condistill export: error: {error}", file=sys.stderr)
-        return 1
+    check_output(args.out, "--out", "file")
+    if args.format == "kohya":
+        check_output(args.adapter_out or default_adapter_out(args.out), "--adapter-out", "folder")
+    log = lambda msg: print(f"condistill export: {msg}", file=sys.stderr)  # noqa: E731
+    result = export(args.run, args.format, args.out, adapter_out=args.adapter_out, overwrite=args.overwrite, log=log)
     for note in result.notes:
         print(f"condistill export: note: {note}", file=sys.stderr)
     print(result.instructions)
@@ -325,12 +353,11 @@ def _cache_parser() -> argparse.ArgumentParser:
     from condistill.config import DEFAULT_BASE
     from condistill.data.cache_writer import DTYPES
 
-    ca = CommandParser(
-        prog="condistill cache", description="Compute once what the frozen encoders compute from the training data "
-        "(VAE latents, caption embeddings, condition tensors) and store it in safetensors shards; train on it with "
-        "--data OUT. The cache records the base, resolution, condition and seed, and a run with other ones refuses it.",
-        epilog="Defaults are shown in brackets.")
-    ca.add_argument("--condition", required=True, choices=list(RECIPES), help="the condition the run trains")
+    ca = _command_parser(
+        "condistill cache", "Compute once what the frozen encoders compute from the training data (VAE latents, "
+        "caption embeddings, condition tensors) and store it in safetensors shards; train on it with --data OUT. The "
+        "cache records the base, resolution, condition and seed, and a run with other ones refuses it.",
+        "the condition the run trains", epilog="Defaults are shown in brackets.")
     ca.add_argument("--data", required=True, help="the training data source, as for condistill train --data")
     ca.add_argument("--out", required=True, help="the cache folder to write")
     ca.add_argument("--base", default=DEFAULT_BASE, help=f"the run's base model [{DEFAULT_BASE}]")
@@ -353,15 +380,18 @@ def _cache_parser() -> argparse.ArgumentParser:
 def _cache(args) -> int:
     from condistill.data.cache_writer import cache_command
 
+    _nonnegative(args, "batch_size", "shard_size", least=1)
+    _nonnegative(args, "seed", "resolution")
+    _check_device(args.device)
+    check_output(args.out, "--out", "folder")
+    condition_from_options(args.condition, args.condition_options or {})
+    resolution = check_resolution(args.base, args.resolution)
+    check_data_source(args.data, resolution, args.data_options or {})
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    try:
-        out = cache_command(condition=args.condition, data=args.data, out=args.out, base=args.base,
-                            resolution=args.resolution, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                            condition_options=args.condition_options, data_options=args.data_options,
-                            dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, log=log)
-    except (OSError, ValueError, TypeError) as error:
-        print(f"condistill cache: error: {error}", file=sys.stderr)
-        return 1
+    out = cache_command(condition=args.condition, data=args.data, out=args.out, base=args.base,
+                        resolution=args.resolution, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                        condition_options=args.condition_options, data_options=args.data_options,
+                        dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite, log=log)
     print(out)
     return 0
 
@@ -374,25 +404,31 @@ COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]
 
 
 def main(argv=None) -> int:
+    """``condistill COMMAND ...``: the status of the command (0, 1 for a refused input or a stopped run, 2 for a
+    command line that does not parse). ``condistill --debug COMMAND`` (or ``--debug`` among the command's
+    options, or ``CONDISTILL_DEBUG=1``) shows the traceback of an error instead of its one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == DEBUG_FLAG
+    argv = argv[1:] if debug else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: condistill {{{','.join(COMMANDS)}}} ...\n\nconditional diffusion distillation\n\n"
-              + "\n".join(f"  {k:7s} {v}" for k, v in COMMANDS.items()), file=sys.stdout if argv else sys.stderr)
+        print(f"usage: condistill [{DEBUG_FLAG}] {{{','.join(COMMANDS)}}} ...\n\nconditional diffusion distillation\n\n"
+              + "\n".join(f"  {k:7s} {v}" for k, v in COMMANDS.items())
+              + f"\n\n  {DEBUG_FLAG}: {DEBUG_HELP}; an error otherwise ends in one line and status 1 (2: a command "
+              "line that does not parse)", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    if argv[0] == "train":
-        return _train(argv[1:])
-    if argv[0] == "eval":
-        return _eval(_eval_parser().parse_args(argv[1:]))
-    if argv[0] == "cache":
-        return _cache(_cache_parser().parse_args(argv[1:]))
-    if argv[0] == "export":
-        return _export(_export_parser().parse_args(argv[1:]))
-    if argv[0] == "push":
+    command, rest = argv[0], argv[1:] + ([DEBUG_FLAG] if debug else [])
+    if command == "train":
+        return _train(rest)
+    commands = {"eval": (_eval_parser, _eval), "cache": (_cache_parser, _cache), "export": (_export_parser, _export)}
+    if command in commands:
+        parser, run = commands[command]
+        return guarded(f"condistill {command}", lambda: run(parser().parse_args(rest)), rest)
+    if command == "push":
         from condistill.publish.push import push_main
-        return push_main(argv[1:])
-    close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        return guarded("condistill push", lambda: push_main([w for w in rest if w != DEBUG_FLAG]), rest)
+    close = difflib.get_close_matches(command, list(COMMANDS), n=1)
     hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(COMMANDS)}"
-    print(f"condistill: error: unknown command {argv[0]!r}; {hint} (condistill --help describes them)",
+    print(f"condistill: error: unknown command {command!r}; {hint} (condistill --help describes them)",
           file=sys.stderr)
     return 2
 

@@ -105,6 +105,29 @@ def check_resolution(base: str | os.PathLike, resolution: int) -> int:
                        f"at multiples of {multiple} px; the nearest usable are {' and '.join(map(str, nearest))}")
 
 
+def check_grid(base: str | os.PathLike, num_grid: int, dmd_start_timestep: int = 0) -> None:
+    """Refuse a ``--num-grid`` that does not divide the base's training timesteps and a ``--dmd-start-timestep``
+    that is not a point of the grid, reading the base's scheduler config only (no weights load).
+
+    Raises:
+        SettingError: one line naming the usable values.
+    """
+    from condistill.hub import resolve_pretrained_dir
+    from condistill.method.schedule import skip_grid
+
+    file = resolve_pretrained_dir(base, what="base model") / "scheduler" / "scheduler_config.json"
+    steps = int(json.loads(file.read_text()).get("num_train_timesteps", 1000)) if file.is_file() else 1000
+    try:
+        grid = skip_grid(steps, num_grid).tolist()
+    except ValueError as error:
+        raise SettingError(str(error)) from None
+    if dmd_start_timestep and dmd_start_timestep not in grid:
+        nearest = sorted(sorted(grid, key=lambda t: abs(t - dmd_start_timestep))[:2])
+        raise SettingError(f"--dmd-start-timestep {dmd_start_timestep}: not a timestep of the training grid of this "
+                           f"base ({steps} training timesteps, --num-grid {num_grid}: {grid[0]}, {grid[1]}, ..., "
+                           f"{grid[-1]}); the nearest are {' and '.join(map(str, nearest))} (0 starts from pure noise)")
+
+
 @dataclass
 class DistillConfig:
     """Options of one conditional distillation run."""
@@ -126,9 +149,11 @@ class DistillConfig:
     optimizer: str = _h("optimizer of the adapter: adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW, a quarter "
                         "of the optimizer memory; needs a CUDA GPU and `pip install bitsandbytes`)", default="adamw")
     learning_rate: float = _h("AdamW learning rate of the adapter", default=2e-4)
-    lr_warmup_steps: int = _h("linear learning-rate warm-up steps", default=20)
+    lr_warmup_steps: int = _h("linear learning-rate warm-up steps, rising from 0 (a warm-up not shorter than "
+                              "max_steps never reaches learning_rate: the run says so at its start)", default=20)
     weight_decay: float = _h("AdamW weight decay", default=0.0)
-    max_grad_norm: float = _h("gradient clipping norm (0 disables)", default=1.0)
+    max_grad_norm: float = _h("gradient clipping norm: gradients are scaled down to this total norm (0 disables "
+                              "clipping; negative values are refused)", default=1.0)
     ema_decay: float = _h("EMA decay of the adapter weights used by the target and ODE branches", default=0.95)
     ema_decay_late: float = _h("EMA decay from step ema_late_from on (0 = keep ema_decay): a slower EMA late in "
                                "training averages the exported weights over more steps", default=0.0)
@@ -231,6 +256,14 @@ class DistillConfig:
             p.append(f"keep_checkpoints={self.keep_checkpoints}: keep at least 1")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             p.append(f"learning_rate={self.learning_rate}: must be positive and finite")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            p.append(f"weight_decay={self.weight_decay}: must be 0 or more (0 = no weight decay)")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            p.append(f"max_grad_norm={self.max_grad_norm}: must be 0 or more (0 disables gradient clipping)")
+        if not (self.huber_c > 0 and math.isfinite(self.huber_c)):
+            p.append(f"huber_c={self.huber_c}: must be positive (the pseudo-Huber constant)")
+        if not 0 <= self.seed < 2 ** 32:
+            p.append(f"seed={self.seed}: must be between 0 and 2**32 - 1")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             p.append(f"max_skip_fraction={self.max_skip_fraction}: must be in [0, 1] (1 never stops)")
         if not 0.0 <= self.ema_decay < 1.0:
