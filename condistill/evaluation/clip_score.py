@@ -16,7 +16,8 @@ model's own ``CLIPImageProcessor`` settings; prompts are truncated to the tokeni
 length (77 tokens for OpenAI's CLIP).
 
 This module is registered by :mod:`condistill.evaluation.third_party` as its metric
-``"clip_score"`` (``set_backend("clip_score", factory)`` injects a stand-in network).
+``"clip_score"`` (``set_backend("clip_score", factory)`` of :mod:`condistill.evaluation.backends`, which
+both modules import, injects a stand-in network).
 """
 from __future__ import annotations
 
@@ -27,12 +28,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from condistill.evaluation import backends
 
-def _tp():
-    """:mod:`condistill.evaluation.third_party`, imported on use (it imports this module to register it)."""
-    from condistill.evaluation import third_party
 
-    return third_party
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # the default model id, looked up in the local HF cache only
 CLIP_MODEL_ENV = "CONDISTILL_CLIP_MODEL"
@@ -90,9 +88,9 @@ def resolve_clip_model() -> tuple[Path | None, str]:
 
 def clip_status() -> tuple[bool, str]:
     """``(available, reason)`` for CLIPScore; ``reason`` says what is missing and how to enable it."""
-    if "clip_score" in _tp()._BACKENDS:
+    if "clip_score" in backends.BACKENDS:
         return True, "CLIPScore: injected backend"
-    if _tp()._try_import("transformers") is None:
+    if backends.try_import("transformers") is None:
         return False, "CLIPScore skipped: Python package 'transformers' is not installed (pip install transformers)"
     folder, reason = resolve_clip_model()
     if folder is None:
@@ -113,15 +111,15 @@ def load_clip(device: str | torch.device = "cpu") -> Callable:
     """``fn(images, prompts) -> [B]``: CLIPScore ``100 * max(cos, 0)`` (Hessel et al. 2021) of each image
     ``images[i]`` (``[B, 3, H, W]`` in [0, 1]) with its prompt ``prompts[i]``; raises ``RuntimeError``
     with the reason if no CLIP model is available locally. Honours ``set_backend("clip_score", factory)``."""
-    if "clip_score" in _tp()._BACKENDS:
-        return _tp()._BACKENDS["clip_score"](device)
+    if "clip_score" in backends.BACKENDS:
+        return backends.BACKENDS["clip_score"](device)
     ok, reason = clip_status()
     if not ok:
         raise RuntimeError(reason)
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     folder, _ = resolve_clip_model()
-    with _tp().no_downloads():
+    with backends.no_downloads():
         model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -151,7 +149,7 @@ def load_clip(device: str | torch.device = "cpu") -> Callable:
 def clip_scores(images: torch.Tensor, prompts: Sequence[str], net: Callable | None = None, *,
                 device: str | torch.device = "cpu", batch_size: int = 32) -> torch.Tensor:
     """Per-image CLIPScores ``[N]`` (float64, CPU) of ``images [N, 3, H, W]`` in [0, 1] with ``prompts``."""
-    x = _tp()._check_images(images, "images")
+    x = backends.check_images(images, "images")
     if isinstance(prompts, str) or len(prompts) != x.shape[0]:
         raise ValueError(f"clip_score needs one prompt per image: got {x.shape[0]} images and "
                          f"{'a single string' if isinstance(prompts, str) else f'{len(prompts)} prompts'}")

@@ -184,15 +184,26 @@ def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_fea
 
 def rows_base_and_condition(rows, base, condition):
     """``(adapter folders, base, condition)`` of an evaluation: the base defaults to the one recorded by
-    the first adapter row, and the condition is rebuilt from that adapter's saved config when names match."""
+    the first adapter row, and the condition is rebuilt from that adapter's saved config.
+
+    Raises:
+        ValueError: an adapter row was trained for another condition than ``condition`` (it would be
+            sampled with a condition it never saw, and scored against the wrong fidelity metric).
+    """
     adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
     if base is None:
         if not adapters:
             raise ValueError("pass base= when no row names an adapter folder")
         base = read_adapter_config(adapters[0])["base_name_or_path"]
+    name = condition["name"] if isinstance(condition, dict) else condition
+    for path in dict.fromkeys(adapters):
+        trained = read_adapter_config(path)["condition_name"]
+        if trained != name:
+            raise ValueError(f"condition={name!r}: the adapter {path} was trained for {trained!r}; evaluate it with "
+                             f"condition={trained!r} (its export records the condition and its options)")
     if isinstance(condition, dict):
         cond = condition_from_config(condition)
-    elif adapters and read_adapter_config(adapters[0])["condition_name"] == condition:
+    elif adapters:
         cond = condition_from_config(read_adapter_config(adapters[0])["condition_config"])
     else:
         cond = get_condition(condition)
@@ -201,13 +212,45 @@ def rows_base_and_condition(rows, base, condition):
 
 def eval_resolution(adapters: list[str], base) -> int:
     """The image size every row samples at: the resolution the adapters were trained at (they must agree),
-    else the base's native one (``base``: a loaded :class:`~condistill.frozen.Base`)."""
+    else the base's native one (``base``: a loaded :class:`~condistill.frozen.Base`, or its name or folder, whose
+    configs are read without loading weights)."""
+    from condistill.frozen import native_resolution
+
     sizes = {path: int(read_adapter_config(path)["resolution"]) for path in dict.fromkeys(adapters)}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{path} at {size} px" for path, size in sizes.items())
         raise ValueError(f"the adapters were trained at different resolutions ({listed}); evaluate adapters of "
                          "one resolution together")
-    return next(iter(sizes.values()), base.resolution)
+    if sizes:
+        return next(iter(sizes.values()))
+    return base.resolution if hasattr(base, "resolution") else native_resolution(base)
+
+
+class SceneItems:
+    """The held-out synthetic scenes of an evaluation and their judge-based metrics (:func:`score`).
+
+    The judge and the scenes load before the base, so a missing judge stops the evaluation at once."""
+
+    prompts = None  # the scenes' prompt accuracy comes from the judge; no CLIP score
+
+    def __init__(self, cond, resolution: int, num_images: int, seed: int, judge_path: str):
+        from condistill.world.judge import load_judge
+
+        self.cond, self.judge = cond, load_judge(judge_path)
+        source = open_source(f"synthetic:heldout:{num_images}", resolution=resolution)
+        dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
+        self.items = collate([dataset[i] for i in range(len(dataset))])
+        self.real_features = self.judge.features((self.items["pixel_values"] + 1) / 2)
+        self.skipped: dict[str, str] = {}
+
+    def score(self, images: torch.Tensor) -> dict:
+        return score(self.cond.name, images, self.items, self.judge, self.real_features, self.cond)
+
+    def finish(self, report: dict, batch_size: int) -> dict:
+        return report
+
+    def write(self, out_dir: Path, report: dict) -> None:
+        """Nothing beyond the common files."""
 
 
 def evaluate(
@@ -224,43 +267,48 @@ def evaluate(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    data: str | None = None,
+    prompts: str | list[str] | None = None,
 ) -> dict:
-    """Score every row on ``num_images`` held-out synthetic scenes; optionally write results.
+    """Score every row on ``num_images`` held-out synthetic scenes (or, with ``data``, on items of that data
+    source: :mod:`condistill.evaluation.user_data`, ``prompts`` replacing their captions); optionally write results.
 
-    ``condition`` is a condition name or a recorded condition config (taken from the first
-    adapter row when omitted there). ``base`` defaults to the base recorded by the first
-    adapter row. Writes ``results.json``, ``results.md`` and ``samples.png`` to ``out_dir``.
-    Each unavailable optional metric (LPIPS, FID on Inception features) is reported once
-    through ``log`` (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``.
+    ``condition`` is a condition name or a recorded condition config; an adapter row trained for another
+    condition is refused, and the condition is rebuilt from the first adapter row's export. ``base``
+    defaults to the base recorded by the first adapter row. Everything but the base (the adapters'
+    configs, the judge or the data items, the prompts) is read before the base loads. Writes
+    ``results.json``, ``results.md`` and ``samples.png`` to ``out_dir``. Each unavailable optional
+    metric (LPIPS, FID on Inception features, CLIP score with ``data``) is reported once through ``log``
+    (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``.
     """
-    from condistill.world.judge import load_judge
     from condistill.evaluation.third_party import OptionalMetrics
 
     adapters, base, cond = rows_base_and_condition(rows, base, condition)
-    name = cond.name
+    resolution = eval_resolution(adapters, base)
+    if data is None:
+        items = SceneItems(cond, resolution, num_images, seed, judge_path)
+    else:
+        from condistill.evaluation.user_data import DataItems
+        items = DataItems(cond, resolution, str(data), num_images, seed, prompts, log)
     base_obj = load_base(base, device=device)
-    resolution = eval_resolution(adapters, base_obj)
-    source = open_source(f"synthetic:heldout:{num_images}", resolution=resolution)
-    dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
-    data = collate([dataset[i] for i in range(len(dataset))])
-    judge = load_judge(judge_path)
-    real_images = (data["pixel_values"] + 1) / 2
-    real_features = judge.features(real_images)
-    optional = OptionalMetrics(name, device=device, log=log)
+    real_images = (items.items["pixel_values"] + 1) / 2
+    optional = OptionalMetrics(cond.name, device=device, log=log)
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = generate_row(spec, base_obj, data, batch_size, seed, students, cache_dir, cond)
-        metrics = score(name, images, data, judge, real_features, cond)
-        metrics.update(optional.score(images, real_images))
+        images, latency = generate_row(spec, base_obj, items.items, batch_size, seed, students, cache_dir, cond)
+        metrics = items.score(images)
+        metrics.update(optional.score(images, real_images, prompts=items.prompts))
         metrics["seconds_per_image"] = latency
         results.append(RowResult.of(spec, metrics))
         samples.append(images[:grid_count])
-    report = {"condition": name, "base": str(base), "num_images": num_images, "seed": seed, "resolution": resolution,
-              "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": dict(optional.skipped),
-              "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}
+    report = items.finish({
+        "condition": cond.name, "base": str(base), "num_images": num_images, "seed": seed, "resolution": resolution,
+        "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": {**optional.skipped, **items.skipped},
+        "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}, batch_size)
     if out_dir is not None:
-        write_report(report, Path(out_dir), data, samples, [r.name for r in results], grid_count)
+        write_report(report, Path(out_dir), items.items, samples, [r.name for r in results], grid_count)
+        items.write(Path(out_dir), report)
     return report
 
 
@@ -348,13 +396,27 @@ def parse_rows(texts: list[str]) -> list[RowSpec]:
             raise ValueError(f"row {name!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if len(parts) > 5:
             raise ValueError(f"row {name!r}: {rest!r} has {len(parts)} fields; write MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]")
-        start = int(parts[4]) if len(parts) > 4 and parts[4] else None
+        steps, guidance, start = (_row_number(name, parts, i, kind, what) for i, kind, what in
+                                  ((2, int, "STEPS"), (3, float, "GUIDANCE"), (4, int, "START")))
         if start is not None and sampler not in CODI_SAMPLERS:
             raise ValueError(f"row {name!r}: starting from the input (START {start}) needs the codi or "
                              f"codi-stochastic sampler, not {sampler!r}")
-        specs.append(RowSpec(name, model, sampler, int(parts[2]) if len(parts) > 2 else 4,
-                             float(parts[3]) if len(parts) > 3 else 1.0, start))
+        if steps is not None and steps < 1:
+            raise ValueError(f"row {name!r}: STEPS {steps} must be at least 1")
+        specs.append(RowSpec(name, model, sampler, 4 if steps is None else steps,
+                             1.0 if guidance is None else guidance, start))
     return specs
+
+
+def _row_number(name: str, parts: list[str], index: int, kind: type, what: str):
+    """Field ``index`` of a row spec as ``kind`` (``None`` when absent or empty); a malformed one names the row."""
+    if len(parts) <= index or not parts[index]:
+        return None
+    try:
+        return kind(parts[index])
+    except ValueError:
+        raise ValueError(f"row {name!r}: {what} {parts[index]!r} is not {'an integer' if kind is int else 'a number'}; "
+                         "write NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]") from None
 
 
 def default_rows(student: str, baseline: str | None = None, condition: str | None = None,

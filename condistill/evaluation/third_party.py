@@ -26,12 +26,11 @@ nothing here ever downloads anything. The rule, per metric:
 exactly what is missing and how to provide it. Networks are built only after that check,
 inside :func:`no_downloads`, which makes any attempted download raise instead.
 
-Tests (or users with their own networks) can replace a backend with :func:`set_backend`.
+Tests (or users with their own networks) can replace a backend with :func:`set_backend`
+(:mod:`condistill.evaluation.backends`, which this module and :mod:`~condistill.evaluation.clip_score` share).
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import inspect
 import warnings
 from pathlib import Path
@@ -40,33 +39,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from condistill.evaluation import backends
+from condistill.evaluation import clip_score as _clip
+from condistill.evaluation.backends import METRICS, check_images, no_downloads, set_backend
+from condistill.evaluation.clip_score import CLIP_MODEL, CLIP_MODEL_ENV, clip_score, clip_status, load_clip
+
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 LPIPS_CONDITIONS = ("sr", "inpaint")
 LPIPS_MIN_SIZE = 64
-METRICS = ("lpips", "fid_inception", "clip_score")
-
-# metric -> factory(device) returning the network as a callable (see set_backend)
-_BACKENDS: dict[str, Callable] = {}
-
-
-def set_backend(metric: str, factory: Callable | None) -> None:
-    """Replace the network behind ``metric`` (one of :data:`METRICS`); ``None`` restores it.
-
-    ``factory(device)`` returns, for ``"lpips"``, ``fn(a, b) -> [B]`` distances between image
-    batches in [-1, 1]; for ``"fid_inception"``, ``fn(x) -> [B, D]`` features of images in
-    [0, 1]; for ``"clip_score"``, ``fn(images, prompts) -> [B]`` scores of images in [0, 1] with
-    their prompts. An injected backend counts as available.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"unknown optional metric {metric!r}; choose one of {METRICS}")
-    if factory is None:
-        _BACKENDS.pop(metric, None)
-    else:
-        _BACKENDS[metric] = factory
-
-
 def checkpoints_dir() -> Path:
     """The torch hub checkpoints folder where the weights files must be."""
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -81,21 +63,13 @@ def shown_path(path: Path) -> str:
         return str(path)
 
 
-def _try_import(name: str):
-    """The module ``name``, or ``None`` when it is not installed or fails to import."""
-    try:
-        return importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - a broken install counts as missing
-        return None
-
-
 def lpips_status() -> tuple[bool, str]:
     """``(available, reason)`` for LPIPS; ``reason`` names what is missing and how to provide it."""
-    if "lpips" in _BACKENDS:
+    if "lpips" in backends.BACKENDS:
         return True, "LPIPS: injected backend"
     weights = checkpoints_dir() / LPIPS_WEIGHTS
     missing = []
-    module = _try_import("lpips")
+    module = backends.try_import("lpips")
     if module is None:
         missing.append("Python package 'lpips' is not installed (pip install lpips)")
     else:
@@ -114,11 +88,11 @@ def lpips_status() -> tuple[bool, str]:
 
 def fid_status() -> tuple[bool, str]:
     """``(available, reason)`` for FID on Inception features (pytorch_fid rule, see the module doc)."""
-    if "fid_inception" in _BACKENDS:
+    if "fid_inception" in backends.BACKENDS:
         return True, "FID (Inception): injected backend"
     weights = checkpoints_dir() / FID_WEIGHTS
     missing = []
-    if _try_import("pytorch_fid") is None:
+    if backends.try_import("pytorch_fid") is None:
         missing.append("Python package 'pytorch_fid' is not installed (pip install pytorch-fid)")
     if not weights.is_file():
         missing.append(f"weights file {shown_path(weights)} not found (download {FID_WEIGHTS_URL} and place it there)")
@@ -128,32 +102,14 @@ def fid_status() -> tuple[bool, str]:
 
 
 STATUS = {"lpips": lpips_status, "fid_inception": fid_status,
-          "clip_score": lambda: _clip.clip_status()}  # _clip: registered at the end of this module
-
-
-@contextlib.contextmanager
-def no_downloads():
-    """Make torch hub downloads (used by torchvision, lpips and pytorch_fid) raise while active."""
-    import torch.hub as hub
-
-    original = hub.download_url_to_file
-
-    def refuse(url, dst, *args, **kwargs):
-        raise RuntimeError(f"condistill's optional metrics never download: refused {url}; place the file at "
-                           f"{Path(dst).parent} yourself")
-
-    hub.download_url_to_file = refuse
-    try:
-        yield
-    finally:
-        hub.download_url_to_file = original
+          "clip_score": lambda: _clip.clip_status()}
 
 
 def _override_or_require(metric: str, device) -> Callable | None:
     """The backend set by :func:`set_backend` for ``metric``, else ``None`` once the metric's
     package and weights are known to be present (raises ``RuntimeError`` with the reason if not)."""
-    if metric in _BACKENDS:
-        return _BACKENDS[metric](device)
+    if metric in backends.BACKENDS:
+        return backends.BACKENDS[metric](device)
     ok, reason = STATUS[metric]()
     if not ok:
         raise RuntimeError(reason)
@@ -201,18 +157,11 @@ LOADERS = {"lpips": load_lpips, "fid_inception": load_inception,
            "clip_score": lambda device="cpu": _clip.load_clip(device)}
 
 
-def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be a tensor [N, 3, H, W] in [0, 1], got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    return images
-
-
 @torch.no_grad()
 def lpips_distance(images: torch.Tensor, reference: torch.Tensor, net: Callable | None = None, *,
                    device: str | torch.device = "cpu", batch_size: int = 32) -> float:
     """Mean LPIPS over the pairs ``(images[i], reference[i])``, both ``[N, 3, H, W]`` in [0, 1]."""
-    a, b = _check_images(images, "images"), _check_images(reference, "reference")
+    a, b = check_images(images, "images"), check_images(reference, "reference")
     if a.shape != b.shape:
         raise ValueError(f"images and reference must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if net is None:
@@ -232,7 +181,7 @@ def lpips_distance(images: torch.Tensor, reference: torch.Tensor, net: Callable 
 def inception_features(images: torch.Tensor, net: Callable | None = None, *, device: str | torch.device = "cpu",
                        batch_size: int = 32) -> torch.Tensor:
     """FID Inception features ``[N, D]`` (float64, CPU) of ``images [N, 3, H, W]`` in [0, 1]."""
-    x = _check_images(images, "images")
+    x = check_images(images, "images")
     if net is None:
         net = load_inception(device)
     return torch.cat([torch.as_tensor(net(x[i:i + batch_size].to(device=device, dtype=torch.float32)))
@@ -328,10 +277,6 @@ class OptionalMetrics:
                                                      batch_size=self.batch_size)
         return out
 
-
-# CLIPScore lives in its own module (it imports this one); registered in METRICS/STATUS/LOADERS above
-from condistill.evaluation import clip_score as _clip  # noqa: E402
-from condistill.evaluation.clip_score import CLIP_MODEL, CLIP_MODEL_ENV, clip_score, clip_status, load_clip  # noqa: E402
 
 __all__ = [
     "CLIP_MODEL",

@@ -40,7 +40,6 @@ from safetensors.torch import save_file
 
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import IndexedSource, open_source
-from condistill.frozen import load_base
 from condistill.plots import to_pil
 
 DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pass condition option "
@@ -144,68 +143,53 @@ def _say(log: Callable[[str], None] | None, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def evaluate_data(
-    condition: str | dict,
-    rows: list,
-    data: str,
-    *,
-    base: str | None = None,
-    num_images: int = 256,
-    batch_size: int = 64,
-    seed: int = 0,
-    prompts: str | list[str] | None = None,
-    out_dir: str | Path | None = None,
-    grid_count: int = 8,
-    device: str = "cpu",
-    cache_dir: str | Path | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
+class DataItems:
+    """The items of ``--data`` for :func:`condistill.evaluation.evaluate.evaluate` and their judge-free metrics.
+
+    The prompts and the items are read here, before the base loads, so a bad ``--data`` or ``--prompts`` stops
+    the evaluation at once."""
+
+    def __init__(self, cond, resolution: int, data: str, num_images: int, seed: int,
+                 prompts: str | list[str] | None, log: Callable[[str], None] | None):
+        prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
+        self.cond, self.data, self.seed, self.log = cond, data, seed, log
+        self.items = load_items(data, cond, resolution, num_images, seed, prompt_list)
+        self.prompts = self.items["caption"]
+        self.skipped: dict[str, str] = {}
+
+    def score(self, images: torch.Tensor) -> dict:
+        return fidelity(self.cond.name, self.cond, images, self.items, self.skipped)
+
+    def finish(self, report: dict, batch_size: int) -> dict:
+        """``report`` with the items drawn, their prompts and the sampling seeds; the fidelity skips said once."""
+        for reason in self.skipped.values():
+            _say(self.log, reason)
+        n, seed = len(self.items["index"]), self.seed
+        extra = {"data": self.data, "num_images": n, "num_images_requested": report["num_images"],
+                 "selection": f"the first {n} usable items of {self.data} in the order torch.randperm(len, "
+                              f"generator=manual_seed({seed}))",
+                 "items": [{"key": k, "index": i, "prompt": p} for k, i, p in
+                           zip(self.items["key"], self.items["index"], self.items["caption"])],
+                 "sampling_seeds": [seed + start for start in range(0, n, batch_size)]}
+        return {**report, **extra}
+
+    def write(self, out: Path, report: dict) -> None:
+        """``conditions.safetensors`` (the conditions every row sampled), and the data line atop ``results.md``."""
+        save_file({"conditioning": self.items["conditioning"].contiguous()}, str(out / "conditions.safetensors"))
+        (out / "results.md").write_text(data_note(report) + "\n" + (out / "results.md").read_text())
+
+
+def evaluate_data(condition: str | dict, rows: list, data: str, *, prompts: str | list[str] | None = None,
+                  **options) -> dict:
     """Score every row on ``num_images`` items of the data source ``data``; optionally write results.
 
-    Same rows, ``condition``/``base`` rules and output files as
-    :func:`condistill.evaluation.evaluate.evaluate` (plus ``conditions.safetensors``: the
-    conditions every row sampled), but no judge: see the module doc for the items and metrics.
+    :func:`condistill.evaluation.evaluate.evaluate` with ``data``: the same rows, ``condition``/``base``
+    rules, keyword ``options`` and output files (plus ``conditions.safetensors``: the conditions every row
+    sampled), but no judge: see the module doc for the items and metrics.
     """
-    from condistill.evaluation.evaluate import (RowResult, eval_resolution, generate_row, rows_base_and_condition,
-                                                training_facts, write_report)
-    from condistill.evaluation.third_party import OptionalMetrics
+    from condistill.evaluation.evaluate import evaluate
 
-    adapters, base, cond = rows_base_and_condition(rows, base, condition)
-    name = cond.name
-    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
-    base_obj = load_base(base, device=device)
-    resolution = eval_resolution(adapters, base_obj)
-    items = load_items(str(data), cond, resolution, num_images, seed, prompt_list)
-    real = (items["pixel_values"] + 1) / 2
-    optional = OptionalMetrics(name, device=device, log=log)
-    skipped: dict[str, str] = {}
-
-    results, samples, students = [], [], {}
-    for spec in rows:
-        images, latency = generate_row(spec, base_obj, items, batch_size, seed, students, cache_dir, cond)
-        metrics = fidelity(name, cond, images, items, skipped)
-        metrics.update(optional.score(images, real, prompts=items["caption"]))
-        metrics["seconds_per_image"] = latency
-        results.append(RowResult.of(spec, metrics))
-        samples.append(images[:grid_count])
-    for reason in skipped.values():
-        _say(log, reason)
-    n = len(items["index"])
-    report = {"condition": name, "base": str(base), "data": str(data), "num_images": n,
-              "num_images_requested": num_images, "seed": seed, "device": device, "resolution": resolution,
-              "selection": f"the first {n} usable items of {data} in the order torch.randperm(len, "
-                           f"generator=manual_seed({seed}))",
-              "items": [{"key": k, "index": i, "prompt": p} for k, i, p in
-                        zip(items["key"], items["index"], items["caption"])],
-              "sampling_seeds": [seed + sl_start for sl_start in range(0, n, batch_size)],
-              "rows": [asdict(r) for r in results], "skipped_metrics": {**optional.skipped, **skipped},
-              "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}
-    if out_dir is not None:
-        out = Path(out_dir)
-        write_report(report, out, items, samples, [r.name for r in results], grid_count)
-        save_file({"conditioning": items["conditioning"].contiguous()}, str(out / "conditions.safetensors"))
-        (out / "results.md").write_text(data_note(report) + "\n" + (out / "results.md").read_text())
-    return report
+    return evaluate(condition, rows, data=str(data), prompts=prompts, **options)
 
 
 def data_note(report: dict) -> str:
@@ -214,4 +198,4 @@ def data_note(report: dict) -> str:
             "metrics without the judge.\n\n")
 
 
-__all__ = ["evaluate_data", "held_out_indices", "read_prompts", "data_note", "DEPTH_RECORD_SKIP"]
+__all__ = ["DataItems", "evaluate_data", "held_out_indices", "read_prompts", "data_note", "DEPTH_RECORD_SKIP"]

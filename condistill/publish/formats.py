@@ -14,6 +14,17 @@
 
 Both files hold exactly the tensors of the run's exported adapter (renamed, not changed).
 
+Every output is written whole under a temporary name beside its place and renamed into place
+(:mod:`condistill.files`), with the usual file modes (``0644`` under ``umask 022``), so a reader
+never sees half a file. A kohya export's two outputs are both staged and renamed at the end, the
+condition-adapter folder first and the LoRA file last: the LoRA file exists only beside its adapter.
+A kill between the two renames leaves the adapter folder alone; it records the LoRA file it goes
+with and the SHA-256 of the run's LoRA weights (:data:`EXPORT_RECORD`, the LoRA file's metadata
+the same), so the next export of the same run recognises it as its own unfinished output and
+replaces it without ``--overwrite``, while a complete export or another run's output is kept.
+Staging leftovers of interrupted exports (``.tmp-*`` of processes no longer running) are removed
+at the next export to the same place.
+
 The printed instructions are code that works for the run at hand: the base is written as
 diffusers finds it (an embedded base through ``condistill.hub.resolve_pretrained_dir``, see
 :func:`condistill.publish.card.base_code`). Those loaders read SD's hint block only (conv_out at
@@ -29,12 +40,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from condistill.files import TMP_PREFIX, recover_folder, replace_file, sha256_file, staged_folder
 from condistill.publish.card import BASE_MARK
 
-__all__ = ["FORMATS", "ExportResult", "export", "kohya_lora_state_dict", "controlnet_ldm_state_dict"]
+__all__ = ["FORMATS", "EXPORT_RECORD", "ExportResult", "export", "default_adapter_out", "kohya_lora_state_dict",
+           "controlnet_ldm_state_dict"]
 
 #: format name -> (adapter kind it applies to, what it writes)
 FORMATS = {
@@ -42,6 +56,10 @@ FORMATS = {
     "single-file": ("controlnet", "the ControlNet as one original-layout (ldm/cldm) .safetensors file"),
 }
 LDM_CONTROLNET_PREFIX = "control_model."
+#: in a kohya export's condition-adapter folder: the LoRA file it goes with and the SHA-256 of the run's LoRA weights
+EXPORT_RECORD = "condistill_export.json"
+#: the LoRA file's metadata key of that SHA-256
+SOURCE_KEY = "condistill_source_sha256"
 #: the ldm hint block of SD ControlNets: 8 convolutions, conv_out at index 14
 SD_HINT_BLOCK_WIDTHS = 4
 
@@ -118,13 +136,21 @@ def _lora_alpha(file: Path, adapter_config: dict) -> float:
     return float(alpha)
 
 
-def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | None, overwrite: bool) -> ExportResult:
-    from safetensors.torch import load_file
+def default_adapter_out(out: str | os.PathLike) -> Path:
+    """Where a kohya export puts the condition adapter without ``--adapter-out``: ``OUT_condition_adapter``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_condition_adapter")
+
+
+def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | None, overwrite: bool,
+                  log: Callable[[str], None]) -> ExportResult:
+    from safetensors.torch import load_file, save_file
 
     lora_file = folder / config["weight_files"]["lora"]
     adapter_src = (folder / config["weight_files"]["t2i_adapter"]).parent
-    adapter_out = adapter_out or out.with_name(out.stem + "_condition_adapter")
-    _refuse_existing(adapter_out, overwrite, "--adapter-out")
+    adapter_out = adapter_out or default_adapter_out(out)
+    source = sha256_file(lora_file)
+    _check_kohya_outputs(out, adapter_out, source, overwrite, log)
     peft_state = load_file(str(lora_file))
     alpha = _lora_alpha(lora_file, config)
     kohya = kohya_lora_state_dict(peft_state, alpha)
@@ -138,9 +164,17 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         "ss_training_comment": f"condistill {config['kind']} student of {config['base_name_or_path']} "
                                f"(condition {config['condition_name']}); exported by condistill export",
         "condistill_condition_adapter": "diffusers T2IAdapter folder beside this file",
+        SOURCE_KEY: source,
     }
-    _write_safetensors(kohya, out, metadata)
-    _copy_folder(adapter_src, adapter_out)
+
+    def write(tmp: Path) -> None:  # the LoRA file is staged, the adapter folder swapped in, then the LoRA renamed
+        save_file(kohya, str(tmp), metadata=metadata)
+        with staged_folder(adapter_out, log) as stage:
+            shutil.copytree(adapter_src, stage, dirs_exist_ok=True)
+            (stage / EXPORT_RECORD).write_text(json.dumps({"format": "kohya", "lora_file": out.name,
+                                                           "source_sha256": source}, indent=2) + "\n")
+
+    _write_file(out, write, log)
     from condistill.frozen import FAMILIES
 
     family = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")]
@@ -236,13 +270,14 @@ def controlnet_ldm_state_dict(state: dict[str, torch.Tensor], config: dict) -> d
     return out
 
 
-def _export_single_file(folder: Path, config: dict, out: Path, overwrite: bool) -> ExportResult:
-    from safetensors.torch import load_file
+def _export_single_file(folder: Path, config: dict, out: Path, log: Callable[[str], None]) -> ExportResult:
+    from safetensors.torch import load_file, save_file
 
     weights = folder / config["weight_files"]["controlnet"]
     cn_config = json.loads((weights.parent / "config.json").read_text())
     ldm = controlnet_ldm_state_dict(load_file(str(weights)), cn_config)
-    _write_safetensors(ldm, out, {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"})
+    metadata = {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"}
+    _write_file(out, lambda tmp: save_file(ldm, str(tmp), metadata=metadata), log)
     notes = []
     widths = cn_config["conditioning_embedding_out_channels"]
     if len(widths) != SD_HINT_BLOCK_WIDTHS:
@@ -314,36 +349,90 @@ def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
         raise FileExistsError(f"{flag} {path} already exists; pass --overwrite to replace it.")
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def _recorded_sources(out: Path, adapter_out: Path) -> tuple[str | None, str | None]:
+    """The run's LoRA digest that an existing kohya LoRA file and condition-adapter folder record (``None``: not
+    recorded, not ours, or not there); the folder's counts only when it names this LoRA file."""
+    lora = adapter = None
+    if out.is_file():
+        try:
+            from safetensors import safe_open
 
+            with safe_open(str(out), framework="pt") as f:
+                lora = (f.metadata() or {}).get(SOURCE_KEY)
+        except Exception:  # noqa: BLE001 - not a safetensors file: not one of ours
+            lora = None
+    try:
+        record = json.loads((adapter_out / EXPORT_RECORD).read_text())
+        adapter = record.get("source_sha256") if record.get("lora_file") == out.name else None
+    except (OSError, ValueError, AttributeError):
+        adapter = None
+    return lora, adapter
+
+
+def _check_kohya_outputs(out: Path, adapter_out: Path, source: str, overwrite: bool,
+                         log: Callable[[str], None]) -> None:
+    """Refuse existing kohya outputs without ``overwrite``, except the half of an interrupted export of this run
+    (an adapter folder a kill left at ``.old-NAME`` is put back first)."""
+    recover_folder(adapter_out, log)
+    if overwrite:
+        return
+    recorded = dict(zip(("--out", "--adapter-out"), _recorded_sources(out, adapter_out)))
+    existing = {flag: path for flag, path in (("--out", out), ("--adapter-out", adapter_out)) if path.exists()}
+    if len(existing) == 1:
+        (flag, path), = existing.items()
+        if recorded[flag] == source:  # its other half is missing: an export of this run was interrupted
+            log(f"replacing {path}, left by an interrupted export of this run (its other output is missing)")
+            return
+    for flag, path in existing.items():
+        _refuse_existing(path, overwrite, flag)
+
+
+def _gone(pid: str) -> bool:
+    """Whether the process ``pid`` that staged a file no longer runs (this process counts as gone: it restarts).
+    psutil comes with accelerate."""
+    import psutil
+
+    return pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid)))
+
+
+def _remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
+    """Staged copies of ``out`` that interrupted writes left: ``.tmp-NAME-PID`` of processes no longer running,
+    and ``.tmp-NAME`` (earlier releases staged without the process id)."""
+    if not out.parent.is_dir():
+        return
+    prefix = f"{TMP_PREFIX}{out.name}"
+    for path in out.parent.iterdir():
+        pid = path.name[len(prefix) + 1:]
+        if path.is_file() and (path.name == prefix or (path.name.startswith(prefix + "-") and _gone(pid))):
+            log(f"removing {path}, left by an interrupted export")
+            path.unlink(missing_ok=True)
+
+
+def _write_file(out: Path, write: Callable[[Path], None], log: Callable[[str], None]) -> None:
+    """``write(tmp)`` then ``tmp`` renamed to ``out`` (:func:`condistill.files.replace_file`, mode 0644 under
+    umask 022); leftovers of interrupted writes are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    _remove_leftovers(out, log)
+    replace_file(out, write)
 
 
-def _copy_folder(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    elif dst.exists():
-        dst.unlink()
-    os.replace(tmp, dst)
-
-
-def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False) -> ExportResult:  # noqa: A002
+def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False,  # noqa: A002
+           log: Callable[[str], None] | None = None) -> ExportResult:
     """Write the adapter of ``run`` (a run folder or adapter folder) in ``format`` to ``out``.
+
+    Every output is written atomically (module docstring); ``log`` receives a line for each leftover of an
+    interrupted export that is removed or replaced.
 
     Raises:
         FileNotFoundError: ``run`` holds no exported adapter.
-        FileExistsError: ``out`` (or the condition-adapter folder) exists and ``overwrite`` is false.
+        FileExistsError: ``out`` (or the condition-adapter folder) exists and ``overwrite`` is false (the
+            half of an interrupted kohya export of the same run is replaced without it).
+        IsADirectoryError: ``out`` is a folder.
         ValueError: an unknown format, or one that does not apply to the run's adapter kind.
     """
     from condistill.adapters.save_load import read_adapter_config
 
+    log = log or (lambda message: None)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; supported: {_supported_text()}.")
     run, out = Path(run), Path(out)
@@ -356,10 +445,12 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False) 
                          f"Supported: {_supported_text()}.")
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must be a .safetensors file.")
-    _refuse_existing(out, overwrite, "--out")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the path of the .safetensors file to write.")
     folder = Path(config["_folder"])
     if format == "kohya":
-        return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite)
+        return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite, log)
     if adapter_out:
         raise ValueError("--adapter-out applies to --format kohya only.")
-    return _export_single_file(folder, config, out, overwrite)
+    _refuse_existing(out, overwrite, "--out")
+    return _export_single_file(folder, config, out, log)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from condistill.evaluation import clip_score as cs
+from condistill.evaluation import backends
 from condistill.evaluation import third_party as om
 import helpers
 
@@ -21,7 +22,7 @@ def no_clip(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(empty))
     monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
     monkeypatch.delenv(cs.CLIP_MODEL_ENV, raising=False)
-    monkeypatch.setattr(om, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "BACKENDS", {})
     return empty / "hub"
 
 
@@ -37,7 +38,7 @@ def fake_clip(monkeypatch):
             return 100 * images.mean((1, 2, 3))
         return score
 
-    monkeypatch.setattr(om, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "BACKENDS", {})
     om.set_backend("clip_score", factory)
     return seen
 

@@ -1,5 +1,6 @@
 """The evaluation command on a tiny run (tiny base, 1 training step, 4 held-out scenes)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_eval_rows_metrics_and_files(tiny_run, tmp_path):
 
 def test_cached_teacher_rows_are_reused(tiny_run, tmp_path):
     rows = [RowSpec("teacher", "teacher", "ddim", 2, 3.0)]
-    a = evaluate("sr", rows, base=json.loads((tiny_run / "condistill_config.json").read_text())["base_name_or_path"],
+    a = evaluate("sr", rows, base=read_adapter_config(tiny_run)["base_name_or_path"],
                  num_images=2, batch_size=2, cache_dir=tmp_path)
     b = evaluate("sr", rows, base=a["base"], num_images=2, batch_size=2, cache_dir=tmp_path)
     ma, mb = a["rows"][0]["metrics"], b["rows"][0]["metrics"]
@@ -142,7 +143,7 @@ def test_student_rows_use_the_sampler_saved_with_the_adapter(tiny_run, tmp_path)
 
     det = tmp_path / "det"
     shutil.copytree(tiny_run, det)
-    sched = det / "scheduler" / "scheduler_config.json"
+    sched = Path(read_adapter_config(det)["_folder"]) / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "stochastic": False}))
     assert adapter_sampler(det) == "codi"
     assert default_rows(str(det))[0].sampler == "codi"

@@ -1,14 +1,16 @@
 """``condistill eval --data``: the user's own images (a folder written here), 2-step tiny students, no judge."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from condistill.adapters.save_load import read_adapter_config
 from condistill.cli import main
 from condistill.data.sources import open_source
-from condistill.evaluation import third_party
+from condistill.evaluation import backends
 from condistill.evaluation.evaluate import RowSpec, markdown_table
 from condistill.evaluation.user_data import DEPTH_RECORD_SKIP, evaluate_data, fidelity, read_prompts
 from condistill.training.loop import distill
@@ -47,9 +49,9 @@ def no_optional(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("CONDISTILL_CLIP_MODEL", raising=False)
-    for metric in third_party.METRICS:
-        monkeypatch.setitem(third_party._BACKENDS, metric, None)
-        third_party._BACKENDS.pop(metric)
+    for metric in backends.METRICS:
+        monkeypatch.setitem(backends.BACKENDS, metric, None)
+        backends.BACKENDS.pop(metric)
 
 
 def _rows(run):
@@ -93,10 +95,10 @@ def test_every_row_scored_on_the_same_items_with_reasons_for_skips(runs, folder,
 
 
 def test_standin_networks_give_fid_and_lpips(runs, folder, monkeypatch):
-    monkeypatch.setitem(third_party._BACKENDS, "fid_inception",
+    monkeypatch.setitem(backends.BACKENDS, "fid_inception",
                         lambda device: (lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)))
-    monkeypatch.setitem(third_party._BACKENDS, "lpips", lambda device: (lambda a, b: (a - b).abs().mean((1, 2, 3))))
-    monkeypatch.setitem(third_party._BACKENDS, "clip_score", lambda device: (lambda x, prompts: x.mean((1, 2, 3)) * 100))
+    monkeypatch.setitem(backends.BACKENDS, "lpips", lambda device: (lambda a, b: (a - b).abs().mean((1, 2, 3))))
+    monkeypatch.setitem(backends.BACKENDS, "clip_score", lambda device: (lambda x, prompts: x.mean((1, 2, 3)) * 100))
     rows = [RowSpec("student-1", str(runs["sr"]), "codi", 1), RowSpec("bicubic", "bicubic", "none", 0, 0.0)]
     report = evaluate_data("sr", rows, str(folder), num_images=4, batch_size=2, log=lambda msg: None)
     for r in report["rows"]:
@@ -150,7 +152,7 @@ def test_cli_eval_data_records_the_card(runs, folder, tmp_path, capsys, no_optio
     printed = capsys.readouterr()
     assert "| student-4 |" in printed.out and "| teacher-ddim-50 |" in printed.out
     print(printed.out)
-    card = (run / "README.md").read_text()
+    card = (Path(read_adapter_config(run)["_folder"]) / "README.md").read_text()  # the run's adapter/
     assert f"--data {folder}" in card and f"Data: `{folder}`" in card and "| student-1 |" in card
     assert "|\n\nSkipped metrics:" in card  # a blank line keeps the note out of the markdown table above it
     assert main(["eval", "--condition", "edge", "--student", str(run), "--data", str(tmp_path / "nothing")]) == 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from condistill.evaluation import backends
 from condistill.evaluation import third_party as om
 from condistill.evaluation.evaluate import RowSpec, evaluate, markdown_table
 import helpers
@@ -26,7 +27,7 @@ def empty_hub(monkeypatch, tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.setattr(om, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "BACKENDS", {})
     return hub
 
 
@@ -49,7 +50,7 @@ def fake_backends(monkeypatch):
             return torch.cat([F.adaptive_avg_pool2d(x, 2).flatten(1), x.std((2, 3))], 1)
         return features
 
-    monkeypatch.setattr(om, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "BACKENDS", {})
     om.set_backend("lpips", lpips_factory)
     om.set_backend("fid_inception", fid_factory)
     return calls
@@ -75,7 +76,7 @@ def test_availability_rule_needs_package_and_weights(empty_hub, tmp_path, monkey
     (pkg / "weights" / "v0.1").mkdir(parents=True)
     (pkg / "weights" / "v0.1" / "alex.pth").write_bytes(b"x")
     fake = {"lpips": types.SimpleNamespace(__file__=str(pkg / "__init__.py")), "pytorch_fid": types.SimpleNamespace()}
-    monkeypatch.setattr(om, "_try_import", lambda name: fake.get(name))
+    monkeypatch.setattr(backends, "try_import", lambda name: fake.get(name))
     ok, reason = om.lpips_status()
     assert not ok and "not installed" not in reason and "alexnet-owt-7be5be79.pth not found" in reason
     ok, reason = om.fid_status()
@@ -85,7 +86,7 @@ def test_availability_rule_needs_package_and_weights(empty_hub, tmp_path, monkey
     (empty_hub / "checkpoints" / om.FID_WEIGHTS).write_bytes(b"x")
     assert om.lpips_status()[0] and om.fid_status()[0]
     # weights present but no package: still unavailable, and the reason says which package to install
-    monkeypatch.setattr(om, "_try_import", lambda name: None)
+    monkeypatch.setattr(backends, "try_import", lambda name: None)
     ok, reason = om.lpips_status()
     assert not ok and "pip install lpips" in reason and om.LPIPS_WEIGHTS not in reason
     ok, reason = om.fid_status()
@@ -178,7 +179,7 @@ def test_evaluate_adds_columns_when_available(tiny_base, fake_backends, tmp_path
 def test_skip_reasons_name_the_home_folder_as_a_tilde(empty_hub, monkeypatch):
     """A committed results.json must not carry the home folder of the machine that wrote it."""
     monkeypatch.setenv("HOME", str(empty_hub.parent))
-    monkeypatch.setattr(om, "_try_import", lambda name: None)
+    monkeypatch.setattr(backends, "try_import", lambda name: None)
     for status in (om.lpips_status, om.fid_status):
         ok, reason = status()
         assert not ok and str(empty_hub.parent) not in reason

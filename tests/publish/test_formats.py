@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from helpers import perturb_, torch_single_thread  # noqa: F401
 
 from condistill.adapters import build_student
 from condistill.adapters.lora import LORA_WEIGHT_NAME
-from condistill.adapters.save_load import save_adapter
+from condistill.adapters.save_load import read_adapter_config, save_adapter
 from condistill.cli import main
 from condistill.frozen import load_base
 from condistill.publish.formats import export
@@ -233,9 +235,104 @@ def test_printed_single_file_instructions_run(base_kind, base_path, tmp_path, mo
     control = load_adapter(run).condistill_condition.control_image(Image.new("RGB", (64, 64), "white"))
     scope = {"control": control}
     exec(_printed_code(printed.out), scope)  # noqa: S102
-    size = json.loads((run / "condistill_config.json").read_text())["resolution"]
-    assert scope["image"].size == (size, size)
-    saved = load_file(str(run / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    config = read_adapter_config(run)  # the export in the run folder's adapter/
+    assert scope["image"].size == (config["resolution"], config["resolution"])
+    saved = load_file(str(Path(config["_folder"]) / "controlnet" / "diffusion_pytorch_model.safetensors"))
     loaded = scope["controlnet"].state_dict()
     assert isinstance(scope["controlnet"], ControlNetModel) and set(loaded) == set(saved)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+# ---------------------------------------------------------------------- atomic writes
+def _no_leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+def _interrupt_at(monkeypatch, name: str):
+    """Make the rename onto a path called ``name`` fail as a kill there would leave things."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_rerun_completes_an_interrupted_kohya_export_without_overwrite(lora_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "student.safetensors"
+    _interrupt_at(monkeypatch, out.name)  # the adapter folder is in place, the LoRA file not yet
+    with pytest.raises(KeyboardInterrupt):
+        export(lora_run, "kohya", out)
+    monkeypatch.undo()
+    adapter = tmp_path / "student_condition_adapter"
+    assert not out.exists() and (adapter / "config.json").is_file() and _no_leftovers(tmp_path) == []
+    record = json.loads((adapter / "condistill_export.json").read_text())
+    assert record["lora_file"] == out.name and len(record["source_sha256"]) == 64
+    argv = ["export", str(lora_run), "--format", "kohya", "--out", str(out)]
+    assert main(argv) == 0  # no --overwrite: what exists is this run's unfinished export
+    assert f"replacing {adapter}, left by an interrupted export of this run" in capsys.readouterr().err
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["condistill_source_sha256"] == record["source_sha256"]
+    assert main(argv) == 1  # a complete export is kept
+    assert capsys.readouterr().err == f"condistill export: error: --out {out} already exists; pass --overwrite to " \
+                                      "replace it.\n"
+
+
+def test_an_interrupted_folder_swap_keeps_the_old_export_and_its_leftovers_go(lora_run, tmp_path, monkeypatch):
+    out = tmp_path / "student.safetensors"
+    export(lora_run, "kohya", out)
+    before = out.read_bytes()
+    _interrupt_at(monkeypatch, "student_condition_adapter")  # the staged folder is never swapped in
+    with pytest.raises(KeyboardInterrupt):
+        export(lora_run, "kohya", out, overwrite=True)
+    monkeypatch.undo()
+    assert out.read_bytes() == before and _no_leftovers(tmp_path) == [".old-student_condition_adapter"]
+    lines = []
+    with pytest.raises(FileExistsError, match="--out"):  # the previous export, put back whole, is kept
+        export(lora_run, "kohya", out, log=lines.append)
+    assert lines[0].startswith("restoring ") and _no_leftovers(tmp_path) == []
+    assert (tmp_path / "student_condition_adapter" / "config.json").is_file()
+    # what a kill (no clean-up) leaves: staged copies of processes that are gone, and an old release's name
+    (tmp_path / ".tmp-student.safetensors-999999999").write_bytes(b"x" * 100)
+    (tmp_path / ".tmp-student.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".tmp-student_condition_adapter-999999999").mkdir()
+    lines = []
+    export(lora_run, "kohya", out, overwrite=True, log=lines.append)
+    assert _no_leftovers(tmp_path) == [] and len(lines) == 3
+
+
+def test_another_runs_output_is_not_taken_for_a_leftover(lora_run, tmp_path):
+    out = tmp_path / "student.safetensors"
+    adapter = tmp_path / "student_condition_adapter"
+    adapter.mkdir()
+    (adapter / "condistill_export.json").write_text(json.dumps({"lora_file": out.name, "source_sha256": "0" * 64}))
+    with pytest.raises(FileExistsError, match="--adapter-out .* already exists; pass --overwrite"):
+        export(lora_run, "kohya", out)
+    out.write_bytes(b"not ours")  # both halves there: never a leftover
+    with pytest.raises(FileExistsError, match="--out"):
+        export(lora_run, "kohya", out)
+
+
+@pytest.mark.parametrize("kind", ["kohya", "single-file"])
+def test_outputs_are_0644_under_umask_022_and_nothing_is_left_behind(kind, lora_run, controlnet_run, tmp_path):
+    run = lora_run if kind == "kohya" else controlnet_run
+    out = tmp_path / "o.safetensors"
+    old = os.umask(0o022)
+    try:
+        result = export(run, kind, out)
+        export(run, kind, out, overwrite=True)  # the second write replaces the first, leaving no .tmp-* behind
+    finally:
+        os.umask(old)
+    files = [p for f in result.files for p in ([f] if f.is_file() else [f, *f.rglob("*")])]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert all(mode == ("0o755" if p.is_dir() else "0o644") for p, mode in zip(files, modes.values())), modes
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_out_that_is_a_folder_is_refused_even_with_overwrite(controlnet_run, tmp_path):
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        export(controlnet_run, "single-file", tmp_path / "dir.safetensors", overwrite=True)
+    assert _no_leftovers(tmp_path) == []
