@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 
 from condistill.cli_parsing import (DEBUG_FLAG, DEBUG_HELP, CommandParser, FlagWithOldValue, adapter_option_problem,
                                     check_data_source, check_output, cli_form, condition_from_options, guarded,
@@ -356,10 +357,15 @@ def _cache_parser() -> argparse.ArgumentParser:
     ca = _command_parser(
         "condistill cache", "Compute once what the frozen encoders compute from the training data (VAE latents, "
         "caption embeddings, condition tensors) and store it in safetensors shards; train on it with --data OUT. The "
-        "cache records the base, resolution, condition and seed, and a run with other ones refuses it.",
-        "the condition the run trains", epilog="Defaults are shown in brackets.")
-    ca.add_argument("--data", required=True, help="the training data source, as for condistill train --data")
-    ca.add_argument("--out", required=True, help="the cache folder to write")
+        "cache records the base, resolution, condition and seed, and a run with other ones refuses it. "
+        "condistill cache --verify DIR checks every shard of an existing cache instead.",
+        epilog="Defaults are shown in brackets.")
+    ca.add_argument("--condition", choices=list(RECIPES), help="the condition the run trains (required to build)")
+    ca.add_argument("--data", help="the training data source, as for condistill train --data (required to build)")
+    ca.add_argument("--out", help="the cache folder to write (required to build)")
+    ca.add_argument("--verify", metavar="DIR", help="check every shard of the cache DIR now (size, SHA-256, header, "
+                    "items, finite values) and the data against the recorded source, then stop; a damaged cache "
+                    "ends in one line naming its shards and the command that rebuilds it (status 1)")
     ca.add_argument("--base", default=DEFAULT_BASE, help=f"the run's base model [{DEFAULT_BASE}]")
     ca.add_argument("--resolution", type=int, default=0, help="the run's resolution in pixels [0: the base's native one]")
     ca.add_argument("--seed", type=int, default=0, help="the run's seed: it fixes every item's condition [0]")
@@ -377,9 +383,35 @@ def _cache_parser() -> argparse.ArgumentParser:
     return ca
 
 
+def _cache_arguments(args) -> None:
+    """``--verify DIR`` alone, or ``--condition``, ``--data`` and ``--out`` to build (a usage error, status 2)."""
+    build = {"--condition": args.condition, "--data": args.data, "--out": args.out}
+    if args.verify is not None:
+        given = [flag for flag, value in build.items() if value is not None]
+        if given:
+            print(f"condistill cache: error: --verify DIR checks an existing cache; it takes no {', '.join(given)} "
+                  "(to build a cache, leave --verify out)", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    missing = [flag for flag, value in build.items() if value is None]
+    if missing:
+        print(f"condistill cache: error: the following arguments are required: {', '.join(missing)} (or --verify "
+              "DIR to check a cache)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _cache(args) -> int:
     from condistill.data.cache_writer import cache_command
 
+    _cache_arguments(args)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.verify is not None:
+        from condistill.data.cache import verify_cache
+
+        if not Path(args.verify).is_dir():
+            raise FileNotFoundError(f"--verify {args.verify}: no such cache folder")
+        verify_cache(args.verify, log=log)
+        return 0
     _nonnegative(args, "batch_size", "shard_size", least=1)
     _nonnegative(args, "seed", "resolution")
     _check_device(args.device)
@@ -387,7 +419,6 @@ def _cache(args) -> int:
     condition_from_options(args.condition, args.condition_options or {})
     resolution = check_resolution(args.base, args.resolution)
     check_data_source(args.data, resolution, args.data_options or {})
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     out = cache_command(condition=args.condition, data=args.data, out=args.out, base=args.base,
                         resolution=args.resolution, batch_size=args.batch_size, device=args.device, seed=args.seed,
                         condition_options=args.condition_options, data_options=args.data_options,
@@ -397,7 +428,8 @@ def _cache(args) -> int:
 
 
 COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]",
-            "cache": "compute the frozen encoders' outputs once: condistill cache --condition C --data SRC --out DIR",
+            "cache": "compute the frozen encoders' outputs once: condistill cache --condition C --data SRC --out DIR "
+                     "(--verify DIR checks one)",
             "eval": "score students and baselines on held-out synthetic scenes or your own images (--data)",
             "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE",
             "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID"}

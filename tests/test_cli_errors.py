@@ -287,3 +287,40 @@ def test_cache_refuses_an_out_under_a_file_and_a_missing_column(saved_dataset, n
     assert "is a file, not a folder" in _one_line_error(capsys, "condistill cache")
     assert main([*argv, "--out", str(tmp_path / "c"), "--data-options", json.dumps({"image_column": "x"})]) == 1
     assert "has no column 'x' (image_column)" in _one_line_error(capsys, "condistill cache")
+
+
+# ---------------------------------------------------------------------- cache --verify
+def test_cache_verify_checks_every_shard_in_one_line(tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert main(["cache", "--condition", "sr", "--data", "synthetic:train:4", "--out", str(out), "--resolution", "32",
+                 "--shard-size", "2", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "--verify", str(out)]) == 0
+    assert "2 shard(s), 4 items verified" in capsys.readouterr().err
+    shard = sorted(out.glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\xff" * 8  # damage the last values of the second shard
+    shard.write_bytes(bytes(data))
+    assert main(["cache", "--verify", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"condistill cache: error: the latent cache {str(out)!r} is damaged: ")
+    assert shard.name in err[-1] and "--overwrite" in err[-1]
+
+
+def test_cache_verify_refuses_what_is_no_cache(tmp_path, capsys):
+    assert main(["cache", "--verify", str(tmp_path / "none")]) == 1
+    assert _one_line_error(capsys, "condistill cache") == f"condistill cache: error: --verify {tmp_path / 'none'}: " \
+                                                          "no such cache folder"
+    assert main(["cache", "--verify", str(tmp_path)]) == 1
+    assert "is not a condistill latent cache" in _one_line_error(capsys, "condistill cache")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["cache", "--verify", "c", "--out", "o"], "condistill cache: error: --verify DIR checks an existing cache; it "
+                                               "takes no --out (to build a cache, leave --verify out)"),
+    (["cache", "--data", "d"], "condistill cache: error: the following arguments are required: --condition, --out "
+                               "(or --verify DIR to check a cache)"),
+])
+def test_cache_verify_or_build_is_a_usage_error_with_status_2(argv, line, capsys):
+    assert _status(argv) == 2
+    assert capsys.readouterr().err == line + "\n"

@@ -177,3 +177,24 @@ def test_cheap_rows_are_timed_over_several_passes(tiny_run, monkeypatch, budget,
     report = evaluate("sr", [RowSpec("s", str(tiny_run), "codi", 1)], num_images=4, batch_size=2)
     assert len(calls) == 1 + 2 * passes  # warm-up, then every pass samples both batches
     assert report["rows"][0]["metrics"]["seconds_per_image"] > 0
+
+
+def test_an_adapter_of_another_condition_is_refused_before_the_base_loads(tiny_run, monkeypatch, capsys):
+    """The condition comes from the student's export: an sr student evaluated as depth would fetch a depth
+    estimator and sample with conditions it never saw."""
+    import condistill.evaluation.evaluate as ev
+    from condistill.evaluation.evaluate import rows_base_and_condition
+
+    def load_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before the error")
+
+    monkeypatch.setattr(ev, "load_base", load_base)
+    with pytest.raises(ValueError, match=r"condition='depth': the adapter .* was trained for 'sr'; evaluate it with "
+                                         r"condition='sr'"):
+        rows_base_and_condition([RowSpec("s", str(tiny_run))], None, "depth")
+    assert main(["eval", "--condition", "depth", "--student", str(tiny_run), "--num-images", "2"]) == 1
+    assert capsys.readouterr().err == (f"condistill eval: error: --condition depth: the adapter {tiny_run} was "
+                                       "trained for 'sr'; evaluate it with --condition sr (its export records the "
+                                       "condition and its options)\n")
+    _, _, cond = rows_base_and_condition([RowSpec("s", str(tiny_run))], None, "sr")
+    assert cond.config() == read_adapter_config(tiny_run)["condition_config"]  # the export's options, not defaults
