@@ -42,8 +42,10 @@ import torch
 
 from condistill.frozen import NOISE_SCHEDULE_KEYS, compute_fingerprint, family_of, fingerprint_mismatch
 from condistill.hub import resolve_pretrained_dir
+from condistill.adapters.config_checks import check_base_resolution, verify_checksums
 from condistill.adapters.integrity import adapter_class_for, check_adapter_fits, resolve_weight_files
 from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, find_adapter_dir, read_adapter_config
+from condistill.files import previous_folder
 
 __all__ = ["load_adapter", "resolve_adapter_dir", "trained_condition"]
 
@@ -51,15 +53,17 @@ __all__ = ["load_adapter", "resolve_adapter_dir", "trained_condition"]
 def resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
     """Local folder holding ``condistill_config.json`` for an adapter path or hub repo id.
 
-    Tries, in order: a local folder (or its ``adapter/`` subfolder, the run-folder layout); a
-    hub repo id resolved through ``huggingface_hub.snapshot_download`` (from the local cache
-    when ``HF_HUB_OFFLINE=1``), again with or without ``adapter/``.
+    Tries, in order: a local folder (its ``adapter/`` subfolder, the run-folder layout, else the
+    folder itself: :func:`~condistill.adapters.save_load.find_adapter_dir`, which also finds the
+    previous export while a new one is being swapped in); a hub repo id resolved through
+    ``huggingface_hub.snapshot_download`` (from the local cache when ``HF_HUB_OFFLINE=1``), again
+    with or without ``adapter/``.
 
     Raises:
         FileNotFoundError: when neither is found, saying what to pass.
     """
     local = Path(os.fspath(path_or_repo_id)).expanduser()
-    if local.exists():
+    if local.exists() or previous_folder(local) is not None:
         return find_adapter_dir(local)
     root = resolve_pretrained_dir(path_or_repo_id, revision=revision, what="adapter")
     return find_adapter_dir(root)
@@ -152,16 +156,20 @@ def load_adapter(
         ``pipe.condistill_condition`` (the trained :class:`~condistill.conditions.Condition`) and
         ``pipe.condistill_config``.
 
-    Before anything is built from the adapter's files they are checked
-    (:mod:`condistill.adapters.integrity`): its ``kind`` matches its ``weight_files``; every
-    file exists and is safetensors (pickles are never loaded); each holds exactly the tensors,
-    with their shapes, of the adapter its config describes; every weight is finite.
+    Before anything is built from the adapter's files they are checked: its config and scheduler
+    config hold trustworthy values that agree with each other (:mod:`condistill.adapters.config_checks`);
+    its ``kind`` matches its ``weight_files``; every file exists and is safetensors (pickles are never
+    loaded) and has the SHA-256 recorded at export (an export written before checksums loads with a
+    one-line warning); then, against the base, its resolution is one the base can use, and each file
+    holds exactly the tensors, with their shapes, of the adapter its config describes, every weight
+    finite (:mod:`condistill.adapters.integrity`).
 
     Raises:
         FileNotFoundError: adapter or base not found (the message says what to pass).
-        condistill.adapters.AdapterWeightsError: the adapter's files are damaged, incomplete,
-            pickled, non-finite or do not match its config (a ``ValueError``; the message names
-            the file and tensors and says to re-export or re-download the adapter).
+        condistill.adapters.AdapterWeightsError: the adapter's files are damaged, changed since export,
+            incomplete, pickled, non-finite or do not match its config (a ``ValueError``; the message names
+            the file and tensors and says to re-export or re-download the adapter); its subclass
+            ``AdapterConfigError`` for config values out of range, contradicting each other or the base.
         ValueError: the base's architecture fingerprint differs from the adapter's.
     """
     from diffusers import DiffusionPipeline
@@ -187,8 +195,10 @@ def load_adapter(
     adapter_dir = resolve_adapter_dir(adapter_ref, revision=revision)
     config = read_adapter_config(adapter_dir)
     adapter_class = adapter_class_for(config, adapter_dir)
-    # the files exist and are safetensors before the base is loaded; their tensors are checked below
+    # the files exist, are safetensors and are the exported ones before the base is loaded; their tensors are
+    # checked below
     files = resolve_weight_files(adapter_dir, adapter_class, config["weight_files"])
+    verify_checksums(config, adapter_dir)
 
     if source_pipe is None:
         base_ref = os.fspath(base) if base is not None else config["base_name_or_path"]
@@ -219,7 +229,8 @@ def load_adapter(
             f"but the base given is {base_ref!r}, whose architecture differs ({'; '.join(problems)}). "
             "Use the base the adapter was trained on."
         )
-
+    if getattr(source_pipe, "name_or_path", None):  # the folder the base loaded from (or its hub id)
+        check_base_resolution(config, source_pipe.name_or_path)
     check_adapter_fits(adapter_dir, config, files, unet)
 
     from condistill.method.codi_scheduler import CoDiScheduler

@@ -13,7 +13,8 @@ import torch
 from helpers import make_fake_hub_cache, make_tiny_base, model_inputs, perturb_, torch_single_thread  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).parent / "adapters"))  # the damages shared with tests/adapters
-from adapter_damage import DAMAGES, assert_names, damage, forbid_pickle_loading  # noqa: E402
+from adapter_damage import (BAD_CONFIGS, DAMAGES, assert_names, damage, edit_export,  # noqa: E402
+                            forbid_pickle_loading, rehash)
 
 from condistill.adapters import AdapterWeightsError, build_student  # noqa: E402
 from condistill.frozen import load_base  # noqa: E402
@@ -281,9 +282,13 @@ def test_module_config_that_does_not_match_its_weights(exports, tmp_path):
     file = folder / "t2i_adapter" / "config.json"
     config = json.loads(file.read_text())
     file.write_text(json.dumps(dict(config, num_res_blocks=config["num_res_blocks"] + 1)))
+    with pytest.raises(AdapterWeightsError, match="t2i_adapter/config.json changed since export"):
+        load_adapter(folder)
+    rehash(folder)
     with pytest.raises(AdapterWeightsError, match="missing key"):
         load_adapter(folder)
     file.unlink()
+    rehash(folder)
     with pytest.raises(AdapterWeightsError, match="has no config.json"):
         load_adapter(folder)
 
@@ -301,5 +306,92 @@ def test_lora_metadata_must_match_the_config(exports, tmp_path):
     meta = json.loads(metadata["lora_adapter_metadata"])
     meta["unet.target_modules"] = meta["unet.target_modules"] + ["conv1"]
     save_file(state, file, metadata=dict(metadata, lora_adapter_metadata=json.dumps(meta)))
+    rehash(folder)
     with pytest.raises(AdapterWeightsError, match="was trained with target_modules=.*conv1"):
         load_adapter(folder)
+
+
+def _no_base(monkeypatch):
+    import condistill.pipeline
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before the adapter's config and files were checked")
+
+    monkeypatch.setattr(condistill.pipeline, "_load_base_pipeline", no_base)
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_config_that_cannot_be_trusted_is_refused_before_the_base_loads(case, exports, tmp_path, monkeypatch):
+    """pipe.condistill_config never says resolution -64: the pipeline is not built."""
+    from condistill.adapters.errors import AdapterConfigError
+
+    root, _ = exports
+    folder = shutil.copytree(root / "controlnet", tmp_path / "ad")
+    edit, phrase = BAD_CONFIGS[case]
+    edit_export(folder, {**edit, "condition_config": edit.get("condition_config", {})})
+    _no_base(monkeypatch)
+    with pytest.raises(AdapterConfigError) as info:
+        load_adapter(folder)
+    assert phrase in str(info.value) and str(folder / "condistill_config.json") in str(info.value)
+
+
+def test_a_one_bit_flip_is_refused_before_the_base_loads(exports, tmp_path, monkeypatch):
+    root, _ = exports
+    folder = shutil.copytree(root / "lora", tmp_path / "ad")
+    file = folder / "pytorch_lora_weights.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x01
+    file.write_bytes(bytes(data))
+    _no_base(monkeypatch)
+    with pytest.raises(AdapterWeightsError, match=f"{file} changed since export: damaged or edited; re-export or "
+                                                  "re-download"):
+        load_adapter(folder)
+
+
+def test_an_export_from_before_checksums_loads_with_one_warning_line(exports, tmp_path):
+    root, _ = exports
+    folder = shutil.copytree(root / "t2i_adapter", tmp_path / "ad")
+    config = json.loads((folder / "condistill_config.json").read_text())
+    del config["checksums"]
+    (folder / "condistill_config.json").write_text(json.dumps(dict(config, schema_version=2)))
+    with pytest.warns(UserWarning) as caught:
+        pipe = load_adapter(folder)
+    said = [w for w in caught if "checksums" in str(w.message)]
+    assert len(said) == 1 and "\n" not in str(said[0].message) and Path(said[0].filename).name == "test_pipeline.py"
+    assert str(said[0].message).startswith(f"{folder} has no checksums")
+    assert "checksums" not in pipe.condistill_config and pipe.condistill_config["schema_version"] == 2
+
+
+def test_a_resolution_the_base_cannot_use_is_refused(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from condistill.adapters.errors import AdapterConfigError
+
+    path = make_tiny_base(tmp_path, block_out_channels=(32, 32, 64, 64), name="deep")  # sides: multiples of 16
+    _export(load_base(path), "controlnet", tmp_path / "ad")
+    edit_export(tmp_path / "ad", {"resolution": 24, "height": 24, "width": 24})
+    with pytest.raises(AdapterConfigError, match="resolution = 24 cannot be used with the base"):
+        load_adapter(tmp_path / "ad")
+    sd = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    with pytest.raises(AdapterConfigError, match="multiples of 16"):
+        load_adapter(sd, tmp_path / "ad")
+
+
+def test_a_base_whose_prediction_type_differs_is_refused(exports, tmp_path):
+    root, _ = exports
+    v_base = make_tiny_base(tmp_path, prediction_type="v_prediction", name="v_base")
+    with pytest.raises(ValueError, match="Base mismatch.*prediction_type: 'epsilon' != 'v_prediction'"):
+        load_adapter(root / "controlnet", base=v_base)
+
+
+def test_run_folders_old_and_new_and_an_interrupted_swap(exports, tmp_path):
+    root, _ = exports
+    run = shutil.copytree(root / "controlnet", tmp_path / "run")  # written before adapter/: at the root
+    assert type(load_adapter(run)).__name__ == PIPELINE_CLASS["controlnet"]
+    shutil.copytree(root / "lora", run / "adapter")  # adapter/ is preferred
+    assert load_adapter(run).condistill_config["kind"] == "lora"
+    (run / "adapter").rename(run / ".old-adapter")  # caught between the two renames of a new export
+    with pytest.warns(UserWarning, match="reading the previous export"):
+        assert load_adapter(run / "adapter").condistill_config["kind"] == "lora"
+    assert load_adapter(run).condistill_config["kind"] == "controlnet"  # the folder's own export comes first
+

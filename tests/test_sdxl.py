@@ -191,6 +191,26 @@ def test_export_and_stock_sdxl_pipeline(fresh, kind, tmp_path):
     _check_stock_pipeline(tmp_path / kind, student, sdxl, kind)
 
 
+def test_sdxl_export_is_checksummed_and_its_resolution_checked_against_the_base(sdxl, tmp_path):
+    """An SDXL export records its files' SHA-256; an edited resolution the base cannot use (24: SDXL-shaped
+    bases take multiples of their own 16 here, 32 at full size) is refused by both loaders."""
+    from condistill.adapters.errors import AdapterConfigError
+    from condistill.files import sha256_file
+
+    out = save_adapter(build_student("t2i_adapter", sdxl, 3), tmp_path / "ad", base_name_or_path=str(sdxl.name_or_path),
+                       base_fingerprint=sdxl.fingerprint(), condition_name="edge", condition_config={}, num_grid=50,
+                       prediction_type=sdxl.prediction_type, resolution=64, noise_schedule=sdxl.noise_schedule_config())
+    file = out / "condistill_config.json"
+    config = json.loads(file.read_text())
+    assert config["checksums"]["t2i_adapter/diffusion_pytorch_model.safetensors"] == sha256_file(
+        out / "t2i_adapter" / "diffusion_pytorch_model.safetensors")
+    file.write_text(json.dumps(dict(config, resolution=24)))
+    with pytest.raises(AdapterConfigError, match="resolution = 24 cannot be used with the base .*multiples of 16"):
+        load_student(out, sdxl)
+    with pytest.raises(AdapterConfigError, match="resolution = 24 cannot be used with the base"):
+        load_adapter(out)
+
+
 def test_distill_resume_and_load_adapter(sdxl_path, sdxl, tmp_path):
     from condistill.training.loop import distill
 

@@ -7,6 +7,7 @@ Each kind lives in its own module and registers itself with one explicit
 * ``t2i_adapter`` - :class:`~condistill.adapters.t2i_adapter.T2IAdapterStudent`
 * ``lora`` - :class:`~condistill.adapters.lora.LoRAStudent`
 """
+from condistill.adapters.errors import AdapterConfigError
 from condistill.adapters.student import (
     AdapterWeightsError,
     Student,
@@ -21,6 +22,7 @@ from condistill.adapters.lora import LoRAStudent
 from condistill.adapters.t2i_adapter import T2IAdapterStudent
 
 __all__ = [
+    "AdapterConfigError",
     "AdapterWeightsError",
     "Student",
     "ControlNetStudent",

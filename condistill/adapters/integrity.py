@@ -39,6 +39,8 @@ __all__ = [
     "REEXPORT",
     "adapter_class_for",
     "check_components",
+    "path_inside",
+    "shard_files",
     "resolve_weight_files",
     "check_weight_tensors",
     "read_checked_weights",
@@ -90,11 +92,13 @@ def check_components(cls: type, weight_files, source) -> None:
     )
 
 
-def _inside(rel: str, folder: Path, component: str) -> Path:
+def path_inside(rel: str, folder: Path, component: str) -> Path:
+    """``folder / rel`` for a relative posix path ``rel`` that stays inside ``folder`` (``component``: what
+    it is, for the message)."""
     pure = PurePosixPath(rel)
     if pure.is_absolute() or ".." in pure.parts or "\\" in rel:
         raise AdapterWeightsError(
-            f"The adapter in {folder}: weight file {rel!r} of {component!r} is not a path inside the adapter "
+            f"The adapter in {folder}: the file {rel!r} of {component!r} is not a path inside the adapter "
             f"folder. {REEXPORT}"
         )
     return folder / pure
@@ -124,17 +128,18 @@ def _check_safetensors_file(path: Path, folder: Path, component: str) -> None:
             f"not saved or downloaded completely. {REEXPORT}"
         )
     if path.name.endswith(".index.json"):
-        for shard in _shards(path, folder, component):
+        for shard in shard_files(path, folder, component):
             _check_safetensors_file(shard, folder, component)
 
 
-def _shards(index: Path, folder: Path, component: str) -> list[Path]:
+def shard_files(index: Path, folder: Path, component: str) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names (beside it)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise AdapterWeightsError(f"The shard index {index} is damaged (no valid weight_map). {REEXPORT}") from None
-    return [_inside(name, index.parent, component) for name in names]
+    return [path_inside(name, index.parent, component) for name in names]
 
 
 def resolve_weight_files(
@@ -155,7 +160,7 @@ def resolve_weight_files(
     check_components(cls, weight_files, folder)
     paths = {}
     for component, rel in weight_files.items():
-        path = _inside(rel, folder, component)
+        path = path_inside(rel, folder, component)
         _check_safetensors_file(path, folder, component)
         paths[component] = path
     return paths
@@ -165,7 +170,7 @@ def _tensors(path: Path, folder: Path, component: str, keys_only: bool = False) 
     """``(key, tensor)`` of a safetensors file or sharded checkpoint; ``keys_only``: ``(key, shape)``."""
     from safetensors import safe_open
 
-    files = _shards(path, folder, component) if path.name.endswith(".index.json") else [path]
+    files = shard_files(path, folder, component) if path.name.endswith(".index.json") else [path]
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -260,7 +265,7 @@ def load_stock_module(model_cls, adapter_dir: Path, rel: str, dtype):
     tensors (a config that does not match its weights would leave some uninitialised).
     """
     adapter_dir = Path(adapter_dir)
-    path = _inside(rel, adapter_dir, model_cls.__name__)
+    path = path_inside(rel, adapter_dir, model_cls.__name__)
     if not (path.parent / "config.json").is_file():
         raise AdapterWeightsError(f"The adapter in {adapter_dir}: {path.parent} has no config.json. {REEXPORT}")
     sub = PurePosixPath(rel).parent.as_posix()

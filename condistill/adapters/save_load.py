@@ -8,24 +8,42 @@ Layout of an exported adapter folder (``save_adapter``)::
     t2i_adapter/                      kinds "t2i_adapter" and "lora": T2IAdapter.save_pretrained folder
     pytorch_lora_weights.safetensors  kind "lora": diffusers-format LoRA of the UNet
 
-Every weight file is safetensors; nothing is pickled. ``condistill.load_adapter`` turns such a
-folder into a stock diffusers pipeline; :func:`load_student` rebuilds the training-time
-student from it.
+Every weight file is safetensors; nothing is pickled. The export is written whole under a staging
+folder beside ``out_dir`` and swapped in (:func:`condistill.files.staged_folder`): a reader sees the
+previous export or the new one, never a mix. ``condistill_config.json``, written last, records the
+SHA-256 of every file loading reads (``checksums``), and every loader checks the config
+(:mod:`condistill.adapters.config_checks`) and the checksums before it builds anything.
+``condistill.load_adapter`` turns such a folder into a stock diffusers pipeline;
+:func:`load_student` rebuilds the training-time student from it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from condistill.adapters.config_checks import (
+    CONFIG_NAME,
+    SCHEDULER_SUBFOLDER,
+    SCHEMA_VERSION,
+    check_base_resolution,
+    check_config,
+    config_problems,
+    record_checksums,
+    verify_checksums,
+)
+from condistill.files import previous_folder, staged_folder
 from condistill.frozen import NOISE_SCHEDULE_KEYS
 from condistill.utils import jsonable
 
 __all__ = [
     "CONFIG_NAME",
     "SCHEDULER_SUBFOLDER",
+    "SCHEMA_VERSION",
+    "EXPORT_SUBFOLDER",
     "save_adapter",
     "read_adapter_config",
     "find_adapter_dir",
@@ -34,8 +52,8 @@ __all__ = [
     "condistill_version",
 ]
 
-CONFIG_NAME = "condistill_config.json"
-SCHEDULER_SUBFOLDER = "scheduler"
+#: Where a training run writes its export inside the run folder (runs written before kept it at the root).
+EXPORT_SUBFOLDER = "adapter"
 
 REQUIRED_KEYS = (
     "condistill_version",
@@ -54,12 +72,6 @@ REQUIRED_KEYS = (
 )
 OPTIONAL_KEYS = ("initialized_from", "scheduler", "base_resolved_path", "extra", "schema_version", "height", "width",
                  "one_step_start", "checksums")
-
-#: The version of the ``condistill_config.json`` layout written by :func:`save_adapter`. 1: the
-#: exports written before the key existed (no ``height``/``width``); 2: adds ``schema_version``,
-#: ``height``/``width`` (the sampling size) and ``one_step_start``. ``docs/export-format.md``
-#: describes every key. :func:`read_adapter_config` derives the keys an older export lacks.
-SCHEMA_VERSION = 2
 
 
 def condistill_version() -> str:
@@ -136,7 +148,8 @@ def save_adapter(
     Args:
         student: a :class:`condistill.adapters.Student`; its *current* weights are written (swap
             the EMA weights in first to export the EMA).
-        out_dir: folder to write (created; existing adapter files are overwritten).
+        out_dir: folder to write: new, empty, or an earlier export, which is replaced whole (written under
+            ``.tmp-<name>-<pid>`` beside it and swapped in; a kill leaves the earlier export intact).
         base_name_or_path: the base as the user named it (folder or hub id); ``load_adapter``
             loads it from there unless given ``base=``.
         base_fingerprint: ``base.fingerprint()``, checked against the base at load time.
@@ -158,54 +171,28 @@ def save_adapter(
 
     Returns:
         ``Path(out_dir)``.
+
+    Raises:
+        ValueError: a value the export could not be loaded with (:func:`condistill.adapters.config_checks.config_problems`),
+            or an ``out_dir`` that holds anything but an earlier export (a run folder's ``checkpoints/``,
+            unrelated files): replacing it would delete them. Nothing is written then.
     """
     from condistill.method.schedule import normalize_prediction_type
 
     kind = getattr(student, "kind", "")
     if not kind or not hasattr(student, "save_weights"):
         raise TypeError(f"save_adapter needs a condistill Student (build_student), got {type(student).__name__}.")
-    if not isinstance(num_grid, int) or num_grid < 2:
-        raise ValueError(f"num_grid must be an int >= 2, got {num_grid!r}.")
-    if not isinstance(recommended_steps, int) or not 1 <= recommended_steps <= num_grid:
-        raise ValueError(f"recommended_steps must be an int in 1..num_grid={num_grid}, got {recommended_steps!r}.")
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be a positive int (pixels), got {resolution!r}.")
-    height, width = resolution if height is None else height, resolution if width is None else width
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
-    if one_step_start is not None and (not isinstance(one_step_start, int) or one_step_start < 0):
-        raise ValueError(f"one_step_start must be a grid timestep (an int) or None, got {one_step_start!r}.")
     prediction_type = normalize_prediction_type(prediction_type)
-    fingerprint = jsonable(dict(base_fingerprint), "base_fingerprint")
-    if fingerprint.get("prediction_type", prediction_type) != prediction_type:
-        raise ValueError(
-            f"prediction_type {prediction_type!r} differs from the base fingerprint's "
-            f"{fingerprint['prediction_type']!r}; pass base.prediction_type."
-        )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weight_files = student.save_weights(out)
-
     schedule = dict(noise_schedule) if noise_schedule is not None else _noise_schedule_from_base(base_name_or_path)
-    scheduler_config: dict[str, Any] = dict(schedule or {})
-    scheduler_config.update(
-        prediction_type=prediction_type,
-        num_grid=num_grid,
-        sigma_data=0.5,
-        timestep_scaling=10.0,
-        stochastic=bool(stochastic),
-    )
-    scheduler_config = jsonable(scheduler_config, "noise_schedule")
-    _write_scheduler_config(out, scheduler_config)
-
+    scheduler_config = jsonable({**(schedule or {}), "prediction_type": prediction_type, "num_grid": num_grid,
+                                 "sigma_data": 0.5, "timestep_scaling": 10.0, "stochastic": bool(stochastic)},
+                                "noise_schedule")
     config = {
         "schema_version": SCHEMA_VERSION,
         "condistill_version": condistill_version(),
         "kind": kind,
         "base_name_or_path": os.fspath(base_name_or_path),
-        "base_fingerprint": fingerprint,
+        "base_fingerprint": jsonable(dict(base_fingerprint), "base_fingerprint"),
         # absolute path of a local base folder: found again when loading from another directory
         "base_resolved_path": str(Path(base_name_or_path).resolve()) if Path(base_name_or_path).is_dir() else None,
         "condition_name": condition_name,
@@ -213,37 +200,97 @@ def save_adapter(
         "num_grid": num_grid,
         "prediction_type": prediction_type,
         "recommended_steps": recommended_steps,
-        "recommended_guidance": float(recommended_guidance),
+        "recommended_guidance": recommended_guidance,
         "resolution": resolution,
-        "height": height,
-        "width": width,
+        "height": resolution if height is None else height,
+        "width": resolution if width is None else width,
         "one_step_start": one_step_start,
-        "weight_files": dict(weight_files),
         "adapter_options": jsonable(student.adapter_options, "adapter_options"),
         "scheduler": f"{SCHEDULER_SUBFOLDER}/scheduler_config.json",
         "initialized_from": student.initialized_from,
         "extra": jsonable(dict(extra or {}), "extra"),
     }
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    problems = config_problems({**config, "checksums": {}}, scheduler_config)
+    if problems:
+        raise ValueError(f"save_adapter: {'; '.join(problems)}. Pass the values the run trained with (the "
+                         "prediction type: base.prediction_type); nothing was written.")
+    config["recommended_guidance"] = float(recommended_guidance)
+    out = Path(out_dir)
+    _check_replaceable(out)
+    with staged_folder(out, log=_say) as stage:
+        config["weight_files"] = dict(student.save_weights(stage))
+        _write_scheduler_config(stage, scheduler_config)
+        config["checksums"] = record_checksums(stage, config["weight_files"])
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # last
     return out
 
 
-def find_adapter_dir(path: str | os.PathLike) -> Path:
-    """The folder holding ``condistill_config.json``: ``path`` itself or its ``adapter/`` subfolder.
+def _say(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
 
-    ``path`` may also be the config file itself.
+
+def _export_names(out: Path) -> set[str]:
+    """The top-level names an earlier export in ``out`` may hold: what any kind writes, the model card, and the
+    files its own config names."""
+    from condistill.adapters.config_checks import loaded_files
+    from condistill.adapters.registry import available_adapters, get_adapter_class
+    from condistill.publish.card import CARD_NAME, SAMPLES_NAME
+
+    rels = [rel for kind in available_adapters() for rel in get_adapter_class(kind).weight_components.values()]
+    try:
+        old = json.loads((out / CONFIG_NAME).read_text())
+        rels += loaded_files(out, old["weight_files"]) + list(old.get("checksums") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {CONFIG_NAME, SCHEDULER_SUBFOLDER, CARD_NAME, SAMPLES_NAME} | {str(rel).split("/")[0] for rel in rels}
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is missing, empty, or an earlier export (nothing else in it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_adapter: {out} is a file, not a folder; choose another out_dir (nothing was written).")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    what = f"holds {entries[:8]}{' ...' if len(entries) > 8 else ''}"
+    if not (out / CONFIG_NAME).is_file():
+        raise ValueError(
+            f"save_adapter: {out} {what} but no earlier export ({CONFIG_NAME}); an export replaces its folder "
+            f"whole, so it goes to a new or empty folder or over an earlier export. Choose another out_dir (a run "
+            f"writes its export to <run>/{EXPORT_SUBFOLDER}); nothing was written.")
+    foreign = [name for name in entries if name not in _export_names(out)]
+    if foreign:
+        raise ValueError(
+            f"save_adapter: {out} holds an earlier export but also {foreign}, which replacing it would delete (a run "
+            f"folder's checkpoints/, unrelated files). Write the export to a folder of its own, such as "
+            f"<run>/{EXPORT_SUBFOLDER}; nothing was written.")
+
+
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """The folder holding ``condistill_config.json`` for ``path``: a run folder's ``adapter/`` subfolder (where
+    runs write their export), else ``path`` itself (an adapter folder, or a run written before ``adapter/``).
+
+    ``path`` may also be the config file itself. When neither holds a config but a write was interrupted
+    between the two renames that swap a new export in (:func:`condistill.files.previous_folder` finds the
+    previous export, ``.old-adapter`` or ``.old-<name>``), that previous export is used, with a one-line warning.
 
     Raises:
-        FileNotFoundError: neither exists; the message says what a valid folder contains.
+        FileNotFoundError: none exists; the message says what a valid folder contains.
     """
     path = Path(path)
     if path.is_file() and path.name == CONFIG_NAME:
         return path.parent
-    for candidate in (path, path / "adapter"):
+    for candidate in (path / EXPORT_SUBFOLDER, path):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
+    for candidate in (path / EXPORT_SUBFOLDER, path):
+        old = previous_folder(candidate)
+        if old is not None and (old / CONFIG_NAME).is_file():
+            warnings.warn(f"{candidate} is missing while a new export replaces it (or that write was interrupted); "
+                          f"reading the previous export {old}.", stacklevel=2)
+            return old
     raise FileNotFoundError(
-        f"No {CONFIG_NAME} in {path} or {path / 'adapter'}. Pass a folder written by "
+        f"No {CONFIG_NAME} in {path / EXPORT_SUBFOLDER} or {path}. Pass a folder written by "
         "condistill.adapters.save_load.save_adapter (or a distillation run folder)."
     )
 
@@ -265,11 +312,15 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     ``weight_files`` that are not that kind's components raise
     :class:`~condistill.adapters.AdapterWeightsError` (a ``ValueError``) naming them; an adapter
     written by a newer *major* condistill version raises a :class:`ValueError` asking to
-    upgrade. The returned dict also holds ``"_folder"``: the folder it was read from. The
-    weight files themselves are checked when loaded (:mod:`condistill.adapters.integrity`).
+    upgrade. Every value is then checked, and the scheduler config against it
+    (:func:`condistill.adapters.config_checks.check_config`: an
+    :class:`~condistill.adapters.errors.AdapterConfigError` names the key, the value and what to do).
+    The returned dict also holds ``"_folder"``: the folder it was read from. The weight files
+    themselves and their checksums are checked when loaded (:mod:`condistill.adapters.integrity`,
+    :func:`~condistill.adapters.config_checks.verify_checksums`).
     """
+    from condistill.adapters.errors import AdapterWeightsError
     from condistill.adapters.integrity import adapter_class_for
-    from condistill.adapters.student import AdapterWeightsError
 
     folder = find_adapter_dir(path)
     file = folder / CONFIG_NAME
@@ -294,7 +345,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{file} was written by condistill {saved}, a newer major version than the installed {ours}; "
             "upgrade condistill (pip install -U condistill) to load it."
         )
-    if int(config.get("schema_version", 1)) > SCHEMA_VERSION:
+    schema = config.get("schema_version", 1)
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
         warnings.warn(f"{file} has schema version {config['schema_version']}, newer than this condistill's "
                       f"{SCHEMA_VERSION}; keys it does not know are ignored (upgrade condistill to use them).",
                       stacklevel=2)
@@ -303,6 +355,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     config.setdefault("height", config["resolution"])
     config.setdefault("width", config["resolution"])
     config.setdefault("one_step_start", None)
+    check_config(config, folder)
     config["_folder"] = str(folder)
     return config
 
@@ -311,11 +364,14 @@ def load_student_weights(student, path: str | os.PathLike) -> None:
     """Load exported adapter weights from ``path`` (adapter or run folder) into ``student``.
 
     The files named in ``condistill_config.json`` are used when it is present, else the default
-    names of the student's kind. Nothing is loaded before every file passed the checks of
+    names of the student's kind. Nothing is loaded before the config passed its checks
+    (:func:`read_adapter_config`), every file its checksum and the checks of
     :mod:`condistill.adapters.integrity` (safetensors only, exact keys and shapes, finite
     values); a failure raises :class:`condistill.adapters.AdapterWeightsError` naming the file
     and tensors.
     """
+    from condistill.adapters.integrity import resolve_weight_files
+
     path = Path(path)
     weight_files = None
     try:
@@ -332,18 +388,22 @@ def load_student_weights(student, path: str | os.PathLike) -> None:
                 f"build it with build_student({config['kind']!r}, ...) or use load_student."
             )
         weight_files = config["weight_files"]
+        resolve_weight_files(folder, type(student), weight_files)  # missing or pickled files named first
+        verify_checksums(config, folder)
     student.load_weights(folder, weight_files)
 
 
 def load_student(path: str | os.PathLike, base, check_base: bool = True):
     """Rebuild the student saved in ``path`` around ``base`` (a :class:`condistill.frozen.Base`) and load its weights.
 
-    The weight files are checked (they exist, are safetensors) before anything is built, and
-    their tensors against the rebuilt student before anything is loaded.
+    The config is checked (:func:`read_adapter_config`), and the weight files (they exist, are
+    safetensors, match their checksums) before anything is built, the training resolution against
+    ``base``, and the files' tensors against the rebuilt student before anything is loaded.
 
     Raises:
         AdapterWeightsError: damaged, incomplete, pickled or non-finite files, or a config whose
             kind does not match its files (a ``ValueError``; the message says what to do).
+        AdapterConfigError: a config value that cannot be trusted, or a resolution ``base`` cannot use.
         ValueError: the base's fingerprint differs from the one recorded with the adapter.
     """
     from condistill.adapters.integrity import adapter_class_for, resolve_weight_files, student_from_config
@@ -352,6 +412,7 @@ def load_student(path: str | os.PathLike, base, check_base: bool = True):
     config = read_adapter_config(path)
     folder = config["_folder"]
     resolve_weight_files(folder, adapter_class_for(config, folder), config["weight_files"])
+    verify_checksums(config, folder)
     if check_base:
         problems = fingerprint_mismatch(config["base_fingerprint"], base.fingerprint())
         if problems:
@@ -360,6 +421,7 @@ def load_student(path: str | os.PathLike, base, check_base: bool = True):
                 f"but the given base {base.name_or_path!r} differs: {'; '.join(problems)}. Use the base it was "
                 "trained on."
             )
+        check_base_resolution(config, base.name_or_path)
     student = student_from_config(config, base, folder)
     student.load_weights(folder, config["weight_files"])
     return student

@@ -3,55 +3,17 @@ load_student_weights, Student.load_weights); the same checks run in load_adapter
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter_damage import DAMAGES, assert_names, damage, forbid_pickle_loading
-from helpers import perturb_, torch_single_thread  # noqa: F401
+from adapter_damage import DAMAGES, KINDS, assert_names, damage, forbid_pickle_loading, rehash
+from helpers import torch_single_thread  # noqa: F401
 
 from condistill.adapters import AdapterWeightsError, available_adapters, build_student, get_adapter_class
-from condistill.adapters.save_load import load_student, load_student_weights, read_adapter_config, save_adapter
+from condistill.adapters.save_load import load_student, load_student_weights, read_adapter_config
 from condistill.frozen import load_base
-
-KINDS = {
-    "controlnet": {},
-    "t2i_adapter": {"adapter_type": "light_adapter"},
-    "lora": {"rank": 2, "lora_alpha": 3, "targets": "all"},
-}
-
-
-def _export(base, kind, out):
-    student = build_student(kind, base, 3, **KINDS[kind])
-    perturb_(student, seed=5)
-    return save_adapter(
-        student,
-        out,
-        base_name_or_path=str(base.name_or_path),
-        base_fingerprint=base.fingerprint(),
-        condition_name="edge",
-        condition_config={},
-        num_grid=50,
-        prediction_type=base.prediction_type,
-        resolution=base.resolution,
-        noise_schedule=base.noise_schedule_config(),
-    )
-
-
-@pytest.fixture(scope="module")
-def exports(base_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
-    base = load_base(base_path)
-    return {kind: _export(base, kind, root / kind) for kind in KINDS}
-
-
-@pytest.fixture
-def copy_of(exports, tmp_path):
-    """A fresh copy of a kind's export, to damage."""
-    return lambda kind: shutil.copytree(exports[kind], tmp_path / kind)
-
 
 def test_every_kind_declares_the_files_it_writes(exports):
     for kind in available_adapters():
@@ -141,6 +103,9 @@ def test_config_edits_are_named(copy_of, base_path):
 def test_a_file_that_is_not_safetensors(copy_of, base_path):
     folder = copy_of("controlnet")
     (folder / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage, cut short")
+    with pytest.raises(AdapterWeightsError, match="changed since export"):
+        load_student(folder, load_base(base_path))
+    rehash(folder)
     with pytest.raises(AdapterWeightsError, match="is not a valid safetensors file"):
         load_student(folder, load_base(base_path))
 
@@ -161,6 +126,8 @@ def test_sharded_checkpoint_is_checked(copy_of, base_path):
     config = json.loads(config_file.read_text())
     config["weight_files"] = {"t2i_adapter": "t2i_adapter/diffusion_pytorch_model.safetensors.index.json"}
     config_file.write_text(json.dumps(config))
+    rehash(folder)
+    assert "t2i_adapter/part-2.safetensors" in json.loads(config_file.read_text())["checksums"]  # shards are hashed
     student = load_student(folder, load_base(base_path))
     assert torch.equal(student.adapter.state_dict()[keys[0]], state[keys[0]])
 
