@@ -140,13 +140,19 @@ def problems_line(problems: list[str]) -> str:
     return f"{len(problems)} problems: " + " ".join(f"({i}) {cli_form(p)};" for i, p in enumerate(problems, 1))[:-1]
 
 
+def _adapter_option_problem(cfg: DistillConfig) -> str | None:
+    """The ``--adapter-options`` problem of ``cfg`` in one line, or ``None`` (tests/test_docs.py checks the
+    documented commands with it)."""
+    return adapter_option_problem(cfg.adapter, cfg.adapter_options)
+
+
 def check_run(cfg: DistillConfig) -> None:
     """What ``condistill train`` checks before any model loads (each raises one line): the adapter and condition
     options, the files the condition needs, the resolution and grid against the base's configs, the output
     folder and the data. The run itself then checks what its folder holds
     (:func:`condistill.training.loop.distill`).
     """
-    problem = adapter_option_problem(cfg.adapter, cfg.adapter_options)
+    problem = _adapter_option_problem(cfg)
     if problem:
         raise ValueError(problem)
     condition_from_options(cfg.condition, cfg.condition_options)  # and the depth estimator's weights

@@ -324,3 +324,16 @@ def test_cache_verify_refuses_what_is_no_cache(tmp_path, capsys):
 def test_cache_verify_or_build_is_a_usage_error_with_status_2(argv, line, capsys):
     assert _status(argv) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_the_readme_documents_the_statuses_and_the_debug_switch(capsys):
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    for words in ("exit with status 1", "Status 2 means the command line itself does not parse",
+                  "`--debug` (or `CONDISTILL_DEBUG=1`", "`condistill cache --verify",
+                  "completed by running the same command again, without `--overwrite`"):
+        assert words in readme, words
+    assert main(["--help"]) == 0
+    assert "--debug: show the full traceback of an error instead of one line (also CONDISTILL_DEBUG=1)" in \
+        capsys.readouterr().out
