@@ -321,7 +321,7 @@ def write_model_card(folder: str | os.PathLike, *, run: str | os.PathLike | None
     """Write ``FOLDER/README.md`` (and ``FOLDER/samples.png`` from the last validation grid); return the card path.
 
     Args:
-        folder: an export folder (``condistill_config.json`` at its root).
+        folder: an export folder (``condistill_config.json`` at its root), or a run folder (its export).
         run: the training run folder that holds ``config.json`` and ``validation/`` (and that the
             card's snippets load from); default ``folder`` (runs written before exports moved to
             ``RUN/adapter/``), or its parent when ``folder`` is a run's ``adapter/``.
@@ -334,6 +334,10 @@ def write_model_card(folder: str | os.PathLike, *, run: str | os.PathLike | None
     from condistill.adapters.save_load import CONFIG_NAME
 
     folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():  # a run folder: its export
+        from condistill.adapters.save_load import find_adapter_dir
+
+        folder = find_adapter_dir(folder)
     if run is None:
         run = folder.parent if folder.name == "adapter" and (folder.parent / "config.json").is_file() else folder
     run = Path(run)

@@ -52,7 +52,7 @@ def export_files(run: str | os.PathLike) -> list[str]:
         PushError: ``run`` is not an export (no readable ``condistill_config.json``, a weight
             file missing).
     """
-    from condistill.adapters.save_load import SCHEDULER_SUBFOLDER, read_adapter_config
+    from condistill.adapters.save_load import CONFIG_NAME, SCHEDULER_SUBFOLDER, read_adapter_config
 
     from .card import CARD_NAME, SAMPLES_NAME
 

@@ -183,6 +183,10 @@ def resolve_resume(output_dir: str | Path, resume: str | None, log: Log | None =
     log = log or _logger.info
     if resume is None:
         return None
+    kept = list_unhealthy(output_dir)
+    if kept:
+        log(f"{len(kept)} unhealthy checkpoint(s) are kept in {kept[0].parent} ({', '.join(p.name for p in kept)}); "
+            "--resume latest passes over them")
     if resume == "latest":
         skipped = []
         for path in reversed(list_checkpoints(output_dir)):

@@ -176,8 +176,8 @@ def test_resume_with_one_process_and_the_same_global_batch(two_process_run, tiny
     shutil.copytree(two_process_run, part)
     checkpoint = str(part / "checkpoints" / "step-0000002")
     with pytest.raises(ResumeMismatchError, match=r"2 process\(es\) x batch 2 = a global batch of 4.*--batch-size 4"):
-        distill(DistillConfig(**_opts(tiny_base, part, resume=checkpoint)))
-    distill(DistillConfig(**_opts(tiny_base, part, resume=checkpoint, batch_size=4)))
+        distill(DistillConfig(**_opts(tiny_base, part, resume=checkpoint, overwrite=True)))
+    distill(DistillConfig(**_opts(tiny_base, part, resume=checkpoint, batch_size=4, overwrite=True)))
     _assert_same(_weights(part, 4), _weights(two_process_run, 4), ATOL)
 
 
