@@ -37,6 +37,7 @@ from condistill.data.cache_index import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME,
 from condistill.data.fingerprint import source_fingerprint
 from condistill.data.report import REPORT_NAME, write_report
 from condistill.files import sha256_file
+from condistill.files import set_shared_mode
 from condistill.utils import jsonable
 
 __all__ = ["DTYPES", "cache_command", "encoders_digest", "write_cache"]
@@ -250,6 +251,7 @@ def write_cache(out: str | os.PathLike, *, base, condition, source, seed: int = 
     if getattr(source, "stats", None) is not None:
         write_report(partial / REPORT_NAME, source.stats.report())
     (partial / INDEX_NAME).write_text(json.dumps(jsonable(index), indent=2) + "\n", encoding="utf-8")
+    set_shared_mode(partial)  # 0644 shards under umask 022 (safetensors writes 0600): a shared cache is readable
     if out.exists():  # --overwrite: the old cache goes only now that the new one is complete
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)

@@ -55,6 +55,18 @@ def test_cached_items_equal_the_live_path(base, sr_cache: Path):
     assert monitor.total == 16 and monitor.stats.seen >= 1 and not monitor.stats.skipped
 
 
+def test_cache_files_are_readable_by_others(sr_cache_of, tmp_path: Path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        cache = sr_cache_of(tmp_path / "c", "synthetic:train:4", SEED, batch_size=4, shard_size=4)
+    finally:
+        os.umask(old)
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
 def test_float_conditions_and_float32_storage(base, tmp_path: Path):
     source = open_source("synthetic:train:4", resolution=base.resolution)
     out = write_cache(tmp_path / "depth", base=base, condition=get_condition("depth"), source=source, seed=SEED,
