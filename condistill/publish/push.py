@@ -56,9 +56,12 @@ def export_files(run: str | os.PathLike) -> list[str]:
 
     from .card import CARD_NAME, SAMPLES_NAME
 
+    from condistill.adapters.config_checks import verify_checksums
+
     run = export_folder(run)
     try:
         config = read_adapter_config(run)
+        verify_checksums(config, run, stacklevel=3)  # a damaged or edited file never goes up
     except (OSError, ValueError) as error:
         raise PushError(f"{run} is not a usable adapter export: {error}") from error
     files = {CONFIG_NAME}

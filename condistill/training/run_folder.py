@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from condistill.adapters.save_load import CONFIG_NAME
+from condistill.adapters.save_load import CONFIG_NAME, EXPORT_SUBFOLDER
 from condistill.files import previous_folder
 from condistill.training.checkpoint import (UNHEALTHY, checkpoint_dir, later_checkpoints, list_checkpoints,
                                            list_unhealthy, read_state)
@@ -40,8 +40,6 @@ __all__ = ["CHANGEABLE_ON_RESUME", "EXPORT_SUBFOLDER", "LOCK_NAME", "finished_ex
            "run_lock", "set_learning_rate"]
 
 LOCK_NAME = ".condistill.lock"
-#: the run's export folder, inside the run folder
-EXPORT_SUBFOLDER = "adapter"
 
 #: Options a resumed run may change. They steer what happens from the resumed step on, never
 #: what the steps before it computed (a slower EMA from step K on is "stop at K, resume with a

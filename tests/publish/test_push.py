@@ -230,8 +230,8 @@ def test_no_token_offline_and_not_an_export_refuse_before_any_request(run_copy, 
     with pytest.raises(PushError, match=r"not-a-run is not an adapter export \(no condistill_config.json\)"):
         push_to_hub(tmp_path / "not-a-run", REPO, token=TOKEN, endpoint=fake_hub.url)
     (run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors").rename(run_copy / "adapter" / "moved.safetensors")
-    with pytest.raises(PushError, match=r"the controlnet weights controlnet/diffusion_pytorch_model.safetensors "
-                                        r"are missing"):
+    with pytest.raises(PushError, match=r"not a usable adapter export: .*controlnet/diffusion_pytorch_model.safetensors "
+                                        r"is missing"):
         push_to_hub(run_copy, REPO, token=TOKEN, endpoint=fake_hub.url)
     (run_copy / "adapter" / "moved.safetensors").rename(run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors")
 
@@ -241,3 +241,14 @@ def test_no_token_offline_and_not_an_export_refuse_before_any_request(run_copy, 
     assert main(["push", str(run_copy), REPO, "--token", TOKEN]) == 1
     assert "offline mode" in capsys.readouterr().err
     assert fake_hub.requests == []
+
+
+def test_a_damaged_export_is_not_pushed(run_copy, fake_hub):
+    weights = run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PushError, match=r"not a usable adapter export: .*diffusion_pytorch_model.safetensors changed "
+                                        r"since export"):
+        push_to_hub(run_copy, REPO, token=TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.commits == []
