@@ -218,7 +218,9 @@ def one_line(message: str) -> str:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """The errors of a stopped run that are neither ``ValueError`` nor ``OSError`` (their messages say what to do)."""
-    known: list[type[BaseException]] = [FloatingPointError]  # a diverged run names its step and last healthy checkpoint
+    known: list[type[BaseException]] = [FloatingPointError, MemoryError]  # a diverged run names its step and checkpoint
+    if "torch" in sys.modules:  # out of GPU memory: the machine's limit, not a bug
+        known.append(sys.modules["torch"].cuda.OutOfMemoryError)
     try:
         from condistill.training.run_folder import RunLockedError
         known.append(RunLockedError)

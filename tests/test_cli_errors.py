@@ -337,3 +337,12 @@ def test_the_readme_documents_the_statuses_and_the_debug_switch(capsys):
     assert main(["--help"]) == 0
     assert "--debug: show the full traceback of an error instead of one line (also CONDISTILL_DEBUG=1)" in \
         capsys.readouterr().out
+
+
+def test_out_of_gpu_memory_is_one_line_not_a_bug_report(fake_distill, monkeypatch, tmp_path, capsys):
+    import torch
+
+    _failing_run(monkeypatch, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
+    assert main(["train", "edge", "--output-dir", str(tmp_path / "run")]) == 1
+    line = _one_line_error(capsys, "condistill train edge")
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB more" in line and line.endswith(TRACEBACK_HINT)
