@@ -374,6 +374,7 @@ def _check_kohya_outputs(out: Path, adapter_out: Path, source: str, overwrite: b
     """Refuse existing kohya outputs without ``overwrite``, except the half of an interrupted export of this run
     (an adapter folder a kill left at ``.old-NAME`` is put back first)."""
     recover_folder(adapter_out, log)
+    _remove_leftovers(adapter_out, log)
     if overwrite:
         return
     recorded = dict(zip(("--out", "--adapter-out"), _recorded_sources(out, adapter_out)))
@@ -396,16 +397,17 @@ def _gone(pid: str) -> bool:
 
 
 def _remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
-    """Staged copies of ``out`` that interrupted writes left: ``.tmp-NAME-PID`` of processes no longer running,
-    and ``.tmp-NAME`` (earlier releases staged without the process id)."""
+    """Staged copies of ``out`` that interrupted writes left: ``.tmp-NAME-PID`` files of processes no longer
+    running (folders: :func:`condistill.files.recover_folder`), and ``.tmp-NAME`` (earlier releases staged
+    files and folders without the process id)."""
     if not out.parent.is_dir():
         return
     prefix = f"{TMP_PREFIX}{out.name}"
     for path in out.parent.iterdir():
         pid = path.name[len(prefix) + 1:]
-        if path.is_file() and (path.name == prefix or (path.name.startswith(prefix + "-") and _gone(pid))):
+        if path.name == prefix or (path.is_file() and path.name.startswith(prefix + "-") and _gone(pid)):
             log(f"removing {path}, left by an interrupted export")
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _write_file(out: Path, write: Callable[[Path], None], log: Callable[[str], None]) -> None:

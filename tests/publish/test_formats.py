@@ -298,9 +298,10 @@ def test_an_interrupted_folder_swap_keeps_the_old_export_and_its_leftovers_go(lo
     (tmp_path / ".tmp-student.safetensors-999999999").write_bytes(b"x" * 100)
     (tmp_path / ".tmp-student.safetensors").write_bytes(b"x" * 100)
     (tmp_path / ".tmp-student_condition_adapter-999999999").mkdir()
+    (tmp_path / ".tmp-student_condition_adapter").mkdir()
     lines = []
     export(lora_run, "kohya", out, overwrite=True, log=lines.append)
-    assert _no_leftovers(tmp_path) == [] and len(lines) == 3
+    assert _no_leftovers(tmp_path) == [] and len(lines) == 4
 
 
 def test_another_runs_output_is_not_taken_for_a_leftover(lora_run, tmp_path):
