@@ -105,24 +105,17 @@ def dmd_gradient(
     return g, {"x_t": x_t, "real_x0": real_x0, "fake_x0": fake_x0, "normaliser": normaliser}
 
 
-def dmd_loss(
-    x: torch.Tensor,
-    real_fn: ModelFn,
-    fake_fn: ModelFn,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dmd_loss(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample DMD loss ``0.5 * mean((x - sg(x - g))^2)`` whose gradient in ``x`` is ``g / (C H W)``.
 
-    ``g`` is :func:`dmd_gradient`; the scores run without a graph, so neither receives a gradient
-    from this loss.
+    Takes exactly :func:`dmd_gradient`'s arguments (``x, real_fn, fake_fn, noise, t, alphas_cumprod,
+    prediction_type[, eps]``), which it passes on to compute ``g``; the scores run without a graph,
+    so neither receives a gradient from this loss.
 
     Returns:
         ``(loss [B], info)``; ``info["dmd_grad_norm"]`` is the per-sample RMS of ``g`` (detached).
     """
-    g, _ = dmd_gradient(x, real_fn, fake_fn, noise, t, alphas_cumprod, prediction_type)
+    g, _ = dmd_gradient(x, *args, **kwargs)
     target = (x.detach().float() - g).detach()
     diff = x.float() - target
     loss = 0.5 * diff.pow(2).reshape(x.shape[0], -1).mean(dim=1)
