@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from condistill.adapters.student import Student, base_family, pretrained_folder, register_adapter, save_module_folder
+from condistill.adapters.student import (Student, base_family, check_pretrained_fit, pretrained_folder,
+                                         register_adapter, save_module_folder)
 
 __all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
 
@@ -113,12 +114,7 @@ class ControlNetStudent(Student):
         factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
         if factor != self.vae_scale_factor:
             problems.append(f"its condition embedding downsamples by {factor}, the VAE by {self.vae_scale_factor}")
-        if problems:
-            raise ValueError(
-                f"pretrained_controlnet={os.fspath(source)!r} does not fit this base/condition: "
-                + "; ".join(problems)
-                + ". Use a ControlNet trained for this base and condition type, or leave the option out."
-            )
+        check_pretrained_fit(problems, f"pretrained_controlnet={os.fspath(source)!r}", "a ControlNet")
 
     def _adapter_modules(self):
         return {"controlnet": self.controlnet}

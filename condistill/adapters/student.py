@@ -44,6 +44,7 @@ __all__ = [
     "check_state_dict_keys",
     "check_state_dict_shapes",
     "pretrained_folder",
+    "check_pretrained_fit",
     "weights_file",
     "save_module_folder",
     "base_family",
@@ -68,6 +69,20 @@ def pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.j
         f"No {config_name} found in {root} or {root / subfolder}; pass a folder saved with "
         f"save_pretrained (a diffusers {subfolder} folder) or a condistill adapter export."
     )
+
+
+def check_pretrained_fit(problems: list[str], source: str, use_instead: str) -> None:
+    """Raise ``ValueError`` when a pretrained module's fit check found ``problems``.
+
+    ``source`` names the module (option and path), ``use_instead`` what to pass instead
+    (``"a ControlNet"``); the message lists every problem.
+    """
+    if problems:
+        raise ValueError(
+            f"{source} does not fit this base/condition: "
+            + "; ".join(problems)
+            + f". Use {use_instead} trained for this base and condition type, or leave the option out."
+        )
 
 
 def weights_file(folder: Path, root: Path) -> str:

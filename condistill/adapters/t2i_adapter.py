@@ -36,6 +36,7 @@ from torch import nn
 from condistill.adapters.student import (
     Student,
     base_family,
+    check_pretrained_fit,
     pretrained_folder,
     register_adapter,
     save_module_folder,
@@ -203,12 +204,7 @@ def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale
         elif not _layout_fits([(c, s * _UNSHUFFLE[cfg.adapter_type]) for c, s in
                                _adapter_layout(cfg.adapter_type, list(cfg.channels))], unet):
             problems.append(f"its channels {list(cfg.channels)} do not match the UNet's residual slots")
-    if problems:
-        raise ValueError(
-            f"pretrained adapter {os.fspath(source)!r} does not fit this base/condition: "
-            + "; ".join(problems)
-            + ". Use an adapter trained for this base and condition type, or leave the option out."
-        )
+    check_pretrained_fit(problems, f"pretrained adapter {os.fspath(source)!r}", "an adapter")
     return adapter, cfg.adapter_type, int(cfg.num_res_blocks)
 
 
