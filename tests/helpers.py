@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+#: The repository's root folder (this file is in its tests/ folder).
+ROOT = Path(__file__).resolve().parents[1]
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORDS = ["a", "the", "red", "blue", "green", "cube", "ball", "photo", "of", "on", "sky"]
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_fake_hub_cache, perturb_, torch_single_thread  # noqa: F401
+from helpers import ROOT, make_fake_hub_cache, perturb_, torch_single_thread  # noqa: F401
 
 from condistill.adapters import build_student
 from condistill.adapters.save_load import save_adapter
@@ -26,7 +25,6 @@ from condistill.frozen import load_base
 from condistill.hub import embedded_path
 from condistill.pipeline import load_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
 #: 35.3 dB measured by tools/train_tiny_decoder.py on 512 held-out scenes (docs/fast-decoder.md); the
 #: test's 16 scenes are asserted with a margin
 EMBEDDED_PSNR_FLOOR = 30.0

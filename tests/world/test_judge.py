@@ -2,10 +2,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import ROOT
 
 from condistill.world.judge import (
     ATTRIBUTES,
@@ -20,7 +21,6 @@ from condistill.world.judge import (
 from condistill.evaluation.metrics import frechet_distance
 from condistill.world.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SyntheticScenes, attribute_labels
 
-ROOT = Path(__file__).resolve().parents[2]
 BAR = 0.95
 
 
