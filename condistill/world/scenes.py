@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -68,15 +68,8 @@ class SceneObject:
     disparity: float  # 1 = near, 0 = far
 
     def as_dict(self) -> dict:
-        return {
-            "shape": self.shape,
-            "colour": self.colour,
-            "size": self.size,
-            "cx": self.cx,
-            "cy": self.cy,
-            "extent": self.extent,
-            "disparity": self.disparity,
-        }
+        """The fields by name, in declaration order."""
+        return asdict(self)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
