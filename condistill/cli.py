@@ -185,7 +185,8 @@ def _run_training(condition: str, argv: list[str], prog: str) -> int:
 
     out = distill(cfg)
     if main_process:  # one line for the run, not one per process
-        print(f"adapter written to {out} (load it with condistill.load_adapter({str(out)!r}))", file=sys.stderr)
+        print(f"adapter written to {out / 'adapter'} (load it with condistill.load_adapter({str(out)!r}))",
+              file=sys.stderr)
     return 0
 
 
@@ -263,6 +264,9 @@ def _eval(args) -> int:
         if folder:
             check_output(folder, flag, "folder")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    from condistill.publish.card import export_identity
+
+    measured = export_identity(args.student) if args.student and not args.row else None  # the export as loaded
     report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
                       seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
                       cache_dir=args.cache_dir, log=log, data=args.data, prompts=args.prompts)
@@ -277,7 +281,7 @@ def _eval(args) -> int:
         from condistill.publish.card import record_eval
         options = {k: v for k, v in vars(args).items()
                    if not (args.data and k == "judge") and k != "debug"}  # no judge with --data
-        record_eval(args.student, table, options, log=log)
+        record_eval(args.student, table, options, log=log, measured=measured)
     if args.out:
         extra = ", conditions.safetensors" if args.data else ""
         print(f"wrote {args.out}/results.json, results.md, samples.png{extra}", file=sys.stderr)

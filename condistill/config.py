@@ -141,7 +141,7 @@ class DistillConfig:
         default="synthetic:train:20000",
     )
     adapter: str = _h("trainable parameters: controlnet, t2i_adapter or lora", default="controlnet")
-    output_dir: str = _h("run folder: adapter export at its root, checkpoints/ and logs/ inside", default="runs/edge")
+    output_dir: str = _h("run folder: the adapter export in adapter/, checkpoints/ and logs/ inside", default="runs/edge")
     max_steps: int = _h("optimizer steps to train for", default=400)
     batch_size: int = _h("images per optimizer step and process, per accumulation micro-step: an optimizer step "
                          "trains on batch_size x processes x gradient_accumulation_steps images", default=32)

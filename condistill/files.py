@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["TMP_PREFIX", "OLD_PREFIX", "fsync", "set_shared_mode", "sha256_file", "write_text", "replace_file",
+__all__ = ["TMP_PREFIX", "OLD_PREFIX", "fsync", "writer_alive", "set_shared_mode", "sha256_file", "write_text", "replace_file",
            "staged_folder", "replace_folder", "recover_folder", "previous_folder"]
 
 TMP_PREFIX = ".tmp-"
@@ -97,7 +97,7 @@ def _fsync_tree(folder: Path) -> None:
     fsync(folder)
 
 
-def _writing(pid: str) -> bool:
+def writer_alive(pid: str) -> bool:
     """Whether another live process on this machine may still be writing a staging folder of that pid."""
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -124,7 +124,7 @@ def recover_folder(final: str | os.PathLike, log: Callable[[str], None] | None =
     say = log or (lambda message: None)
     for p in parent.iterdir():
         pid = p.name[len(f"{TMP_PREFIX}{final.name}-"):]
-        if p.name.startswith(f"{TMP_PREFIX}{final.name}-") and p.is_dir() and not _writing(pid):
+        if p.name.startswith(f"{TMP_PREFIX}{final.name}-") and p.is_dir() and not writer_alive(pid):
             say(f"removing {p}, left by an interrupted write")
             shutil.rmtree(p, ignore_errors=True)
     old = parent / f"{OLD_PREFIX}{final.name}"

@@ -91,7 +91,7 @@ def _exported(run: str, **expected) -> Callable[[Path, str], None]:
     def check(work: Path, output: str) -> None:
         import json
 
-        assert (work / run / "condistill_config.json").is_file(), f"{run} has no export:\n{output[-3000:]}"
+        assert (work / run / "adapter" / "condistill_config.json").is_file(), f"{run} has no export:\n{output[-3000:]}"
         recorded = json.loads((work / run / "config.json").read_text())
         assert {k: recorded[k] for k in expected} == expected
     return check
@@ -472,10 +472,10 @@ def _prepare(work: Path, names: tuple[str, ...]) -> None:
     from helpers import tiny_run_config
 
     for name in names:
-        if (work / name / "condistill_config.json").is_file():
+        if (work / name / "adapter" / "condistill_config.json").is_file():
             continue
         first = work / NEEDS_SOURCE
-        if not (first / "condistill_config.json").is_file():
+        if not (first / "adapter" / "condistill_config.json").is_file():
             threads = torch.get_num_threads()
             _fresh_accelerate_state()
             try:

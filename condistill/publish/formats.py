@@ -389,11 +389,10 @@ def _check_kohya_outputs(out: Path, adapter_out: Path, source: str, overwrite: b
 
 
 def _gone(pid: str) -> bool:
-    """Whether the process ``pid`` that staged a file no longer runs (this process counts as gone: it restarts).
-    psutil comes with accelerate."""
-    import psutil
+    """Whether the process ``pid`` that staged a file no longer runs (this process counts as gone: it restarts)."""
+    from condistill.files import writer_alive
 
-    return pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid)))
+    return pid.isdigit() and not writer_alive(pid)
 
 
 def _remove_leftovers(out: Path, log: Callable[[str], None]) -> None:
@@ -441,6 +440,9 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
     if not run.exists():
         raise FileNotFoundError(f"no run or adapter folder {run}.")
     config = read_adapter_config(run)
+    from condistill.adapters.config_checks import verify_checksums
+
+    verify_checksums(config, config["_folder"], stacklevel=2)  # a damaged or edited file is never converted
     kind, wanted = config["kind"], FORMATS[format][0]
     if kind != wanted:
         raise ValueError(f"{run} holds a {kind!r} adapter; --format {format} exports {wanted!r} adapters only. "

@@ -337,3 +337,15 @@ def test_out_that_is_a_folder_is_refused_even_with_overwrite(controlnet_run, tmp
     with pytest.raises(IsADirectoryError, match="is a folder"):
         export(controlnet_run, "single-file", tmp_path / "dir.safetensors", overwrite=True)
     assert _no_leftovers(tmp_path) == []
+
+
+def test_a_damaged_export_is_not_converted(run_copy, tmp_path):
+    from condistill.publish.formats import export
+
+    weights = run_copy / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="changed since export"):
+        export(run_copy, "single-file", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
