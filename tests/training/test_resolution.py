@@ -56,7 +56,7 @@ def _refused_before_the_base_loads(tmp_path, capsys, monkeypatch, *options) -> l
     import condistill.training.loop as loop
 
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
-    assert _train(tmp_path / "run", "--max-steps", "1", *options) == 1
+    assert _train(tmp_path / "run", "--max-steps", "1", "--lr-warmup-steps", "0", *options) == 1
     assert not (tmp_path / "run").exists()
     return capsys.readouterr().err.strip().splitlines()
 
