@@ -36,6 +36,9 @@ __all__ = ["CONFIG_NAME", "SCHEDULER_SUBFOLDER", "SCHEDULER_FILE", "SCHEMA_VERSI
 
 CONFIG_NAME = "condistill_config.json"
 SCHEDULER_SUBFOLDER = "scheduler"
+#: the model card and its sample grid, written into an export by :mod:`condistill.publish.card`
+CARD_NAME = "README.md"
+SAMPLES_NAME = "samples.png"
 SCHEDULER_FILE = f"{SCHEDULER_SUBFOLDER}/scheduler_config.json"
 #: The version of the ``condistill_config.json`` layout written by ``save_adapter``. 1: the exports
 #: written before the key existed (no ``height``/``width``); 2: adds ``schema_version``,

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from condistill.adapters.config_checks import (
+    CARD_NAME,
     CONFIG_NAME,
+    SAMPLES_NAME,
     SCHEDULER_SUBFOLDER,
     SCHEMA_VERSION,
     check_base_resolution,
@@ -234,7 +236,6 @@ def _export_names(out: Path) -> set[str]:
     files its own config names."""
     from condistill.adapters.config_checks import loaded_files
     from condistill.adapters.registry import available_adapters, get_adapter_class
-    from condistill.publish.card import CARD_NAME, SAMPLES_NAME
 
     rels = [rel for kind in available_adapters() for rel in get_adapter_class(kind).weight_components.values()]
     try:

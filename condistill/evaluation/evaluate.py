@@ -38,6 +38,7 @@ from condistill.adapters.save_load import adapter_sampler, load_student, read_ad
 from condistill.plots import grid, to_pil
 from condistill.method.sampler import CODI_SAMPLERS, sample_images, start_latents
 from condistill.method.guidance import make_model_fn
+from condistill.evaluation.metrics import edge_maps
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
 # while their total stays under TIMING_SECONDS, at most MAX_TIMING_PASSES of them.
@@ -85,12 +86,6 @@ class RowResult:
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
-
-
-def edge_maps(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    from condistill.conditions.edge import canny_edges
-
-    return torch.stack([torch.from_numpy(canny_edges(to_pil(im), low, high)) for im in images])
 
 
 @torch.no_grad()
@@ -434,3 +429,13 @@ def default_rows(student: str, baseline: str | None = None, condition: str | Non
         rows.append(RowSpec("bicubic", "bicubic", "none", 0, 0.0))
     return rows
 
+
+def evaluate_data(condition: str | dict, rows: list, data: str, *, prompts: str | list[str] | None = None,
+                  **options) -> dict:
+    """Score every row on ``num_images`` items of the data source ``data``; optionally write results.
+
+    :func:`evaluate` with ``data``: the same rows, ``condition``/``base`` rules, keyword ``options`` and
+    output files (plus ``conditions.safetensors``: the conditions every row sampled), but no judge: see
+    :mod:`condistill.evaluation.user_data` for the items and metrics.
+    """
+    return evaluate(condition, rows, data=str(data), prompts=prompts, **options)

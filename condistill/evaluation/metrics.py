@@ -307,7 +307,15 @@ def depth_error(pred, target, mask=None, reduction: str = "mean"):
     return _reduce(values, reduction)
 
 
-__all__ = [
+def edge_maps(images: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Canny edge maps ``(B, H, W)`` of images ``(B, 3, H, W)`` in [-1, 1], as the edge condition makes them."""
+    from condistill.conditions.edge import canny_edges
+    from condistill.plots import to_pil
+
+    return torch.stack([torch.from_numpy(canny_edges(to_pil(im), low, high)) for im in images])
+
+
+__all__ = ["edge_maps", 
     "frechet_distance",
     "psnr",
     "ssim",

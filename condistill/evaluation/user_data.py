@@ -109,7 +109,7 @@ def _depth_fidelity(cond, images: torch.Tensor, target: torch.Tensor) -> float:
 def fidelity(name: str, cond, images: torch.Tensor, data: dict, skipped: dict) -> dict:
     """The judge-free fidelity metrics of ``images [N,3,H,W]`` in [0, 1] against the items ``data``."""
     from condistill.evaluation import metrics
-    from condistill.evaluation.evaluate import edge_maps
+    from condistill.evaluation.metrics import edge_maps
 
     real = (data["pixel_values"] + 1) / 2
     if name == "edge":
@@ -179,23 +179,10 @@ class DataItems:
         (out / "results.md").write_text(data_note(report) + "\n" + (out / "results.md").read_text())
 
 
-def evaluate_data(condition: str | dict, rows: list, data: str, *, prompts: str | list[str] | None = None,
-                  **options) -> dict:
-    """Score every row on ``num_images`` items of the data source ``data``; optionally write results.
-
-    :func:`condistill.evaluation.evaluate.evaluate` with ``data``: the same rows, ``condition``/``base``
-    rules, keyword ``options`` and output files (plus ``conditions.safetensors``: the conditions every row
-    sampled), but no judge: see the module doc for the items and metrics.
-    """
-    from condistill.evaluation.evaluate import evaluate
-
-    return evaluate(condition, rows, data=str(data), prompts=prompts, **options)
-
-
 def data_note(report: dict) -> str:
     """One line naming the data source and how its items were drawn."""
     return (f"Data: `{report['data']}`, {report['selection']}; conditions made from each image as in training; "
             "metrics without the judge.\n\n")
 
 
-__all__ = ["DataItems", "evaluate_data", "held_out_indices", "read_prompts", "data_note", "DEPTH_RECORD_SKIP"]
+__all__ = ["DataItems", "held_out_indices", "read_prompts", "data_note", "DEPTH_RECORD_SKIP"]

@@ -16,14 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from condistill.adapters.config_checks import CARD_NAME, SAMPLES_NAME
 from condistill.files import replace_file, write_text
 
 __all__ = ["CARD_NAME", "SAMPLES_NAME", "NO_RESULTS", "write_model_card", "render_card", "update_results",
            "record_eval", "read_front_matter", "base_license", "set_card_source", "base_code", "with_base",
            "is_embedded_base"]
 
-CARD_NAME = "README.md"
-SAMPLES_NAME = "samples.png"
 RESULTS_START = "<!-- condistill:results:start -->"
 RESULTS_END = "<!-- condistill:results:end -->"
 NO_RESULTS = ("No evaluation has been recorded for this adapter yet. `condistill eval --condition CONDITION "

@@ -12,7 +12,8 @@ from condistill.cli import main
 from condistill.data.sources import open_source
 from condistill.evaluation import backends
 from condistill.evaluation.evaluate import RowSpec, markdown_table
-from condistill.evaluation.user_data import DEPTH_RECORD_SKIP, evaluate_data, fidelity, read_prompts
+from condistill.evaluation.evaluate import evaluate_data
+from condistill.evaluation.user_data import DEPTH_RECORD_SKIP, fidelity, read_prompts
 from condistill.training.loop import distill
 from helpers import make_tiny_base, tiny_run_config
 
