@@ -18,6 +18,7 @@ SHA-256 of every file loading reads (``checksums``), and every loader checks the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from condistill.adapters.config_checks import (
     record_checksums,
     verify_checksums,
 )
-from condistill.files import previous_folder, staged_folder
+from condistill.files import previous_folder, set_shared_mode, staged_folder
 from condistill.frozen import NOISE_SCHEDULE_KEYS
 from condistill.utils import jsonable
 
@@ -219,11 +220,18 @@ def save_adapter(
     config["recommended_guidance"] = float(recommended_guidance)
     out = Path(out_dir)
     _check_replaceable(out)
-    with staged_folder(out, log=_say) as stage:
+    # an earlier export is replaced whole through a staging folder; an empty or new folder (e.g. a caller's own
+    # staging folder) is written in place: its config, written last, makes it an export only once complete
+    fresh = not out.exists() or not any(out.iterdir())
+    if fresh:
+        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(out) if fresh else staged_folder(out, log=_say) as stage:
         config["weight_files"] = dict(student.save_weights(stage))
         _write_scheduler_config(stage, scheduler_config)
         config["checksums"] = record_checksums(stage, config["weight_files"])
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # last
+        if fresh:
+            set_shared_mode(out)  # what staged_folder's swap does for a replaced export
     return out
 
 

@@ -20,7 +20,8 @@ What is recorded, by kind of spec (the fingerprint's ``kind``):
   (offline, ``HF_HUB_OFFLINE=1``), ``unavailable`` says why.
 * ``spec`` (``synthetic:...`` and other registered prefixes): the spec itself; the synthetic world
   is generated from the spec and options, so the same spec is the same data.
-* ``cache`` (a latent cache folder): the SHA-256 of its ``index.json``, which holds every shard's.
+* ``cache`` (a latent cache folder): the SHA-256 of its ``index.json`` (which holds every shard's) without
+  the build time and the source record: a rebuild of the same content is the same data.
 * ``missing``: a path that does not exist (``unavailable`` says so).
 
 Every fingerprint also holds ``spec`` (a path made absolute, so it means the same from another
@@ -74,7 +75,7 @@ def source_fingerprint(spec: str | os.PathLike | list, data_options: dict[str, A
     try:
         if path.is_dir():
             if is_cache(path):
-                return {**record, "kind": "cache", "index_sha256": sha256_file(path / INDEX_NAME)}
+                return {**record, "kind": "cache", "content_sha256": _cache_content(path / INDEX_NAME)}
             if classify_folder(path) == "images":
                 path = split_subfolder(path, str(options.get("split", "train")))
             return _files(record, _walk(path), path)
@@ -87,6 +88,21 @@ def source_fingerprint(spec: str | os.PathLike | list, data_options: dict[str, A
     if is_hub_id(text):
         return _hub({"kind": "hub", "spec": text, "options": options})
     return {"kind": "missing", "spec": local, "options": options, "unavailable": f"{local} does not exist"}
+
+
+#: index keys that say how or from what a cache was built, not what it holds (a rebuild of the same content
+#: differs in them: the build time, the source's modification times)
+_CACHE_VOLATILE = ("seconds", "source")
+
+
+def _cache_content(index: Path) -> str:
+    """The SHA-256 of a cache's index without :data:`_CACHE_VOLATILE`: its shards' hashes and the settings."""
+    try:
+        record = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return sha256_file(index) if index.is_file() else "unreadable"
+    content = {k: v for k, v in record.items() if k not in _CACHE_VOLATILE} if isinstance(record, dict) else record
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def unavailable(fingerprint: dict[str, Any]) -> str | None:
@@ -115,9 +131,9 @@ def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | No
         parts.append(f"data options {json.dumps(old.get('options'))} then, {json.dumps(new.get('options'))} now")
     if old.get("kind") != new.get("kind"):
         parts.append(f"it is read as {new.get('kind')}, not {old.get('kind')}")
-    elif old["kind"] == "cache" and old.get("index_sha256") != new.get("index_sha256"):
-        parts.append(f"the cache was rebuilt (index sha256 {str(old.get('index_sha256'))[:12]} then, "
-                     f"{str(new.get('index_sha256'))[:12]} now)")
+    elif old["kind"] == "cache" and old.get("content_sha256") != new.get("content_sha256"):
+        parts.append(f"the cache was rebuilt with other content (sha256 {str(old.get('content_sha256'))[:12]} then, "
+                     f"{str(new.get('content_sha256'))[:12]} now)")
     elif old["kind"] == "hub":
         if old.get("sha") != new.get("sha"):
             parts.append(f"revision {old.get('sha')} then, {new.get('sha')} now")

@@ -42,15 +42,16 @@ from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
-from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, reset_run_to,
-                                           resolve_resume, save_checkpoint)
+from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, read_state,
+                                           reset_run_to, resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
 from condistill.training.fake_score import FakeScore
 from condistill.training.lr import build_optimizer, warmup_schedule
 from condistill.training.objective import DTYPES, build_objective
 from condistill.files import staged_folder
-from condistill.training.run_folder import (EXPORT_SUBFOLDER, ResumeMismatchError, RunLockedError, check_output_dir,
-                                           check_resume, retire_root_export, run_lock, set_learning_rate)
+from condistill.training.run_folder import (EXPORT_SUBFOLDER, ResumeMismatchError, RunLockedError, already_finished,
+                                           check_output_dir, check_resume, retire_root_export, run_lock,
+                                           set_learning_rate)
 
 __all__ = ["StepBatchSampler", "distill"]
 
@@ -72,6 +73,11 @@ def distill(cfg: DistillConfig) -> Path:
     check_output_dir(out, cfg, resume_from)
     data = source_fingerprint(cfg.data, cfg.data_options)  # recorded in every checkpoint, compared on resume
     changes = check_resume(resume_from, cfg, processes=state.num_processes, data=data, log=log) if resume_from else []
+    done = already_finished(out, int(read_state(resume_from)["step"]), cfg.max_steps, changes) if resume_from else None
+    if done is not None:
+        log(f"the run is already finished at step {cfg.max_steps}; its export is {done} (nothing was written; "
+            "pass a larger --max-steps to train on)")
+        return out
     state.wait_for_everyone()  # every process has read the folder before the main process changes it
     out.mkdir(parents=True, exist_ok=True)
     # one writer per run folder: the main process holds the lock for the whole run
@@ -239,7 +245,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         _checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, save)
         _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator)
         plot_loss_curve(log_path, out / "loss.png")
-        _export(out, cfg, student, ema, base, condition, resolution, processes)
+        _export(out, cfg, student, ema, base, condition, resolution, processes, same_weights=start == cfg.max_steps)
     accelerator.wait_for_everyone()  # no process returns before the export is complete
     accelerator.end_training()
     return out
@@ -253,10 +259,18 @@ def _checkpoint(out: Path, step: int, params, ema, optimizer, lr_scheduler, save
     return path
 
 
-def _export(out: Path, cfg: DistillConfig, student, ema, base, condition, resolution: int, processes: int) -> Path:
-    """The EMA export and its card, written whole beside ``out/adapter`` and swapped in (never a mix)."""
-    from condistill.publish.card import write_model_card  # the export's README.md and samples.png
+def _export(out: Path, cfg: DistillConfig, student, ema, base, condition, resolution: int, processes: int,
+            same_weights: bool = False) -> Path:
+    """The EMA export and its card, written whole beside ``out/adapter`` and swapped in (never a mix).
 
+    ``same_weights``: no step was trained (a finished run resumed to change a sampling option), so the
+    results the old card records still measure these weights and are kept."""
+    import shutil
+
+    from condistill.publish.card import CARD_NAME, write_model_card  # the export's README.md and samples.png
+    from condistill.training.run_folder import finished_export
+
+    old = finished_export(out)
     with staged_folder(out / EXPORT_SUBFOLDER, log=_log) as stage, ema.swapped_in(student):
         save_adapter(student, stage, base_name_or_path=cfg.base, base_fingerprint=base.fingerprint(),
                      condition_name=cfg.condition, condition_config=condition.config(), num_grid=cfg.num_grid,
@@ -265,7 +279,10 @@ def _export(out: Path, cfg: DistillConfig, student, ema, base, condition, resolu
                      resolution=resolution, noise_schedule=base.noise_schedule_config(),
                      one_step_start=cfg.dmd_start_timestep or None,
                      extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
-        write_model_card(stage, run=out, source=out / EXPORT_SUBFOLDER, num_processes=processes)
+        keep = same_weights and old is not None and (old / CARD_NAME).is_file()
+        if keep:
+            shutil.copyfile(old / CARD_NAME, stage / CARD_NAME)
+        write_model_card(stage, run=out, source=out / EXPORT_SUBFOLDER, num_processes=processes, keep_results=keep)
     retire_root_export(out, log=_log)
     return out / EXPORT_SUBFOLDER
 

@@ -36,7 +36,7 @@ from condistill.files import previous_folder
 from condistill.training.checkpoint import (UNHEALTHY, checkpoint_dir, later_checkpoints, list_checkpoints,
                                            list_unhealthy, read_state)
 
-__all__ = ["CHANGEABLE_ON_RESUME", "EXPORT_SUBFOLDER", "LOCK_NAME", "finished_export", "retire_root_export", "ResumeMismatchError", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
+__all__ = ["CHANGEABLE_ON_RESUME", "EXPORT_SUBFOLDER", "LOCK_NAME", "RUN_ENTRIES", "already_finished", "finished_export", "retire_root_export", "ResumeMismatchError", "RunLockedError", "check_output_dir", "check_resume", "resume_changes",
            "run_lock", "set_learning_rate"]
 
 LOCK_NAME = ".condistill.lock"
@@ -60,6 +60,15 @@ class RunLockedError(RuntimeError):
 
 class ResumeMismatchError(ValueError):
     """The options of a resumed run contradict its checkpoint's."""
+
+
+def already_finished(out: Path, step: int, max_steps: int, changes: list[str]) -> Path | None:
+    """The export of a run that resumes at its end with nothing changed (running the finished command again):
+    there is nothing to train or write, and rewriting the export would drop its card's recorded results."""
+    export = finished_export(out)
+    if step == max_steps and not changes and export is not None and _export_steps(export) == max_steps:
+        return export
+    return None
 
 
 def finished_export(out: Path) -> Path | None:
@@ -95,8 +104,21 @@ def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
                     f"--output-dir {out}: {path} is a file, not a folder; choose another --output-dir or move "
                     "the file away (nothing was written)")
             break
+    foreign = _foreign_entries(out)
+    if foreign and not cfg.overwrite:
+        raise FileExistsError(
+            f"--output-dir {out} holds files that are not a condistill run ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); a run writes config.json, loss.jsonl, validation/, checkpoints/ "
+            "and adapter/ there. Choose a new or empty --output-dir, or pass --overwrite to write into it anyway "
+            "(nothing was written)")
     export = finished_export(out)
     found, unhealthy = list_checkpoints(out), list_unhealthy(out)
+    if resume_from is not None and not _inside(resume_from, checkpoint_dir(out)) and not cfg.overwrite and (
+            found or unhealthy or export is not None or (out / "loss.jsonl").is_file()):
+        raise FileExistsError(
+            f"--output-dir {out} already holds another run; continuing the checkpoint {resume_from} there would mix "
+            "the two runs' checkpoints, log and export. Choose a new or empty --output-dir, or pass --overwrite "
+            "(nothing was overwritten)")
     if resume_from is None:
         if found and cfg.resume is None:
             raise FileExistsError(f"{out} already holds a run with checkpoints; pass --resume latest to continue "
@@ -128,6 +150,46 @@ def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
             f"resuming {out} from {resume_from} (step {step}) would delete {'; '.join(lost)}. Pass --overwrite to "
             f"resume from there anyway, or keep them and continue in a new folder: --resume {resume_from} "
             f"--output-dir <new folder> (nothing was overwritten)")
+
+
+#: what a run folder holds (a run writes these; an export at the root is a run written before ``adapter/``)
+RUN_ENTRIES = frozenset({
+    EXPORT_SUBFOLDER, "checkpoints", "logs", "validation", "config.json", "loss.jsonl", "loss.png", "data_report.json",
+    LOCK_NAME, CONFIG_NAME, "scheduler", "controlnet", "t2i_adapter", "pytorch_lora_weights.safetensors", "README.md",
+    "samples.png"})
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    except OSError:
+        return False
+
+
+def _run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"condition", "adapter", "base", "max_steps"} <= set(saved)
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """The entries of ``out`` that no condistill run wrote (none for a missing or empty folder, or a run's).
+
+    A ``config.json`` that is not a run's configuration counts as foreign (a model folder, say), and so do
+    the run's other files when there is no run configuration beside them.
+    """
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in RUN_ENTRIES and not n.startswith((".tmp-", ".old-"))]
+    if (out / "config.json").exists() and not _run_config(out / "config.json"):
+        foreign.insert(0, "config.json (not a run's configuration)")
+    elif not (out / "config.json").exists():
+        written = [n for n in names if n in ("loss.jsonl", "loss.png", "data_report.json", "validation")]
+        foreign += [f"{n} (with no run configuration beside it)" for n in written]
+    return foreign
 
 
 def retire_root_export(out: Path, log: Callable[[str], None] = lambda message: None) -> None:
@@ -231,6 +293,11 @@ def _same_when_resolved(key: str, old: Any, value: Any, saved: dict[str, Any], n
         try:
             return check_resolution(saved.get("base", new["base"]), old) == check_resolution(new["base"], value)
         except (OSError, ValueError):
+            return False
+    if key == "data" and isinstance(old, str) and isinstance(value, str) and Path(old).exists():
+        try:  # one folder or file, written relative or absolute, or through a link
+            return Path(old).resolve() == Path(value).resolve()
+        except OSError:
             return False
     if key == "dmd_fake_lr":  # 0 = the learning rate
         return (old or saved.get("learning_rate")) == (value or new.get("learning_rate"))

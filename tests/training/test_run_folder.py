@@ -255,3 +255,49 @@ def test_resuming_onto_changed_data_is_refused_with_the_difference(tiny_base, tm
     for path in grown:
         path.unlink()
     distill(_cfg(tiny_base, out, data=str(data), max_steps=3, resume="latest"))  # the same 16: resumes
+
+
+def test_another_runs_checkpoint_is_not_continued_into_a_run_folder(tiny_base, tmp_path):
+    other = distill(_cfg(tiny_base, tmp_path / "other", checkpoint_every=1))
+    out = distill(_cfg(tiny_base, tmp_path / "run", seed=7))
+    before = _listing(out)
+    with pytest.raises(FileExistsError, match=r"already holds another run; continuing the checkpoint .*other.* would "
+                                              r"mix"):
+        distill(_cfg(tiny_base, out, max_steps=3, resume=str(other / "checkpoints" / "step-0000001")))
+    assert _listing(out) == before
+
+
+def test_a_folder_with_files_no_run_wrote_is_refused(tiny_base, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')  # e.g. a model folder
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"holds files that are not a condistill run \(config.json \(not a "
+                                              r"run's configuration\), notes.txt\)"):
+        distill(_cfg(tiny_base, folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "notes.txt"]
+    assert (folder / "config.json").read_text() == '{"_class_name": "UNet2DConditionModel"}'
+
+
+def test_running_a_finished_command_again_writes_nothing_and_keeps_the_cards_results(tiny_base, tmp_path, capsys):
+    from condistill.publish.card import update_results
+
+    out = distill(_cfg(tiny_base, tmp_path / "run", checkpoint_every=1))
+    update_results(out, "| row | x |\n|---|---|\n| student-4 | 0.5 |", "condistill eval --condition edge")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    distill(_cfg(tiny_base, out, checkpoint_every=1, resume="latest"))
+    assert "already finished at step 2" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a finished run resumed only to change a sampling option is exported again, its measured results kept
+    distill(_cfg(tiny_base, out, checkpoint_every=1, resume="latest", recommended_steps=2))
+    assert json.loads((out / "adapter" / "condistill_config.json").read_text())["recommended_steps"] == 2
+    assert "| student-4 | 0.5 |" in (out / "adapter" / "README.md").read_text()
+
+
+def test_the_same_data_folder_written_relative_or_absolute_is_no_change(tiny_base, tmp_path, monkeypatch):
+    data = tmp_path / "images"
+    data.mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = _cfg(tiny_base, "run", data=str(data)).to_dict()
+    assert resume_changes(saved, _cfg(tiny_base, "run", data="images"), step=2) == []
