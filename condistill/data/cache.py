@@ -103,7 +103,7 @@ def _damaged(path: Path, index: dict[str, Any] | None, problems: list[str]) -> s
                f"condistill cache --condition C --data SRC --out {shlex.quote(os.fspath(path))} --overwrite "
                "(with the settings it was built with)")
     return (f"the latent cache {os.fspath(path)!r} is damaged: {shown}. Rebuild it with `{command}`; "
-            "`condistill cache --verify` checks every shard of a cache")
+            f"`condistill cache --verify {shlex.quote(os.fspath(path))}` checks every shard of it")
 
 
 def _first_line(error: BaseException) -> str:
@@ -392,6 +392,10 @@ def verify_cache(path: str | os.PathLike, log: Callable[[str], Any] = print) -> 
         if problem:
             problems.append(problem)
             log(f"cache: {problem}")
+    counted = sum(int(shard.get("items", 0)) for shard in index["shards"] if isinstance(shard, dict))
+    if counted != index.get("items"):
+        problems.append(f"{INDEX_NAME} says {index.get('items')} items but its shards hold {counted}")
+        log(f"cache: {problems[-1]}")
     _check_source(folder, index, log)
     if problems:
         raise CacheDamagedError(_damaged(folder, index, problems))

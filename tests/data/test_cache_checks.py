@@ -221,3 +221,10 @@ def test_a_cache_written_before_hashes_reads_with_one_warning(built, tmp_path):
              lambda key, t: torch.full_like(t, float("inf")) if key == "latents.1" else t)
     _edit_index(cache, lambda index: [s.pop("sha256") for s in index["shards"] if "sha256" in s])
     _refused(lambda: CachedDataset(cache, log=quiet)[4], "shard-00001.safetensors holds non-finite values")
+
+
+def test_verify_cache_refuses_an_item_count_its_shards_do_not_hold(built, tmp_path):
+    cache = _copy(built, tmp_path / "c")
+    _edit_index(cache, lambda index: index.update(items=40))
+    with pytest.raises(CacheDamagedError, match="says 40 items but its shards hold 8"):
+        verify_cache(cache, log=quiet)
