@@ -60,9 +60,10 @@ def distill(cfg: DistillConfig) -> Path:
     """Train ``cfg.adapter`` on ``cfg.condition`` against the frozen ``cfg.base``; return the run folder.
 
     The run folder holds the EMA adapter export in ``adapter/`` (what ``load_adapter`` reads from the
-    run folder; replaced whole, never a mix of two exports), ``checkpoints/`` (resumable training state), ``logs/`` (TensorBoard), ``loss.jsonl``,
-    ``loss.png``, ``config.json`` and ``validation/step-*.png`` grids. Every process of a
-    multi-process launch calls it; it returns once the main process has written the export.
+    run folder; replaced whole, never a mix of two exports), ``checkpoints/`` (resumable training
+    state), ``logs/`` (TensorBoard), ``loss.jsonl``, ``loss.png``, ``config.json`` and
+    ``validation/step-*.png`` grids (docs/runs.md). Every process of a multi-process launch calls it;
+    it returns once the main process has written the export.
     """
     state = start_processes()
     check_precision(cfg.mixed_precision, state.device)
