@@ -23,6 +23,7 @@ choices, a JSON option that is not an object).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -32,6 +33,7 @@ import re
 import sys
 import traceback
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -250,6 +252,26 @@ def _where(error: BaseException) -> str:
     return ".".join(parts[-3:]) if parts else "a library"
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prog: str, debug: bool):
+    """Warnings a command raises (``UserWarning``: condistill's, e.g. an export without checksums) as one
+    ``PROG: warning: ...`` line, without Python's file and source line (``--debug`` keeps Python's form)."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UserWarning) and not issubclass(category, (DeprecationWarning, FutureWarning)):
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def guarded(prog: str, command: Callable[[], int], argv=()) -> int:
     """Run ``command()`` and return its status; an error ends as the module docstring says.
 
@@ -258,7 +280,8 @@ def guarded(prog: str, command: Callable[[], int], argv=()) -> int:
     """
     debug = debug_requested(argv)
     try:
-        return command()
+        with _one_line_warnings(prog, debug):
+            return command()
     except KeyboardInterrupt:
         if debug:
             raise

@@ -329,11 +329,17 @@ def test_cache_verify_or_build_is_a_usage_error_with_status_2(argv, line, capsys
 def test_the_readme_documents_the_statuses_and_the_debug_switch(capsys):
     from pathlib import Path
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    for words in ("exit with status 1", "Status 2 means the command line itself does not parse",
-                  "`--debug` (or `CONDISTILL_DEBUG=1`", "`condistill cache --verify",
-                  "completed by running the same command again, without `--overwrite`"):
-        assert words in readme, words
+    def text(name):
+        return " ".join((Path(__file__).resolve().parents[1] / name).read_text().split())
+
+    documented = {"README.md": ("exit with status 1", "`--debug` shows the traceback", "`condistill cache --verify",
+                                "completed by running the same command again"),
+                  "docs/runs.md": ("Status 2 means the command line itself does not parse",
+                                   "`--debug` (or `CONDISTILL_DEBUG=1`"),
+                  "docs/export-format.md": ("completed by running the same command again, without `--overwrite`",)}
+    for name, phrases in documented.items():
+        for words in phrases:
+            assert words in text(name), (name, words)
     assert main(["--help"]) == 0
     assert "--debug: show the full traceback of an error instead of one line (also CONDISTILL_DEBUG=1)" in \
         capsys.readouterr().out
@@ -346,3 +352,16 @@ def test_out_of_gpu_memory_is_one_line_not_a_bug_report(fake_distill, monkeypatc
     assert main(["train", "edge", "--output-dir", str(tmp_path / "run")]) == 1
     line = _one_line_error(capsys, "condistill train edge")
     assert "CUDA out of memory. Tried to allocate 2.00 GiB more" in line and line.endswith(TRACEBACK_HINT)
+
+
+def test_condistills_warnings_are_one_line(capsys):
+    import warnings
+
+    from condistill.cli_parsing import guarded
+
+    def command():
+        warnings.warn("the adapter has no checksums; re-export it", stacklevel=2)
+        return 0
+
+    assert guarded("condistill push", command) == 0
+    assert capsys.readouterr().err == "condistill push: warning: the adapter has no checksums; re-export it\n"

@@ -197,48 +197,48 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
         reset_run_to(out, start, log_path, log=_log)
     save = dict(config=cfg.to_dict(), keep=cfg.keep_checkpoints, health=health, processes=processes, extra=extra,
                 data=data)
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not main)
     it, t_last, seen = iter(loader), time.perf_counter(), 0
-    for step in range(start, cfg.max_steps):
-        student.train()
-        for j in range(accum):
-            batch = monitor.update(next(it))
-            with accelerator.accumulate(model):
-                with accelerator.autocast():  # every forward of the step: online, EMA, teacher, real and fake scores
-                    loss, info = objective(batch, step * accum + j)
-                accelerator.backward(loss.mean())
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                # an overflow inside the optimizer stops the run as a FloatingPointError
-                guarded_step(optimizer, out, step + 1, cfg.learning_rate, cfg.mixed_precision)
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch_length(batch) * processes
-        lr_scheduler.step()
-        ema.update(params, cfg.ema_decay_at(step))  # on every process: the same weights give the same EMA
-        done = step + 1
-        # the global batch's mean losses (one device sync per step): every process takes the same decisions
-        means = _global_means({"loss": loss, **{k: v for k, v in info.items() if k in LOGGED_TERMS}}, accelerator)
-        loss_value = means.pop("loss")
-        # a non-finite loss or weights stop the run before any checkpoint is written from them
-        largest = check_step(out, done, loss_value, params, cfg.learning_rate, cfg.mixed_precision)
-        health.add(done, loss_value, largest)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            now = time.perf_counter()
-            record = {"step": done, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                      "images_per_s": seen / max(now - t_last, 1e-9), **means}
-            t_last, seen = now, 0
-            accelerator.log(record, step=done)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    # the bar as a context: an error ends its line before the error is printed
+    with tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.condition}/{cfg.adapter}", disable=not main) as bar:
+        for step in range(start, cfg.max_steps):
+            student.train()
+            for j in range(accum):
+                batch = monitor.update(next(it))
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():  # every forward of the step: online, EMA, teacher, real and fake scores
+                        loss, info = objective(batch, step * accum + j)
+                    accelerator.backward(loss.mean())
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                    # an overflow inside the optimizer stops the run as a FloatingPointError
+                    guarded_step(optimizer, out, step + 1, cfg.learning_rate, cfg.mixed_precision)
+                    optimizer.zero_grad(set_to_none=True)
+                seen += batch_length(batch) * processes
+            lr_scheduler.step()
+            ema.update(params, cfg.ema_decay_at(step))  # on every process: the same weights give the same EMA
+            done = step + 1
+            # the global batch's mean losses (one device sync per step): every process takes the same decisions
+            means = _global_means({"loss": loss, **{k: v for k, v in info.items() if k in LOGGED_TERMS}}, accelerator)
+            loss_value = means.pop("loss")
+            # a non-finite loss or weights stop the run before any checkpoint is written from them
+            largest = check_step(out, done, loss_value, params, cfg.learning_rate, cfg.mixed_precision)
+            health.add(done, loss_value, largest)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                record = {"step": done, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                          "images_per_s": seen / max(now - t_last, 1e-9), **means}
+                t_last, seen = now, 0
+                accelerator.log(record, step=done)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if main:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            bar.update(1)
             if main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        bar.update(1)
-        if main:
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
-                _checkpoint(out, done, params, ema, optimizer, lr_scheduler, save)
-            if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
-                _validate(out, done, base, student, ema, validation, cfg, accelerator)
-    bar.close()
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
+                    _checkpoint(out, done, params, ema, optimizer, lr_scheduler, save)
+                if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
+                    _validate(out, done, base, student, ema, validation, cfg, accelerator)
     if main:  # the report and summary of the items this process read
         monitor.finish()
     accelerator.wait_for_everyone()
