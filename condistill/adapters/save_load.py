@@ -48,6 +48,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "EXPORT_SUBFOLDER",
     "save_adapter",
+    "export_names",
     "read_adapter_config",
     "find_adapter_dir",
     "load_student_weights",
@@ -239,7 +240,7 @@ def _say(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
-def _export_names(out: Path) -> set[str]:
+def export_names(out: Path) -> set[str]:
     """The top-level names an earlier export in ``out`` may hold: what any kind writes, the model card, and the
     files its own config names."""
     from condistill.adapters.config_checks import loaded_files
@@ -267,7 +268,7 @@ def _check_replaceable(out: Path) -> None:
             f"save_adapter: {out} {what} but no earlier export ({CONFIG_NAME}); an export replaces its folder "
             f"whole, so it goes to a new or empty folder or over an earlier export. Choose another out_dir (a run "
             f"writes its export to <run>/{EXPORT_SUBFOLDER}); nothing was written.")
-    foreign = [name for name in entries if name not in _export_names(out)]
+    foreign = [name for name in entries if name not in export_names(out)]
     if foreign:
         raise ValueError(
             f"save_adapter: {out} holds an earlier export but also {foreign}, which replacing it would delete (a run "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from condistill.adapters.config_checks import CARD_NAME, SAMPLES_NAME
+from condistill.adapters.save_load import EXPORT_SUBFOLDER
 from condistill.files import replace_file, write_text
 
 __all__ = ["CARD_NAME", "SAMPLES_NAME", "NO_RESULTS", "write_model_card", "render_card", "update_results",
@@ -321,9 +322,9 @@ def write_model_card(folder: str | os.PathLike, *, run: str | os.PathLike | None
 
     Args:
         folder: an export folder (``condistill_config.json`` at its root), or a run folder (its export).
-        run: the training run folder that holds ``config.json`` and ``validation/`` (and that the
-            card's snippets load from); default ``folder`` (runs written before exports moved to
-            ``RUN/adapter/``), or its parent when ``folder`` is a run's ``adapter/``.
+        run: the training run folder that holds ``config.json`` and ``validation/``; default ``folder``
+            (runs written before exports moved to ``RUN/adapter/``), or its parent when ``folder`` is
+            a run's ``adapter/``.
         source: the folder the card's snippets load from (default ``folder``; a run writes its card
             into a staging folder that becomes ``RUN/adapter``, and passes that).
         num_processes: training processes, for the images-seen count.
@@ -338,7 +339,7 @@ def write_model_card(folder: str | os.PathLike, *, run: str | os.PathLike | None
 
         folder = find_adapter_dir(folder)
     if run is None:
-        run = folder.parent if folder.name == "adapter" and (folder.parent / "config.json").is_file() else folder
+        run = folder.parent if folder.name == EXPORT_SUBFOLDER and (folder.parent / "config.json").is_file() else folder
     run = Path(run)
     config = json.loads((folder / CONFIG_NAME).read_text())
     train_path = run / "config.json"

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from condistill.files import fsync as _fsync
-from condistill.files import set_shared_mode
+from condistill.files import set_shared_mode, write_text
 from condistill.seeding import global_rng_state, set_global_rng_state
 from condistill.training.health import HEALTH_FACTOR, HEALTH_WINDOW, RunHealth, max_abs_weight, non_finite
 
@@ -88,13 +88,18 @@ def list_unhealthy(output_dir: str | Path) -> list[Path]:
     return _list(checkpoint_dir(output_dir) / UNHEALTHY)
 
 
+def _kept_place(root: Path, name: str) -> Path:
+    """Where the unhealthy checkpoint ``name`` of the checkpoints folder ``root`` is kept: ``root/unhealthy/name``,
+    or a numbered name beside it when that step was already kept once (both are kept)."""
+    folder = root / UNHEALTHY
+    folder.mkdir(exist_ok=True)
+    target = folder / name
+    return folder / f"{name}-{len(list(folder.glob(name + '*')))}" if target.exists() else target
+
+
 def set_aside(path: Path, log: Log | None = None) -> Path:
     """Move the checkpoint ``path`` into ``checkpoints/unhealthy/`` (kept, out of resume's and pruning's way)."""
-    root = path.parent / UNHEALTHY if path.parent.name != UNHEALTHY else path.parent
-    root.mkdir(exist_ok=True)
-    target = root / path.name
-    if target.exists():  # the same step written unhealthy twice: keep both
-        target = root / f"{path.name}-{len(list(root.glob(path.name + '*')))}"
+    target = _kept_place(path.parent, path.name)
     os.rename(path, target)
     _fsync(path.parent)
     (log or _logger.info)(f"kept the unhealthy checkpoint {path.name} as {target} ({checkpoint_health(target)[1]})")
@@ -242,11 +247,7 @@ def truncate_log(log_path: Path, step: int, keep_cut: Path | None = None) -> int
     if not kept:
         log_path.unlink()
     elif len(kept) < len(lines):
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("\n".join(kept) + "\n")
-        _fsync(tmp)
-        os.replace(tmp, log_path)
-        _fsync(log_path.parent)
+        write_text(log_path, "\n".join(kept) + "\n")
     return len(lines) - len(kept)
 
 
@@ -260,8 +261,8 @@ def reset_run_to(output_dir: str | Path, step: int, log_path: Path | None = None
 
     Removes stale ``.tmp-*``/``.trash-*`` folders; moves unhealthy checkpoints into
     ``checkpoints/unhealthy/`` (kept); deletes healthy checkpoints after ``step`` (a history the
-    resumed run replaces: :func:`condistill.training.run_folder.check_losses` has refused this
-    without ``--overwrite``) and cuts ``log_path`` (``loss.jsonl``) back to ``step``. The lines cut
+    resumed run replaces: :func:`condistill.training.run_folder.check_output_dir` has refused
+    this without ``--overwrite``) and cuts ``log_path`` (``loss.jsonl``) back to ``step``. The lines cut
     after an unhealthy checkpoint was set aside are kept beside it.
     """
     log = log or _logger.info
@@ -394,10 +395,7 @@ def save_checkpoint(output_dir, step: int, params: dict[str, torch.Tensor], ema,
                           f"--keep-checkpoints) and continue with --resume latest") from err
         raise
     if not healthy:  # kept for inspection, never resumed from by 'latest', never pruned
-        (root / UNHEALTHY).mkdir(exist_ok=True)
-        final = root / UNHEALTHY / final.name
-        if final.exists():
-            final = final.with_name(f"{final.name}-{len(list(final.parent.glob(final.name + '*')))}")
+        final = _kept_place(root, final.name)
     elif final.exists():
         _discard(final)
     os.rename(tmp, final)

@@ -42,7 +42,7 @@ from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
-from condistill.training.checkpoint import (RunHealth, check_step, guarded_step, load_checkpoint, read_state,
+from condistill.training.checkpoint import (UNHEALTHY, RunHealth, check_step, guarded_step, load_checkpoint, read_state,
                                            reset_run_to, resolve_resume, save_checkpoint)
 from condistill.training.ema import EMA
 from condistill.training.fake_score import FakeScore
@@ -254,7 +254,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
 
 def _checkpoint(out: Path, step: int, params, ema, optimizer, lr_scheduler, save: dict) -> Path:
     path = save_checkpoint(out, step, params, ema, optimizer, lr_scheduler, **save)
-    if path.parent.name != "checkpoints":
+    if path.parent.name == UNHEALTHY:
         _log(f"the checkpoint of step {step} is unhealthy ({save['health'].verdict()[1]}); it is kept in {path} "
              "and --resume latest passes over it")
     return path

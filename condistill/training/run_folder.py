@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from condistill.adapters.save_load import CONFIG_NAME, EXPORT_SUBFOLDER
+from condistill.adapters.save_load import CONFIG_NAME, EXPORT_SUBFOLDER, export_names
 from condistill.files import previous_folder
 from condistill.training.checkpoint import (UNHEALTHY, checkpoint_dir, later_checkpoints, list_checkpoints,
                                            list_unhealthy, read_state)
@@ -152,11 +152,11 @@ def check_output_dir(out: Path, cfg, resume_from: Path | None) -> None:
             f"--output-dir <new folder> (nothing was overwritten)")
 
 
-#: what a run folder holds (a run writes these; an export at the root is a run written before ``adapter/``)
+#: what a run writes into its folder besides an export (an export at the root, :func:`export_names`, is a run
+#: written before ``adapter/``)
 RUN_ENTRIES = frozenset({
     EXPORT_SUBFOLDER, "checkpoints", "logs", "validation", "config.json", "loss.jsonl", "loss.png", "data_report.json",
-    LOCK_NAME, CONFIG_NAME, "scheduler", "controlnet", "t2i_adapter", "pytorch_lora_weights.safetensors", "README.md",
-    "samples.png"})
+    LOCK_NAME})
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -183,7 +183,8 @@ def _foreign_entries(out: Path) -> list[str]:
     if not out.is_dir():
         return []
     names = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in names if n not in RUN_ENTRIES and not n.startswith((".tmp-", ".old-"))]
+    ours = RUN_ENTRIES | export_names(out)
+    foreign = [n for n in names if n not in ours and not n.startswith((".tmp-", ".old-"))]
     if (out / "config.json").exists() and not _run_config(out / "config.json"):
         foreign.insert(0, "config.json (not a run's configuration)")
     elif not (out / "config.json").exists():
@@ -198,19 +199,9 @@ def retire_root_export(out: Path, log: Callable[[str], None] = lambda message: N
     config_file = out / CONFIG_NAME
     if not config_file.is_file() or not (out / EXPORT_SUBFOLDER / CONFIG_NAME).is_file():
         return
-    try:
-        config = json.loads(config_file.read_text())
-        files = [str(rel) for rel in (config.get("weight_files") or {}).values()]
-    except (OSError, ValueError, AttributeError):
-        files = []
+    names = export_names(out) - RUN_ENTRIES - {"", ".", ".."}  # read from its config before the config goes
     config_file.unlink()
-    for rel in files:
-        top = Path(rel).parts[0] if Path(rel).parts else ""
-        target = out / top
-        if top in ("", ".", "..", "checkpoints", EXPORT_SUBFOLDER) or not target.exists():
-            continue
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    for name in ("scheduler", "README.md", "samples.png"):
+    for name in sorted(names):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
