@@ -99,7 +99,7 @@ class BaseFamily:
       dict of ``[B, ...]`` tensors for SDXL);
     * :meth:`unet_kwargs`: text conditioning -> the keyword arguments of a UNet / ControlNet call;
     * :meth:`pipeline`: the stock diffusers pipeline of a role (``"text"``, ``"controlnet"``,
-      ``"adapter"``) built from shared components.
+      ``"adapter"``, ``"controlnet_img2img"``) built from shared components.
     """
 
     name: str = ""
@@ -144,7 +144,7 @@ class SDFamily(BaseFamily):
     name, label = "sd", "Stable Diffusion 1.x/2.x"
     text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     pipelines = {"text": "StableDiffusionPipeline", "controlnet": "StableDiffusionControlNetPipeline",
-                 "adapter": "StableDiffusionAdapterPipeline"}
+                 "adapter": "StableDiffusionAdapterPipeline", "controlnet_img2img": "StableDiffusionControlNetImg2ImgPipeline"}
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def encode_prompts(self, base, prompts):
@@ -182,7 +182,8 @@ class SDXLFamily(BaseFamily):
     text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),
                   ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
     pipelines = {"text": "StableDiffusionXLPipeline", "controlnet": "StableDiffusionXLControlNetPipeline",
-                 "adapter": "StableDiffusionXLAdapterPipeline"}
+                 "adapter": "StableDiffusionXLAdapterPipeline",
+                 "controlnet_img2img": "StableDiffusionXLControlNetImg2ImgPipeline"}
     load_kwargs = {}
     KEYS = ("encoder_hidden_states", "text_embeds")
 

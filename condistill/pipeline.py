@@ -29,6 +29,14 @@ They also hold ``height`` and ``width``: the adapter's training resolution (the 
 best at). ``pipe.condistill_condition`` is the condition the adapter was trained with (its
 recorded options, e.g. edge thresholds): ``pipe.condistill_condition.control_image(photo)`` makes
 the control image as training made its conditions. The full adapter config is ``pipe.condistill_config``.
+
+A student trained for one step from a particular start (``one_step_start`` in its config,
+:mod:`condistill.method.one_step`) is sampled from there whenever it takes one step: its scheduler
+starts a one-step schedule at the recorded timestep (from the zero latent noised there for edge
+and depth). A ControlNet trained for one step from the input (sr, inpaint) comes in the family's
+ControlNet img2img pipeline instead (``image=`` the start image,
+``pipe.condistill_condition.init_image(control)``; ``control_image=`` the condition), and its
+``condistill_defaults`` add ``strength=1.0`` and ``controlnet_conditioning_scale=1.0``.
 """
 from __future__ import annotations
 
@@ -150,7 +158,8 @@ def load_adapter(
             refused (``ValueError``) before anything changes.
 
     Returns:
-        ``StableDiffusionControlNetPipeline`` (controlnet) or ``StableDiffusionAdapterPipeline``
+        ``StableDiffusionControlNetPipeline`` (controlnet; ``StableDiffusionControlNetImg2ImgPipeline``
+        for one trained to take its one step from the input) or ``StableDiffusionAdapterPipeline``
         (t2i_adapter, lora), their SDXL versions on an SDXL base, with a ``CoDiScheduler``, plus ``pipe.condistill_defaults``
         (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``: pass them to the call),
         ``pipe.condistill_condition`` (the trained :class:`~condistill.conditions.Condition`) and
@@ -235,7 +244,16 @@ def load_adapter(
 
     from condistill.method.codi_scheduler import CoDiScheduler
 
-    scheduler = CoDiScheduler.from_config(_scheduler_config(adapter_dir, config, components["scheduler"].config))
+    start = config["one_step_start"]
+    from_input = bool(start) and start["from"] == "input"
+    if from_input and not adapter_class.has_img2img:
+        warnings.warn(f"{adapter_dir} was trained for one step from the input noised to t = {start['timestep']}, but "
+                      f"diffusers has no img2img pipeline for a {config['kind']} adapter: this pipeline samples one step "
+                      "from pure noise at the top of the grid. condistill eval samples that start (rows with START).",
+                      stacklevel=2)
+        start = None
+    sched = _scheduler_config(adapter_dir, config, components["scheduler"].config)
+    scheduler = CoDiScheduler.from_config({**sched, "one_step_start": start})
     common = {
         **{k: components[k] for k in family.components},
         "scheduler": scheduler,
@@ -248,6 +266,9 @@ def load_adapter(
         common["force_zeros_for_empty_prompt"] = source_pipe.config.force_zeros_for_empty_prompt
     # each adapter kind builds its own stock pipeline (condistill.adapters registry), of the family's classes
     pipe = adapter_class.stock_pipeline(adapter_dir, config["weight_files"], common, dtype, family)
+    img2img = from_input and start is not None
+    if img2img:  # the same components in the kind's img2img pipeline: image= is where the one step starts
+        pipe = family.pipeline("controlnet_img2img", {**common, **pipe.components})
     if decoder is not None:
         from condistill.decoders import use_fast_decoder
 
@@ -259,6 +280,8 @@ def load_adapter(
         "guidance_scale": float(config["recommended_guidance"]),
         "height": int(config["height"]),
         "width": int(config["width"]),
+        # an img2img call noises image= to the scheduler's first timestep, the recorded start for one step
+        **({"strength": 1.0, "controlnet_conditioning_scale": 1.0} if img2img else {}),
     }
     pipe.condistill_config = {k: v for k, v in config.items() if not k.startswith("_")}
     pipe.condistill_condition = trained_condition(config)

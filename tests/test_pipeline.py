@@ -29,7 +29,7 @@ PIPELINE_CLASS = {
 KINDS = ["controlnet", "t2i_adapter", "lora"]
 
 
-def _export(base, kind, out, seed=0, base_name=None, guidance=1.0, **options):
+def _export(base, kind, out, seed=0, base_name=None, guidance=1.0, condition="edge", one_step_start=None, **options):
     student = build_student(kind, base, 3, **options)
     perturb_(student, seed=seed)
     save_adapter(
@@ -37,8 +37,9 @@ def _export(base, kind, out, seed=0, base_name=None, guidance=1.0, **options):
         out,
         base_name_or_path=base_name or str(base.name_or_path),
         base_fingerprint=base.fingerprint(),
-        condition_name="edge",
+        condition_name=condition,
         condition_config={},
+        one_step_start=one_step_start,
         num_grid=50,
         prediction_type=base.prediction_type,
         recommended_steps=4,
@@ -100,33 +101,92 @@ def test_stock_pipeline_matches_student(kind, exports, base_path):
     assert np.isfinite(image).all()
 
 
-def test_img2img_pipeline_on_the_same_components_starts_from_the_input(exports, base_path):
-    """The stock ControlNet img2img pipeline built from ``load_adapter``'s components, at 2 steps and
-    strength 0.5, is one student step from t = 499 on the start latents noised there: exactly what
-    ``sample_latents(init_latents=..., start_timestep=499)`` computes."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
+def test_a_controlnet_trained_from_the_input_comes_as_img2img_and_takes_its_one_step_there(base_path, tmp_path):
+    """A ControlNet trained for one step from the input (sr) loads as the stock ControlNet img2img pipeline, and
+    one call with its defaults and ``num_inference_steps=1`` is one student step from the recorded t = 499 on the
+    start image noised there: exactly what ``sample_latents(init_latents=..., start_timestep=499)`` (condistill
+    eval's row with START) computes. Two steps start from the top as usual."""
+    from condistill.conditions import get_condition
     from condistill.method.codi_scheduler import CoDiScheduler
     from condistill.method.guidance import make_model_fn
     from condistill.method.sampler import sample_latents
 
-    root, students = exports
-    pipe = load_adapter(root / "controlnet")
-    img2img = StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
     base = load_base(base_path)
-    _, _, _, cond = model_inputs(base, batch=1, seed=3)
-    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # latents: used as given
-    # the img2img pipeline scales the ControlNet by 0.8 unless told otherwise; the student was distilled at 1
-    out = img2img("a red cube", image=start.clone(), control_image=cond, num_inference_steps=2, strength=0.5,
-                  controlnet_conditioning_scale=1.0, guidance_scale=1.0, output_type="latent",
-                  generator=torch.Generator().manual_seed(9)).images
-    student = students["controlnet"]
+    student = _export(base, "controlnet", tmp_path / "sr", condition="sr", one_step_start=499)  # a bare timestep:
+    pipe = load_adapter(tmp_path / "sr")  # what exports wrote before the dict form, read as "from the input"
+    assert type(pipe).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+    assert pipe.condistill_config["one_step_start"] == {"timestep": 499, "from": "input"}
+    assert pipe.condistill_defaults == {"num_inference_steps": 4, "guidance_scale": 1.0, "height": 16, "width": 16,
+                                        "strength": 1.0, "controlnet_conditioning_scale": 1.0}
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    start_image = get_condition("sr").init_image(control)
+    assert start_image.shape == (1, 3, 16, 16) and 0 <= float(start_image.min()) <= float(start_image.max()) <= 1
+    defaults = {**pipe.condistill_defaults, "num_inference_steps": 1}
+    image = pipe("a red cube", image=start_image, control_image=control, output_type="np", **defaults).images
+    assert pipe.scheduler.timesteps.tolist() == [499] and image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    # latents given as image= are used as they are (the VAE samples its latents), so the step itself compares exactly
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = pipe("a red cube", image=init.clone(), control_image=control, output_type="latent",
+               generator=torch.Generator().manual_seed(9), **defaults).images
     text = base.encode_prompts(["a red cube"])
-    expected = sample_latents(make_model_fn(student, student.encode_condition(cond), 1),
-                              CoDiScheduler.from_config(pipe.scheduler.config), tuple(start.shape), text, text, 1,
-                              generator=torch.Generator().manual_seed(9), init_latents=start, start_timestep=499)
+    expected = sample_latents(make_model_fn(student, student.encode_condition(control), 1),
+                              CoDiScheduler.from_config(pipe.scheduler.config), tuple(init.shape), text, text, 1,
+                              init_latents=init, start_timestep=499, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    pipe("a red cube", image=start_image, control_image=control, output_type="latent", **{**defaults,
+         "num_inference_steps": 2})
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]
+
+
+def test_a_student_trained_from_the_zero_latent_takes_its_one_step_there(base_path, tmp_path):
+    """An edge ControlNet trained for one step from the zero latent at t = 499: the stock text pipeline's one step
+    runs the student once at t = 499 on ``s_499 * noise`` (the scheduler's ``init_noise_sigma``), the zero
+    latent noised there; four steps are unchanged."""
+    from condistill.method.codi_scheduler import CoDiScheduler
+    from condistill.method.schedule import alpha_sigma
+
+    base = load_base(base_path)
+    start = {"timestep": 499, "from": "zero"}
+    student = _export(base, "controlnet", tmp_path / "edge", one_step_start=start)
+    pipe = load_adapter(tmp_path / "edge")
+    assert type(pipe).__name__ == "StableDiffusionControlNetPipeline"
+    assert pipe.scheduler.config.one_step_start == start
+    assert json.loads((tmp_path / "edge" / "scheduler" / "scheduler_config.json").read_text())["one_step_start"] == start
+    _, _, _, cond = model_inputs(base, batch=1, seed=3)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    out = pipe("a red cube", image=cond, latents=noise.clone(), output_type="latent",
+               **{**pipe.condistill_defaults, "num_inference_steps": 1}).images
+    s_499 = float(alpha_sigma(pipe.scheduler.alphas_cumprod.cpu(), torch.tensor([499]))[1])
+    assert pipe.scheduler.init_noise_sigma == pytest.approx(s_499) and s_499 < 0.9
+    scheduler = CoDiScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(1)
+    with torch.no_grad():
+        raw = student(s_499 * noise, torch.tensor([499]), base.encode_prompts(["a red cube"]),
+                      student.encode_condition(cond))
+    torch.testing.assert_close(out, scheduler.step(raw, 499, s_499 * noise).prev_sample, rtol=0, atol=1e-4)
+    scheduler.set_timesteps(4)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.timesteps.tolist() == [999, 759, 499, 259]
+
+
+def test_an_adapter_kind_without_img2img_warns_and_takes_one_step_from_noise(base_path, tmp_path):
+    base = load_base(base_path)
+    _export(base, "t2i_adapter", tmp_path / "sr", condition="sr", one_step_start={"timestep": 499, "from": "input"})
+    with pytest.warns(UserWarning, match="no img2img pipeline for a t2i_adapter"):
+        pipe = load_adapter(tmp_path / "sr")
+    assert type(pipe).__name__ == "StableDiffusionAdapterPipeline" and pipe.scheduler.config.one_step_start is None
+    assert "strength" not in pipe.condistill_defaults
+
+
+@pytest.mark.parametrize("start, why", [({"timestep": 499, "from": "input"}, "needs a condition that is an image"),
+                                        ({"timestep": 499, "from": "noise"}, "top of the grid"),
+                                        ({"timestep": 500, "from": "zero"}, "timestep of the training grid"),
+                                        ({"timestep": 499}, "must be null or"),
+                                        ({"timestep": 499, "from": "latent"}, "must be one of")])
+def test_a_one_step_start_that_does_not_fit_is_refused_at_export(start, why, base_path, tmp_path):
+    with pytest.raises(ValueError, match=why):
+        _export(load_base(base_path), "controlnet", tmp_path / "bad", one_step_start=start)
+    assert not (tmp_path / "bad" / "condistill_config.json").exists()
 
 
 def test_attach_to_existing_pipeline(exports, base_path):

@@ -42,7 +42,8 @@ def test_using_a_distilled_adapter_snippets_run_with_the_trained_condition(tmp_p
 
     monkeypatch.chdir(tmp_path)
     distill(tiny_run_config("embedded:tiny-teacher", "runs/edge", batch_size=2, condition_options=TRAINED_EDGE))
-    distill(tiny_run_config("embedded:tiny-teacher", "runs/sr", batch_size=2, condition="sr"))
+    distill(tiny_run_config("embedded:tiny-teacher", "runs/sr", batch_size=2, condition="sr", loss="codi+dmd",
+                            dmd_start_timestep=499))
     # a photo that is neither the training size nor square: control_image must fit it first
     generate_scene(0, "heldout", resolution=96).image.crop((0, 0, 96, 80)).save("scene.png")
     blocks = [block for section in SECTIONS for block in _python_blocks(section)]

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from condistill.adapters.errors import AdapterConfigError, AdapterWeightsError
 from condistill.adapters.integrity import path_inside, shard_files
+from condistill.method import one_step
 
 __all__ = ["CONFIG_NAME", "SCHEDULER_SUBFOLDER", "SCHEDULER_FILE", "SCHEMA_VERSION", "PIXEL_MULTIPLE",
            "config_problems", "check_config", "check_base_resolution", "loaded_files", "record_checksums",
@@ -43,8 +44,9 @@ SCHEDULER_FILE = f"{SCHEDULER_SUBFOLDER}/scheduler_config.json"
 #: The version of the ``condistill_config.json`` layout written by ``save_adapter``. 1: the exports
 #: written before the key existed (no ``height``/``width``); 2: adds ``schema_version``,
 #: ``height``/``width`` (the sampling size) and ``one_step_start``; 3: adds ``checksums`` (written
-#: whole and swapped in). ``docs/export-format.md`` describes every key.
-SCHEMA_VERSION = 3
+#: whole and swapped in); 4: ``one_step_start`` becomes ``{"timestep", "from"}`` (a bare timestep
+#: before) and is also in the scheduler config. ``docs/export-format.md`` describes every key.
+SCHEMA_VERSION = 4
 _CHECKSUMS_SINCE = 3
 #: Sides in pixels are multiples of this whatever the base (its own multiple is checked against the base).
 PIXEL_MULTIPLE = 8
@@ -55,6 +57,19 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_start_image(config: Mapping[str, Any]) -> bool | None:
+    """Whether the config's condition is an image (sr, inpaint); None for an unknown condition."""
+    from condistill.conditions import available_conditions, condition_class
+
+    name = config.get("condition_name")
+    return condition_class(name).has_start_image() if name in available_conditions() else None
+
+
+def normalize_one_step_start(config: dict) -> None:
+    """Give ``config["one_step_start"]`` its dict form (a bare timestep was written before schema 4)."""
+    config["one_step_start"] = one_step.normalize(config.get("one_step_start"), bool(_has_start_image(config)))
 
 
 def _prediction_type(value) -> str | None:
@@ -87,10 +102,8 @@ def _value_problems(config: Mapping[str, Any], grid) -> list[str]:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
         bad("recommended_guidance", "must be a finite number >= 0 (the classifier-free guidance scale; 0 and 1 "
                                     "mean no guidance)")
-    start = config.get("one_step_start")
-    if start is not None and not (_int(start) and (grid is None or start in grid)):
-        points = f"{grid[0]}, {grid[1]}, ... {grid[-1]}" if grid is not None and len(grid) > 1 else "its points"
-        bad("one_step_start", f"must be null or a timestep of the training grid ({points})")
+    for why in one_step.problems(config.get("one_step_start"), grid, _has_start_image(config)):
+        bad("one_step_start", why)
     if _prediction_type(config.get("prediction_type")) is None:
         bad("prediction_type", f"must be one of {list(PREDICTION_TYPES)}")
     return problems
@@ -167,6 +180,10 @@ def _scheduler_problems(config: Mapping[str, Any], scheduler: Mapping[str, Any])
         if key in config and not same(scheduler.get(key), config[key]):
             problems.append(f"{key} = {scheduler.get(key)!r} in {SCHEDULER_FILE}: differs from {key} = "
                             f"{config[key]!r} in {CONFIG_NAME} (training and sampling share it)")
+    recorded = one_step.normalize(config.get("one_step_start"), bool(_has_start_image(config)))
+    if "one_step_start" in scheduler and scheduler["one_step_start"] != recorded:
+        problems.append(f"one_step_start = {scheduler['one_step_start']!r} in {SCHEDULER_FILE}: differs from "
+                        f"one_step_start = {config.get('one_step_start')!r} in {CONFIG_NAME}")
     if not problems:
         try:
             CoDiScheduler.from_config({k: v for k, v in scheduler.items() if not k.startswith("_")})
@@ -182,7 +199,8 @@ def config_problems(config: Mapping[str, Any], scheduler: Mapping[str, Any] | No
     missing required keys), ``scheduler`` the ``scheduler/scheduler_config.json`` beside it, if any.
     Checked: ``resolution``/``height``/``width`` positive ints and multiples of 8; ``num_grid`` an int
     >= 2 that divides the schedule's timesteps; ``recommended_steps`` in ``1..num_grid``;
-    ``recommended_guidance`` finite and >= 0; ``one_step_start`` null or a grid timestep;
+    ``recommended_guidance`` finite and >= 0; ``one_step_start`` null or a start that fits the grid and the
+    condition (:func:`condistill.method.one_step.problems`), the same in the scheduler config;
     ``prediction_type`` known and equal to the base fingerprint's and the scheduler's; ``num_grid``
     equal to the scheduler's; ``condition_name`` a registered condition whose ``condition_config``
     builds; the types of the other keys; ``checksums`` SHA-256 hex digests, present from schema 3 on.

@@ -57,6 +57,7 @@ class ControlNetStudent(Student):
 
     kind = "controlnet"
     weight_components = {"controlnet": f"{SUBFOLDER}/diffusion_pytorch_model.safetensors"}
+    has_img2img = True
 
     def __init__(
         self,

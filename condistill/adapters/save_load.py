@@ -35,11 +35,13 @@ from condistill.adapters.config_checks import (
     check_base_resolution,
     check_config,
     config_problems,
+    normalize_one_step_start,
     record_checksums,
     verify_checksums,
 )
 from condistill.files import previous_folder, set_shared_mode, staged_folder
 from condistill.frozen import NOISE_SCHEDULE_KEYS
+from condistill.method import one_step
 from condistill.utils import jsonable
 
 __all__ = [
@@ -145,7 +147,7 @@ def save_adapter(
     stochastic: bool = True,
     height: int | None = None,
     width: int | None = None,
-    one_step_start: int | None = None,
+    one_step_start: dict | int | None = None,
 ) -> Path:
     """Export a trained student's adapter to ``out_dir`` (see the module docstring for the layout).
 
@@ -170,8 +172,11 @@ def save_adapter(
             base pipeline's scheduler.
         stochastic: the saved sampler re-noises with fresh noise between steps (consistency-model
             multistep sampling, the default); False makes it reuse the model's noise estimate.
-        one_step_start: the grid timestep a one-step student was trained to start from
-            (``dmd_start_timestep``), or None (the top of the grid, from pure noise).
+        one_step_start: where the student was trained to take a single step from
+            (:mod:`condistill.method.one_step`): ``{"timestep": s, "from": "noise" | "zero" | "input"}``
+            (a bare timestep means the condition's image, or the zero latent for a condition that is
+            not an image), or None (not trained for one step in particular). Recorded in the config
+            and the scheduler config, whose one-step schedule starts there.
 
     Returns:
         ``Path(out_dir)``.
@@ -188,9 +193,11 @@ def save_adapter(
         raise TypeError(f"save_adapter needs a condistill Student (build_student), got {type(student).__name__}.")
     prediction_type = normalize_prediction_type(prediction_type)
     schedule = dict(noise_schedule) if noise_schedule is not None else _noise_schedule_from_base(base_name_or_path)
+    recorded_start = jsonable(one_step_start, "one_step_start")
+    one_step_start = one_step.normalize(recorded_start, _is_image(condition_name))
     scheduler_config = jsonable({**(schedule or {}), "prediction_type": prediction_type, "num_grid": num_grid,
-                                 "sigma_data": 0.5, "timestep_scaling": 10.0, "stochastic": bool(stochastic)},
-                                "noise_schedule")
+                                 "sigma_data": 0.5, "timestep_scaling": 10.0, "stochastic": bool(stochastic),
+                                 "one_step_start": one_step_start}, "noise_schedule")
     config = {
         "schema_version": SCHEMA_VERSION,
         "condistill_version": condistill_version(),
@@ -208,7 +215,7 @@ def save_adapter(
         "resolution": resolution,
         "height": resolution if height is None else height,
         "width": resolution if width is None else width,
-        "one_step_start": one_step_start,
+        "one_step_start": recorded_start,  # as given for the checks' messages; written in its dict form
         "adapter_options": jsonable(student.adapter_options, "adapter_options"),
         "scheduler": f"{SCHEDULER_SUBFOLDER}/scheduler_config.json",
         "initialized_from": student.initialized_from,
@@ -219,6 +226,7 @@ def save_adapter(
         raise ValueError(f"save_adapter: {'; '.join(problems)}. Pass the values the run trained with (the "
                          "prediction type: base.prediction_type); nothing was written.")
     config["recommended_guidance"] = float(recommended_guidance)
+    config["one_step_start"] = one_step_start
     out = Path(out_dir)
     _check_replaceable(out)
     # an earlier export is replaced whole through a staging folder; an empty or new folder (e.g. a caller's own
@@ -234,6 +242,12 @@ def save_adapter(
         if fresh:
             set_shared_mode(out)  # what staged_folder's swap does for a replaced export
     return out
+
+
+def _is_image(condition_name: str) -> bool:
+    from condistill.conditions import available_conditions, condition_class
+
+    return condition_name in available_conditions() and condition_class(condition_name).has_start_image()
 
 
 def _say(message: str) -> None:
@@ -366,6 +380,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     config.setdefault("width", config["resolution"])
     config.setdefault("one_step_start", None)
     check_config(config, folder)
+    normalize_one_step_start(config)
     config["_folder"] = str(folder)
     return config
 

@@ -123,6 +123,9 @@ class Student(nn.Module):
     #: ``{component: default file relative to the adapter folder}`` of what :meth:`save_weights`
     #: writes; an exported config's ``weight_files`` must name exactly these components.
     weight_components: ClassVar[dict[str, str]] = {}
+    #: diffusers has an img2img pipeline for this kind (``load_adapter`` returns it for a student trained
+    #: to take its one step from the input)
+    has_img2img: ClassVar[bool] = False
 
     def __init__(self, unet, condition_channels: int, vae_scale_factor: int | None = None):
         super().__init__()

@@ -223,6 +223,16 @@ class Condition(abc.ABC):
             "(leave the start timestep unset). Only sr and inpaint conditions are images."
         )
 
+    def init_image(self, cond: torch.Tensor) -> torch.Tensor:
+        """:meth:`start_image` in ``[0, 1]``, the form an img2img pipeline's ``image=`` takes: what a
+        student trained for one step from the input starts from (``load_adapter`` returns that pipeline)::
+
+            control = pipe.condistill_condition.control_image(photo)
+            image = pipe(prompt, image=pipe.condistill_condition.init_image(control), control_image=control,
+                         **pipe.condistill_defaults).images[0]
+        """
+        return (self.start_image(cond) + 1.0) / 2.0
+
     def _check_batch(self, cond: torch.Tensor) -> torch.Tensor:
         if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != self.channels:
             shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__

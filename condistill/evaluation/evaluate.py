@@ -416,10 +416,13 @@ def _row_number(name: str, parts: list[str], index: int, kind: type, what: str):
 
 def default_rows(student: str, baseline: str | None = None, condition: str | None = None,
                  guidance: float = 5.0) -> list[RowSpec]:
-    """Students at 1/2/4 steps (with the sampler and guidance saved in the adapter), the teacher at 50 DDIM steps with CFG, and (if given) the
+    """Students at 1/2/4 steps (with the sampler and guidance saved in the adapter; one step from the start it was
+    trained for, its ``one_step_start``), the teacher at 50 DDIM steps with CFG, and (if given) the
     conventionally trained baseline at 50 DDIM + CFG, 4 DDIM and 4 LCM steps."""
-    sampler, guidance_1 = adapter_sampler(student), read_adapter_config(student)["recommended_guidance"]
-    rows = [RowSpec(f"student-{k}", student, sampler, k, guidance_1) for k in (1, 2, 4)]
+    config = read_adapter_config(student)
+    sampler, guidance_1, start = adapter_sampler(student), config["recommended_guidance"], config["one_step_start"]
+    one = start["timestep"] if start and start["from"] != "noise" else None
+    rows = [RowSpec(f"student-{k}", student, sampler, k, guidance_1, one if k == 1 else None) for k in (1, 2, 4)]
     if baseline:
         rows += [RowSpec("baseline-ddim-50", baseline, "ddim", 50, guidance),
                  RowSpec("baseline-ddim-4", baseline, "ddim", 4, guidance),

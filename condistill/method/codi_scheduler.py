@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .one_step import problems as one_step_problems
 from .schedule import (
     BETA_SCHEDULES,
     alpha_sigma,
@@ -63,7 +64,12 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
         such as ``"v"`` or ``"vprediction"`` are normalised);
         num_grid: N, the training skip grid size (LCM's ``original_inference_steps``), default 50;
         sigma_data, timestep_scaling: the boundary scalings of ``F`` (0.5, 10.0);
-        stochastic: re-noise with fresh Gaussian noise between steps instead of the predicted noise.
+        stochastic: re-noise with fresh Gaussian noise between steps instead of the predicted noise;
+        one_step_start: where a one-step schedule starts (:mod:`condistill.method.one_step`), ``None``
+        or ``{"timestep": s, "from": "noise" | "zero" | "input"}``: ``set_timesteps(1)`` gives ``[s]``,
+        and for ``"zero"`` ``init_noise_sigma`` becomes ``s_s``, so a stock pipeline's pure-noise
+        latents are the zero latent noised to ``s``; an ``"input"`` start is noised by an img2img
+        pipeline's ``add_noise`` (``strength=1.0``).
 
     ``CoDiScheduler.from_config(teacher_pipe.scheduler.config)`` works from DDIM/PNDM/DDPM/LCM/Euler/...
     configs: their extra keys (``steps_offset``, ``clip_sample``, ``timestep_spacing``, ...) do not
@@ -87,6 +93,7 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
         timestep_scaling: float = 10.0,
         stochastic: bool = False,
         rescale_betas_zero_snr: bool = False,
+        one_step_start: dict | None = None,
     ):
         canonical = normalize_prediction_type(prediction_type)
         if canonical != prediction_type:
@@ -108,6 +115,9 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = torch.cat([self.alphas_cumprod[:1], self.alphas_cumprod[1:] / self.alphas_cumprod[:-1]])
         self.betas = 1.0 - self.alphas
         self.grid = skip_grid(num_train_timesteps, num_grid)
+        bad = one_step_problems(one_step_start, self.grid.tolist(), None)
+        if bad:
+            raise ValueError(f"one_step_start={one_step_start!r}: {'; '.join(bad)}.")
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = self.grid.flip(0).clone()
@@ -133,7 +143,14 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
             start_timestep: with ``num_inference_steps``, a grid point to start from instead of the
                 top: the K steps are chosen the same way on the grid points up to it. Sampling then
                 starts from an image noised to that timestep (``add_noise``), not from pure noise.
+                Without it, one step starts where the config's ``one_step_start`` says.
         """
+        self.init_noise_sigma = 1.0
+        one = self.config.one_step_start
+        if one and num_inference_steps == 1 and start_timestep is None and timesteps is None:
+            start_timestep = one["timestep"]
+            if one["from"] == "zero":  # the stock pipelines' randn * init_noise_sigma is then s_t eps
+                self.init_noise_sigma = float(alpha_sigma(self.alphas_cumprod.cpu(), torch.tensor([start_timestep]))[1])
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
         if start_timestep is not None and timesteps is not None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from condistill.adapters.config_checks import CARD_NAME, SAMPLES_NAME
 from condistill.adapters.save_load import EXPORT_SUBFOLDER
 from condistill.files import replace_file, write_text
+from condistill.method import one_step
 
 __all__ = ["CARD_NAME", "SAMPLES_NAME", "NO_RESULTS", "write_model_card", "render_card", "update_results",
            "record_eval", "read_front_matter", "base_license", "set_card_source", "base_code", "with_base",
@@ -174,6 +175,36 @@ def with_base(lines: list[str], base: str) -> list[str]:
     return out[:blank] + imports + ([""] if blank else []) + [assignment] + out[blank + (1 if blank else 0):]
 
 
+def _one_step(config: Mapping[str, Any]) -> dict | None:
+    from condistill.conditions import available_conditions, condition_class
+
+    name = config["condition_name"]
+    image = name in available_conditions() and condition_class(name).has_start_image()
+    return one_step.normalize(config.get("one_step_start"), image)
+
+
+def _img2img(config: Mapping[str, Any]) -> bool:
+    """``load_adapter`` returns an img2img pipeline: a ControlNet trained for one step from the input."""
+    start = _one_step(config)
+    return config["kind"] == "controlnet" and bool(start) and start["from"] == "input"
+
+
+def _one_step_text(config: Mapping[str, Any]) -> str:
+    start = _one_step(config)
+    if start is None:
+        return ("One step (`num_inference_steps=1`) starts from pure noise at the top of the grid; this student was "
+                "not trained for one step in particular.")
+    text = (f"One step: trained for one step from {one_step.describe(start)}, and sampled from there: the scheduler "
+            f"starts every one-step schedule at t = {start['timestep']} (`one_step_start` in its config)")
+    if _img2img(config):
+        return (text + ". `load_adapter` returns the ControlNet img2img pipeline, whose `image=` is the start image "
+                "(`pipe.condistill_condition.init_image(control)`) noised there; a pipeline without an image to "
+                "start from cannot sample this step.")
+    if start["from"] == "input":
+        return text + "; diffusers has no img2img pipeline for this kind, so its pipelines take that step from noise."
+    return text + "."
+
+
 def _usage(config: Mapping[str, Any], source: str) -> str:
     kind, base = config["kind"], str(config["base_name_or_path"])
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
@@ -189,8 +220,10 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "pipe = load_adapter(ADAPTER)  # a stock diffusers pipeline with the few-step CoDiScheduler",
         'photo = Image.open("photo.png").convert("RGB")  # your image',
         "control = pipe.condistill_condition.control_image(photo)  # [1, C, H, W] in [0, 1]",
-        'image = pipe("a prompt", image=control, **pipe.condistill_defaults).images[0]'
-        f"  # {steps} steps, guidance {guidance:g}, {height}x{width} px",
+        *(['start = pipe.condistill_condition.init_image(control)  # the image its one step starts from',
+           'image = pipe("a prompt", image=start, control_image=control, **pipe.condistill_defaults).images[0]']
+          if _img2img(config) else ['image = pipe("a prompt", image=control, **pipe.condistill_defaults).images[0]']),
+        f"# {steps} steps, guidance {guidance:g}, {height}x{width} px",
         "```",
         "",
         "`pipe.condistill_condition` is the condition the adapter was trained with (its recorded options), and "
@@ -292,6 +325,7 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
 
     lines += ["## Sampling", "", f"Recommended: **{steps} steps**, guidance **{guidance:g}** (stored in "
               "`condistill_config.json` and `scheduler/`; `pipe.condistill_defaults` holds them).", "",
+              _one_step_text(config), "",
               _usage(config, source), ""]
     if samples:
         lines += ["## Samples", "", f"![validation samples]({SAMPLES_NAME})", "",

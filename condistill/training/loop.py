@@ -40,6 +40,8 @@ from condistill.data.sources import IndexedSource, open_source
 from condistill.data.streaming import StreamingConditionDataset, is_streaming
 from condistill.frozen import load_base
 from condistill.method.guidance import make_model_fn
+from condistill.method.one_step import trained_start
+from condistill.method.schedule import skip_grid
 from condistill.plots import plot_loss_curve, save_validation_grid
 from condistill.training.batches import Part, StepBatchSampler, batch_length, require_data_parallel, start_processes
 from condistill.training.checkpoint import (UNHEALTHY, RunHealth, check_step, guarded_step, load_checkpoint, read_state,
@@ -278,7 +280,8 @@ def _export(out: Path, cfg: DistillConfig, student, ema, base, condition, resolu
                      prediction_type=base.prediction_type, recommended_steps=cfg.recommended_steps,
                      recommended_guidance=cfg.sampling_guidance, stochastic=cfg.stochastic_sampling,
                      resolution=resolution, noise_schedule=base.noise_schedule_config(),
-                     one_step_start=cfg.dmd_start_timestep or None,
+                     one_step_start=trained_start(cfg.loss, cfg.dmd_start_timestep, condition.has_start_image(),
+                                                  int(skip_grid(base.num_train_timesteps, cfg.num_grid)[-1])),
                      extra={"loss": cfg.loss, "steps_trained": cfg.max_steps})
         keep = same_weights and old is not None and (old / CARD_NAME).is_file()
         if keep:

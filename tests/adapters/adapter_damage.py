@@ -45,8 +45,14 @@ BAD_CONFIGS = {
     "grid that does not divide the schedule": ({"num_grid": 7}, "num_grid = 7: num_grid=7 does not divide"),
     "grids that differ": ({"num_grid": 25}, "num_grid = 50 in scheduler/scheduler_config.json: differs from "
                                             "num_grid = 25 in condistill_config.json"),
-    "one-step start off the grid": ({"one_step_start": 500}, "one_step_start = 500: must be null or a timestep of "
-                                                             "the training grid (19, 39, ... 999)"),
+    "one-step start off the grid": ({"one_step_start": 500}, "one_step_start = 500: timestep 500 must be a timestep "
+                                                             "of the training grid (19, 39, ... 999)"),
+    "one-step start from the input on edge": ({"one_step_start": {"timestep": 499, "from": "input"}},
+                                              "from 'input' needs a condition that is an image"),
+    "one-step start that differs from the scheduler's": (
+        {"one_step_start": {"timestep": 499, "from": "zero"}},
+        "one_step_start = None in scheduler/scheduler_config.json: differs from one_step_start = "
+        "{'timestep': 499, 'from': 'zero'} in condistill_config.json"),
     "one-step start as a flag": ({"one_step_start": True}, "one_step_start = True"),
     "unknown prediction type": ({"prediction_type": "banana"}, "prediction_type = 'banana': must be one of"),
     "prediction type against the base": ({"prediction_type": "v_prediction"},
@@ -59,7 +65,7 @@ BAD_CONFIGS = {
     "scheduler grid against the config": ({"scheduler": {"num_grid": 25}}, "num_grid = 25 in scheduler"),
     "checksums that are not SHA-256": ({"checksums": {"scheduler/scheduler_config.json": "abc"}},
                                        "every value must be a hex SHA-256"),
-    "schema 3 without checksums": ({"checksums": None}, "checksums = null: an export of schema_version 3"),
+    "schema 3 or later without checksums": ({"checksums": None}, "checksums = null: an export of schema_version 4"),
 }
 
 

@@ -210,7 +210,8 @@ def test_save_adapter_input_errors(base_path, tmp_path):
 
 
 def test_schema_keys_sampling_size_and_newer_schemas(base_path, tmp_path):
-    """Schema 2 writes its version, the sampling size and the one-step start; a newer schema loads with a warning."""
+    """The export writes its schema version, the sampling size and the one-step start (a bare timestep in its dict
+    form, in the config and the scheduler's); a newer schema loads with a warning."""
     from condistill.adapters.save_load import SCHEMA_VERSION
     from condistill.pipeline import trained_condition
 
@@ -219,7 +220,9 @@ def test_schema_keys_sampling_size_and_newer_schemas(base_path, tmp_path):
     out = _export(student, base, tmp_path / "export", height=24, width=32, one_step_start=499)
     config = read_adapter_config(out)
     assert (config["schema_version"], config["height"], config["width"]) == (SCHEMA_VERSION, 24, 32)
-    assert config["one_step_start"] == 499
+    assert config["one_step_start"] == {"timestep": 499, "from": "zero"}  # edge is not an image: the zero latent
+    written = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["one_step_start"]
+    assert written == json.loads((out / "condistill_config.json").read_text())["one_step_start"] == config["one_step_start"]
     condition = trained_condition(config)  # the recorded options, though this config has no "name" in them
     assert (condition.name, condition.low_threshold, condition.high_threshold) == ("edge", 100, 200)
     assert condition.training_resolution == 16
