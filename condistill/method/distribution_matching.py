@@ -55,11 +55,20 @@ def dmd_timesteps(batch: int, num_train_timesteps: int, t_min: float = 0.02, t_m
     return torch.randint(lo, hi, (int(batch),), generator=generator, device=device)
 
 
+ScoresFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _both(scores) -> ScoresFn:
+    if callable(scores):
+        return scores
+    real_fn, fake_fn = scores
+    return lambda z, t: (real_fn(z, t), fake_fn(z, t))
+
+
 @torch.no_grad()
 def dmd_gradient(
     x: torch.Tensor,
-    real_fn: ModelFn,
-    fake_fn: ModelFn,
+    scores: ScoresFn | tuple[ModelFn, ModelFn],
     noise: torch.Tensor,
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
@@ -71,13 +80,15 @@ def dmd_gradient(
     ::
 
         x_t  = a_t sg(x) + s_t eps                                   (both scores see this x_t, t)
-        p_r  = x0(real_fn(x_t, t)),  p_f = x0(fake_fn(x_t, t))
+        p_r  = x0(real(x_t, t)),  p_f = x0(fake(x_t, t))
         g    = (p_f - p_r) / max(mean|x - p_r|, eps)                 (mean over C, H, W per sample)
 
     Args:
         x: ``[B, C, H, W]`` clean latents produced by the student.
-        real_fn: the frozen teacher (guidance applied by the caller).
-        fake_fn: the fake-score network.
+        scores: ``fn(x_t, t) -> (real, fake)``, the raw outputs of the frozen teacher (guidance applied
+            by the caller) and of the fake-score network, e.g. from one shared call
+            (:meth:`condistill.training.fake_score.FakeScore.scores`); or the pair ``(real_fn, fake_fn)``
+            of two separate ``fn(x_t, t)``.
         noise: ``[B, C, H, W]`` standard normal noise.
         t: LongTensor ``[B]`` (:func:`dmd_timesteps`).
         alphas_cumprod: ``[T]`` teacher ``abar``.
@@ -97,25 +108,33 @@ def dmd_gradient(
         raise ValueError(f"t must be a LongTensor [B] with B={x.shape[0]}, got shape {tuple(t.shape)}.")
     x_t = add_noise(x, noise.float(), t, alphas_cumprod)
     a_t, s_t = alpha_sigma(alphas_cumprod, t, ndim=x.ndim)
-    real_x0, _ = split_prediction(real_fn(x_t, t).float(), x_t, a_t, s_t, kind)
-    fake_x0, _ = split_prediction(fake_fn(x_t, t).float(), x_t, a_t, s_t, kind)
+    real, fake = _both(scores)(x_t, t)
+    real_x0, _ = split_prediction(real.float(), x_t, a_t, s_t, kind)
+    fake_x0, _ = split_prediction(fake.float(), x_t, a_t, s_t, kind)
     normaliser = (x - real_x0).abs().reshape(x.shape[0], -1).mean(dim=1).clamp_min(eps)
     g = (fake_x0 - real_x0) / normaliser.view(-1, *[1] * (x.ndim - 1))
     g = torch.nan_to_num(g)
     return g, {"x_t": x_t, "real_x0": real_x0, "fake_x0": fake_x0, "normaliser": normaliser}
 
 
-def dmd_loss(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dmd_loss(
+    x: torch.Tensor,
+    scores: ScoresFn | tuple[ModelFn, ModelFn],
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample DMD loss ``0.5 * mean((x - sg(x - g))^2)`` whose gradient in ``x`` is ``g / (C H W)``.
 
-    Takes exactly :func:`dmd_gradient`'s arguments (``x, real_fn, fake_fn, noise, t, alphas_cumprod,
-    prediction_type[, eps]``), which it passes on to compute ``g``; the scores run without a graph,
-    so neither receives a gradient from this loss.
+    ``g`` is :func:`dmd_gradient` of the same arguments; the scores run without a graph, so neither
+    receives a gradient from this loss.
 
     Returns:
         ``(loss [B], info)``; ``info["dmd_grad_norm"]`` is the per-sample RMS of ``g`` (detached).
     """
-    g, _ = dmd_gradient(x, *args, **kwargs)
+    g, _ = dmd_gradient(x, scores, noise, t, alphas_cumprod, prediction_type, eps)
     target = (x.detach().float() - g).detach()
     diff = x.float() - target
     loss = 0.5 * diff.pow(2).reshape(x.shape[0], -1).mean(dim=1)

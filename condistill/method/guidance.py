@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["guided_output", "make_model_fn", "repeat_batch"]
+__all__ = ["guided_output", "guided_with_copy", "make_model_fn", "repeat_batch"]
 
 
 def repeat_batch(value: Any, copies: int, batch: int, name: str = "value") -> Any:
@@ -132,6 +132,48 @@ def guided_output(
     uncond, cond = out[:batch], out[batch:]
     w = w.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype)
     return uncond + w * (cond - uncond)
+
+
+def _cat_text(parts: list, name: str = "emb"):
+    """``cat(parts)`` along the batch, for tensors or element-wise for dicts of them (SDXL)."""
+    if isinstance(parts[0], Mapping):
+        return {k: _cat_text([p[k] for p in parts], f"{name}.{k}") for k in parts[0]}
+    return torch.cat(parts, dim=0)
+
+
+def guided_with_copy(
+    model_fn: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    t: torch.Tensor,
+    cond_emb,
+    uncond_emb,
+    guidance: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`guided_output` and the raw conditional output of one more copy of the batch, in one model call.
+
+    The call runs on ``[uncond, cond, cond]`` (``[cond, cond]`` when ``guidance`` is None or 1), so a
+    caller whose hooks change the last ``B`` rows (distribution matching's fake-score LoRA,
+    :meth:`condistill.training.fake_score.FakeScore.on_last`) gets two models' outputs from the frozen
+    weights' single pass. ``t`` is a per-sample LongTensor ``[B]``.
+
+    Returns:
+        ``(guided [B, ...], copy [B, ...])``.
+    """
+    batch = z.shape[0]
+    cond_emb = _expand_batch(cond_emb, batch, "cond_emb")
+    guided = guidance is not None and float(guidance) != 1.0
+    if guided and uncond_emb is None:
+        raise ValueError("uncond_emb is required when guidance != 1; pass the empty-prompt embedding.")
+    texts = [_expand_batch(uncond_emb, batch, "uncond_emb"), cond_emb, cond_emb] if guided else [cond_emb, cond_emb]
+    copies = len(texts)
+    out = model_fn(torch.cat([z] * copies), torch.cat([t] * copies), _cat_text(texts))
+    if out.shape[0] != copies * batch:
+        raise ValueError(f"model_fn returned batch {out.shape[0]} for an input batch of {copies * batch}.")
+    parts = out.split(batch)
+    if not guided:
+        return parts[0], parts[-1]
+    w = torch.tensor(float(guidance), device=out.device, dtype=out.dtype)
+    return parts[0] + w * (parts[1] - parts[0]), parts[-1]
 
 
 def make_model_fn(model, features, batch: int, use_adapter: bool = True) -> Callable[..., torch.Tensor]:

@@ -2,8 +2,9 @@
 
 DMD's second denoiser models the distribution of the student's own outputs. Here it is
 parameter-efficient: a peft LoRA (adapter name :data:`FAKE_SCORE_ADAPTER`) injected into the
-same frozen UNet the teacher and the student use, switched on only inside the fake-score's own
-calls, so the teacher and the student never see it. It is trained with the plain diffusion
+same frozen UNet the teacher and the student use. peft keeps it switched off; forward hooks apply it
+only inside the fake score's own calls (or to its own rows of a pass shared with the teacher's real
+score), so the teacher and the student never see it. It is trained with the plain diffusion
 loss on the student's (detached) outputs by its own AdamW, ``updates`` times per student
 micro-step (DMD2's two time-scale update rule), and optionally carries a small discriminator
 head on the UNet's mid-block features (DMD2's GAN term: real = noised training images, fake =
@@ -95,7 +96,7 @@ class FakeScore:
                 self.params[f"unet.{name}"] = p
             elif name in flags:
                 p.requires_grad_(flags[name])
-        switch_lora(unet, None)  # add_adapter made it the active one: off until a fake-score call
+        switch_lora(unet, None)  # add_adapter made it the active one: off in peft for good, applied by hooks
         # the LoRA lives inside the student's UNet, but DDP must neither wait for its gradients in the
         # student's backward nor hook its own updates: it averages them itself (_average_gradients)
         names = {f"unet.{n}" for n, _ in unet.named_parameters() if f".{FAKE_SCORE_ADAPTER}." in n}
@@ -106,6 +107,7 @@ class FakeScore:
             student, sorted(ignored | names))
         self.head = None
         self._active = False  # the LoRA is switched on (see active())
+        self._layers = None  # the LoRA layers that carry it (on_last)
         if gan:
             if getattr(unet, "mid_block", None) is None:
                 raise ValueError("the GAN term reads the UNet's mid-block features, and this UNet has no mid block; "
@@ -125,17 +127,58 @@ class FakeScore:
     # ---- calls ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self):
-        """The fake-score LoRA switched on (and only it); nested uses keep it on until the outermost ends."""
+        """The fake-score LoRA applied to every call of the UNet; nested uses keep it until the outermost ends.
+
+        It is applied by forward hooks on the layers that carry it (``base(x) + B A x``, what peft computes
+        for an active LoRA), never switched on in peft: no other adapter's state is touched, and a
+        switch costs a registration per layer instead of a walk over the whole UNet."""
         if self._active:
             yield
             return
-        switch_lora(self.unet, FAKE_SCORE_ADAPTER)
+        handles = self._apply(rows=None)
         self._active = True
         try:
             yield
         finally:
             self._active = False
-            switch_lora(self.unet, None)
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def on_last(self, rows: int):
+        """Its LoRA applied to the last ``rows`` rows of every batch only (no gradient), the other rows running
+        the frozen teacher: what lets the real score (the teacher, CFG) and the fake score share one pass
+        of the frozen weights (:meth:`scores`)."""
+        if self._active:
+            raise RuntimeError("on_last applies the fake-score LoRA to some rows: it is already applied to all")
+        handles = self._apply(rows=int(rows))
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _apply(self, rows: int | None) -> list:
+        """Forward hooks adding the LoRA's ``scaling * B(A(dropout(x)))`` to every layer that carries it, on all
+        rows (out of place: gradients reach the LoRA) or, in place without a graph, on the last ``rows``."""
+        name = FAKE_SCORE_ADAPTER
+
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if rows is not None:
+                x = x[-rows:]
+            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+            delta = lora_b(lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype)))) * module.scaling[name]
+            if rows is None:
+                return output + delta.to(output.dtype)
+            output[-rows:] += delta.to(output.dtype)
+            return output
+
+        if self._layers is None:
+            self._layers = [m for m in self.unet.modules()
+                            if name in getattr(getattr(m, "lora_A", None), "keys", lambda: ())()]
+        return [m.register_forward_hook(hook, with_kwargs=True) for m in self._layers]
 
     @contextlib.contextmanager
     def frozen(self):
@@ -158,6 +201,18 @@ class FakeScore:
         with self.active():
             z = z.to(self.unet.dtype)
             return self.unet(z, t, **self.student.text_kwargs(text, z), return_dict=False)[0]
+
+    def scores(self, text, uncond, guidance: float | None):
+        """``fn(z, t) -> (real, fake)``: the teacher's CFG output (the real score) and this fake score's raw
+        output at ``(z, t)``, in one UNet call on ``[uncond, cond, cond]`` with the LoRA on the last third."""
+        from condistill.method.guidance import guided_with_copy, make_model_fn
+
+        def fn(z: torch.Tensor, t: torch.Tensor):
+            teacher = make_model_fn(self.student, None, z.shape[0], use_adapter=False)
+            with self.on_last(z.shape[0]):
+                return guided_with_copy(teacher, z, t, text, uncond, guidance)
+
+        return fn
 
     def features(self, z: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         """The UNet's mid-block output under the fake score (the forward stops there)."""

@@ -141,9 +141,8 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         t_dmd = part.take(dmd_timesteps(n, alphas.shape[0], generator=g), b).to(device)
         noise_dmd = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
         with fake_score.frozen():
-            real_fn = lambda z, t: guided_output(make_model_fn(student, None, b, use_adapter=False), z, t, emb,  # noqa: E731
-                                                 uncond, cfg.dmd_guidance)
-            term, extra = dmd_loss(x, real_fn, lambda z, t: fake_score(z, t, emb), noise_dmd, t_dmd, alphas,
+            # one pass of the frozen weights: the teacher with CFG (the real score) and the fake score's LoRA rows
+            term, extra = dmd_loss(x, fake_score.scores(emb, uncond, cfg.dmd_guidance), noise_dmd, t_dmd, alphas,
                                    base.prediction_type)
             info.update(dmd=term.detach(), **extra)
             loss = loss + cfg.dmd_weight * term

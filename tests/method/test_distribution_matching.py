@@ -30,7 +30,7 @@ def test_gradient_is_the_normalised_score_difference():
     x, noise, t = _inputs()
     real_target = torch.full_like(x, 0.5)
     fake_target = torch.full_like(x, -0.25)
-    g, info = dmd_gradient(x, _x0_predictor(lambda z, tt: real_target), _x0_predictor(lambda z, tt: fake_target),
+    g, info = dmd_gradient(x, (_x0_predictor(lambda z, tt: real_target), _x0_predictor(lambda z, tt: fake_target)),
                            noise, t, ALPHAS, "epsilon")
     normaliser = (x - real_target).abs().mean(dim=(1, 2, 3))
     expected = (fake_target - real_target) / normaliser.view(-1, 1, 1, 1)
@@ -48,7 +48,7 @@ def test_real_and_fake_scores_see_the_same_noised_sample_and_timestep():
             return torch.zeros_like(z)
         return fn
 
-    _, info = dmd_gradient(x, recorder("real"), recorder("fake"), noise, t, ALPHAS, "epsilon")
+    _, info = dmd_gradient(x, (recorder("real"), recorder("fake")), noise, t, ALPHAS, "epsilon")
     a, s = alpha_sigma(ALPHAS, t, ndim=4)
     torch.testing.assert_close(seen["real"][0], a * x + s * noise)
     assert torch.equal(seen["real"][0], seen["fake"][0]) and torch.equal(seen["real"][1], seen["fake"][1])
@@ -64,7 +64,7 @@ def test_descending_the_loss_moves_the_sample_towards_the_real_score():
     real = _x0_predictor(lambda z, tt: target)
     snapshot = x.detach().clone()
     fake = _x0_predictor(lambda z, tt: snapshot)
-    loss, _ = dmd_loss(x, real, fake, noise, t, ALPHAS, "epsilon")
+    loss, _ = dmd_loss(x, (real, fake), noise, t, ALPHAS, "epsilon")
     loss.sum().backward()
     with torch.no_grad():
         moved = x - 0.1 * x.grad * x[0].numel()  # a small step along -g
@@ -79,8 +79,8 @@ def test_loss_gradient_is_g_over_numel_and_no_score_network_gets_one():
     real_net, fake_net = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
     real = lambda z, tt: real_net(z)  # noqa: E731
     fake = lambda z, tt: fake_net(z)  # noqa: E731
-    loss, info = dmd_loss(x, real, fake, noise, t, ALPHAS, "epsilon")
-    g, _ = dmd_gradient(x, real, fake, noise, t, ALPHAS, "epsilon")
+    loss, info = dmd_loss(x, (real, fake), noise, t, ALPHAS, "epsilon")
+    g, _ = dmd_gradient(x, (real, fake), noise, t, ALPHAS, "epsilon")
     loss.sum().backward()
     torch.testing.assert_close(x.grad, g / x[0].numel(), rtol=1e-5, atol=1e-8)
     assert all(p.grad is None for p in [*real_net.parameters(), *fake_net.parameters()])
@@ -90,7 +90,7 @@ def test_loss_gradient_is_g_over_numel_and_no_score_network_gets_one():
 def test_equal_scores_give_no_gradient():
     x, noise, t = _inputs()
     same = _x0_predictor(lambda z, tt: torch.zeros_like(z))
-    g, _ = dmd_gradient(x, same, same, noise, t, ALPHAS, "epsilon")
+    g, _ = dmd_gradient(x, (same, same), noise, t, ALPHAS, "epsilon")
     assert torch.equal(g, torch.zeros_like(g))
 
 
@@ -105,7 +105,7 @@ def test_v_prediction_scores_are_converted_to_clean_latents():
             return a * eps - s * x0_value
         return fn
 
-    g, _ = dmd_gradient(x, v_model(real_target), v_model(fake_target), noise, t, ALPHAS, "v_prediction")
+    g, _ = dmd_gradient(x, (v_model(real_target), v_model(fake_target)), noise, t, ALPHAS, "v_prediction")
     normaliser = (x - real_target).abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
     torch.testing.assert_close(g, (fake_target - real_target) / normaliser, rtol=1e-3, atol=1e-4)
 

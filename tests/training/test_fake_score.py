@@ -43,6 +43,33 @@ def test_fake_score_starts_as_the_teacher_and_never_leaks_into_it(tiny_base, kin
     assert all(f".{FAKE_SCORE_ADAPTER}." not in name for name in student.trainable_named_parameters())
 
 
+@pytest.mark.parametrize("kind", ["controlnet", "lora"])
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_the_real_and_fake_scores_of_one_shared_pass_are_those_of_two_calls(tiny_base, kind, guidance):
+    """FakeScore.scores: one UNet call on [uncond, cond, cond] with the fake-score LoRA on the last rows only gives
+    the teacher's CFG output and the fake score's, as the separate calls do (to float rounding); the LoRA is
+    switched off again afterwards and a LoRA student's own LoRA stays out of both."""
+    from condistill.method.guidance import guided_output, make_model_fn
+
+    base = load_base(tiny_base)
+    student = build_student(kind, base, get_condition("edge").channels)
+    perturb_(student, seed=1)
+    fake = FakeScore(student, base, rank=4)
+    z, t, e, _ = model_inputs(base)
+    uncond = base.encode_prompts([""])
+    with torch.no_grad(), fake.frozen():
+        for p in fake.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+        teacher = _teacher(base, z, t, e)
+        real = guided_output(make_model_fn(student, None, z.shape[0], use_adapter=False), z, t, e, uncond, guidance)
+        separate = fake(z, t, e)
+        shared_real, shared_fake = fake.scores(e, uncond, guidance)(z, t)
+        assert not torch.allclose(real, separate, atol=1e-3)  # the LoRA makes a difference that the pass must keep
+        torch.testing.assert_close(shared_real, real, rtol=0, atol=1e-5)
+        torch.testing.assert_close(shared_fake, separate, rtol=0, atol=1e-5)
+        assert torch.equal(_teacher(base, z, t, e), teacher)  # its hooks are gone: the teacher is itself again
+
+
 @pytest.fixture(scope="module")
 def batch(tiny_base):
     base = load_base(tiny_base)
