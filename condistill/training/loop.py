@@ -240,13 +240,13 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
                     _checkpoint(out, done, params, ema, optimizer, lr_scheduler, save)
                 if cfg.validate_every and done % cfg.validate_every == 0 and done != cfg.max_steps:
-                    _validate(out, done, base, student, ema, validation, cfg, accelerator)
+                    _validate(out, done, base, student, ema, validation, cfg, accelerator, condition)
     if main:  # the report and summary of the items this process read
         monitor.finish()
     accelerator.wait_for_everyone()
     if main:
         _checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, save)
-        _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator)
+        _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator, condition)
         plot_loss_curve(log_path, out / "loss.png")
         _export(out, cfg, student, ema, base, condition, resolution, processes, same_weights=start == cfg.max_steps)
     accelerator.wait_for_everyone()  # no process returns before the export is complete
@@ -386,12 +386,15 @@ VALIDATION_CHUNK = 8  # validation images sampled together (more are sampled in 
 
 
 @torch.no_grad()
-def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig, accelerator=None) -> Path:
+def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: DistillConfig, accelerator=None,
+              condition=None) -> Path:
     """Sample ``batch`` at 1, 2, 4 and ``cfg.recommended_steps`` steps into ``validation/step-*.png`` (and the trackers).
 
-    Sampling draws from its own seeded generators, never from the training streams.
+    One step starts where the run trains it (``--dmd-start-timestep``: the ``condition``'s image or the zero
+    latent noised there), as the export's pipeline samples it. Sampling draws from its own seeded
+    generators, never from the training streams.
     """
-    from condistill.method.sampler import sample_images
+    from condistill.method.sampler import sample_images, start_latents
 
     student.eval()
     device = base.device
@@ -405,9 +408,12 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
             features = student.encode_condition(cond)
             fn = make_model_fn(student, features, cond.shape[0])
             for steps in step_counts:
+                start = cfg.dmd_start_timestep if steps == 1 and cfg.distribution_matching else 0
                 rows[steps].append(sample_images(base, fn, captions, steps, sampler=cfg.student_sampler,
                                                  num_grid=cfg.num_grid, seed=cfg.seed + first,
-                                                 guidance_scale=cfg.sampling_guidance, size=tuple(cond.shape[-2:])))
+                                                 guidance_scale=cfg.sampling_guidance, size=tuple(cond.shape[-2:]),
+                                                 init_latents=start_latents(base, condition, cond) if start else None,
+                                                 start_timestep=start or None))
     student.train()
     names = [f"{steps} step" + ("s" if steps > 1 else "") for steps in step_counts]
     path = save_validation_grid(out / "validation" / f"step-{step:07d}.png", batch,

@@ -77,3 +77,25 @@ def test_report_to_none_writes_no_tracker_logs(tiny_base, tmp_path):
     assert list((out / "validation").glob("step-*.png")) and (out / "loss.jsonl").is_file()
     default = distill(_cfg(tiny_base, tmp_path / "tb", max_steps=1))
     assert list((default / "logs").rglob("events.*"))
+
+
+def test_one_step_validation_starts_where_distribution_matching_trains_it(tiny_base, tmp_path, monkeypatch):
+    """With ``--dmd-start-timestep 499`` the grid's one-step row starts from the zero latent (edge) noised to t = 499,
+    as the export's pipeline samples it; the other rows start from pure noise at the top of the grid."""
+    import torch
+
+    import condistill.method.sampler as sampler
+
+    calls = []
+    real = sampler.sample_images
+
+    def recording(base, fn, captions, steps, **kwargs):
+        calls.append((steps, kwargs.get("start_timestep"), kwargs.get("init_latents")))
+        return real(base, fn, captions, steps, **kwargs)
+
+    monkeypatch.setattr(sampler, "sample_images", recording)
+    distill(_cfg(tiny_base, tmp_path / "run", loss="codi+dmd", dmd_start_timestep=499, max_steps=1, validate_every=1))
+    assert calls and {steps for steps, _, _ in calls} == {1, 2, 4}
+    for steps, start, init in calls:
+        assert (start, init is None) == ((499, False) if steps == 1 else (None, True))
+        assert init is None or (init.abs().sum() == 0 and init.dtype == torch.float32)  # the zero latent
