@@ -214,7 +214,8 @@ class DistillConfig:
     dmd_fake_updates: int = _h("fake-score optimizer steps per student micro-step (DMD2's two time-scale rule)",
                                default=1)
     dmd_fake_lr: float = _h("learning rate of the fake-score LoRA (0 = learning_rate)", default=0.0)
-    dmd_fake_rank: int = _h("LoRA rank of the fake-score network on the frozen teacher UNet", default=16)
+    dmd_fake_rank: int = _h("LoRA rank of the fake-score network on the frozen teacher UNet; 0 trains a full "
+                            "float32 copy of the teacher UNet instead (most capacity, a UNet's memory)", default=16)
     dmd_fake_targets: str = _h("layers of the fake-score LoRA: attention, attention_ff (also the feed-forward and "
                                "transformer projections) or all (also the ResNet convolutions)", default="attention_ff")
     dmd_start_timestep: int = _h("distribution matching's one-step outputs start from the condition's own image "
@@ -310,8 +311,8 @@ class DistillConfig:
             p.append(f"dmd_fake_updates={self.dmd_fake_updates}: must be at least 1")
         if not (self.dmd_fake_lr >= 0 and math.isfinite(self.dmd_fake_lr)):
             p.append(f"dmd_fake_lr={self.dmd_fake_lr}: must be positive, or 0 for learning_rate")
-        if self.dmd_fake_rank < 1:
-            p.append(f"dmd_fake_rank={self.dmd_fake_rank}: must be at least 1")
+        if self.dmd_fake_rank < 0:
+            p.append(f"dmd_fake_rank={self.dmd_fake_rank}: must be at least 1 (a LoRA's rank), or 0 (a full copy)")
         p += self._dmd_start_problems()
         if not self.gan_weight >= 0:
             p.append(f"gan_weight={self.gan_weight}: must be 0 or more")

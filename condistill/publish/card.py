@@ -302,7 +302,8 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
              ("N (skip grid)", str(config["num_grid"]))]
     if loss in ("codi+dmd", "dmd") and "dmd_weight" in train:
         facts.append(("distribution matching", f"weight {train['dmd_weight']:g}, real-score CFG "
-                      f"{train['dmd_guidance']:g}, fake-score LoRA rank {train['dmd_fake_rank']}, "
+                      f"{train['dmd_guidance']:g}, fake score "
+                      f"{'a full copy of the teacher UNet' if train['dmd_fake_rank'] == 0 else 'LoRA rank %d' % train['dmd_fake_rank']}, "
                       f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"
                       + (f", one-step outputs from {_start_description(condition)} noised to "
                          f"t={train['dmd_start_timestep']}" if train.get("dmd_start_timestep") else "")))

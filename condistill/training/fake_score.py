@@ -62,7 +62,9 @@ class FakeScore:
     Args:
         student: the :class:`~condistill.adapters.Student` (its UNet is the shared frozen teacher UNet).
         base: the frozen :class:`~condistill.frozen.Base`.
-        rank: LoRA rank (alpha = rank).
+        rank: LoRA rank (alpha = rank); 0 trains a full copy of the teacher UNet instead (float32, every
+            weight: the most capacity a fake score can have, at the cost of a UNet's weights and optimizer
+            state; its calls cannot share the teacher's pass).
         targets: the layers it covers, a name of :data:`condistill.adapters.lora.LORA_TARGETS`.
         learning_rate, weight_decay, max_grad_norm: its AdamW and clipping.
         gan: also train a :class:`DiscriminatorHead` on the mid-block features.
@@ -70,9 +72,48 @@ class FakeScore:
 
     def __init__(self, student, base, *, rank: int = 16, targets: str = "attention_ff", learning_rate: float = 1e-3,
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, gan: bool = False):
+        unet = student.unet
+        self.base, self.student = base, student
+        self.head = None
+        self._active = False  # the LoRA is applied (see active())
+        self._layers = None  # the LoRA layers that carry it (_apply)
+        self.full = rank == 0
+        if self.full:
+            self.unet = self._full_copy(unet)
+            self.params = {f"copy.{n}": p for n, p in self.unet.named_parameters()}
+        else:
+            self._add_lora(student, unet, rank, targets)
+        if gan:
+            if getattr(unet, "mid_block", None) is None:
+                raise ValueError("the GAN term reads the UNet's mid-block features, and this UNet has no mid block; "
+                                 "set gan_weight to 0.")
+            self.head = DiscriminatorHead(unet.config.block_out_channels[-1]).to(base.device)
+            self.params.update({f"head.{n}": p for n, p in self.head.named_parameters()})
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=learning_rate, weight_decay=weight_decay)
+
+    @staticmethod
+    def _full_copy(unet) -> nn.Module:
+        """A trainable float32 copy of the teacher UNet (without any LoRA a student keeps in it)."""
+        import copy
+
+        if getattr(unet, "peft_config", None):
+            from diffusers import UNet2DConditionModel
+
+            clone = UNet2DConditionModel.from_config(unet.config)
+            clone.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+                                   if ".lora_" not in k})
+        else:
+            clone = copy.deepcopy(unet)
+        clone = clone.to(device=unet.device, dtype=torch.float32)
+        clone.train(False)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        return clone
+
+    def _add_lora(self, student, unet, rank: int, targets: str) -> None:
         from peft import LoraConfig
 
-        unet = student.unet
         if getattr(unet, "_condistill_lora_always_on", False):
             raise ValueError("distribution matching needs the teacher UNet without the student's LoRA: a LoRA student "
                              "with gradient checkpointing keeps its LoRA switched on. Turn gradient checkpointing off, "
@@ -87,7 +128,7 @@ class FakeScore:
                                             init_lora_weights=True), adapter_name=FAKE_SCORE_ADAPTER)
         except ValueError as error:
             raise ValueError(f"could not add the fake-score LoRA to this UNet: {error}") from error
-        self.unet, self.base, self.student = unet, base, student
+        self.unet = unet
         self.params: dict[str, nn.Parameter] = {}
         for name, p in unet.named_parameters():
             if f".{FAKE_SCORE_ADAPTER}." in name:
@@ -105,17 +146,6 @@ class FakeScore:
         ignored = set(getattr(student, "_ddp_params_and_buffers_to_ignore", ()))
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             student, sorted(ignored | names))
-        self.head = None
-        self._active = False  # the LoRA is switched on (see active())
-        self._layers = None  # the LoRA layers that carry it (on_last)
-        if gan:
-            if getattr(unet, "mid_block", None) is None:
-                raise ValueError("the GAN term reads the UNet's mid-block features, and this UNet has no mid block; "
-                                 "set gan_weight to 0.")
-            self.head = DiscriminatorHead(unet.config.block_out_channels[-1]).to(base.device)
-            self.params.update({f"head.{n}": p for n, p in self.head.named_parameters()})
-        self.max_grad_norm = max_grad_norm
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=learning_rate, weight_decay=weight_decay)
 
     @classmethod
     def from_config(cls, cfg, student, base) -> "FakeScore":
@@ -132,7 +162,7 @@ class FakeScore:
         It is applied by forward hooks on the layers that carry it (``base(x) + B A x``, what peft computes
         for an active LoRA), never switched on in peft: no other adapter's state is touched, and a
         switch costs a registration per layer instead of a walk over the whole UNet."""
-        if self._active:
+        if self._active or self.full:  # a full copy is always itself
             yield
             return
         handles = self._apply(rows=None)
@@ -205,10 +235,13 @@ class FakeScore:
     def scores(self, text, uncond, guidance: float | None):
         """``fn(z, t) -> (real, fake)``: the teacher's CFG output (the real score) and this fake score's raw
         output at ``(z, t)``, in one UNet call on ``[uncond, cond, cond]`` with the LoRA on the last third."""
-        from condistill.method.guidance import guided_with_copy, make_model_fn
+        from condistill.method.guidance import guided_output, guided_with_copy, make_model_fn
 
         def fn(z: torch.Tensor, t: torch.Tensor):
             teacher = make_model_fn(self.student, None, z.shape[0], use_adapter=False)
+            if self.full:  # other weights: two calls
+                with torch.no_grad():
+                    return guided_output(teacher, z, t, text, uncond, guidance), self(z, t, text)
             with self.on_last(z.shape[0]):
                 return guided_with_copy(teacher, z, t, text, uncond, guidance)
 

@@ -24,13 +24,16 @@ def _teacher(base, z, t, e):
     return base.unet(z, t, encoder_hidden_states=e, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("kind", ["controlnet", "lora"])
-def test_fake_score_starts_as_the_teacher_and_never_leaks_into_it(tiny_base, kind):
+@pytest.mark.parametrize("kind, rank", [("controlnet", 4), ("lora", 4), ("controlnet", 0), ("lora", 0)])
+def test_fake_score_starts_as_the_teacher_and_never_leaks_into_it(tiny_base, kind, rank):
+    """A LoRA fake score (zero-initialised) or a full copy of the teacher UNet (rank 0) starts as the teacher, and
+    training it changes neither the teacher nor the student."""
     base = load_base(tiny_base)
     student = build_student(kind, base, get_condition("edge").channels)
     z, t, e, cond = model_inputs(base)
     before = _teacher(base, z, t, e)
-    fake = FakeScore(student, base, rank=4)
+    fake = FakeScore(student, base, rank=rank)
+    assert fake.full == (rank == 0) and (rank > 0 or fake.unet is not base.unet)
     with torch.no_grad():
         assert torch.equal(fake(z, t, e), before)  # zero-initialised LoRA: the teacher exactly
         for p in fake.params.values():
@@ -78,14 +81,15 @@ def batch(tiny_base):
     return collate([dataset[i] for i in range(4)])
 
 
-@pytest.mark.parametrize("kind, loss, gan", [("controlnet", "codi+dmd", 0.0), ("t2i_adapter", "dmd", 0.5),
-                                             ("lora", "codi+dmd", 0.5)])
-def test_student_loss_reaches_only_the_adapter_and_the_fake_score_trains_itself(tiny_base, batch, kind, loss, gan):
+@pytest.mark.parametrize("kind, loss, gan, rank", [("controlnet", "codi+dmd", 0.0, 4), ("t2i_adapter", "dmd", 0.5, 4),
+                                                   ("lora", "codi+dmd", 0.5, 4), ("controlnet", "codi+dmd", 0.5, 0)])
+def test_student_loss_reaches_only_the_adapter_and_the_fake_score_trains_itself(tiny_base, batch, kind, loss, gan,
+                                                                                 rank):
     base = load_base(tiny_base)
     student = build_student(kind, base, get_condition("edge").channels)
     perturb_(student, seed=2)
     cfg = tiny_run_config(tiny_base, "unused", adapter=kind, loss=loss, gan_weight=gan, dmd_fake_updates=2,
-                          dmd_fake_rank=4)
+                          dmd_fake_rank=rank)
     fake = FakeScore.from_config(cfg, student, base)
     start = {k: v.detach().clone() for k, v in fake.params.items()}
     objective = build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base,
@@ -101,6 +105,7 @@ def test_student_loss_reaches_only_the_adapter_and_the_fake_score_trains_itself(
     assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
     moved = [name for name, p in fake.params.items() if not torch.equal(p.detach(), start[name])]
     assert moved and (gan == 0 or any(name.startswith("head.") for name in moved))
+    assert rank > 0 or any(name.startswith("copy.") for name in moved)  # a full copy trains its own UNet weights
 
 
 def test_distribution_matching_term_changes_the_step(tiny_base, batch):
@@ -157,6 +162,9 @@ def test_config_refuses_what_distribution_matching_cannot_do(tiny_base, tmp_path
         tiny_run_config(tiny_base, tmp_path, adapter="lora", loss="codi+dmd", gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="dmd_guidance"):
         tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_guidance=0.5)
+    with pytest.raises(ConfigError, match=r"dmd_fake_rank=-1: must be at least 1 \(a LoRA's rank\), or 0 \(a full copy\)"):
+        tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_fake_rank=-1)
+    assert tiny_run_config(tiny_base, tmp_path, loss="codi+dmd", dmd_fake_rank=0).dmd_fake_rank == 0
 
 
 @pytest.mark.parametrize("name", ["inpaint", "edge"])
