@@ -222,6 +222,9 @@ class DistillConfig:
                                  "(sr, inpaint; the zero latent for edge and depth) noised to this grid timestep, "
                                  "as one-step sampling from the input does (eval row NAME=RUN:codi-stochastic:1:1:T); "
                                  "0 = from pure noise at the top of the grid", default=0)
+    dmd_backward_steps: int = _h("DMD2's backward simulation: distribution matching acts on the student's own "
+                                 "K-step outputs (K >= 2; the first k of its K sampling steps run without a graph, k "
+                                 "drawn per step) instead of its one-step outputs from pure noise (0)", default=0)
     gan_weight: float = _h("weight of the adversarial term: a discriminator head on the fake score's mid-block "
                            "features tells the student's one-step outputs from noised training images (0 = off)",
                            default=0.0)
@@ -313,7 +316,7 @@ class DistillConfig:
             p.append(f"dmd_fake_lr={self.dmd_fake_lr}: must be positive, or 0 for learning_rate")
         if self.dmd_fake_rank < 0:
             p.append(f"dmd_fake_rank={self.dmd_fake_rank}: must be at least 1 (a LoRA's rank), or 0 (a full copy)")
-        p += self._dmd_start_problems()
+        p += self._dmd_start_problems() + self._backward_problems()
         if not self.gan_weight >= 0:
             p.append(f"gan_weight={self.gan_weight}: must be 0 or more")
         if self.gan_weight > 0 and not self.distribution_matching:
@@ -334,6 +337,19 @@ class DistillConfig:
         if not self.distribution_matching:
             return [f"dmd_start_timestep={start} with loss={self.loss!r}: it sets where distribution matching's "
                     "one-step outputs start; use --loss codi+dmd or dmd, or leave it 0"]
+        if self.dmd_backward_steps:
+            return [f"dmd_start_timestep={start} with dmd_backward_steps={self.dmd_backward_steps}: distribution "
+                    "matching acts either on one step from that start or on the K-step sampler's outputs from noise; "
+                    "set one of them to 0"]
+        return []
+
+    def _backward_problems(self) -> list[str]:
+        steps = self.dmd_backward_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or steps == 1 or steps > self.num_grid:
+            return [f"dmd_backward_steps={steps!r}: must be 0 (off) or a step count K in 2..num_grid ({self.num_grid})"]
+        if steps and not self.distribution_matching:
+            return [f"dmd_backward_steps={steps} with loss={self.loss!r}: it sets what distribution matching acts on; "
+                    "use --loss codi+dmd or dmd, or leave it 0"]
         return []
 
     def _tracker_problems(self) -> list[str]:

@@ -306,7 +306,9 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
                       f"{'a full copy of the teacher UNet' if train['dmd_fake_rank'] == 0 else 'LoRA rank %d' % train['dmd_fake_rank']}, "
                       f"{train['dmd_fake_updates']} fake-score update(s) per step, GAN weight {train['gan_weight']:g}"
                       + (f", one-step outputs from {_start_description(condition)} noised to "
-                         f"t={train['dmd_start_timestep']}" if train.get("dmd_start_timestep") else "")))
+                         f"t={train['dmd_start_timestep']}" if train.get("dmd_start_timestep") else "")
+                      + (f", on the student's own {train['dmd_backward_steps']}-step outputs (backward simulation)"
+                         if train.get("dmd_backward_steps") else "")))
     if "regression_weight" in train:
         facts.append(("lambda (regression weight)", f"{train['regression_weight']:g}"))
     if "distance" in train:

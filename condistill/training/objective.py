@@ -27,7 +27,7 @@ from condistill.method.distribution_matching import dmd_loss, dmd_timesteps, gan
 from condistill.method.guidance import guided_output, make_model_fn, repeat_batch
 from condistill.method.losses import codi_loss, diffusion_loss, sample_grid_index
 from condistill.method.sampler import start_latents
-from condistill.method.schedule import add_noise, consistency_function, sampling_timesteps, skip_grid
+from condistill.method.schedule import add_noise, alpha_sigma, consistency_function, sampling_timesteps, skip_grid
 from condistill.seeding import STEP_STRIDE, torch_generator
 from condistill.training.batches import Part
 
@@ -120,10 +120,14 @@ def build_objective(cfg: DistillConfig, student, model, ema, base, part: Part = 
         matching = None
         if cfg.distribution_matching:
             z_one = part.take(torch.randn((n, *z0.shape[1:]), generator=g), b).to(device)
+            t_start = t_one_step
             if cfg.dmd_start_timestep:  # from the condition's own image (or the zero latent), noised to t_one_step
                 z_one = add_noise(start_latents(base, condition, cond), z_one,
                                   torch.full((b,), t_one_step, device=device), alphas)
-            matching = OneStepOutputs(online, emb, uncond, w_student, t_one_step, b, z_one)
+            elif cfg.dmd_backward_steps:
+                z_one, t_start = backward_simulation(cfg, student, cond, emb, uncond, w_student, z_one, grid, alphas,
+                                                     g, part, base.prediction_type)
+            matching = OneStepOutputs(online, emb, uncond, w_student, t_start, b, z_one)
             online_fn = matching.online_fn
         # the frozen blocks the online and ODE branches feed equal inputs run once (bit-identical)
         with (fake_score.frozen() if fake_score is not None else contextlib.nullcontext()), \
@@ -198,6 +202,31 @@ class OneStepOutputs:
             raise RuntimeError("the online branch did not run")
         x, _, _ = consistency_function(self.raw, self.z_top, self.t_top, alphas, prediction_type)
         return x
+
+
+@torch.no_grad()
+def backward_simulation(cfg: DistillConfig, student, cond, emb, uncond, w, z: torch.Tensor, grid: torch.Tensor,
+                        alphas: torch.Tensor, g: torch.Generator, part: Part, prediction_type: str
+                        ) -> tuple[torch.Tensor, int]:
+    """DMD2's backward simulation: ``(z_k, t_k)``, where the student's own K-step sampler (``cfg.dmd_backward_steps``)
+    stands after ``k`` of its steps from the noise ``z`` (``k`` drawn uniformly from ``0..K-1`` for the batch).
+
+    The steps run the current student without a graph, as sampling does (re-noised with fresh draws when
+    ``cfg.stochastic_sampling``, else with the predicted noise); the caller's graph-carrying forward at
+    ``(z_k, t_k)`` is then one of the K-step sampler's own steps, the outputs distribution matching acts on.
+    """
+    ts = sampling_timesteps(grid.cpu(), cfg.dmd_backward_steps).tolist()
+    k = int(torch.randint(0, len(ts), (), generator=g))
+    b, n = z.shape[0], part.global_size(z.shape[0])
+    fn = make_model_fn(student, student.encode_condition(cond), b)
+    for j in range(k):
+        t = torch.full((b,), ts[j], dtype=torch.long, device=z.device)
+        raw = guided_output(fn, z, t, emb, uncond, w)
+        x0, _, eps = consistency_function(raw.float(), z.float(), t, alphas, prediction_type)
+        fresh = part.take(torch.randn((n, *z.shape[1:]), generator=g), b).to(z.device)
+        a_next, s_next = alpha_sigma(alphas, torch.full((b,), ts[j + 1], dtype=torch.long, device=z.device), ndim=z.ndim)
+        z = a_next * x0 + s_next * (fresh if cfg.stochastic_sampling else eps)
+    return z, ts[k]
 
 
 def _train_fake_score(cfg: DistillConfig, fake_score, x, z0, emb, g, part: Part, num_timesteps: int) -> dict:

@@ -209,3 +209,65 @@ def test_grid_top_fraction_reaches_the_consistency_draw(tiny_base, parts):
     assert torch.equal(uniform["t"], zero["t"]) and not bool((uniform["t"] == 999).all())
     with pytest.raises(ConfigError, match="grid_top_fraction=1.5"):
         tiny_run_config(tiny_base, "unused", grid_top_fraction=1.5)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_backward_simulation_is_the_students_own_k_step_sampler(tiny_base, stochastic):
+    """``backward_simulation``: after the draw of ``k``, the state is what the stock CoDiScheduler reaches after ``k``
+    of its K steps with this student (its fresh noise drawn from the same generator), at the sampler's ``k``-th
+    timestep; every ``k`` in ``0..K-1`` is drawn, and ``k = 0`` is the noise itself at the top of the grid."""
+    from condistill.method.codi_scheduler import CoDiScheduler
+    from condistill.method.guidance import make_model_fn
+    from condistill.method.schedule import skip_grid
+    from condistill.training.objective import backward_simulation
+
+    base, student, batch = _student_and_batch(tiny_base, "controlnet", seed=4)
+    cfg = tiny_run_config(tiny_base, "unused", loss="codi+dmd", dmd_backward_steps=4, stochastic_sampling=stochastic)
+    grid, alphas = skip_grid(base.num_train_timesteps, 50), base.alphas_cumprod
+    cond = batch["conditioning"]
+    emb = base.encode_prompts(batch["caption"])
+    z = torch.randn(4, base.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    scheduler = CoDiScheduler.from_config(base.scheduler_config, num_grid=50, stochastic=stochastic)
+    scheduler.set_timesteps(4)
+    seen = set()
+    for seed in range(12):
+        got, t_k = backward_simulation(cfg, student, cond, emb, None, None, z.clone(), grid, alphas,
+                                       torch.Generator().manual_seed(seed), Part(), base.prediction_type)
+        g = torch.Generator().manual_seed(seed)
+        k = int(torch.randint(0, 4, (), generator=g))
+        expected = z.clone()
+        fn = make_model_fn(student, student.encode_condition(cond), 4)
+        with torch.no_grad():
+            for t in scheduler.timesteps[:k]:
+                raw = fn(expected, t.expand(4), emb)
+                if not stochastic:
+                    torch.randn(expected.shape, generator=g)  # drawn either way: the stream does not depend on it
+                expected = scheduler.step(raw, t, expected, generator=g).prev_sample
+        assert t_k == int(scheduler.timesteps[k])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        seen.add(k)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_backward_simulation_settings_are_checked(tiny_base):
+    from condistill.config import ConfigError
+
+    for bad, phrase in ((dict(loss="codi+dmd", dmd_backward_steps=1), "must be 0 (off) or a step count K in 2..num_grid"),
+                        (dict(loss="codi", dmd_backward_steps=4), "use --loss codi+dmd or dmd"),
+                        (dict(loss="codi+dmd", dmd_backward_steps=4, dmd_start_timestep=499), "set one of them to 0")):
+        with pytest.raises(ConfigError) as info:
+            tiny_run_config(tiny_base, "unused", **bad)
+        assert phrase in str(info.value)
+
+
+def test_a_backward_simulated_step_trains(tiny_base):
+    from condistill.training.fake_score import FakeScore
+
+    base, student, batch = _student_and_batch(tiny_base, "controlnet", seed=5)
+    cfg = tiny_run_config(tiny_base, "unused", loss="codi+dmd", dmd_backward_steps=4, dmd_fake_rank=4)
+    objective = build_objective(cfg, student, student, EMA(student.trainable_named_parameters()), base,
+                                fake_score=FakeScore.from_config(cfg, student, base))
+    value, info = objective(batch, 3)
+    value.mean().backward()
+    assert bool(torch.isfinite(value).all()) and "dmd" in info
+    assert any(bool(p.grad.abs().sum() > 0) for p in student.trainable_named_parameters().values())
