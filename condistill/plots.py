@@ -1,4 +1,4 @@
-"""Small PNG writers (loss curve, image grids) with PIL only."""
+"""Small PNG writers: the training curves (matplotlib) and image grids (PIL)."""
 from __future__ import annotations
 
 import json
@@ -45,34 +45,69 @@ def save_validation_grid(path: Path, batch: dict, samples: Sequence[torch.Tensor
     return path
 
 
-def plot_loss_curve(log_path: Path, out_path: Path, key: str = "loss", size=(640, 360)) -> Path | None:
-    """Line plot of ``key`` against ``step`` from a ``loss.jsonl`` log (log-scaled y)."""
+#: the terms a run logs beside its total loss, in the order they are drawn, with their legend names
+LOSS_TERMS = {"loss": "total", "distill": "consistency", "regression": "regression", "dmd": "distribution matching",
+              "fake_score": "fake score (its own loss)", "gan_g": "GAN (student)", "gan_d": "GAN (discriminator)"}
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): the first points are not pulled
+    toward zero, and a constant series stays constant."""
+    out, average, norm = [], 0.0, 0.0
+    for value in values:
+        average = weight * average + (1 - weight) * float(value)
+        norm = weight * norm + (1 - weight)
+        out.append(average / norm)
+    return np.asarray(out)
+
+
+def plot_loss_curve(log_path: Path, out_path: Path, validation_steps: Sequence[int] = (),
+                    smoothing: float = 0.9) -> Path | None:
+    """The run's curves from ``loss.jsonl`` into a PNG: every logged loss term raw (faint) and smoothed
+    (:func:`smooth`), on a log scale when all are positive, the learning rate below on the same steps, and the
+    validation steps marked on both. Returns None (writing nothing) for a missing or empty log.
+
+    The consistency loss is noisy by nature (a random grid point and noise per sample): read the smoothed line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
     if not Path(log_path).exists():
         return None
-    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    pts = [(r["step"], r[key]) for r in recs if key in r and r[key] > 0]
-    if not pts:
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    records = [r for r in records if "step" in r and "loss" in r]
+    if not records:
         return None
-    W, H = size
-    m = 50
-    img = Image.new("RGB", size, (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    xs = np.array([p[0] for p in pts], float)
-    ys = np.log10(np.array([p[1] for p in pts], float))
-    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
-    y0, y1 = ys.min(), max(ys.max(), ys.min() + 1e-6)
-    px = m + (xs - x0) / (x1 - x0) * (W - 2 * m)
-    py = H - m - (ys - y0) / (y1 - y0) * (H - 2 * m)
-    d.rectangle([m, m, W - m, H - m], outline=(0, 0, 0))
-    if len(pts) > 1:
-        d.line(list(zip(px.tolist(), py.tolist())), fill=(30, 90, 200), width=2)
-    else:
-        d.ellipse([px[0] - 2, py[0] - 2, px[0] + 2, py[0] + 2], fill=(30, 90, 200))
-    d.text((m, 10), f"{key} (log scale) vs step", fill=(0, 0, 0))
-    d.text((m, H - m + 8), f"{int(x0)}", fill=(0, 0, 0))
-    d.text((W - m - 30, H - m + 8), f"{int(x1)}", fill=(0, 0, 0))
-    d.text((4, m), f"{10 ** y1:.3g}", fill=(0, 0, 0))
-    d.text((4, H - m - 10), f"{10 ** y0:.3g}", fill=(0, 0, 0))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out_path)
-    return out_path
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    losses, rates = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    positive = True
+    for index, (key, label) in enumerate(LOSS_TERMS.items()):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        if not points:
+            continue
+        steps, values = np.asarray(points, dtype=float).T
+        positive = positive and bool((values > 0).all())
+        color = f"C{index}"
+        losses.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        losses.plot(steps, smooth(values, smoothing), color=color, linewidth=1.8, label=f"{label} (smoothed)")
+    if positive:
+        losses.set_yscale("log")
+    losses.set_ylabel("loss (mean over the batch)")
+    losses.set_title(f"training curves: faint = logged values, bold = smoothed (EMA {smoothing:g})")
+    lr = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float))]
+    if lr:
+        rates.plot(*np.asarray(lr, dtype=float).T, color="black", linewidth=1.2)
+    rates.set_ylabel("learning rate")
+    rates.set_xlabel("optimizer step")
+    rates.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for i, step in enumerate(sorted(set(validation_steps))):
+        for axis in (losses, rates):
+            axis.axvline(step, color="grey", linestyle=":", linewidth=0.8,
+                         label="validation" if axis is losses and i == 0 else None)
+    losses.legend(fontsize="small", loc="best", framealpha=0.8)
+    for axis in (losses, rates):
+        axis.grid(True, alpha=0.3)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    return Path(out_path)

@@ -247,7 +247,7 @@ def _distill(cfg: DistillConfig, out: Path, resume_from: Path | None, changes: l
     if main:
         _checkpoint(out, cfg.max_steps, params, ema, optimizer, lr_scheduler, save)
         _validate(out, cfg.max_steps, base, student, ema, validation, cfg, accelerator, condition)
-        plot_loss_curve(log_path, out / "loss.png")
+        plot_loss_curve(log_path, out / "loss.png", validation_steps=_validation_steps(out))
         _export(out, cfg, student, ema, base, condition, resolution, processes, same_weights=start == cfg.max_steps)
     accelerator.wait_for_everyone()  # no process returns before the export is complete
     accelerator.end_training()
@@ -420,6 +420,12 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
                                 [torch.cat(rows[steps]) for steps in step_counts], names)
     _log_grid(accelerator, path, step)
     return path
+
+
+def _validation_steps(out: Path) -> list[int]:
+    """The steps whose validation grids the run folder holds (``validation/step-NNNNNNN.png``)."""
+    return sorted(int(p.stem.split("-")[1]) for p in (out / "validation").glob("step-*.png")
+                  if p.stem.split("-")[1].isdigit())
 
 
 def _log_grid(accelerator, path: Path, step: int) -> None:
