@@ -17,7 +17,7 @@ try:
 
     __version__ = version("condistill")
 except Exception:  # running from a source tree that was never installed
-    __version__ = "0.2.0"
+    __version__ = "0.3.0"
 
 _EXPORTS = {
     "load_adapter": "condistill.pipeline",

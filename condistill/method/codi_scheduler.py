@@ -115,7 +115,9 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = torch.cat([self.alphas_cumprod[:1], self.alphas_cumprod[1:] / self.alphas_cumprod[:-1]])
         self.betas = 1.0 - self.alphas
         self.grid = skip_grid(num_train_timesteps, num_grid)
-        bad = one_step_problems(one_step_start, self.grid.tolist(), None)
+        bad = ([] if one_step_start is None or isinstance(one_step_start, dict) else
+               ['must be null or {"timestep": <a grid timestep>, "from": "noise" | "zero" | "input"}'])
+        bad = bad or one_step_problems(one_step_start, self.grid.tolist(), None)
         if bad:
             raise ValueError(f"one_step_start={one_step_start!r}: {'; '.join(bad)}.")
         self.init_noise_sigma = 1.0
@@ -144,13 +146,21 @@ class CoDiScheduler(SchedulerMixin, ConfigMixin):
                 top: the K steps are chosen the same way on the grid points up to it. Sampling then
                 starts from an image noised to that timestep (``add_noise``), not from pure noise.
                 Without it, one step starts where the config's ``one_step_start`` says.
+
+        A schedule that starts at the recorded ``one_step_start`` of a ``"zero"`` start (the one-step default,
+        or explicit ``timesteps`` or ``start_timestep`` beginning there) sets ``init_noise_sigma`` to its
+        ``s_t``; every other schedule sets it to 1. An ``"input"`` start is only a start in an img2img
+        pipeline (``strength=1.0`` noises ``image=`` to the first timestep); a text-to-image pipeline on
+        this scheduler takes that one step from pure noise.
         """
         self.init_noise_sigma = 1.0
         one = self.config.one_step_start
         if one and num_inference_steps == 1 and start_timestep is None and timesteps is None:
             start_timestep = one["timestep"]
-            if one["from"] == "zero":  # the stock pipelines' randn * init_noise_sigma is then s_t eps
-                self.init_noise_sigma = float(alpha_sigma(self.alphas_cumprod.cpu(), torch.tensor([start_timestep]))[1])
+        first = start_timestep if timesteps is None else next(iter(timesteps), None)
+        if one and one["from"] == "zero" and first is not None and int(first) == one["timestep"]:
+            # a schedule from the recorded zero start: the stock pipelines' randn * init_noise_sigma is s_t eps
+            self.init_noise_sigma = float(alpha_sigma(self.alphas_cumprod.cpu(), torch.tensor([int(first)]))[1])
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
         if start_timestep is not None and timesteps is not None:

@@ -85,9 +85,9 @@ def sample_latents(
     if (init_latents is None) != (start_timestep is None):
         raise ValueError("init_latents and start_timestep go together: give both to start from an image, or neither.")
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-    if init_latents is None:
-        z = noise * scheduler.init_noise_sigma
+    if init_latents is None:  # the timesteps first, as the stock pipelines do: they may set init_noise_sigma
         scheduler.set_timesteps(num_steps, device=device)
+        z = noise * scheduler.init_noise_sigma
     else:
         if not isinstance(scheduler, CoDiScheduler):
             raise ValueError(f"starting from an image needs a CoDi sampler (codi or codi-stochastic), "

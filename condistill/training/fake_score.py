@@ -254,7 +254,10 @@ class FakeScore:
 
         handle = self.unet.mid_block.register_forward_hook(stop)
         try:
-            self(z, t, text)
+            # not checkpointed: the generator's GAN loss goes backward after this call has removed the LoRA's
+            # hooks, and a recomputed forward without them would differ (it only runs to the mid block)
+            with _without_checkpointing(self.unet):
+                self(z, t, text)
         except _Stop as caught:
             return caught.value
         finally:
@@ -315,6 +318,19 @@ class FakeScore:
             for name, p in self.params.items():
                 p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@contextlib.contextmanager
+def _without_checkpointing(module: nn.Module):
+    """diffusers' gradient checkpointing switched off in ``module``'s blocks for the duration."""
+    blocks = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for block in blocks:
+        block.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.gradient_checkpointing = True
 
 
 def _average_gradients(params) -> None:

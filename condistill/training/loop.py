@@ -391,7 +391,8 @@ def _validate(out: Path, step: int, base, student, ema, batch: dict, cfg: Distil
     """Sample ``batch`` at 1, 2, 4 and ``cfg.recommended_steps`` steps into ``validation/step-*.png`` (and the trackers).
 
     One step starts where the run trains it (``--dmd-start-timestep``: the ``condition``'s image or the zero
-    latent noised there), as the export's pipeline samples it. Sampling draws from its own seeded
+    latent noised there), as the export's pipeline samples it (a ControlNet's: T2I-Adapter and LoRA
+    students have no img2img pipeline). Sampling draws from its own seeded
     generators, never from the training streams.
     """
     from condistill.method.sampler import sample_images, start_latents

@@ -298,7 +298,8 @@ def _same_when_resolved(key: str, old: Any, value: Any, saved: dict[str, Any], n
 def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, saved_processes: int = 1) -> list[str]:
     """The options of ``cfg`` that differ from the checkpoint's ``saved`` config, as ``"name: old -> new"``.
 
-    Options absent from one side (written by another condistill version) are not compared.
+    An option the checkpoint's config lacks (written before the option existed) had its default then, and is
+    compared as that default; an option this version lacks is not compared.
     ``processes`` is this run's number of processes and ``saved_processes`` the checkpoint's: a
     ``batch_size`` that changes with them so that ``batch_size x processes`` (the global batch) stays
     the same is a change, not a mismatch.
@@ -309,6 +310,7 @@ def resume_changes(saved: dict[str, Any], cfg, step: int, processes: int = 1, sa
             every such difference and says what to pass.
     """
     new = cfg.to_dict()
+    saved = {**{key: value for key, value in type(cfg)().to_dict().items() if key in new}, **saved}
     changed, refused = [], []
     old_batch = saved.get("batch_size", cfg.batch_size)
     old_global, new_global = old_batch * saved_processes, cfg.batch_size * processes

@@ -334,3 +334,20 @@ def test_runs_in_controlnet_img2img_pipeline_from_a_start_timestep(tiny_componen
             assert seen == expected and out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     finally:
         handle.remove()
+
+
+def test_a_one_step_start_in_the_config_is_a_dict_on_the_grid():
+    from condistill.method.codi_scheduler import CoDiScheduler
+
+    with pytest.raises(ValueError, match="must be null or"):
+        CoDiScheduler(one_step_start=499)
+    with pytest.raises(ValueError, match="timestep 500 must be a timestep of the training grid"):
+        CoDiScheduler(one_step_start={"timestep": 500, "from": "zero"})
+    scheduler = CoDiScheduler(one_step_start={"timestep": 499, "from": "zero"})
+    scheduler.set_timesteps(timesteps=[499])  # what stock pipelines pass when given timesteps=: the same start
+    assert scheduler.init_noise_sigma == pytest.approx(float((1 - scheduler.alphas_cumprod[499]).sqrt()))
+    scheduler.set_timesteps(timesteps=[999, 499])
+    assert scheduler.init_noise_sigma == 1.0
+    scheduler = CoDiScheduler(one_step_start={"timestep": 499, "from": "input"})
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [499] and scheduler.init_noise_sigma == 1.0  # img2img noises image=

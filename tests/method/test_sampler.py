@@ -77,3 +77,25 @@ def test_sample_images_takes_one_start_not_both(base_path):
     with pytest.raises(ValueError, match="not both"):
         sample_images(base, base.predict, ["a"], 1, init_images=torch.zeros(1, 3, base.resolution, base.resolution),
                       init_latents=torch.zeros(1, base.latent_channels, h, h), start_timestep=499)
+
+
+def test_sample_latents_sets_the_timesteps_before_scaling_the_noise():
+    """A scheduler whose one-step schedule starts from the zero latent scales the first latent by s_t, and the next
+    call (four steps from the top) by 1 again: ``sample_latents`` sets the timesteps first, as the pipelines do."""
+    from condistill.method.codi_scheduler import CoDiScheduler
+    from condistill.method.sampler import sample_latents
+
+    scheduler = CoDiScheduler(one_step_start={"timestep": 499, "from": "zero"})
+    seen = []
+
+    def model(z, t, text):
+        seen.append((int(t[0]), z.clone()))
+        return torch.zeros_like(z)
+
+    text = torch.zeros(1, 2, 4)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    sample_latents(model, scheduler, (1, 4, 8, 8), text, text, 1, generator=torch.Generator().manual_seed(0))
+    sample_latents(model, scheduler, (1, 4, 8, 8), text, text, 4, generator=torch.Generator().manual_seed(0))
+    assert [t for t, _ in seen] == [499, 999, 759, 499, 259]
+    torch.testing.assert_close(seen[0][1], noise * scheduler.alphas_cumprod[499].sub(1).neg().sqrt())
+    torch.testing.assert_close(seen[1][1], noise)

@@ -108,6 +108,15 @@ def test_student_loss_reaches_only_the_adapter_and_the_fake_score_trains_itself(
     assert rank > 0 or any(name.startswith("copy.") for name in moved)  # a full copy trains its own UNet weights
 
 
+def test_the_gan_term_trains_with_gradient_checkpointing(tiny_base, tmp_path):
+    """The generator's GAN loss goes backward after the fake score's call: its features are not checkpointed (a
+    recomputation without the LoRA's hooks would differ and torch would refuse it)."""
+    out = distill(tiny_run_config(tiny_base, tmp_path / "run", loss="codi+dmd", gan_weight=0.1,
+                                  gradient_checkpointing=True, batch_size=2))
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("gan_g" in r and "gan_d" in r for r in records)
+
+
 def test_distribution_matching_term_changes_the_step(tiny_base, batch):
     """The DMD term is in the loss: with dmd_weight 0 the same draws give the CoDi loss alone."""
     base = load_base(tiny_base)

@@ -140,6 +140,17 @@ def test_another_process_count_must_keep_the_global_batch(tmp_path):
         resume_changes(saved, same_batch, 5, processes=3, saved_processes=2)  # 8 does not split into 3
 
 
+def test_an_option_the_checkpoint_predates_counts_as_its_default(tmp_path):
+    """A checkpoint written before an option existed trained with its default: switching it on is a change."""
+    saved = DistillConfig(output_dir=str(tmp_path), max_steps=10, loss="codi+dmd").to_dict()
+    saved.pop("dmd_backward_steps")
+    same = DistillConfig(output_dir=str(tmp_path), max_steps=10, loss="codi+dmd")
+    assert resume_changes(saved, same, 5) == []
+    with pytest.raises(ResumeMismatchError, match="dmd_backward_steps: 0 -> 4"):
+        resume_changes(saved, DistillConfig(output_dir=str(tmp_path), max_steps=10, loss="codi+dmd",
+                                            dmd_backward_steps=4), 5)
+
+
 def test_optimizer_cannot_change_on_resume_and_tf32_can(tmp_path):
     saved = DistillConfig(output_dir=str(tmp_path), max_steps=10).to_dict()
     assert resume_changes(saved, DistillConfig(output_dir=str(tmp_path), max_steps=10, allow_tf32=True), 5) == [
