@@ -117,15 +117,9 @@ def dmd_gradient(
     return g, {"x_t": x_t, "real_x0": real_x0, "fake_x0": fake_x0, "normaliser": normaliser}
 
 
-def dmd_loss(
-    x: torch.Tensor,
-    scores: ScoresFn | tuple[ModelFn, ModelFn],
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    eps: float = 1e-5,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dmd_loss(x: torch.Tensor, scores: ScoresFn | tuple[ModelFn, ModelFn], noise: torch.Tensor, t: torch.Tensor,
+             alphas_cumprod: torch.Tensor, prediction_type: str, eps: float = 1e-5
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample DMD loss ``0.5 * mean((x - sg(x - g))^2)`` whose gradient in ``x`` is ``g / (C H W)``.
 
     ``g`` is :func:`dmd_gradient` of the same arguments; the scores run without a graph, so neither
