@@ -140,7 +140,8 @@ class DistillConfig:
         "save_to_disk folder, .tar webdataset shards, or a datasets hub id",
         default="synthetic:train:20000",
     )
-    adapter: str = _h("trainable parameters: controlnet, t2i_adapter or lora", default="controlnet")
+    adapter: str = _h("trainable parameters: controlnet, t2i_adapter, lora, or controlnet_lora (a ControlNet and a "
+                      "UNet LoRA together)", default="controlnet")
     output_dir: str = _h("run folder: the adapter export in adapter/, checkpoints/ and logs/ inside", default="runs/edge")
     max_steps: int = _h("optimizer steps to train for", default=400)
     batch_size: int = _h("images per optimizer step and process, per accumulation micro-step: an optimizer step "
@@ -322,7 +323,7 @@ class DistillConfig:
         if self.gan_weight > 0 and not self.distribution_matching:
             p.append(f"gan_weight={self.gan_weight} with loss={self.loss!r}: the adversarial head lives on the "
                      "fake-score network; use --loss codi+dmd or dmd")
-        if self.distribution_matching and self.adapter == "lora" and self.gradient_checkpointing:
+        if self.distribution_matching and self.adapter in ("lora", "controlnet_lora") and self.gradient_checkpointing:
             p.append(f"loss={self.loss!r} with a LoRA student and gradient checkpointing: checkpointing keeps the "
                      "student's LoRA switched on in the teacher UNet, which the real and fake scores share; turn "
                      "gradient checkpointing off or use a ControlNet or T2I-Adapter student")

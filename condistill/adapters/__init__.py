@@ -6,6 +6,8 @@ Each kind lives in its own module and registers itself with one explicit
 * ``controlnet`` - :class:`~condistill.adapters.controlnet.ControlNetStudent`
 * ``t2i_adapter`` - :class:`~condistill.adapters.t2i_adapter.T2IAdapterStudent`
 * ``lora`` - :class:`~condistill.adapters.lora.LoRAStudent`
+* ``controlnet_lora`` - :class:`~condistill.adapters.controlnet_lora.ControlNetLoRAStudent` (a ControlNet and
+  a UNet LoRA trained together; not yet measured against the others)
 """
 from condistill.adapters.errors import AdapterConfigError
 from condistill.adapters.student import (
@@ -16,8 +18,9 @@ from condistill.adapters.student import (
     get_adapter_class,
     register_adapter,
 )
-from condistill.adapters import controlnet, t2i_adapter, lora  # noqa: E402,F401  (registration)
+from condistill.adapters import controlnet, t2i_adapter, lora, controlnet_lora  # noqa: E402,F401  (registration)
 from condistill.adapters.controlnet import ControlNetStudent
+from condistill.adapters.controlnet_lora import ControlNetLoRAStudent
 from condistill.adapters.lora import LoRAStudent
 from condistill.adapters.t2i_adapter import T2IAdapterStudent
 
@@ -26,6 +29,7 @@ __all__ = [
     "AdapterWeightsError",
     "Student",
     "ControlNetStudent",
+    "ControlNetLoRAStudent",
     "T2IAdapterStudent",
     "LoRAStudent",
     "available_adapters",

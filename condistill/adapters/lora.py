@@ -89,41 +89,26 @@ def _resolve_targets(targets) -> list[str]:
     raise ValueError(f"targets must be one of {sorted(LORA_TARGETS)} or a non-empty list of module names, got {targets!r}.")
 
 
-class LoRAStudent(T2IAdapterFeatures, Student):
-    """Frozen UNet with trainable LoRA layers + a trainable light T2I-Adapter for the condition.
+class UNetLoRA:
+    """A trainable peft LoRA inside the shared frozen UNet, for a :class:`Student` that carries one.
 
-    Options (keyword arguments of :func:`~condistill.adapters.build_student`):
-        vae_scale_factor: pixels per latent pixel (SD: 8); required unless built from a Base.
-        rank: LoRA rank (default 4).
-        lora_alpha: LoRA alpha (default = rank, i.e. scale 1).
-        targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
-        condition_adapter: ``"auto"`` (default), ``"light_adapter"``, ``"full_adapter"`` or
-            ``"full_adapter_xl"`` (SDXL).
-        adapter_num_res_blocks: residual blocks per T2I-Adapter block (default 2).
+    It is switched on only inside the student's own forward (:meth:`_lora_switched`), so
+    ``student(..., use_adapter=False)`` and direct ``base.unet(...)`` calls stay the teacher; its
+    file is ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format. Used by
+    :class:`LoRAStudent` (with a light T2I-Adapter) and the ControlNet + LoRA student
+    (:mod:`condistill.adapters.controlnet_lora`).
     """
 
-    kind = "lora"
-    weight_components = {"lora": LORA_WEIGHT_NAME, **WEIGHT_COMPONENT}
+    @staticmethod
+    def _other_lora_flags(unet) -> dict[str, bool]:
+        """``requires_grad`` of the LoRA layers of other students already in ``unet`` (the base class freezes the
+        whole UNet, and adding an adapter freezes the other adapters; they keep theirs)."""
+        if not isinstance(unet, torch.nn.Module):
+            return {}
+        return {n: p.requires_grad for n, p in unet.named_parameters() if ".lora_" in n}
 
-    def __init__(
-        self,
-        unet,
-        condition_channels: int,
-        vae_scale_factor: int | None = None,
-        rank: int = 4,
-        lora_alpha: float | None = None,
-        targets: str | Sequence[str] = "attention",
-        condition_adapter: str = "auto",
-        adapter_num_res_blocks: int = 2,
-    ):
-        # LoRA layers of other students already in this UNet keep their trainability (the base
-        # class freezes the whole UNet, and adding an adapter freezes the other adapters).
-        others_flags = (
-            {n: p.requires_grad for n, p in unet.named_parameters() if ".lora_" in n}
-            if isinstance(unet, torch.nn.Module)
-            else {}
-        )
-        super().__init__(unet, condition_channels, vae_scale_factor)
+    def _init_lora(self, unet, rank, lora_alpha, targets, others_flags: dict[str, bool]) -> dict:
+        """Add this student's LoRA to ``unet`` (switched off); returns its options for ``adapter_options``."""
         from peft import LoraConfig
 
         if not isinstance(rank, int) or rank < 1:
@@ -145,13 +130,6 @@ class LoRAStudent(T2IAdapterFeatures, Student):
             i += 1
             name = f"{LORA_ADAPTER_NAME}_{i}"
         self.lora_adapter_name = name
-        if condition_adapter == "auto":
-            condition_adapter = resolve_adapter_type(unet, "auto", ("light_adapter", *AUTO_ADAPTER_TYPES))
-            logger.info("LoRA student: condition enters through a %s", condition_adapter)
-        self.adapter = self._trainable(
-            make_t2i_adapter(unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks)
-        )
-
         self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules}
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
         try:
@@ -159,35 +137,22 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         except ValueError as error:
             raise ValueError(f"Could not add LoRA layers for targets {target_modules} to this UNet: {error}") from error
         # LoRA weights live in float32 like the other adapters' (mixed precision casts at run time).
-        for name, param in unet.named_parameters():
-            if self._is_lora_param(name):
+        for param_name, param in unet.named_parameters():
+            if self._is_lora_param(param_name):
                 param.data = param.data.float()
                 param.requires_grad_(True)
-            elif name in others_flags:
-                param.requires_grad_(others_flags[name])
+            elif param_name in others_flags:
+                param.requires_grad_(others_flags[param_name])
         self._lora_default_on = False
         self._set_lora(False)  # off by default: only the student's forward switches it on
-        self.adapter_options = {
-            "condition_channels": condition_channels,
-            "vae_scale_factor": vae_scale_factor,
-            "rank": rank,
-            "lora_alpha": alpha,
-            "targets": target_modules,
-            "condition_adapter": condition_adapter,
-            "adapter_num_res_blocks": int(adapter_num_res_blocks),
-        }
+        return {"rank": rank, "lora_alpha": alpha, "targets": target_modules}
 
     def _is_lora_param(self, name: str) -> bool:
         return ".lora_" in name and f".{self.lora_adapter_name}." in name
 
-    def _adapter_modules(self):
-        return {"adapter": self.adapter}
-
-    def trainable_named_parameters(self):
-        """LoRA parameters (``unet.*lora_A/B.condistill*``) and T2I-Adapter parameters (``adapter.*``)."""
-        out = {f"unet.{n}": p for n, p in self.unet.named_parameters() if self._is_lora_param(n)}
-        out.update(super().trainable_named_parameters())
-        return out
+    def _lora_parameters(self) -> dict:
+        """The LoRA parameters, named ``unet.*lora_A/B.<adapter name>*``."""
+        return {f"unet.{n}": p for n, p in self.unet.named_parameters() if self._is_lora_param(n)}
 
     def _set_lora(self, enabled: bool) -> None:
         switch_lora(self.unet, self.lora_adapter_name if enabled else None)
@@ -202,12 +167,6 @@ class LoRAStudent(T2IAdapterFeatures, Student):
             yield
         finally:
             self._set_lora(self._lora_default_on)
-
-    def _forward_adapter(self, z, t, encoder_hidden_states, features):
-        # The LoRA is switched on only inside the student's own forward, so direct calls of the
-        # shared UNet (e.g. ``base.unet(...)`` as the teacher elsewhere) stay the plain teacher.
-        with self._lora_switched(True):
-            return self._unet_with_features(z, t, encoder_hidden_states, features)
 
     def _forward_teacher(self, z, t, encoder_hidden_states):
         with self._lora_switched(False):
@@ -245,27 +204,22 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         peft_sd = get_peft_model_state_dict(self.unet, adapter_name=self.lora_adapter_name)
         return {k: v.detach().clone().contiguous() for k, v in peft_sd.items()}
 
-    def save_weights(self, out_dir):
-        """Write ``pytorch_lora_weights.safetensors`` (diffusers LoRA format) and ``t2i_adapter/``."""
+    def _save_lora(self, out_dir) -> dict[str, str]:
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers LoRA format, its config in the metadata)."""
         from diffusers import StableDiffusionPipeline
 
-        out_dir = Path(out_dir)
         StableDiffusionPipeline.save_lora_weights(
-            out_dir,
+            Path(out_dir),
             unet_lora_layers=self.lora_state_dict(),
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
             unet_lora_adapter_metadata=dict(self.lora_config, target_modules=list(self.lora_config["target_modules"])),
         )
-        files = {"lora": LORA_WEIGHT_NAME}
-        files.update(self._save_adapter_folder(out_dir))
-        return files
+        return {"lora": LORA_WEIGHT_NAME}
 
-    def file_state_dicts(self):
-        """The LoRA file's tensors (keys ``unet.<module>.lora_A/B.weight``, as saved) and the T2I-Adapter's."""
-        states = {"lora": {f"unet.{k}": v for k, v in self.lora_state_dict().items()}}
-        states.update(super().file_state_dicts())
-        return states
+    def _lora_file_state(self) -> dict:
+        """The LoRA file's tensors, keyed ``unet.<module>.lora_A/B.weight`` as saved."""
+        return {"lora": {f"unet.{k}": v for k, v in self.lora_state_dict().items()}}
 
     def check_weight_files(self, files) -> None:
         """The LoRA file's metadata (what diffusers' loader builds the LoRA from) must match the options."""
@@ -287,7 +241,7 @@ class LoRAStudent(T2IAdapterFeatures, Student):
                 "(load_student does this), or re-export the adapter if its files are damaged."
             )
 
-    def _load_file_states(self, states) -> None:
+    def _load_lora_state(self, states) -> None:
         from peft.utils import set_peft_model_state_dict
 
         peft_sd = {k[len("unet."):]: v for k, v in states["lora"].items()}
@@ -295,6 +249,96 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if unexpected:
             check_state_dict_keys([], unexpected, "the LoRA file")
+
+    @staticmethod
+    def _load_lora_into(pipe, adapter_dir, weight_file: str) -> None:
+        """Load the exported LoRA into ``pipe``'s UNet (a pipeline with ``load_lora_weights``), adapter name
+        ``"condistill"``, not fused."""
+        unet = pipe.unet
+        if LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
+            raise ValueError(
+                f"This pipeline's UNet already carries a LoRA named {LORA_ADAPTER_NAME!r} (a condistill "
+                f"adapter was loaded before); remove it with pipe.unet.delete_adapters({LORA_ADAPTER_NAME!r}) "
+                "or start from a fresh pipeline."
+            )
+        pipe.load_lora_weights(adapter_dir, weight_name=weight_file, adapter_name=LORA_ADAPTER_NAME,
+                               use_safetensors=True)
+
+
+class LoRAStudent(UNetLoRA, T2IAdapterFeatures, Student):
+    """Frozen UNet with trainable LoRA layers + a trainable light T2I-Adapter for the condition.
+
+    Options (keyword arguments of :func:`~condistill.adapters.build_student`):
+        vae_scale_factor: pixels per latent pixel (SD: 8); required unless built from a Base.
+        rank: LoRA rank (default 4).
+        lora_alpha: LoRA alpha (default = rank, i.e. scale 1).
+        targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
+        condition_adapter: ``"auto"`` (default), ``"light_adapter"``, ``"full_adapter"`` or
+            ``"full_adapter_xl"`` (SDXL).
+        adapter_num_res_blocks: residual blocks per T2I-Adapter block (default 2).
+    """
+
+    kind = "lora"
+    weight_components = {"lora": LORA_WEIGHT_NAME, **WEIGHT_COMPONENT}
+
+    def __init__(
+        self,
+        unet,
+        condition_channels: int,
+        vae_scale_factor: int | None = None,
+        rank: int = 4,
+        lora_alpha: float | None = None,
+        targets: str | Sequence[str] = "attention",
+        condition_adapter: str = "auto",
+        adapter_num_res_blocks: int = 2,
+    ):
+        others_flags = self._other_lora_flags(unet)
+        super().__init__(unet, condition_channels, vae_scale_factor)
+        if condition_adapter == "auto":
+            condition_adapter = resolve_adapter_type(unet, "auto", ("light_adapter", *AUTO_ADAPTER_TYPES))
+            logger.info("LoRA student: condition enters through a %s", condition_adapter)
+        self.adapter = self._trainable(
+            make_t2i_adapter(unet, condition_channels, vae_scale_factor, condition_adapter, adapter_num_res_blocks)
+        )
+        lora = self._init_lora(unet, rank, lora_alpha, targets, others_flags)
+        self.adapter_options = {
+            "condition_channels": condition_channels,
+            "vae_scale_factor": vae_scale_factor,
+            **lora,
+            "condition_adapter": condition_adapter,
+            "adapter_num_res_blocks": int(adapter_num_res_blocks),
+        }
+
+    def _adapter_modules(self):
+        return {"adapter": self.adapter}
+
+    def trainable_named_parameters(self):
+        """LoRA parameters (``unet.*lora_A/B.condistill*``) and T2I-Adapter parameters (``adapter.*``)."""
+        out = self._lora_parameters()
+        out.update(super().trainable_named_parameters())
+        return out
+
+    def _forward_adapter(self, z, t, encoder_hidden_states, features):
+        # The LoRA is switched on only inside the student's own forward, so direct calls of the
+        # shared UNet (e.g. ``base.unet(...)`` as the teacher elsewhere) stay the plain teacher.
+        with self._lora_switched(True):
+            return self._unet_with_features(z, t, encoder_hidden_states, features)
+
+    # ---- files ------------------------------------------------------------------------
+    def save_weights(self, out_dir):
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers LoRA format) and ``t2i_adapter/``."""
+        files = self._save_lora(out_dir)
+        files.update(self._save_adapter_folder(Path(out_dir)))
+        return files
+
+    def file_state_dicts(self):
+        """The LoRA file's tensors (keys ``unet.<module>.lora_A/B.weight``, as saved) and the T2I-Adapter's."""
+        states = self._lora_file_state()
+        states.update(super().file_state_dicts())
+        return states
+
+    def _load_file_states(self, states) -> None:
+        self._load_lora_state(states)
         super()._load_file_states(states)
 
     @classmethod
@@ -328,16 +372,7 @@ class LoRAStudent(T2IAdapterFeatures, Student):
         """
         family = base_family(family, components["unet"])
         adapter = cls.load_stock_adapter(adapter_dir, weight_files, dtype)
-        unet = components["unet"]
-        if LORA_ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
-            raise ValueError(
-                f"This pipeline's UNet already carries a LoRA named {LORA_ADAPTER_NAME!r} (a condistill "
-                f"adapter was loaded before); remove it with pipe.unet.delete_adapters({LORA_ADAPTER_NAME!r}) "
-                "or start from a fresh pipeline."
-            )
-        family.pipeline("text", components).load_lora_weights(
-            adapter_dir, weight_name=weight_files["lora"], adapter_name=LORA_ADAPTER_NAME, use_safetensors=True
-        )
+        cls._load_lora_into(family.pipeline("text", components), adapter_dir, weight_files["lora"])
         return cls.adapter_pipeline(components, adapter, family)
 
 

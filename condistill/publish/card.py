@@ -34,6 +34,7 @@ _KIND_TEXT = {
     "controlnet": "a ControlNet",
     "t2i_adapter": "a T2I-Adapter",
     "lora": "a LoRA of the UNet with a light T2I-Adapter for the condition",
+    "controlnet_lora": "a ControlNet together with a LoRA of the UNet",
 }
 _CONDITION_TEXT = {"edge": "edge-to-image", "depth": "depth-to-image", "sr": "super-resolution",
                    "inpaint": "inpainting"}
