@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from condistill.adapters.student import (Student, base_family, check_pretrained_fit, pretrained_folder,
-                                         register_adapter, save_module_folder)
+                                         register_adapter, save_module_folder, unet_without_lora)
 
 __all__ = ["ControlNetStudent", "default_conditioning_embedding_channels"]
 
@@ -87,8 +87,9 @@ class ControlNetStudent(Student):
                     f"{2 ** (len(embedding) - 1)} but the VAE factor is {vae_scale_factor}; give "
                     f"{int(math.log2(vae_scale_factor)) + 1} widths."
                 )
-            controlnet = ControlNetModel.from_unet(
-                unet, conditioning_channels=condition_channels, conditioning_embedding_out_channels=embedding
+            controlnet = ControlNetModel.from_unet(  # a LoRA another student keeps in the UNet is not copied
+                unet_without_lora(unet), conditioning_channels=condition_channels,
+                conditioning_embedding_out_channels=embedding,
             )
             if next(controlnet.parameters()).dtype != torch.float32:
                 controlnet.to(torch.float32)

@@ -102,6 +102,18 @@ def save_module_folder(module, out_dir: str | os.PathLike, subfolder: str) -> st
     return weights_file(folder, Path(out_dir))
 
 
+def unet_without_lora(unet):
+    """``unet`` itself, or, when students or a fake score added peft LoRA layers to it, a plain copy of its own
+    weights without them (what ``ControlNetModel.from_unet`` and a full copy of the teacher need)."""
+    if not getattr(unet, "peft_config", None):
+        return unet
+    from diffusers import UNet2DConditionModel
+
+    clone = UNet2DConditionModel.from_config(unet.config)
+    clone.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k})
+    return clone.to(device=unet.device, dtype=unet.dtype)
+
+
 class Student(nn.Module):
     """A frozen UNet plus trainable adapter parameters (base class of every adapter kind).
 

@@ -97,15 +97,10 @@ class FakeScore:
         """A trainable float32 copy of the teacher UNet (without any LoRA a student keeps in it)."""
         import copy
 
-        if getattr(unet, "peft_config", None):
-            from diffusers import UNet2DConditionModel
+        from condistill.adapters.student import unet_without_lora
 
-            clone = UNet2DConditionModel.from_config(unet.config)
-            clone.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
-                                   if ".lora_" not in k})
-        else:
-            clone = copy.deepcopy(unet)
-        clone = clone.to(device=unet.device, dtype=torch.float32)
+        clone = unet_without_lora(unet)
+        clone = (copy.deepcopy(clone) if clone is unet else clone).to(device=unet.device, dtype=torch.float32)
         clone.train(False)
         for p in clone.parameters():
             p.requires_grad_(True)

@@ -20,11 +20,13 @@ KINDS = {
     "controlnet": {},
     "t2i_adapter": {"adapter_type": "light_adapter"},
     "lora": {"rank": 2, "lora_alpha": 3, "targets": "all"},
+    "controlnet_lora": {"rank": 2, "targets": "attention_ff"},
 }
 #: every damage of :func:`damage`
 DAMAGES = ["deleted_tensor", "extra_tensor", "nan_tensor", "pickle_only", "mismatched_kind", "unknown_kind"]
 #: the kind a "mismatched_kind" config claims instead of the exported one
-OTHER_KIND = {"controlnet": "t2i_adapter", "t2i_adapter": "controlnet", "lora": "t2i_adapter"}
+OTHER_KIND = {"controlnet": "t2i_adapter", "t2i_adapter": "controlnet", "lora": "t2i_adapter",
+              "controlnet_lora": "controlnet"}
 
 #: (edit of condistill_config.json or, under "scheduler", of scheduler/scheduler_config.json; phrase of the error)
 BAD_CONFIGS = {
@@ -106,7 +108,7 @@ def damage(folder: str | Path, how: str, component: str | None = None, keep_chec
     """Damage the adapter export in ``folder`` in place; return the phrases the error must contain.
 
     ``component`` is the weight file to damage (default: the one named like the kind:
-    ``controlnet``, ``t2i_adapter`` or ``lora``). The checksums are recorded again for the
+    ``controlnet``, ``t2i_adapter`` or ``lora``; ``lora`` for ``controlnet_lora``). The checksums are recorded again for the
     damaged files (:func:`rehash`) unless ``keep_checksums``.
     """
     phrases = _damage(Path(folder), how, component)
@@ -119,7 +121,8 @@ def _damage(folder: Path, how: str, component: str | None) -> list[str]:
     config_file = folder / "condistill_config.json"
     config = json.loads(config_file.read_text())
     kind = config["kind"]
-    rel = config["weight_files"][component or kind]
+    component = component or {"controlnet_lora": "lora"}.get(kind, kind)
+    rel = config["weight_files"][component]
     file = folder / rel
     state = load_file(file)
     keys = sorted(state)
@@ -142,7 +145,7 @@ def _damage(folder: Path, how: str, component: str | None) -> list[str]:
         pickle = file.with_name(file.name.replace(".safetensors", ".bin"))
         torch.save(state, pickle)
         file.unlink()
-        return [f"{file} of {component or kind!r} is missing", "only pickle weights", pickle.name, "never loads"]
+        return [f"{file} of {component!r} is missing", "only pickle weights", pickle.name, "never loads"]
     if how == "mismatched_kind":
         other = OTHER_KIND[kind]
         config_file.write_text(json.dumps(dict(config, kind=other)))
