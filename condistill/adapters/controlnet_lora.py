@@ -35,18 +35,10 @@ class ControlNetLoRAStudent(UNetLoRA, ControlNetStudent):
     kind = "controlnet_lora"
     weight_components = {**ControlNetStudent.weight_components, "lora": LORA_WEIGHT_NAME}
 
-    def __init__(
-        self,
-        unet,
-        condition_channels: int,
-        vae_scale_factor: int | None = None,
-        rank: int = 4,
-        lora_alpha: float | None = None,
-        targets: str | Sequence[str] = "attention",
-        conditioning_embedding_out_channels: Sequence[int] | None = None,
-        pretrained_controlnet: str | os.PathLike | None = None,
-        revision: str | None = None,
-    ):
+    def __init__(self, unet, condition_channels: int, vae_scale_factor: int | None = None, rank: int = 4,
+                 lora_alpha: float | None = None, targets: str | Sequence[str] = "attention",
+                 conditioning_embedding_out_channels: Sequence[int] | None = None,
+                 pretrained_controlnet: str | os.PathLike | None = None, revision: str | None = None):
         others_flags = self._other_lora_flags(unet)
         # the ControlNet is copied from the UNet before the LoRA is added: it holds no LoRA layers
         super().__init__(unet, condition_channels, vae_scale_factor,
