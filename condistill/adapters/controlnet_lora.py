@@ -67,15 +67,6 @@ class ControlNetLoRAStudent(UNetLoRA, ControlNetStudent):
         files.update(self._save_lora(out_dir))
         return files
 
-    def file_state_dicts(self):
-        states = super().file_state_dicts()
-        states.update(self._lora_file_state())
-        return states
-
-    def _load_file_states(self, states) -> None:
-        self._load_lora_state(states)
-        super()._load_file_states(states)
-
     @classmethod
     def diffusers_snippet(cls, base, weight_files, family=None):
         lora = Path(weight_files.get("lora", LORA_WEIGHT_NAME)).as_posix()

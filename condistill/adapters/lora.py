@@ -217,9 +217,13 @@ class UNetLoRA:
         )
         return {"lora": LORA_WEIGHT_NAME}
 
-    def _lora_file_state(self) -> dict:
-        """The LoRA file's tensors, keyed ``unet.<module>.lora_A/B.weight`` as saved."""
-        return {"lora": {f"unet.{k}": v for k, v in self.lora_state_dict().items()}}
+    def file_state_dicts(self):
+        """The other components' tensors and the LoRA file's (keys ``unet.<module>.lora_A/B.weight``, as saved)."""
+        return {**super().file_state_dicts(), "lora": {f"unet.{k}": v for k, v in self.lora_state_dict().items()}}
+
+    def _load_file_states(self, states) -> None:
+        self._load_lora_state(states)
+        super()._load_file_states(states)
 
     def check_weight_files(self, files) -> None:
         """The LoRA file's metadata (what diffusers' loader builds the LoRA from) must match the options."""
@@ -330,16 +334,6 @@ class LoRAStudent(UNetLoRA, T2IAdapterFeatures, Student):
         files = self._save_lora(out_dir)
         files.update(self._save_adapter_folder(Path(out_dir)))
         return files
-
-    def file_state_dicts(self):
-        """The LoRA file's tensors (keys ``unet.<module>.lora_A/B.weight``, as saved) and the T2I-Adapter's."""
-        states = self._lora_file_state()
-        states.update(super().file_state_dicts())
-        return states
-
-    def _load_file_states(self, states) -> None:
-        self._load_lora_state(states)
-        super()._load_file_states(states)
 
     @classmethod
     def diffusers_snippet(cls, base, weight_files, family=None):
