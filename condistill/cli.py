@@ -442,7 +442,8 @@ COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]
                      "(--verify DIR checks one)",
             "eval": "score students and baselines on held-out synthetic scenes or your own images (--data)",
             "export": "write a run's adapter in a format other tools read: condistill export RUN --format F --out FILE",
-            "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID"}
+            "push": "upload a run's export to the Hugging Face hub: condistill push RUN REPO_ID",
+            "demo": "see students live in the browser: condistill demo RUN [RUN ...] (pip install 'condistill[demo]')"}
 
 
 def main(argv=None) -> int:
@@ -468,6 +469,9 @@ def main(argv=None) -> int:
     if command == "push":
         from condistill.publish.push import push_main
         return guarded("condistill push", lambda: push_main([w for w in rest if w != DEBUG_FLAG]), rest)
+    if command == "demo":
+        from condistill.demo import main as demo_main
+        return guarded("condistill demo", lambda: demo_main(rest), rest)
     close = difflib.get_close_matches(command, list(COMMANDS), n=1)
     hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(COMMANDS)}"
     print(f"condistill: error: unknown command {command!r}; {hint} (condistill --help describes them)",
