@@ -20,6 +20,9 @@ from condistill.demo.inputs import MAX_UPLOAD_BYTES
 __all__ = ["launch", "load_models", "main"]
 
 PROG = "condistill demo"
+# the images are small (the training resolution): shown large, pixels kept sharp
+CSS = ("[id^=condistill-output-] img, #condistill-control img {image-rendering: pixelated; width: 100%; "
+       "height: 100%; object-fit: contain}")
 
 
 def require_gradio() -> None:
@@ -66,7 +69,7 @@ def launch(refs, *, host: str = "127.0.0.1", port: int | None = None, share: boo
     demo = build(models)
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_upload_bytes,
-                            prevent_thread_lock=True, quiet=True, show_error=False, footer_links=[])
+                            prevent_thread_lock=True, quiet=True, show_error=False, footer_links=[], css=CSS)
     if block:
         print(f"{PROG}: serving {', '.join(str(r) for r in refs)} at {url} (Ctrl-C stops it)", flush=True)
         demo.block_thread()

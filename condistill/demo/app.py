@@ -7,19 +7,25 @@ column (a 50-step conventional adapter) never holds back a fast one.
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 
 import numpy as np
+import torch
+from PIL import Image
 
-from condistill.demo.inputs import (BadInput, canvas_for, condition_from_upload, edges_layer, inpaint_condition,
-                                    layers_ink, read_upload, sketch_to_edges)
+from condistill.demo import canvas
+from condistill.demo.canvas import empty, strokes_ink
+from condistill.demo.inputs import (BadInput, canvas_for, condition_from_upload, inpaint_condition, read_upload,
+                                    sketch_to_edges)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page never calls out
 
 #: The element ids a browser (and the tests) find the page's parts by.
 IDS = {"canvas": "condistill-canvas", "upload": "condistill-upload", "control": "condistill-control",
        "status": "condistill-status", "prompt": "condistill-prompt", "seed": "condistill-seed",
-       "example": "condistill-example", "depth_map": "condistill-depth-map"}
+       "example": "condistill-example", "clear": "condistill-clear", "depth_map": "condistill-depth-map"}
 
 
 def output_id(i: int) -> str:
@@ -35,7 +41,11 @@ def _warn(message: str) -> str:
 
 
 class Page:
-    """The page's logic without its widgets: turning the inputs into a condition and a column's image."""
+    """The page's logic without its widgets: turning the inputs into a condition and a column's image.
+
+    ``picture`` is what an upload or an example laid down: an edge map under the canvas (edge), the photo
+    to brush the hole on (inpaint, fitted to the training resolution), or the uploaded image (depth, sr).
+    """
 
     def __init__(self, models):
         self.models = models
@@ -43,131 +53,130 @@ class Page:
         self.condition = first.condition
         self.resolution = first.resolution
         self.canvas = canvas_for(self.resolution)
+        self.draws = self.condition.name in ("edge", "inpaint")
+        self.brush = self.canvas.brush if self.condition.name == "edge" else self.canvas.brush * 6
+        #: column -> the last call it sampled: (control, prompt, steps, seed, guidance)
+        self.last: dict[int, tuple] = {}
 
-    def control(self, sketch, image, depth_map: bool):
+    def control(self, strokes, picture, depth_map: bool):
         """The condition ``[1, C, R, R]`` of the page's input, or None when there is none yet."""
         name = self.condition.name
         if name == "edge":
-            if sketch is None:
-                return None
-            layers = sketch.get("layers") or []
-            size = (self.canvas.size, self.canvas.size)
-            return sketch_to_edges(layers_ink(layers, size), self.resolution)
+            ink = sketch_to_edges(strokes_ink(strokes, self.canvas.size, self.brush), self.resolution)
+            return ink if picture is None else torch.maximum(ink, picture)
         if name == "inpaint":
-            if sketch is None or sketch.get("background") is None:
+            if picture is None:
                 return None
-            background = np.asarray(sketch["background"])[..., :3]
-            from PIL import Image
-
-            photo = Image.fromarray(np.ascontiguousarray(background))
-            return inpaint_condition(self.condition, photo, layers_ink(sketch.get("layers"), photo.size))
-        if image is None:
+            hole = sketch_to_edges(strokes_ink(strokes, self.canvas.size, self.brush), self.resolution)[0, 0]
+            return inpaint_condition(self.condition, picture, hole.numpy() > 0.5)
+        if picture is None:
             return None
-        return condition_from_upload(self.condition, image, depth_map=bool(depth_map))
+        return condition_from_upload(self.condition, picture, depth_map=bool(depth_map))
 
-    def column(self, i: int, sketch, image, depth_map, prompt, seed, steps, guidance):
+    def column(self, i: int, strokes, picture, depth_map, prompt, seed, steps, guidance):
         """Column ``i``'s outputs: (image, time text, control preview, status)."""
         import gradio as gr
 
         try:
-            control = self.control(sketch, image, depth_map)
+            control = self.control(strokes, picture, depth_map)
         except BadInput as exc:
             return gr.skip(), gr.skip(), gr.skip(), _warn(str(exc))
         if control is None:
-            return None, "", None, "Draw, upload or pick an example to start."
+            return None, "", None, "Upload an image or pick an example scene to start."
         model = self.models[i]
-        sample = model.generate(control, prompt or "", steps=int(steps), seed=int(seed or 0), guidance=float(guidance))
+        call = (control, prompt or "", int(steps), int(seed or 0), float(guidance))
+        sample = model.generate(*call[:2], steps=call[2], seed=call[3], guidance=call[4])
+        self.last[i] = call
         label = f"{sample.seconds * 1000:.0f} ms to sample · {int(steps)} step{'s' if int(steps) > 1 else ''}"
         preview = self.condition.to_pil(control) if i == 0 else gr.skip()
         return sample.image, label, preview, "" if i == 0 else gr.skip()
 
-    def load_upload(self, upload):
-        """An uploaded file read for the page: (image state, status), or the refusal in the status."""
+    def _laid(self, picture, generation: int):
+        """The outputs of laying ``picture`` down: (picture state, canvas update, status)."""
         import gradio as gr
 
-        if upload is None:
-            return gr.skip(), ""
-        try:
-            return read_upload(upload), ""
-        except BadInput as exc:
-            return gr.skip(), _warn(str(exc))
+        if not self.draws:
+            return picture, gr.skip(), ""
+        if self.condition.name == "edge":
+            shown = Image.fromarray(np.where(picture[0, 0].numpy() > 0.5, 0, 255).astype(np.uint8))
+        else:
+            shown = picture
+        shown = shown.resize((self.canvas.size, self.canvas.size), Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return picture, gr.HTML(value=empty(generation), background=url, generation=generation), ""
 
-    def upload_to_canvas(self, upload):
-        """edge: an uploaded photo's edges (as training made them) laid on the canvas to draw over;
-        inpaint: the photo as the editor's background, to brush the hole on."""
+    def upload(self, path, generation):
+        """An uploaded file laid down (edge: its edges, as training found them, under the canvas; inpaint: the
+        photo to brush; depth, sr: the image); a refusal goes to the status and changes nothing."""
         import gradio as gr
 
-        if upload is None:
-            return gr.skip(), ""
+        if path is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            photo = read_upload(upload)
-            if self.condition.name == "inpaint":
-                fitted = self._fit(photo)
-                return {"background": np.asarray(fitted), "layers": [], "composite": np.asarray(fitted)}, ""
-            edges = condition_from_upload(self.condition, photo)
-        except BadInput as exc:
-            return gr.skip(), _warn(str(exc))
-        return self._canvas_value(edges), ""
+            photo = read_upload(path)
+            picture = self._picture(photo)
+        except BadInput as exc:  # (picture, canvas, status, generation): only the status changes
+            return gr.skip(), gr.skip(), _warn(str(exc)), gr.skip()
+        return (*self._laid(picture, int(generation) + 1), int(generation) + 1)
 
-    def _fit(self, photo):
-        from condistill.data.images import fit_record
-        from condistill.data.record import Record
+    def _picture(self, photo):
+        if self.condition.name == "edge":
+            return condition_from_upload(self.condition, photo)
+        if self.condition.name == "inpaint":
+            from condistill.data.images import fit_record
+            from condistill.data.record import Record
 
-        return fit_record(Record(image=photo), self.canvas.size)[0].image
+            return fit_record(Record(image=photo), self.resolution)[0].image
+        return photo
 
-    def _canvas_value(self, edges) -> dict:
-        layer = edges_layer(edges, self.canvas.size)
-        white = np.full((self.canvas.size, self.canvas.size, 3), 255, dtype=np.uint8)
-        composite = white.copy()
-        composite[layer[..., 3] > 0] = 0
-        return {"background": white, "layers": [layer], "composite": composite}
+    def example(self, index, generation):
+        """A held-out synthetic scene of the embedded world laid down like an upload (depth: its true depth map)."""
+        import gradio as gr
 
-    def example(self, index):
-        """A held-out synthetic scene (the embedded world's): on the canvas (edge, inpaint) or as the image."""
         from condistill.world.scenes import generate_scene
 
         scene = generate_scene(int(index or 0), "heldout", resolution=self.resolution)
-        if self.condition.name == "edge":
-            return self._canvas_value(self.condition.control_image(scene.image)), None
-        if self.condition.name == "inpaint":
-            fitted = self._fit(scene.image)
-            return {"background": np.asarray(fitted), "layers": [], "composite": np.asarray(fitted)}, None
         if self.condition.name == "depth":
-            from PIL import Image
+            depth = Image.fromarray((np.clip(scene.depth, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+            return depth, gr.skip(), "", int(generation) + 1
+        return (*self._laid(self._picture(scene.image), int(generation) + 1), int(generation) + 1)
 
-            return None, Image.fromarray((np.clip(scene.depth, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
-        return None, scene.image
+    def clear(self, generation):
+        """An empty canvas with nothing under it."""
+        import gradio as gr
+
+        generation = int(generation) + 1
+        canvas = gr.HTML(value=empty(generation), background="", generation=generation) if self.draws else gr.skip()
+        return None, canvas, "", generation
 
 
 def build(models, *, title: str = "condistill demo"):
-    """The ``gradio.Blocks`` page for ``models`` (:class:`~condistill.demo.models.DemoModel`, one condition)."""
+    """The ``gradio.Blocks`` page for ``models`` (:class:`~condistill.demo.models.DemoModel`, one condition);
+    its :class:`Page` is ``demo.condistill_page``."""
     import gradio as gr
 
     page = Page(models)
     name = page.condition.name
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}: {name}\n" + _instructions(name, page.resolution))
-        image_state = gr.State(None)
+        picture = gr.State(None)
+        generation = gr.State(0)
         with gr.Row():
             with gr.Column(scale=2):
-                sketch = upload = None
-                if name in ("edge", "inpaint"):
-                    brush = gr.Brush(default_size=page.canvas.brush if name == "edge" else page.canvas.brush * 6,
-                                     colors=["#000000"] if name == "edge" else ["#ff00ff"], color_mode="fixed")
-                    value = page._canvas_value(np.zeros((1, 3, page.resolution, page.resolution), np.float32)) \
-                        if name == "edge" else None
-                    sketch = gr.ImageEditor(value=value, label="draw the edges" if name == "edge" else
-                                            "brush the hole", type="numpy", image_mode="RGBA", format="png",
-                                            canvas_size=(page.canvas.size, page.canvas.size), fixed_canvas=name == "edge",
-                                            brush=brush, eraser=gr.Eraser(default_size=page.canvas.brush * 2),
-                                            transforms=(), layers=False, sources=(), elem_id=IDS["canvas"])
+                strokes = gr.HTML(value=empty(), html_template=canvas.TEMPLATE, css_template=canvas.CSS,
+                                  js_on_load=canvas.JS, size=page.canvas.size, brush=page.brush,
+                                  color="#000000" if name == "edge" else "rgba(255, 0, 255, 0.55)", background="",
+                                  generation=0, visible=page.draws, elem_id=IDS["canvas"])
                 upload = gr.File(label="upload an image" if name != "sr" else "upload a low-resolution image",
-                                 file_types=["image"], type="filepath", elem_id=IDS["upload"])
+                                 type="filepath", elem_id=IDS["upload"])  # any file: ours says what is wrong
                 depth_map = gr.Checkbox(label="the image is a depth map (grey, near is bright)", value=False,
                                         visible=name == "depth", elem_id=IDS["depth_map"])
                 with gr.Row():
                     example_index = gr.Number(value=0, precision=0, label="held-out scene", minimum=0)
                     example = gr.Button("example scene", elem_id=IDS["example"])
+                    clear = gr.Button("clear", elem_id=IDS["clear"])
                 prompt = gr.Textbox(label="prompt", value="", elem_id=IDS["prompt"])
                 seed = gr.Number(value=0, precision=0, label="seed", minimum=0, elem_id=IDS["seed"])
                 status = gr.Markdown("", elem_id=IDS["status"])
@@ -177,36 +186,33 @@ def build(models, *, title: str = "condistill demo"):
             for i, model in enumerate(models):
                 with gr.Column(scale=2):
                     gr.Markdown(f"### {model.label}\n{model.describe()}")
-                    out = gr.Image(label="output", format="png", interactive=False, elem_id=output_id(i))
+                    out = gr.Image(label="output", format="png", interactive=False, elem_id=output_id(i), height=360)
                     timing = gr.Markdown("", elem_id=time_id(i))
                     steps = gr.Radio(choices=list(model.steps), value=model.steps[0], label="steps")
                     guidance = gr.Slider(1.0, 8.0, value=model.guidance, step=0.5, label="guidance")
                     columns.append((out, timing, steps, guidance))
 
-        inputs = [sketch or gr.State(None), image_state, depth_map, prompt, seed]
-        if name in ("edge", "inpaint"):
-            upload.upload(page.upload_to_canvas, [upload], [sketch, status], show_progress="hidden")
-            example.click(lambda i: page.example(i)[0], [example_index], [sketch], show_progress="hidden")
-        else:
-            upload.upload(page.load_upload, [upload], [image_state, status], show_progress="hidden")
-            example.click(lambda i: page.example(i)[1], [example_index], [image_state], show_progress="hidden")
+        laid = [picture, strokes, status, generation]
+        upload.change(page.upload, [upload, generation], laid, show_progress="hidden")
+        example.click(page.example, [example_index, generation], laid, show_progress="hidden")
+        clear.click(page.clear, [generation], laid, show_progress="hidden")
         for i, (out, timing, steps, guidance) in enumerate(columns):
-            triggers = [prompt.change, seed.change, steps.change, guidance.change, image_state.change,
-                        depth_map.change]
-            if sketch is not None:
-                triggers.append(sketch.change)
-            gr.on(triggers, lambda *a, i=i: page.column(i, *a), inputs + [steps, guidance],
+            triggers = [strokes.change, picture.change, depth_map.change, prompt.change, seed.change, steps.change,
+                        guidance.change]
+            gr.on(triggers, lambda *a, i=i: page.column(i, *a), [strokes, picture, depth_map, prompt, seed, steps,
+                                                                  guidance],
                   [out, timing, control, status], trigger_mode="always_last", concurrency_limit=1,
                   concurrency_id=f"column-{i}", show_progress="hidden")
+    demo.condistill_page = page
     return demo
 
 
 def _instructions(name: str, resolution: int) -> str:
     what = {
         "edge": "Draw edges on the canvas (the pen is one training pixel wide) or upload a photo: its edges, "
-                "found as in training, are laid on the canvas to draw over.",
+                "found as in training, are laid under the canvas to draw over.",
         "depth": "Upload a photo (its depth is estimated as in training) or a depth map, or pick an example scene.",
         "sr": "Upload a low-resolution image; it is brought up to the training size and sharpened.",
-        "inpaint": "Upload a photo, then brush the hole to fill.",
+        "inpaint": "Upload a photo (or pick an example scene), then brush the hole to fill.",
     }.get(name, "Upload an image.")
     return f"{what} The images follow every change; the student was trained at {resolution} px."

@@ -28,8 +28,8 @@ from PIL import Image
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: The most pixels an uploaded image may have (width x height), checked before it is decoded.
 MAX_UPLOAD_PIXELS = 4096 * 4096
-#: The fraction of a training pixel a stroke must cover to be kept in the edge map.
-STROKE_COVERAGE = 0.35
+#: The fraction of a training pixel a stroke must cover to be kept in the edge map (half: a stroke as wide as a pixel is never lost).
+STROKE_COVERAGE = 0.5
 
 
 class BadInput(ValueError):
@@ -53,8 +53,8 @@ def canvas_for(resolution: int, least: int = 512) -> Canvas:
 
 
 def _ink(sketch: np.ndarray) -> np.ndarray:
-    """The drawn pixels of a canvas: a ``bool [H, W]`` mask as it is; an RGBA layer's opaque pixels (the
-    page's strokes); dark pixels of a grey or RGB image (pen on paper), uint8 or float in [0, 1]."""
+    """The drawn pixels of a canvas: a ``bool [H, W]`` mask as it is; an RGBA layer's opaque pixels; dark
+    pixels of a grey or RGB image (pen on paper: the page's canvas), uint8 or float in [0, 1]."""
     arr = np.asarray(sketch)
     if arr.ndim == 2 and arr.dtype == bool:
         return arr
@@ -160,27 +160,3 @@ def inpaint_condition(condition, image: Image.Image, mask: np.ndarray) -> torch.
     hole = torch.from_numpy(fitted.masks[0]).to(torch.float32)
     pixels = uint8_to_tensor(np.asarray(fitted.image, dtype=np.uint8))
     return torch.cat([pixels * (1.0 - hole), hole[None]], dim=0)[None].contiguous()
-
-
-def layers_ink(layers: list, size: tuple[int, int]) -> np.ndarray:
-    """What was painted on an image editor's layers (RGBA arrays ``[H, W, 4]`` of ``size`` = (W, H)): a
-    ``bool [H, W]`` mask of their opaque pixels (a stroke's soft rim, under half opaque, is not)."""
-    width, height = size
-    mask = np.zeros((height, width), dtype=bool)
-    for layer in layers or []:
-        arr = np.asarray(layer)
-        if arr.ndim == 3 and arr.shape[2] == 4 and arr.shape[:2] == (height, width):
-            mask |= arr[..., 3] >= 128
-    return mask
-
-
-def edges_layer(edges: torch.Tensor, size: int) -> np.ndarray:
-    """An edge map ``[1, 3, R, R]`` drawn as a canvas layer ``uint8 [size, size, 4]``: black opaque strokes
-    where there are edges, transparent elsewhere (each training pixel a ``size / R`` square, so
-    :func:`sketch_to_edges` gives the same map back)."""
-    on = np.asarray(edges)[0, 0] > 0.5
-    scale = size // on.shape[0]
-    big = np.kron(on, np.ones((scale, scale), dtype=bool))
-    layer = np.zeros((size, size, 4), dtype=np.uint8)
-    layer[..., 3] = np.where(big, 255, 0)
-    return layer

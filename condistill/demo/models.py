@@ -57,6 +57,8 @@ class DemoModel:
         from condistill.pipeline import load_adapter
 
         self.pipe = ref if _is_pipe(ref) else load_adapter(ref, device=device, decoder=decoder)
+        #: what was loaded (None for a given pipeline)
+        self.source = None if _is_pipe(ref) else ref
         if not hasattr(self.pipe, "condistill_config"):
             raise TypeError("DemoModel takes a run, adapter folder, hub id or a pipeline from condistill.load_adapter")
         self.pipe.set_progress_bar_config(disable=True)
@@ -66,11 +68,15 @@ class DemoModel:
         self.label = label or (str(ref).rstrip("/").split("/")[-1] if not _is_pipe(ref) else self.config["kind"])
         self.conventional = (self.config.get("extra") or {}).get("loss") == "diffusion"
         if self.conventional:
+            import inspect
+
             from diffusers import DDIMScheduler
 
             # the baseline rows of condistill eval: DDIM on the base's noise schedule
-            self.pipe.scheduler = DDIMScheduler.from_config(
-                dict(self.pipe.scheduler.config), set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+            accepted = inspect.signature(DDIMScheduler.__init__).parameters
+            schedule = {k: v for k, v in self.pipe.scheduler.config.items() if k in accepted}
+            self.pipe.scheduler = DDIMScheduler.from_config(schedule, set_alpha_to_one=False, steps_offset=1,
+                                                            clip_sample=False)
             self.steps = CONVENTIONAL_STEPS
             self.guidance = CONVENTIONAL_GUIDANCE
         else:
