@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from condistill.data.record import Record
 from condistill.demo import canvas
 from condistill.demo.canvas import empty, strokes_ink
 from condistill.demo.inputs import (BadInput, canvas_for, condition_from_upload, inpaint_condition, read_upload,
@@ -71,6 +72,8 @@ class Page:
             return inpaint_condition(self.condition, picture, hole.numpy() > 0.5)
         if picture is None:
             return None
+        if isinstance(picture, Record):  # an example scene: the depth it was rendered with
+            return self.condition.control_image(picture.image, depth=picture.depth)
         return condition_from_upload(self.condition, picture, depth_map=bool(depth_map))
 
     def column(self, i: int, strokes, picture, depth_map, prompt, seed, steps, guidance):
@@ -132,15 +135,18 @@ class Page:
         return photo
 
     def example(self, index, generation):
-        """A held-out synthetic scene of the embedded world laid down like an upload (depth: its true depth map)."""
+        """A held-out synthetic scene of the embedded world laid down like an upload (depth: the photo with the depth
+        it was rendered with; sr: a quarter-size copy)."""
         import gradio as gr
 
         from condistill.world.scenes import generate_scene
 
         scene = generate_scene(int(index or 0), "heldout", resolution=self.resolution)
         if self.condition.name == "depth":
-            depth = Image.fromarray((np.clip(scene.depth, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
-            return depth, gr.skip(), "", int(generation) + 1
+            return Record(image=scene.image, depth=scene.depth), gr.skip(), "", int(generation) + 1
+        if self.condition.name == "sr":  # a quarter-size copy, the low-resolution input
+            low = scene.image.resize((max(1, self.resolution // 4),) * 2, Image.Resampling.BICUBIC)
+            return low, gr.skip(), "", int(generation) + 1
         return (*self._laid(self._picture(scene.image), int(generation) + 1), int(generation) + 1)
 
     def clear(self, generation):
