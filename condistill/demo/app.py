@@ -58,6 +58,8 @@ class Page:
         self.brush = self.canvas.brush if self.condition.name == "edge" else self.canvas.brush * 6
         #: column -> the last call it sampled: (control, prompt, steps, seed, guidance)
         self.last: dict[int, tuple] = {}
+        #: column -> how many images it has sampled (shown with the time, so each update is told apart)
+        self.updates: dict[int, int] = {}
 
     def control(self, strokes, picture, depth_map: bool):
         """The condition ``[1, C, R, R]`` of the page's input, or None when there is none yet."""
@@ -90,7 +92,9 @@ class Page:
         call = (control, prompt or "", int(steps), int(seed or 0), float(guidance))
         sample = model.generate(*call[:2], steps=call[2], seed=call[3], guidance=call[4])
         self.last[i] = call
-        label = f"{sample.seconds * 1000:.0f} ms to sample · {int(steps)} step{'s' if int(steps) > 1 else ''}"
+        self.updates[i] = self.updates.get(i, 0) + 1
+        label = (f"{sample.seconds * 1000:.0f} ms to sample · {int(steps)} step{'s' if int(steps) > 1 else ''} · "
+                 f"update {self.updates[i]}")
         preview = self.condition.to_pil(control) if i == 0 else gr.skip()
         return sample.image, label, preview, "" if i == 0 else gr.skip()
 

@@ -1,7 +1,8 @@
 """The page's drawing canvas: a plain ``<canvas>`` in a ``gradio.HTML`` whose value is the strokes drawn on it.
 
 The browser keeps the strokes as lists of points (canvas pixels) and sends them while the pen moves, at
-most every :data:`SEND_EVERY_MS` and once more when it lifts; Python draws them again with the same brush
+most every :data:`SEND_EVERY_MS` (the first time that long after it touched down) and once more when it
+lifts; Python draws them again with the same brush
 (:func:`strokes_ink`). A stroke costs a few hundred bytes to send, where an image editor sends whole
 images after each stroke.
 
@@ -70,7 +71,7 @@ function soon() {
 element.addEventListener('pointerdown', e => {
   const c = canvas(); if (e.target !== c) return;
   fresh(); c.setPointerCapture(e.pointerId); state.drawing = true;
-  state.strokes.push([point(c, e)]); paint(); soon();
+  state.strokes.push([point(c, e)]); paint(); state.last = performance.now();
 });
 element.addEventListener('pointermove', e => {
   if (!state.drawing) return;

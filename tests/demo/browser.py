@@ -17,21 +17,24 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", s
 DRIVER = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "") if p and os.path.exists(p)),
               None)
 
-# Installed in the page: the times of the pointer releases, and of each new output image once decoded
+# Installed in the page: the times of the pointer releases, and of each update a column shows (its time text
+# changes with every update; the stamp waits for the column's image to be decoded)
 WATCH = """
 window.condistillTimes = {release: [], shown: {}};
 document.addEventListener('pointerup', () => window.condistillTimes.release.push(performance.now()), true);
-const seen = new Set();
+const stamped = {};
 new MutationObserver(() => {
-  for (const img of document.querySelectorAll('[id^=condistill-output-] img')) {
-    const column = img.closest('[id^=condistill-output-]').id;
-    if (!img.src || seen.has(column + img.src)) continue;
-    seen.add(column + img.src);
-    const src = img.src;
-    img.decode().then(() => (window.condistillTimes.shown[column] = window.condistillTimes.shown[column] || [])
-      .push([performance.now(), src])).catch(() => {});
+  for (const box of document.querySelectorAll('[id^=condistill-time-]')) {
+    const column = box.id.replace('condistill-time-', 'condistill-output-');
+    const label = box.innerText;
+    if (!label || stamped[column] === label) continue;
+    stamped[column] = label;
+    const img = document.querySelector('#' + column + ' img');
+    const done = () => (window.condistillTimes.shown[column] = window.condistillTimes.shown[column] || [])
+      .push([performance.now(), label, img ? img.src : null]);
+    requestAnimationFrame(() => (img ? img.decode().then(done, done) : done()));
   }
-}).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+}).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
 """
 
 
