@@ -19,7 +19,8 @@ Torch's thread count is fixed (``--threads``) and the browser runs on the same C
 ``--train-steps`` steps first: a call costs the same whatever the weights, and a few dozen steps
 make each stroke's image differ from the last, which the browser figures need.
 
-    python benchmarks/demo_latency.py --threads 2 --updates 50 --out docs/benchmarks/demo_latency_cpu.json
+    python benchmarks/demo_latency.py --threads 1 --updates 50 --out docs/benchmarks/demo_latency_cpu.json
+    python benchmarks/demo_latency.py --threads 1 --decoder embedded:tiny-decoder --out latency-tiny-decoder.json
 """
 from __future__ import annotations
 
@@ -54,11 +55,11 @@ def student(args) -> str:
     return str(out)
 
 
-def sampling(run: str, args) -> dict:
+def sampling(run: str, args, decoder=None) -> dict:
     from condistill.demo.models import DemoModel
     from condistill.world.scenes import generate_scene
 
-    model = DemoModel(run)
+    model = DemoModel(run, decoder=decoder)
     control = model.condition.control_image(generate_scene(0, "heldout", resolution=model.resolution).image)
     out = {}
     for steps in (1, 2, 4):
@@ -79,7 +80,7 @@ def browser_latency(run: str, args) -> dict:
 
     from condistill.demo import launch
 
-    demo, url = launch([run], port=free_port(), block=False)
+    demo, url = launch([run], port=free_port(), block=False, decoder=args.decoder)
     page = demo.condistill_page
     calls = []  # (start, end) of each sampled update, ms since the epoch
     original = page.column
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed sampling calls first [5]")
     p.add_argument("--draw-seconds", type=float, default=60, help="continuous drawing, seconds (0: skip) [60]")
     p.add_argument("--no-browser", action="store_true", help="only the sampling figures")
+    p.add_argument("--decoder", help="a fast decoder (e.g. embedded:tiny-decoder): sampling is also timed with it, "
+                   "and the browser figures use it [the full VAE]")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
 
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     run = student(args)
     report = {"threads": args.threads, "student": args.student or f"edge ControlNet, embedded teacher, "
               f"{args.train_steps} steps", "sampling": sampling(run, args)}
+    if args.decoder:
+        report["sampling_" + args.decoder] = sampling(run, args, decoder=args.decoder)
     if not args.no_browser:
         report["browser"] = browser_latency(run, args)
     text = json.dumps(report, indent=2)

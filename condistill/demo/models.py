@@ -15,6 +15,7 @@ page redraws on every stroke with the same prompt); they are what the pipeline w
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -100,6 +101,7 @@ class DemoModel:
         self.img2img = "strength" in self.defaults
         self._embeds_key = None
         self._embeds: dict = {}
+        self._lock = threading.Lock()  # a pipeline (its scheduler's timesteps) serves one call at a time
 
     @property
     def resolution(self) -> int:
@@ -155,7 +157,8 @@ class DemoModel:
         steps = self.steps[0] if steps is None else int(steps)
         guidance = self.guidance if guidance is None else float(guidance)
         args = self.call_arguments(control, prompt, steps, seed, guidance)
-        start = time.perf_counter()
-        embeds = self._prompt_embeds(prompt, guidance)
-        image = self.pipe(**embeds, **args).images[0]
-        return Sample(image=image, seconds=time.perf_counter() - start)
+        with self._lock:
+            start = time.perf_counter()
+            embeds = self._prompt_embeds(prompt, guidance)
+            image = self.pipe(**embeds, **args).images[0]
+            return Sample(image=image, seconds=time.perf_counter() - start)
