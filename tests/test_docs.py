@@ -130,6 +130,19 @@ COMMANDS: list[Entry] = [
           replace=(("runs/edge-sd15", "runs/edge-sd15-cache"),),
           append=f"--mixed-precision bf16 --resolution 16 {TINY_TRAIN}",
           check=_exported("runs/edge-sd15-cache", **SD15_GPU_RAN)),
+    # ---- README.md and docs/demo.md: condistill demo
+    Entry("README.md", r"^condistill demo ", "parse",
+          "serves until stopped; tests/demo/test_browser.py serves the page and drives it in Chromium"),
+    Entry("docs/demo.md", r"^pip install .condistill\[demo\].$", "skip", "installs from the package index"),
+    Entry("docs/demo.md", r"^condistill demo ", "parse",
+          "serves until stopped; tests/demo/test_browser.py serves the page and drives it in Chromium"),
+    Entry("docs/demo.md", r"demo_latency\.py --threads 1 --updates 50 --out", "run",
+          "the sampling figures of a one-step-trained student, one update each, without the browser part (the "
+          "browser tests drive the same page)",
+          replace=(("--updates 50", "--updates 1 --warmup 0 --train-steps 1 --no-browser"),),
+          check=_wrote("docs/benchmarks/demo_latency_cpu.json")),
+    Entry("docs/demo.md", r"demo_latency\.py .*--decoder", "skip",
+          "the command above with the tiny decoder: 50 updates per step count and a minute of drawing in Chromium"),
     # ---- docs/distributed.md
     Entry("docs/distributed.md", r"--multi_gpu|--config_file examples/accelerate/ddp\.yaml|--nproc_per_node 4", "parse",
           "4 processes of SD 1.5, one per GPU"),
@@ -339,8 +352,13 @@ def _parse(text: str) -> None:
         command, args = args[0], args[1:]
         if command == "train":
             script, args = f"recipes/{args[0]}.py", args[1:]
+        elif command == "demo":
+            from condistill.demo import parser
+
+            parser().parse_args(args)
+            return
         else:
-            assert command == "eval", f"parse covers train and eval commands, not `{text}`"
+            assert command == "eval", f"parse covers train, eval and demo commands, not `{text}`"
             ev = _eval_parser().parse_args(args)
             if ev.row:  # parse_rows wants the folders it names: empty stand-ins (the syntax is checked, not the runs)
                 for row in ev.row:

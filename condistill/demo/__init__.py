@@ -25,10 +25,14 @@ CSS = ("[id^=condistill-output-] img, #condistill-control img {image-rendering: 
        "height: 100%; object-fit: contain}")
 
 
+class MissingExtra(ImportError, ValueError):
+    """The demo's optional dependencies are not installed (a ``ValueError`` too, so the command says it in one line)."""
+
+
 def require_gradio() -> None:
     """Refuse in one line when the demo's extra is not installed."""
     if importlib.util.find_spec("gradio") is None:
-        raise ImportError("condistill demo needs Gradio, which is not installed: pip install 'condistill[demo]'")
+        raise MissingExtra("condistill demo needs Gradio, which is not installed: pip install 'condistill[demo]'")
 
 
 def load_models(refs, *, device: str = "cpu", decoder=None) -> list:
