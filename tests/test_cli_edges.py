@@ -80,7 +80,7 @@ def test_every_parser_refuses_abbreviations(capsys):
      "condistill push: error: unrecognized option --privat; did you mean --private? "
      "(condistill push --help lists every option)"),
     (["trian"], "condistill: error: unknown command 'trian'; did you mean train? (condistill --help describes them)"),
-    (["fit"], "condistill: error: unknown command 'fit'; the commands are train, cache, eval, export, push "
+    (["fit"], "condistill: error: unknown command 'fit'; the commands are train, cache, eval, export, push, demo "
               "(condistill --help describes them)"),
     (["train", "egde"], "condistill train: error: unknown condition 'egde'; did you mean edge? "
                         "(condistill train --help describes them)"),
