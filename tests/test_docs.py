@@ -107,6 +107,8 @@ def _wrote(*paths: str) -> Callable[[Path, str], None]:
 SD15_GPU_RAN = dict(mixed_precision="bf16", gradient_checkpointing=True, guidance_min=1.0, guidance_max=4.0,
                     condition_options={"low_threshold": 100, "high_threshold": 200})
 
+DEMO_SERVES = "serves until stopped; tests/demo/test_browser.py serves the page and drives it in Chromium"
+
 COMMANDS: list[Entry] = [
     # ---- README.md
     Entry("README.md", r"^bash scripts/demo\.sh$", "skip",
@@ -131,11 +133,8 @@ COMMANDS: list[Entry] = [
           append=f"--mixed-precision bf16 --resolution 16 {TINY_TRAIN}",
           check=_exported("runs/edge-sd15-cache", **SD15_GPU_RAN)),
     # ---- README.md and docs/demo.md: condistill demo
-    Entry("README.md", r"^condistill demo ", "parse",
-          "serves until stopped; tests/demo/test_browser.py serves the page and drives it in Chromium"),
+    *[Entry(doc, r"^condistill demo ", "parse", DEMO_SERVES) for doc in ("README.md", "docs/demo.md")],
     Entry("docs/demo.md", r"^pip install .condistill\[demo\].$", "skip", "installs from the package index"),
-    Entry("docs/demo.md", r"^condistill demo ", "parse",
-          "serves until stopped; tests/demo/test_browser.py serves the page and drives it in Chromium"),
     Entry("docs/demo.md", r"demo_latency\.py --threads 1 --updates 50 --out", "run",
           "the sampling figures of a one-step-trained student, one update each, without the browser part (the "
           "browser tests drive the same page)",
