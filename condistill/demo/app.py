@@ -62,6 +62,7 @@ class Page:
         self.last: dict[int, tuple] = {}
         #: column -> how many images it has sampled (shown with the time, so each update is told apart)
         self.updates: dict[int, int] = {}
+        self._made = None  # (picture, depth_map, its condition): the last picture's condition
 
     def control(self, strokes, picture, depth_map: bool):
         """The condition ``[1, C, R, R]`` of the page's input, or None when there is none yet."""
@@ -76,9 +77,17 @@ class Page:
             return inpaint_condition(self.condition, picture, hole.numpy() > 0.5)
         if picture is None:
             return None
+        # depth, sr: made once per picture, not by every column on every prompt, seed or steps change (a photo's
+        # depth runs the estimator)
+        made = self._made
+        if made is not None and made[0] is picture and made[1] == bool(depth_map):
+            return made[2]
         if isinstance(picture, Record):  # an example scene: the depth it was rendered with
-            return self.condition.control_image(picture.image, depth=picture.depth)
-        return condition_from_upload(self.condition, picture, depth_map=bool(depth_map))
+            control = self.condition.control_image(picture.image, depth=picture.depth)
+        else:
+            control = condition_from_upload(self.condition, picture, depth_map=bool(depth_map))
+        self._made = (picture, bool(depth_map), control)
+        return control
 
     def column(self, i: int, strokes, picture, depth_map, prompt, seed, steps, guidance):
         """Column ``i``'s outputs: (image, time text, control preview, status)."""
@@ -135,7 +144,6 @@ class Page:
             return condition_from_upload(self.condition, photo)
         if self.condition.name == "inpaint":
             from condistill.data.images import fit_record
-            from condistill.data.record import Record
 
             return fit_record(Record(image=photo), self.resolution)[0].image
         return photo

@@ -53,8 +53,9 @@ def canvas_for(resolution: int, least: int = 512) -> Canvas:
 
 
 def _ink(sketch: np.ndarray) -> np.ndarray:
-    """The drawn pixels of a canvas: a ``bool [H, W]`` mask as it is; an RGBA layer's opaque pixels; dark
-    pixels of a grey or RGB image (pen on paper: the page's canvas), uint8 or float in [0, 1]."""
+    """The drawn pixels of a canvas: a ``bool [H, W]`` mask as it is (what the page's canvas gives,
+    :func:`condistill.demo.canvas.strokes_ink`); an RGBA layer's opaque pixels; dark pixels of a grey or RGB
+    image (pen on paper), uint8 or float in [0, 1]."""
     arr = np.asarray(sketch)
     if arr.ndim == 2 and arr.dtype == bool:
         return arr

@@ -53,6 +53,11 @@ def test_clear_and_examples(demo_runs):
     control = page.control(None, picture, False)
     assert control.shape == (1, 3, 64, 64) and torch.allclose(control[0, 0], torch.from_numpy(picture.depth))
     assert page.clear(5)[0] is None and page.clear(5)[3] == 6
+    assert page.control(None, picture, False) is control  # every column, every prompt change: made once
+    import dataclasses
+
+    again = page.control(None, dataclasses.replace(picture), False)  # another picture: made anew
+    assert again is not control and torch.equal(again, control)
     sr = Page([DemoModel(demo_runs["sr"])])
     low, *_ = sr.example(0, 0)
     assert low.size == (16, 16)
