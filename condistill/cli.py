@@ -332,16 +332,18 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from condistill.publish.formats import FORMATS
+    from condistill.publish.formats import DEFAULT_DTYPE, DTYPE_ALIASES, DTYPES, FORMATS
 
     ex = _command_parser(
         "condistill export", "Write a run's adapter as a file other tools (A1111, ComfyUI, diffusers' single-file and "
-        "kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {v[0]!r})" for k, v in FORMATS.items()) + ". Every "
-        "output is written under a temporary name and renamed into place when complete.")
+        "kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {' or '.join(v[0])})" for k, v in FORMATS.items())
+        + ". Every output is written under a temporary name and renamed into place when complete.")
     ex.add_argument("run", help="a run folder or exported adapter folder")
     ex.add_argument("--format", required=True, choices=list(FORMATS), help="the file format to write")
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
     ex.add_argument("--adapter-out", help="kohya: folder for the condition adapter [OUT_condition_adapter]")
+    ex.add_argument("--dtype", choices=[*DTYPES, *DTYPE_ALIASES], default=DEFAULT_DTYPE,
+                    help=f"the tensors' dtype in the written files; float32 keeps them unchanged [{DEFAULT_DTYPE}]")
     ex.add_argument("--overwrite", action="store_true", help="replace --out (and --adapter-out) if they exist")
     return ex
 
@@ -353,7 +355,8 @@ def _export(args) -> int:
     if args.format == "kohya":
         check_output(args.adapter_out or default_adapter_out(args.out), "--adapter-out", "folder")
     log = lambda msg: print(f"condistill export: {msg}", file=sys.stderr)  # noqa: E731
-    result = export(args.run, args.format, args.out, adapter_out=args.adapter_out, overwrite=args.overwrite, log=log)
+    result = export(args.run, args.format, args.out, adapter_out=args.adapter_out, overwrite=args.overwrite,
+                    dtype=args.dtype, log=log)
     for note in result.notes:
         print(f"condistill export: note: {note}", file=sys.stderr)
     print(result.instructions)

@@ -279,7 +279,8 @@ class LoRAStudent(UNetLoRA, T2IAdapterFeatures, Student):
         targets: ``"attention"`` (default), ``"attention_ff"``, ``"all"`` or a list of module names.
         condition_adapter: ``"auto"`` (default), ``"light_adapter"``, ``"full_adapter"`` or
             ``"full_adapter_xl"`` (SDXL).
-        adapter_num_res_blocks: residual blocks per T2I-Adapter block (default 2).
+        adapter_num_res_blocks: residual blocks per T2I-Adapter block (default: 4 for the light
+            adapter, the layout A1111's and ComfyUI's adapter loaders build; 2 for the full ones).
     """
 
     kind = "lora"
@@ -294,7 +295,7 @@ class LoRAStudent(UNetLoRA, T2IAdapterFeatures, Student):
         lora_alpha: float | None = None,
         targets: str | Sequence[str] = "attention",
         condition_adapter: str = "auto",
-        adapter_num_res_blocks: int = 2,
+        adapter_num_res_blocks: int | None = None,
     ):
         others_flags = self._other_lora_flags(unet)
         super().__init__(unet, condition_channels, vae_scale_factor)
@@ -310,7 +311,7 @@ class LoRAStudent(UNetLoRA, T2IAdapterFeatures, Student):
             "vae_scale_factor": vae_scale_factor,
             **lora,
             "condition_adapter": condition_adapter,
-            "adapter_num_res_blocks": int(adapter_num_res_blocks),
+            "adapter_num_res_blocks": int(self.adapter.config.num_res_blocks),
         }
 
     def _adapter_modules(self):

@@ -5,14 +5,17 @@
   load. Keys ``lora_unet_<diffusers module path, dots as underscores>.lora_down.weight``
   (= peft ``lora_A``), ``.lora_up.weight`` (= ``lora_B``) and ``.alpha`` (a scalar tensor:
   the update is scaled by ``alpha / rank`` as in peft), plus kohya's ``ss_*`` metadata. The
-  light condition adapter is copied beside it as a stock diffusers ``T2IAdapter`` folder.
-* ``single-file`` (kind ``controlnet``): the ControlNet as one ``.safetensors`` file in the
-  original (CompVis/ldm ``cldm``) key layout of the A1111/ComfyUI ControlNet loaders and of
-  diffusers' ``ControlNetModel.from_single_file``: ``control_model.time_embed``,
-  ``.input_blocks``, ``.zero_convs``, ``.input_hint_block``, ``.middle_block``,
-  ``.middle_block_out``.
+  condition adapter is copied beside it as a stock diffusers ``T2IAdapter`` folder, which also holds
+  it as one original-layout file, :data:`T2I_SINGLE_FILE`, for the webui adapter loaders.
+* ``single-file`` (kinds ``controlnet`` and ``t2i_adapter``): a ControlNet as one ``.safetensors``
+  file in the original (CompVis/ldm ``cldm``) key layout of the A1111/ComfyUI ControlNet loaders
+  and of diffusers' ``ControlNetModel.from_single_file``
+  (:mod:`condistill.publish.controlnet_layout`); a T2I-Adapter in the original (TencentARC) layout
+  of the A1111/ComfyUI adapter loaders (:mod:`condistill.publish.t2i_layout`).
 
-Both files hold exactly the tensors of the run's exported adapter (renamed, not changed).
+Every file holds the tensors of the run's exported adapter renamed, in the chosen ``dtype``:
+float16 by default (what those tools' users download, half the size), bfloat16, or float32, which
+keeps them unchanged. The diffusers folder of a kohya export is copied as it is.
 
 Every output is written whole under a temporary name beside its place and renamed into place
 (:mod:`condistill.files`), with the usual file modes (``0644`` under ``umask 022``), so a reader
@@ -46,22 +49,30 @@ import torch
 
 from condistill.files import TMP_PREFIX, recover_folder, replace_file, sha256_file, staged_folder
 from condistill.publish.card import BASE_MARK
+from condistill.publish.controlnet_layout import SD_HINT_BLOCK_WIDTHS, controlnet_ldm_state_dict
+from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
 
-__all__ = ["FORMATS", "EXPORT_RECORD", "ExportResult", "export", "default_adapter_out", "kohya_lora_state_dict",
-           "controlnet_ldm_state_dict"]
+__all__ = ["FORMATS", "DTYPES", "DTYPE_ALIASES", "DEFAULT_DTYPE", "EXPORT_RECORD", "T2I_SINGLE_FILE", "ExportResult",
+           "export", "default_adapter_out", "export_dtype", "kohya_lora_state_dict", "controlnet_ldm_state_dict",
+           "t2i_original_state_dict"]
 
-#: format name -> (adapter kind it applies to, what it writes)
+#: format name -> (adapter kinds it applies to, what it writes)
 FORMATS = {
-    "kohya": ("lora", "the UNet LoRA as a kohya/webui .safetensors file + the condition adapter as a T2I-Adapter folder"),
-    "single-file": ("controlnet", "the ControlNet as one original-layout (ldm/cldm) .safetensors file"),
+    "kohya": (("lora",), "the UNet LoRA as a kohya/webui .safetensors file + the condition adapter as a "
+                         "T2I-Adapter folder (diffusers, and one original-layout file)"),
+    "single-file": (("controlnet", "t2i_adapter"), "the ControlNet or T2I-Adapter as one original-layout "
+                                                   "(ldm/cldm, TencentARC) .safetensors file"),
 }
-LDM_CONTROLNET_PREFIX = "control_model."
+#: export dtypes by name (the spellings of ``condistill cache --dtype``) and their short aliases
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DEFAULT_DTYPE = "float16"
+#: in a kohya export's condition-adapter folder: the adapter in the original single-file layout
+T2I_SINGLE_FILE = "t2i_adapter.safetensors"
 #: in a kohya export's condition-adapter folder: the LoRA file it goes with and the SHA-256 of the run's LoRA weights
 EXPORT_RECORD = "condistill_export.json"
 #: the LoRA file's metadata key of that SHA-256
 SOURCE_KEY = "condistill_source_sha256"
-#: the ldm hint block of SD ControlNets: 8 convolutions, conv_out at index 14
-SD_HINT_BLOCK_WIDTHS = 4
 
 
 @dataclass
@@ -75,7 +86,23 @@ class ExportResult:
 
 
 def _supported_text() -> str:
-    return "; ".join(f"--format {name} for kind {kind!r} ({what})" for name, (kind, what) in FORMATS.items())
+    return "; ".join(f"--format {name} for kind {' or '.join(map(repr, kinds))} ({what})"
+                     for name, (kinds, what) in FORMATS.items())
+
+
+def export_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an export ``--dtype`` name (``float16``/``fp16``, ``bfloat16``/``bf16``,
+    ``float32``/``fp32``)."""
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        names = sorted(set(DTYPES) | set(DTYPE_ALIASES))
+        raise ValueError(f"unknown export dtype {name!r}; choose one of {names}.")
+    return DTYPES[key]
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in ``dtype`` (contiguous, as safetensors writes them); others as they are."""
+    return {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
 
 
 # ---- kohya LoRA ---------------------------------------------------------------------------
@@ -143,7 +170,7 @@ def default_adapter_out(out: str | os.PathLike) -> Path:
 
 
 def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | None, overwrite: bool,
-                  log: Callable[[str], None]) -> ExportResult:
+                  dtype: torch.dtype, log: Callable[[str], None]) -> ExportResult:
     from safetensors.torch import load_file, save_file
 
     lora_file = folder / config["weight_files"]["lora"]
@@ -155,6 +182,11 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     alpha = _lora_alpha(lora_file, config)
     kohya = kohya_lora_state_dict(peft_state, alpha)
     _check_diffusers_maps_back(kohya, peft_state)
+    kohya = _cast(kohya, dtype)
+    adapter_file = folder / config["weight_files"]["t2i_adapter"]
+    adapter_config = json.loads((adapter_src / "config.json").read_text())
+    original = _cast(t2i_original_state_dict(load_file(str(adapter_file)), adapter_config), dtype)
+    problem = loader_problem(adapter_config)
     ranks = {int(t.shape[0]) for k, t in kohya.items() if k.endswith("lora_down.weight")}
     metadata = {
         "ss_network_module": "networks.lora",
@@ -163,7 +195,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         "ss_base_model_version": "sdxl_base_v1-0" if config.get("base_fingerprint", {}).get("family") == "sdxl" else "sd_v1",
         "ss_training_comment": f"condistill {config['kind']} student of {config['base_name_or_path']} "
                                f"(condition {config['condition_name']}); exported by condistill export",
-        "condistill_condition_adapter": "diffusers T2IAdapter folder beside this file",
+        "condistill_condition_adapter": f"diffusers T2IAdapter folder beside this file, with {T2I_SINGLE_FILE}",
         SOURCE_KEY: source,
     }
 
@@ -171,6 +203,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         save_file(kohya, str(tmp), metadata=metadata)
         with staged_folder(adapter_out, log) as stage:
             shutil.copytree(adapter_src, stage, dirs_exist_ok=True)
+            save_file(original, str(stage / T2I_SINGLE_FILE), metadata={"format": "pt"})
             (stage / EXPORT_RECORD).write_text(json.dumps({"format": "kohya", "lora_file": out.name,
                                                            "source_sha256": source}, indent=2) + "\n")
 
@@ -191,91 +224,61 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         _call_line(config),
     ], config)
     lines = [f"LoRA (kohya/webui format): {out}",
-             f"condition adapter (diffusers T2I-Adapter): {adapter_out}",
+             f"condition adapter (diffusers T2I-Adapter folder): {adapter_out}",
+             f"condition adapter (original single-file layout): {adapter_out / T2I_SINGLE_FILE}",
              "Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter;",
              f"control: the condition image, {CONTROL_TEXT}):",
              *code]
-    if not _embedded_base(config):  # the embedded teacher lives only inside condistill
-        lines += [f"A1111/ComfyUI: put {out.name} in models/Lora; they read the LoRA, but the condition adapter is in",
-                  "diffusers' T2I-Adapter format, which they do not load (use diffusers, or "
-                  f"condistill.load_adapter({str(folder)!r}))."]
+    notes = [] if problem is None else [f"A1111/ComfyUI cannot use {T2I_SINGLE_FILE}: {problem}."]
+    if problem is None and not _embedded_base(config):  # the embedded teacher lives only inside condistill
+        lines += [f"A1111/ComfyUI: put {out.name} in models/Lora and {T2I_SINGLE_FILE} (renamed as you like) in "
+                  "models/ControlNet; load both: the LoRA alone is not the distilled model."]
     instructions = "\n".join(lines)
-    return ExportResult("kohya", [out, adapter_out], instructions)
+    return ExportResult("kohya", [out, adapter_out], instructions, notes)
 
 
-# ---- ControlNet single file ---------------------------------------------------------------
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    if head not in _RESNET:
-        raise KeyError(rest)
-    return f"{_RESNET[head]}.{tail}"
-
-
-def _ldm_key(key: str, layers_per_block: int, hint_blocks: int) -> str:
-    per = layers_per_block + 1  # ldm input blocks per diffusers down block (resnets+attention, then downsampler)
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
-             "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * hint_blocks + 2}",
-             "controlnet_mid_block": "middle_block_out.0"}
-    module, _, param = key.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{param}"
-    patterns = [
-        (r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", lambda k, rest: f"input_hint_block.{2 * int(k) + 2}.{rest}"),
-        (r"controlnet_down_blocks\.(\d+)\.(.+)", lambda i, rest: f"zero_convs.{i}.0.{rest}"),
-        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda b, j, rest: f"input_blocks.{1 + int(b) * per + int(j)}.0.{_resnet(rest)}"),
-        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
-         lambda b, j, rest: f"input_blocks.{1 + int(b) * per + int(j)}.1.{rest}"),
-        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
-         lambda b, rest: f"input_blocks.{1 + int(b) * per + layers_per_block}.0.op.{rest}"),
-        (r"mid_block\.resnets\.(\d+)\.(.+)", lambda j, rest: f"middle_block.{2 * int(j)}.{_resnet(rest)}"),
-        (r"mid_block\.attentions\.0\.(.+)", lambda rest: f"middle_block.1.{rest}"),
-    ]
-    for pattern, build in patterns:
-        match = re.fullmatch(pattern, key)
-        if match:
-            return build(*match.groups())
-    raise KeyError(key)
-
-
-def controlnet_ldm_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """A diffusers ``ControlNetModel`` state dict (and its config) -> ``control_model.*`` ldm keys."""
-    unsupported = {k: config.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim")
-                   if config.get(k) is not None}
-    if unsupported or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        found = unsupported or {"mid_block_type": config.get("mid_block_type")}
-        raise ValueError(f"only SD 1.x/2.x-style ControlNets have this single-file layout; this one has {found}.")
-    lpb = config["layers_per_block"]
-    if not isinstance(lpb, int):
-        raise ValueError(f"layers_per_block={lpb!r}: only one value for every block is supported.")
-    hint_blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in state.items():
-        try:
-            ldm = LDM_CONTROLNET_PREFIX + _ldm_key(key, lpb, hint_blocks)
-        except KeyError:
-            unknown.append(key)
-            continue
-        if ldm in out:
-            raise ValueError(f"two ControlNet tensors map to {ldm}")
-        out[ldm] = tensor.contiguous()
-    if unknown:
-        raise ValueError(f"{len(unknown)} ControlNet tensor(s) have no place in the ldm layout: {unknown[:5]}")
-    return out
-
-
-def _export_single_file(folder: Path, config: dict, out: Path, log: Callable[[str], None]) -> ExportResult:
+# ---- single files ---------------------------------------------------------------------
+def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype,
+                            log: Callable[[str], None]) -> ExportResult:
     from safetensors.torch import load_file, save_file
 
+    weights = folder / config["weight_files"]["t2i_adapter"]
+    adapter_config = json.loads((weights.parent / "config.json").read_text())
+    state = _cast(t2i_original_state_dict(load_file(str(weights)), adapter_config), dtype)
+    metadata = {"format": "pt", "condistill": f"t2i_adapter student of {config['base_name_or_path']}"}
+    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
+    problem = loader_problem(adapter_config)
+    notes = [] if problem is None else [f"A1111/ComfyUI will not load it: {problem}."]
+    lines = [f"T2I-Adapter (original single-file layout): {out}"]
+    if problem is None and not _embedded_base(config):
+        lines += [f"A1111/ComfyUI: put {out.name} in models/ControlNet (their T2I-Adapter loaders read it)."]
+    from condistill.frozen import FAMILIES
+
+    pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["adapter"]
+    sub = weights.parent.relative_to(folder).as_posix()
+    lines.append(f"diffusers reads the run's diffusers folder, the same tensors (control: the condition image, "
+                 f"{CONTROL_TEXT}):")
+    lines += _with_base([
+        f"from diffusers import T2IAdapter, {pipeline}",
+        "from condistill import CoDiScheduler",
+        "",
+        f"adapter = T2IAdapter.from_pretrained({str(folder)!r}, subfolder={sub!r})",
+        f'pipe = {pipeline}.from_pretrained("{BASE_MARK}", adapter=adapter, safety_checker=None)',
+        f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
+        _call_line(config),
+    ], config)
+    return ExportResult("single-file", [out], "\n".join(lines), notes)
+
+
+def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype,
+                        log: Callable[[str], None]) -> ExportResult:
+    from safetensors.torch import load_file, save_file
+
+    if config["kind"] == "t2i_adapter":
+        return _export_t2i_single_file(folder, config, out, dtype, log)
     weights = folder / config["weight_files"]["controlnet"]
     cn_config = json.loads((weights.parent / "config.json").read_text())
-    ldm = controlnet_ldm_state_dict(load_file(str(weights)), cn_config)
+    ldm = _cast(controlnet_ldm_state_dict(load_file(str(weights)), cn_config), dtype)
     metadata = {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"}
     _write_file(out, lambda tmp: save_file(ldm, str(tmp), metadata=metadata), log)
     notes = []
@@ -418,7 +421,7 @@ def _write_file(out: Path, write: Callable[[Path], None], log: Callable[[str], N
 
 
 def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False,  # noqa: A002
-           log: Callable[[str], None] | None = None) -> ExportResult:
+           dtype: str = DEFAULT_DTYPE, log: Callable[[str], None] | None = None) -> ExportResult:
     """Write the adapter of ``run`` (a run folder or adapter folder) in ``format`` to ``out``.
 
     Every output is written atomically (module docstring); ``log`` receives a line for each leftover of an
@@ -429,13 +432,14 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
         FileExistsError: ``out`` (or the condition-adapter folder) exists and ``overwrite`` is false (the
             half of an interrupted kohya export of the same run is replaced without it).
         IsADirectoryError: ``out`` is a folder.
-        ValueError: an unknown format, or one that does not apply to the run's adapter kind.
+        ValueError: an unknown format or dtype, or a format that does not apply to the run's adapter kind.
     """
     from condistill.adapters.save_load import read_adapter_config
 
     log = log or (lambda message: None)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; supported: {_supported_text()}.")
+    torch_dtype = export_dtype(dtype)
     run, out = Path(run), Path(out)
     if not run.exists():
         raise FileNotFoundError(f"no run or adapter folder {run}.")
@@ -444,17 +448,18 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
 
     verify_checksums(config, config["_folder"], stacklevel=2)  # a damaged or edited file is never converted
     kind, wanted = config["kind"], FORMATS[format][0]
-    if kind != wanted:
-        raise ValueError(f"{run} holds a {kind!r} adapter; --format {format} exports {wanted!r} adapters only. "
-                         f"Supported: {_supported_text()}.")
+    if kind not in wanted:
+        raise ValueError(f"{run} holds a {kind!r} adapter; --format {format} exports {' and '.join(map(repr, wanted))} "
+                         f"adapters only. Supported: {_supported_text()}.")
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must be a .safetensors file.")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give the path of the .safetensors file to write.")
     folder = Path(config["_folder"])
     if format == "kohya":
-        return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite, log)
+        return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite, torch_dtype,
+                             log)
     if adapter_out:
         raise ValueError("--adapter-out applies to --format kohya only.")
     _refuse_existing(out, overwrite, "--out")
-    return _export_single_file(folder, config, out, log)
+    return _export_single_file(folder, config, out, torch_dtype, log)

@@ -18,7 +18,7 @@ from condistill.adapters.lora import LORA_WEIGHT_NAME
 from condistill.adapters.save_load import read_adapter_config, save_adapter
 from condistill.cli import main
 from condistill.frozen import load_base
-from condistill.publish.formats import export
+from condistill.publish.formats import T2I_SINGLE_FILE, export
 
 
 def _save(student, base, out):
@@ -68,7 +68,7 @@ def _unet_delta(base_path, load):
 
 def test_kohya_lora_matches_diffusers_format(lora_run, base_path, tmp_path):
     out = tmp_path / "student.safetensors"
-    result = export(lora_run, "kohya", out)
+    result = export(lora_run, "kohya", out, dtype="float32")
     keys = set(load_file(str(out)))
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys
@@ -95,13 +95,41 @@ def test_kohya_lora_matches_diffusers_format(lora_run, base_path, tmp_path):
     saved = load_file(str(lora_run / "adapter" / "t2i_adapter" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in adapter.state_dict().items())
     assert "load_lora_weights" in result.instructions and str(adapter_dir) in result.instructions
+    original = load_file(str(adapter_dir / T2I_SINGLE_FILE))  # the same adapter in the webui loaders' layout
+    assert len(original) == len(saved) and all(not k.startswith("adapter.") for k in original)
+    assert sorted(t.sum().item() for t in original.values()) == sorted(t.sum().item() for t in saved.values())
+    assert "A1111/ComfyUI cannot use" in result.notes[0]  # the tiny base's VAE factor is not SD's 8
+
+
+def test_exported_files_are_float16_by_default(lora_run, controlnet_run, tmp_path, capsys):
+    """fp16 by default, as A1111/ComfyUI users download these files; bf16 and fp32 by name or short alias."""
+    export(lora_run, "kohya", tmp_path / "l.safetensors")
+    export(lora_run, "kohya", tmp_path / "l32.safetensors", adapter_out=tmp_path / "a32", dtype="fp32")
+    lora16, lora32 = load_file(str(tmp_path / "l.safetensors")), load_file(str(tmp_path / "l32.safetensors"))
+    assert {t.dtype for t in lora16.values()} == {torch.float16} and set(lora16) == set(lora32)
+    assert {t.dtype for t in lora32.values()} == {torch.float32}
+    assert all(torch.equal(lora16[k], lora32[k].half()) for k in lora32)
+    adapter16 = load_file(str(tmp_path / "l_condition_adapter" / T2I_SINGLE_FILE))
+    assert {t.dtype for t in adapter16.values()} == {torch.float16}
+    saved = load_file(str(tmp_path / "l_condition_adapter" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the diffusers folder is copied as it is
+    assert main(["export", str(controlnet_run), "--format", "single-file", "--out", str(tmp_path / "c.safetensors"),
+                 "--dtype", "bf16"]) == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "c.safetensors")).values()} == {torch.bfloat16}
+    with pytest.raises(SystemExit):
+        main(["export", str(controlnet_run), "--format", "single-file", "--out", str(tmp_path / "d.safetensors"),
+              "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown export dtype 'half'; choose one of \['bf16', 'bfloat16'"):
+        export(controlnet_run, "single-file", tmp_path / "e.safetensors", dtype="half")
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_single_file_controlnet_round_trip(controlnet_run, tmp_path):
     from diffusers import ControlNetModel
 
     out = tmp_path / "cn.safetensors"
-    result = export(controlnet_run, "single-file", out)
+    result = export(controlnet_run, "single-file", out, dtype="float32")
     assert not result.notes
     keys = set(load_file(str(out)))
     assert all(k.startswith("control_model.") for k in keys)
@@ -123,7 +151,8 @@ def test_non_sd_embedding_is_noted(base_path, tmp_path):
 
 
 def test_errors(lora_run, controlnet_run, tmp_path):
-    with pytest.raises(ValueError, match=r"exports 'controlnet' adapters only.*--format kohya for kind 'lora'"):
+    with pytest.raises(ValueError, match=r"exports 'controlnet' and 't2i_adapter' adapters only.*--format kohya for "
+                                         r"kind 'lora'"):
         export(lora_run, "single-file", tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="holds a 'controlnet' adapter; --format kohya"):
         export(controlnet_run, "kohya", tmp_path / "a.safetensors")
@@ -180,7 +209,7 @@ def test_printed_kohya_instructions_run(lora_run, base_path, tmp_path):
     pipe = scope["pipe"]
     assert isinstance(pipe.scheduler, CoDiScheduler) and pipe.unet.peft_config
     assert scope["image"].size == (16, 16)
-    assert "A1111/ComfyUI" in result.instructions
+    assert "A1111/ComfyUI cannot use" in result.notes[0] and "A1111/ComfyUI: put" not in result.instructions
 
 
 def _tiny_base_vae8(folder):
@@ -221,7 +250,7 @@ def test_printed_single_file_instructions_run(base_kind, base_path, tmp_path, mo
         str(_tiny_base_vae8(tmp_path))
     run = distill(tiny_run_config(base, tmp_path / "run", batch_size=2))
     monkeypatch.chdir(tmp_path)
-    assert main(["export", "run", "--format", "single-file", "--out", "cn.safetensors"]) == 0
+    assert main(["export", "run", "--format", "single-file", "--out", "cn.safetensors", "--dtype", "fp32"]) == 0
     printed = capsys.readouterr()
     sd_layout = base_kind.endswith("factor 8")
     assert ("from_single_file('cn.safetensors'" in printed.out) == sd_layout

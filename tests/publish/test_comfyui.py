@@ -1,0 +1,139 @@
+"""Our exports and sampler against what ComfyUI's own code computes, recorded by tools/comfyui_fixtures.py.
+
+The fixtures come from a ComfyUI checkout (its commit in fixtures/comfyui/SOURCE.json); ComfyUI itself is not
+installed here. Rerun the tool after a change to the T2I-Adapter layout or the cases, and commit its output.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_fixtures import T2I_CASES, t2i_case
+
+from condistill.method.schedule import (alpha_sigma, boundary_scalings, make_alphas_cumprod, sampling_timesteps,
+                                        skip_grid)
+from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "comfyui"
+T2I = json.loads((FIXTURES / "t2i.json").read_text())
+SAMPLING = json.loads((FIXTURES / "sampling.json").read_text())
+
+
+def test_fixtures_name_their_comfyui_commit_and_cover_every_case():
+    source = json.loads((FIXTURES / "SOURCE.json").read_text())
+    assert len(source["comfyui_commit"]) == 40
+    assert set(T2I) == set(T2I_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(T2I_CASES))
+def test_t2i_export_loads_in_comfyui_and_computes_what_diffusers_computes(name):
+    """Every key of our original-layout file is one ComfyUI's network has, and none is missing; its features on
+    the same control image equal diffusers' from the run's folder to float32 rounding."""
+    adapter, config, control = t2i_case(name)
+    recorded = T2I[name]
+    problem = loader_problem(config)
+    assert recorded["loaded"] == (problem is None), (recorded.get("error"), problem)
+    if problem is not None:  # our check names what ComfyUI's strict loader refuses
+        assert "residual blocks" in problem and "Missing key" in recorded["error"]
+        return
+    state = t2i_original_state_dict(adapter.state_dict(), config)
+    assert sorted(state) == recorded["keys"] and not recorded["missing"] and not recorded["unexpected"]
+    assert recorded["input_channels"] == config["in_channels"] and recorded["compression_ratio"] == 8
+    comfy = load_file(str(FIXTURES / "t2i_features.safetensors"))
+    with torch.no_grad():
+        ours = adapter(control)
+    assert len(ours) == recorded["features"]
+    for i, feature in enumerate(ours):
+        theirs = comfy[f"{name}.{i}"]
+        assert feature.shape == theirs.shape
+        scale = theirs.abs().max().item()
+        assert scale > 1e-3 and (feature - theirs).abs().max().item() <= 1e-5 * scale, (i, scale)
+
+
+def test_original_layout_is_a_renaming():
+    """Each case's tensors map one to one, unchanged, and unknown keys are refused."""
+    for name in T2I_CASES:
+        adapter, config, _ = t2i_case(name)
+        state = adapter.state_dict()
+        original = t2i_original_state_dict(state, config)
+        assert len(original) == len(state)
+        assert sorted(t.sum().item() for t in original.values()) == sorted(t.sum().item() for t in state.values())
+    with pytest.raises(ValueError, match="has no place in the original full_adapter layout"):
+        t2i_original_state_dict({"adapter.body.0.out_conv.weight": torch.zeros(1)}, {"adapter_type": "full_adapter"})
+    with pytest.raises(ValueError, match="adapter_type 'other' has no original single-file layout"):
+        t2i_original_state_dict({}, {"adapter_type": "other"})
+
+
+def test_loader_problem_names_each_misfit():
+    light = T2I_CASES["light-sd15"]
+    assert loader_problem(light) is None
+    assert "VAE factor is 4" in loader_problem(dict(light, downscale_factor=4))
+    assert "4 channels" in loader_problem(dict(light, in_channels=4))
+    assert "widths [32, 64, 128]" in loader_problem(dict(light, channels=[32, 64, 128]))
+    full = T2I_CASES["full-sd-small"]
+    assert loader_problem(full) is None and loader_problem(T2I_CASES["full-sdxl-small"]) is None
+    assert "3 residual blocks" in loader_problem(dict(full, num_res_blocks=3))
+    assert "[c, 2c, 4c, 4c]" in loader_problem(dict(full, channels=[32, 64, 128]))
+
+
+def test_the_lora_students_default_light_adapter_is_the_one_comfyui_builds():
+    """On SD 1.x/2.x widths the LoRA student's condition adapter is the light adapter the webui loaders build."""
+    from diffusers import UNet2DConditionModel
+
+    from condistill.adapters.t2i_adapter import AUTO_ADAPTER_TYPES, make_t2i_adapter, resolve_adapter_type
+
+    with torch.device("meta"):  # SD 1.5's widths and down path; only its structure is read
+        sd15 = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    kind = resolve_adapter_type(sd15, "auto", ("light_adapter", *AUTO_ADAPTER_TYPES))
+    adapter = make_t2i_adapter(sd15, 3, 8, kind)
+    assert kind == "light_adapter" and loader_problem(dict(adapter.config)) is None
+
+
+# ---------------------------------------------------------------------- sampling
+GRID = skip_grid(1000, 50)
+
+
+def _start(denoise: float) -> int | None:
+    """The grid timestep a KSampler denoise value starts at, when it is one (50 * denoise points of the grid)."""
+    points = 50 * denoise
+    return None if denoise >= 1 else (int(GRID[int(points) - 1]) if points == int(points) else None)
+
+
+def test_comfyui_lcm_grid_is_our_training_grid():
+    assert SAMPLING["timesteps"] == GRID.tolist()
+
+
+ON_GRID = sorted(k for k in SAMPLING["schedules"] if float(k.split("@")[1]) >= 1 or _start(float(k.split("@")[1])))
+
+
+def test_fixtures_hold_starts_on_and_between_grid_points():
+    assert len(ON_GRID) == 24 and len(SAMPLING["schedules"]) == 32
+
+
+@pytest.mark.parametrize("key", ON_GRID)
+def test_ksampler_simple_schedule_gives_our_timesteps(key):
+    """KSampler (sampler lcm, scheduler simple) on the "lcm" model sampling visits exactly our sampling
+    timesteps, from pure noise (denoise 1) and from a grid start (denoise = its share of the grid)."""
+    steps, denoise = key.split("@")
+    recorded = SAMPLING["schedules"][key]
+    assert recorded["sigmas"][-1] == 0.0 and len(recorded["timesteps"]) == int(steps)
+    assert sampling_timesteps(GRID, int(steps), _start(float(denoise))).tolist() == recorded["timesteps"]
+
+
+def test_lcm_scalings_and_renoising_are_ours():
+    """c_out equals ours; ComfyUI's c_skip multiplies its unscaled input z / a_t where ours multiplies z, a
+    difference below 1e-5 of z on every grid point; its re-noised model input is ours, a_t x0 + s_t n."""
+    t = GRID
+    c_skip, c_out = (x.flatten() for x in boundary_scalings(t))
+    assert torch.allclose(torch.tensor(SAMPLING["c_out"]), c_out, rtol=1e-5, atol=0)
+    comfy_c_skip = torch.tensor(SAMPLING["c_out_plus_c_skip"]) - torch.tensor(SAMPLING["c_out"])
+    assert comfy_c_skip.abs().max() < 1e-5 and c_skip.max() < 1e-5
+    a, s = (x.flatten() for x in alpha_sigma(make_alphas_cumprod(), t))
+    assert (c_skip * (1 / a - 1)).abs().max() < 1e-5  # the skip terms' difference, per unit of z
+    probe = SAMPLING["renoise_probe"]
+    assert torch.allclose(torch.tensor(probe["model_input"]), a * probe["x0"] + s * probe["noise"], rtol=1e-5,
+                          atol=1e-6)
