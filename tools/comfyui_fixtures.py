@@ -10,6 +10,8 @@ committed fixtures:
   weights), our original-layout export (:func:`condistill.publish.t2i_layout.t2i_original_state_dict`)
   loaded by ComfyUI's T2I-Adapter loader: the keys its network has, the missing and unexpected keys, and its
   features for a fixed control image, in the order they are computed.
+* ``nodes.json``: the inputs and outputs of the core nodes our workflows use (:data:`NODES`) and
+  KSampler's sampler and scheduler names.
 * ``sampling.json``: ComfyUI's "lcm" model sampling (the ModelSamplingDiscrete node) on SD's noise schedule:
   its sigma grid, the sigmas its "simple" scheduler gives KSampler for 1-8 steps at several denoise values,
   the UNet timestep of every grid sigma, the boundary scalings c_skip / c_out its LCM denoiser applies, and
@@ -170,6 +172,32 @@ def record_sampling(out: Path) -> None:
     (out / "sampling.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+#: the core nodes our workflows use
+NODES = ("CheckpointLoaderSimple", "ModelSamplingDiscrete", "LoraLoaderModelOnly", "CLIPTextEncode", "LoadImage",
+         "ControlNetLoader", "ControlNetApplyAdvanced", "EmptyLatentImage", "VAEEncode", "KSampler", "VAEDecode",
+         "SaveImage")
+
+
+def record_nodes(out: Path) -> None:
+    """The inputs of every node a workflow uses, the options of its choice inputs, and the sampler and
+    scheduler names KSampler offers."""
+    import comfy.samplers
+    import nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    classes = dict(nodes.NODE_CLASS_MAPPINGS, ModelSamplingDiscrete=ModelSamplingDiscrete)
+    record = {"nodes": {}, "samplers": list(comfy.samplers.KSampler.SAMPLERS),
+              "schedulers": list(comfy.samplers.KSampler.SCHEDULERS)}
+    for name in NODES:
+        types = classes[name].INPUT_TYPES()
+        entry = {part: sorted(types.get(part, {})) for part in ("required", "optional")}
+        entry["choices"] = {k: v[0] for k, v in types.get("required", {}).items()
+                            if isinstance(v[0], list) and all(isinstance(c, str) for c in v[0])}
+        entry["outputs"] = list(getattr(classes[name], "RETURN_TYPES", ()))
+        record["nodes"][name] = entry
+    (out / "nodes.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def _commit(path: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -192,6 +220,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     record_t2i(args.out)
     record_sampling(args.out)
+    record_nodes(args.out)
     (args.out / "SOURCE.json").write_text(json.dumps({"comfyui_commit": args.commit or _commit(comfyui),
                                                      "torch": torch.__version__}, indent=1) + "\n")
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} to {args.out}")

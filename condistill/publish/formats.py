@@ -49,6 +49,7 @@ import torch
 
 from condistill.files import TMP_PREFIX, recover_folder, replace_file, sha256_file, staged_folder
 from condistill.publish.card import BASE_MARK
+from condistill.publish.comfyui import BASE_PLACEHOLDER, CONTROL_IMAGE, write_workflow
 from condistill.publish.controlnet_layout import SD_HINT_BLOCK_WIDTHS, controlnet_ldm_state_dict
 from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
 
@@ -230,15 +231,23 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
              f"control: the condition image, {CONTROL_TEXT}):",
              *code]
     notes = [] if problem is None else [f"A1111/ComfyUI cannot use {T2I_SINGLE_FILE}: {problem}."]
-    if problem is None and not _embedded_base(config):  # the embedded teacher lives only inside condistill
-        lines += [f"A1111/ComfyUI: put {out.name} in models/Lora and {T2I_SINGLE_FILE} (renamed as you like) in "
-                  "models/ControlNet; load both: the LoRA alone is not the distilled model."]
+    files = [out, adapter_out]
+    if problem is None:
+        adapter_name = f"{out.stem}_{T2I_SINGLE_FILE}"
+        flow, note = write_workflow(folder, config, out, {"lora": out.name, "controlnet": adapter_name},
+                                    overwrite=overwrite)
+        notes += [note] if note else []
+        files += [flow] if flow else []
+        if not _embedded_base(config):  # the embedded teacher lives only inside condistill
+            lines += [f"A1111/ComfyUI: put {out.name} in models/loras and {T2I_SINGLE_FILE} in models/controlnet "
+                      f"as {adapter_name}; load both: the LoRA alone is not the distilled model."]
+            lines += _workflow_lines(flow, config)
     instructions = "\n".join(lines)
-    return ExportResult("kohya", [out, adapter_out], instructions, notes)
+    return ExportResult("kohya", files, instructions, notes)
 
 
 # ---- single files ---------------------------------------------------------------------
-def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype,
+def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype, overwrite: bool,
                             log: Callable[[str], None]) -> ExportResult:
     from safetensors.torch import load_file, save_file
 
@@ -249,9 +258,14 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
     _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
     problem = loader_problem(adapter_config)
     notes = [] if problem is None else [f"A1111/ComfyUI will not load it: {problem}."]
-    lines = [f"T2I-Adapter (original single-file layout): {out}"]
-    if problem is None and not _embedded_base(config):
-        lines += [f"A1111/ComfyUI: put {out.name} in models/ControlNet (their T2I-Adapter loaders read it)."]
+    lines, files = [f"T2I-Adapter (original single-file layout): {out}"], [out]
+    if problem is None:
+        flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
+        notes += [note] if note else []
+        files += [flow] if flow else []
+        if not _embedded_base(config):
+            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet (their T2I-Adapter loaders read it)."]
+            lines += _workflow_lines(flow, config)
     from condistill.frozen import FAMILIES
 
     pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["adapter"]
@@ -267,15 +281,15 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
         _call_line(config),
     ], config)
-    return ExportResult("single-file", [out], "\n".join(lines), notes)
+    return ExportResult("single-file", files, "\n".join(lines), notes)
 
 
-def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype,
+def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype, overwrite: bool,
                         log: Callable[[str], None]) -> ExportResult:
     from safetensors.torch import load_file, save_file
 
     if config["kind"] == "t2i_adapter":
-        return _export_t2i_single_file(folder, config, out, dtype, log)
+        return _export_t2i_single_file(folder, config, out, dtype, overwrite, log)
     weights = folder / config["weight_files"]["controlnet"]
     cn_config = json.loads((weights.parent / "config.json").read_text())
     ldm = _cast(controlnet_ldm_state_dict(load_file(str(weights)), cn_config), dtype)
@@ -306,19 +320,29 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
         _call_line(config),
     ], config)
-    lines = [f"ControlNet (original single-file layout): {out}"]
-    if readable and not _embedded_base(config):
-        steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-        lines += [f"A1111/ComfyUI: put {out.name} in models/ControlNet (sample with {steps} steps, CFG {guidance}; "
-                  "the distilled", "few-step sampler is condistill's CoDiScheduler, nearest webui choice: LCM)."]
+    lines, files = [f"ControlNet (original single-file layout): {out}"], [out]
+    if readable:
+        flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
+        notes += [note] if note else []
+        files += [flow] if flow else []
+        if not _embedded_base(config):
+            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet."] + _workflow_lines(flow, config)
     lines.append(f"diffusers (control: the condition image, {CONTROL_TEXT}):" if readable else
                  "diffusers cannot read this file (see the note above); the same ControlNet from the run's diffusers "
                  f"folder (control: the condition image, {CONTROL_TEXT}):")
     instructions = "\n".join(lines + code)
-    return ExportResult("single-file", [out], instructions, notes)
+    return ExportResult("single-file", files, instructions, notes)
 
 
 # ---- printed instructions -----------------------------------------------------------------
+def _workflow_lines(flow: Path | None, config: dict) -> list[str]:
+    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    if flow is None:
+        return [f"Sample with {steps} steps, CFG {guidance:g}, sampler LCM (the nearest to the training grid)."]
+    return [f"ComfyUI workflow (API format; set {BASE_PLACEHOLDER} to your copy of the base, put the control image in",
+            f"its input folder as {CONTROL_IMAGE}): {flow}. A1111: sampler LCM, {steps} steps, CFG {guidance:g}."]
+
+
 #: what the printed code's ``control`` is
 CONTROL_TEXT = ("[1, C, H, W] in [0, 1]; condistill.load_adapter(RUN).condistill_condition.control_image(photo) "
                 "makes it as training did")
@@ -462,4 +486,4 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
     if adapter_out:
         raise ValueError("--adapter-out applies to --format kohya only.")
     _refuse_existing(out, overwrite, "--out")
-    return _export_single_file(folder, config, out, torch_dtype, log)
+    return _export_single_file(folder, config, out, torch_dtype, overwrite, log)

@@ -16,6 +16,7 @@ from comfyui_fixtures import T2I_CASES, t2i_case
 
 from condistill.method.schedule import (alpha_sigma, boundary_scalings, make_alphas_cumprod, sampling_timesteps,
                                         skip_grid)
+from condistill.publish.comfyui import BASE_PLACEHOLDER, is_ours, ksampler_timesteps, workflow
 from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "comfyui"
@@ -137,3 +138,89 @@ def test_lcm_scalings_and_renoising_are_ours():
     probe = SAMPLING["renoise_probe"]
     assert torch.allclose(torch.tensor(probe["model_input"]), a * probe["x0"] + s * probe["noise"], rtol=1e-5,
                           atol=1e-6)
+
+
+# ---------------------------------------------------------------------- workflows
+NODES = json.loads((FIXTURES / "nodes.json").read_text())
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                "beta_end": 0.012, "prediction_type": "epsilon", "stochastic": True, "sigma_data": 0.5,
+                "timestep_scaling": 10.0, "num_grid": 50, "rescale_betas_zero_snr": False, "trained_betas": None}
+
+
+def _config(**changes):
+    config = {"base_name_or_path": "someone/sd15", "kind": "controlnet", "condition_name": "edge",
+              "adapter_options": {"condition_channels": 3}, "num_grid": 50, "prediction_type": "epsilon",
+              "recommended_steps": 4, "recommended_guidance": 1.0, "resolution": 512, "height": 512, "width": 512,
+              "one_step_start": None}
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLING["schedules"]))
+def test_our_statement_of_ksamplers_schedule_matches_comfyui(key):
+    steps, denoise = key.split("@")
+    assert ksampler_timesteps(int(steps), float(denoise)) == SAMPLING["schedules"][key]["timesteps"]
+
+
+def _check_against_comfyui(nodes: dict) -> None:
+    """Every node is a core node with exactly its required inputs (optional ones allowed), every link points
+    at an existing node's output, and the choices are ones ComfyUI offers."""
+    for node_id, node in nodes.items():
+        spec = NODES["nodes"][node["class_type"]]
+        inputs = set(node["inputs"])
+        assert set(spec["required"]) <= inputs <= set(spec["required"]) | set(spec["optional"]), node_id
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                source, index = value
+                assert source in nodes and index < len(NODES["nodes"][nodes[source]["class_type"]]["outputs"])
+    sampler = next(n["inputs"] for n in nodes.values() if n["class_type"] == "KSampler")
+    assert sampler["sampler_name"] in NODES["samplers"] and sampler["scheduler"] in NODES["schedulers"]
+    sampling = next(n["inputs"] for n in nodes.values() if n["class_type"] == "ModelSamplingDiscrete")
+    assert sampling["sampling"] in NODES["nodes"]["ModelSamplingDiscrete"]["choices"]["sampling"]
+    assert is_ours(nodes)
+
+
+@pytest.mark.parametrize("steps,start,latent,denoise", [
+    (4, None, "EmptyLatentImage", 1.0),
+    (2, None, "EmptyLatentImage", 1.0),
+    (1, {"timestep": 999, "from": "noise"}, "EmptyLatentImage", 1.0),
+    (1, {"timestep": 499, "from": "zero"}, "EmptyLatentImage", 0.5),
+    (1, 199, "EmptyLatentImage", 0.2),  # a bare timestep, as older exports record it (edge: from zero)
+    (1, {"timestep": 499, "from": "input"}, "VAEEncode", 0.5),
+])
+def test_workflow_samples_the_students_timesteps(steps, start, latent, denoise):
+    nodes, why = workflow(_config(recommended_steps=steps, one_step_start=start), SD_SCHEDULER,
+                          {"controlnet": "student.safetensors"})
+    assert why is None
+    _check_against_comfyui(nodes)
+    sampler = next(n["inputs"] for n in nodes.values() if n["class_type"] == "KSampler")
+    assert (sampler["steps"], sampler["denoise"], sampler["cfg"]) == (steps, denoise, 1.0)
+    assert (sampler["sampler_name"], sampler["scheduler"]) == ("lcm", "simple")
+    assert nodes[sampler["latent_image"][0]]["class_type"] == latent
+    first = (start if isinstance(start, int) else (start or {}).get("timestep")) if denoise < 1 else None
+    assert ksampler_timesteps(steps, denoise) == sampling_timesteps(GRID, steps, first).tolist()
+    assert nodes["1"]["inputs"]["ckpt_name"] == BASE_PLACEHOLDER and "LoraLoaderModelOnly" not in str(nodes)
+
+
+def test_lora_workflow_loads_the_lora_and_its_adapter():
+    nodes, why = workflow(_config(kind="lora"), SD_SCHEDULER, {"lora": "s.safetensors", "controlnet": "a.safetensors"})
+    assert why is None
+    _check_against_comfyui(nodes)
+    lora = next(n for n in nodes.values() if n["class_type"] == "LoraLoaderModelOnly")["inputs"]
+    assert lora["lora_name"] == "s.safetensors" and lora["strength_model"] == 1.0
+    sampler = next(n["inputs"] for n in nodes.values() if n["class_type"] == "KSampler")
+    assert nodes[sampler["model"][0]]["class_type"] == "LoraLoaderModelOnly"
+
+
+@pytest.mark.parametrize("changes,scheduler,reason", [
+    ({"base_name_or_path": "embedded:tiny-teacher"}, {}, "embedded teacher"),
+    ({"prediction_type": "v_prediction"}, {}, "predicts v_prediction"),
+    ({"num_grid": 25}, {}, "25-point grid"),
+    ({"adapter_options": {"condition_channels": 4}}, {}, "4 channels"),
+    ({}, {"stochastic": False}, "deterministic re-noising"),
+    ({}, {"beta_schedule": "linear"}, "is not SD's"),
+    ({}, {"timestep_scaling": 5.0}, "boundary scalings"),
+])
+def test_students_comfyui_cannot_sample_get_no_workflow_and_the_reason(changes, scheduler, reason):
+    nodes, why = workflow(_config(**changes), dict(SD_SCHEDULER, **scheduler), {"controlnet": "c.safetensors"})
+    assert nodes is None and reason in why

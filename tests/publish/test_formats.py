@@ -378,3 +378,37 @@ def test_a_damaged_export_is_not_converted(run_copy, tmp_path):
     with pytest.raises(ValueError, match="changed since export"):
         export(run_copy, "single-file", tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------------- T2I-Adapter files and ComfyUI workflows
+def test_t2i_adapter_student_exports_one_original_layout_file(base_path, tmp_path):
+    base = load_base(base_path)
+    student = build_student("t2i_adapter", base.unet, 3, vae_scale_factor=8)
+    perturb_(student, seed=7)
+    _save(student, base, tmp_path / "run" / "adapter")
+    out = tmp_path / "t2i.safetensors"
+    result = export(tmp_path / "run", "single-file", out, dtype="fp32")
+    saved = load_file(str(tmp_path / "run" / "adapter" / "t2i_adapter" / "diffusion_pytorch_model.safetensors"))
+    written = load_file(str(out))
+    assert "conv_in.weight" in written and not any(k.startswith("adapter.") for k in written)
+    assert sorted(t.sum().item() for t in written.values()) == sorted(t.sum().item() for t in saved.values())
+    # the tiny base's two widths are not the [c, 2c, 4c, 4c] the webui loaders build: said, and no workflow
+    assert result.files == [out] and "[c, 2c, 4c, 4c]" in result.notes[0]
+    assert "T2IAdapter.from_pretrained" in result.instructions
+
+
+def test_single_file_export_writes_a_comfyui_workflow_and_keeps_a_foreign_file(controlnet_run, tmp_path):
+    out = tmp_path / "cn.safetensors"
+    result = export(controlnet_run, "single-file", out)
+    flow = tmp_path / "cn_comfyui.json"
+    assert result.files == [out, flow] and "ComfyUI workflow" in result.instructions
+    nodes = json.loads(flow.read_text())
+    loader = next(n for n in nodes.values() if n["class_type"] == "ControlNetLoader")
+    assert loader["inputs"]["control_net_name"] == "cn.safetensors"
+    export(controlnet_run, "single-file", out, overwrite=True)  # its own workflow is replaced
+    assert json.loads(flow.read_text()) == nodes
+    mine = tmp_path / "b_comfyui.json"
+    mine.write_text('{"my": "edits"}')
+    result = export(controlnet_run, "single-file", tmp_path / "b.safetensors")
+    assert mine.read_text() == '{"my": "edits"}' and result.files == [tmp_path / "b.safetensors"]
+    assert f"kept {mine}, which is not a workflow condistill wrote" in result.notes[0]
