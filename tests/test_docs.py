@@ -132,6 +132,14 @@ COMMANDS: list[Entry] = [
           replace=(("runs/edge-sd15", "runs/edge-sd15-cache"),),
           append=f"--mixed-precision bf16 --resolution 16 {TINY_TRAIN}",
           check=_exported("runs/edge-sd15-cache", **SD15_GPU_RAN)),
+    # ---- docs/comfyui.md
+    Entry("docs/comfyui.md", r"^condistill export runs/edge --format single-file", "run",
+          "exports the two-step embedded-teacher run: the file is written, and the export says why ComfyUI gets no "
+          "workflow for it", check=lambda work, out: (_wrote("edge.safetensors")(work, out),
+                                                     _assert_in("ControlNet (original single-file layout)", out))),
+    Entry("docs/comfyui.md", r"^python tools/comfyui_fixtures\.py --comfyui", "skip",
+          "needs a ComfyUI checkout and its Python dependencies, which are not condistill's; "
+          "tests/publish/test_comfyui.py checks the fixtures it wrote"),
     # ---- README.md and docs/demo.md: condistill demo
     *[Entry(doc, r"^condistill demo ", "parse", DEMO_SERVES) for doc in ("README.md", "docs/demo.md")],
     Entry("docs/demo.md", r"^pip install .condistill\[demo\].$", "skip", "installs from the package index"),
@@ -233,7 +241,7 @@ def _given_judge() -> dict:
 GIVEN.update({"docs/conditions.md": _given_conditions, "docs/judge.md": _given_judge})
 
 #: prepared two-step runs a document's blocks use, by the names they use
-NEEDS = {"docs/fast-decoder.md": ("runs/edge", "runs/fastdec-edge200")}
+NEEDS = {"docs/fast-decoder.md": ("runs/edge", "runs/fastdec-edge200"), "docs/comfyui.md": ("runs/edge",)}
 #: the one run trained for NEEDS (two steps on the embedded teacher); other names are copies of it
 NEEDS_SOURCE = "runs/edge"
 

@@ -176,7 +176,21 @@ def with_base(lines: list[str], base: str) -> list[str]:
     return out[:blank] + imports + ([""] if blank else []) + [assignment] + out[blank + (1 if blank else 0):]
 
 
-def _one_step(config: Mapping[str, Any]) -> dict | None:
+def _other_tools_text(config: Mapping[str, Any]) -> str:
+    """Where the student goes for ComfyUI and A1111 (``condistill export``), or why it does not."""
+    fmt = {"controlnet": "single-file", "t2i_adapter": "single-file", "lora": "kohya"}.get(config["kind"])
+    if fmt is None:
+        return f"ComfyUI and A1111: `condistill export` has no format for the {config['kind']} kind yet."
+    if is_embedded_base(str(config["base_name_or_path"])):
+        return ("ComfyUI and A1111 cannot load the embedded teacher (its VAE downsamples 4x, not 8x), so "
+                f"`condistill export --format {fmt}` writes this student's file without a ComfyUI workflow.")
+    return (f"ComfyUI and A1111: `condistill export <this folder> --format {fmt} --out student.safetensors` writes "
+            "the files they load and, where ComfyUI can sample the student as it was trained, the workflow that "
+            "does (`student_comfyui.json`).")
+
+
+def trained_one_step(config: Mapping[str, Any]) -> dict | None:
+    """The one-step start an export records, in its dict form (:mod:`condistill.method.one_step`), or None."""
     from condistill.conditions import available_conditions, condition_class
 
     name = config["condition_name"]
@@ -186,12 +200,12 @@ def _one_step(config: Mapping[str, Any]) -> dict | None:
 
 def _img2img(config: Mapping[str, Any]) -> bool:
     """``load_adapter`` returns an img2img pipeline: a ControlNet trained for one step from the input."""
-    start = _one_step(config)
+    start = trained_one_step(config)
     return config["kind"] == "controlnet" and bool(start) and start["from"] == "input"
 
 
 def _one_step_text(config: Mapping[str, Any]) -> str:
-    start = _one_step(config)
+    start = trained_one_step(config)
     if start is None:
         return ("One step (`num_inference_steps=1`) starts from pure noise at the top of the grid; this student was "
                 "not trained for one step in particular.")
@@ -330,7 +344,7 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
     lines += ["## Sampling", "", f"Recommended: **{steps} steps**, guidance **{guidance:g}** (stored in "
               "`condistill_config.json` and `scheduler/`; `pipe.condistill_defaults` holds them).", "",
               _one_step_text(config), "",
-              _usage(config, source), ""]
+              _usage(config, source), "", _other_tools_text(config), ""]
     if samples:
         lines += ["## Samples", "", f"![validation samples]({SAMPLES_NAME})", "",
                   "The last validation grid of the training run (held-out conditions; rows: 1, 2 and 4 steps).", ""]

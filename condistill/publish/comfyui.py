@@ -102,14 +102,14 @@ def workflow(config: Mapping[str, Any], scheduler: Mapping[str, Any], files: Map
         files: the file names the workflow loads: ``"controlnet"`` (a ControlNet or T2I-Adapter file, in
             ComfyUI's ``models/controlnet``) and, for a LoRA student, ``"lora"`` (in ``models/loras``).
     """
-    from condistill.publish.card import _one_step
+    from condistill.publish.card import trained_one_step
 
     channels = int(config.get("adapter_options", {}).get("condition_channels", 3))
     problems = _problems(config, scheduler, channels)
     if problems:
         return None, "; ".join(problems)
     steps, guidance = int(config["recommended_steps"]), float(config["recommended_guidance"])
-    start = _one_step(config) if steps == 1 else None
+    start = trained_one_step(config) if steps == 1 else None
     denoise, source = 1.0, "noise"
     if start is not None and start["from"] != "noise":
         denoise, source = round((int(start["timestep"]) + 1) / COMFY_TRAIN_TIMESTEPS, 6), start["from"]

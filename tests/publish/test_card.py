@@ -152,6 +152,10 @@ def test_the_cards_code_runs_for_an_embedded_or_local_base(where, base_path, tmp
     for kind, run in runs.items():
         text = (run / "adapter" / "README.md").read_text()
         assert "from_pretrained(BASE" in text and f'from_pretrained("{base}"' not in text
+        fmt = "kohya" if kind == "lora" else "single-file"
+        assert (f"cannot load the embedded teacher (its VAE downsamples 4x, not 8x), so `condistill export --format "
+                f"{fmt}` writes this student's file without a ComfyUI workflow" if where == "embedded" else
+                f"`condistill export <this folder> --format {fmt} --out student.safetensors`") in text, kind
         expected = ('BASE = resolve_pretrained_dir("embedded:tiny-teacher")' if where == "embedded"
                     else f"BASE = {json.dumps(base)}  # a local folder")
         assert expected in text, kind
