@@ -10,6 +10,10 @@ committed fixtures:
   weights), our original-layout export (:func:`condistill.publish.t2i_layout.t2i_original_state_dict`)
   loaded by ComfyUI's T2I-Adapter loader: the keys its network has, the missing and unexpected keys, and its
   features for a fixed control image, in the order they are computed.
+* ``controlnet.json`` + ``controlnet_residuals.safetensors``: the same for our single-file ControlNet export
+  (:func:`controlnet_case`) and ComfyUI's ControlNet loader: keys, and its residuals on fixed inputs.
+* ``lora.json``: ComfyUI's LoRA loader on our kohya export (:func:`lora_case`): which keys it uses and, for every
+  UNet weight it patches (named through its own ldm/diffusers map), the change it computes.
 * ``nodes.json``: the inputs and outputs of the core nodes our workflows use (:data:`NODES`) and
   KSampler's sampler and scheduler names.
 * ``sampling.json``: ComfyUI's "lcm" model sampling (the ModelSamplingDiscrete node) on SD's noise schedule:
@@ -75,6 +79,138 @@ def t2i_case(name: str):
 def t2i_cases():
     """Every case of :data:`T2I_CASES` (name, adapter, config, control)."""
     return [(name, *t2i_case(name)) for name in T2I_CASES]
+
+
+#: a narrow SD 1.5-shaped ControlNet: the widths, cross-attention (768, 8 heads) and hint block ComfyUI's detection
+#: matches to SD 1.5, with two levels and one layer each to keep it small
+CONTROLNET_CASE = dict(block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       layers_per_block=1, cross_attention_dim=768, attention_head_dim=8, in_channels=4,
+                       conditioning_embedding_out_channels=(16, 32, 96, 256))
+
+
+def controlnet_case():
+    """The diffusers ``ControlNetModel`` of :data:`CONTROLNET_CASE` with deterministic weights (zero convolutions
+    included, so every output is non-zero), its config, and the inputs it is run on: ``(latents, timesteps, text,
+    control image)``."""
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel(**CONTROLNET_CASE).eval()
+    gen = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+    inputs = (torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([499]), torch.randn(1, 8, 768, generator=gen),
+              torch.rand(1, 3, 64, 64, generator=gen))
+    return model, dict(model.config), inputs
+
+
+def record_controlnet(out: Path) -> None:
+    """ComfyUI's ControlNet loader on our single-file (ldm) export of :func:`controlnet_case`: its keys, the missing
+    and unexpected ones, and its residuals (down blocks in order, then the mid block)."""
+    import comfy.controlnet
+    from safetensors.torch import save_file
+
+    from condistill.publish.controlnet_layout import LDM_CONTROLNET_PREFIX, controlnet_ldm_state_dict
+
+    model, config, (z, t, text, hint) = controlnet_case()
+    state = controlnet_ldm_state_dict(model.state_dict(), config)
+    loaded = comfy.controlnet.load_controlnet_state_dict(dict(state))
+    network = loaded.control_model.float().eval()
+    wanted = {LDM_CONTROLNET_PREFIX + k for k in network.state_dict()}
+    with torch.no_grad():
+        result = network(z, hint, t, text)
+    residuals = list(result["output"]) + list(result["middle"])
+    entry = {"network": type(network).__name__, "keys": sorted(wanted), "missing": sorted(wanted - set(state)),
+             "unexpected": sorted(set(state) - wanted), "residuals": len(residuals)}
+    (out / "controlnet.json").write_text(json.dumps(entry, indent=1) + "\n")
+    save_file({f"residual.{i}": r.contiguous() for i, r in enumerate(residuals)},
+              str(out / "controlnet_residuals.safetensors"))
+
+
+#: a narrow SD 1.5-shaped UNet for the LoRA case (attention on the first level only, as in SD's last level)
+LORA_UNET = dict(block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=768,
+                 attention_head_dim=8)
+#: the same UNet in ComfyUI's terms (what its detection reads from an SD 1.5 checkpoint of this shape)
+LORA_UNET_COMFY = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1],
+                   "channel_mult": [1, 2], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
+                   "transformer_depth_middle": 1, "context_dim": 768, "use_linear_in_transformer": False}
+
+
+def lora_case():
+    """A LoRA student (rank 2, alpha 3, every target) of the :data:`LORA_UNET` UNet with deterministic non-zero LoRA
+    weights: ``(the UNet's own weights, the kohya state dict, {diffusers module: its weight change})``."""
+    from diffusers import UNet2DConditionModel
+
+    from condistill.adapters import build_student
+    from condistill.publish.formats import kohya_lora_state_dict
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**LORA_UNET).eval()
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}  # before the LoRA layers wrap them
+    student = build_student("lora", unet, 3, vae_scale_factor=8, rank=2, lora_alpha=3, targets="all")
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for _, param in sorted(student.trainable_named_parameters().items()):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft = student.lora_state_dict()
+    kohya = kohya_lora_state_dict({f"unet.{k}": v for k, v in peft.items()}, 3.0)
+    deltas = {}
+    for key, down in peft.items():
+        if key.endswith("lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            up = peft[module + ".lora_B.weight"]
+            change = (up.flatten(1) @ down.flatten(1)) * (3.0 / down.shape[0])
+            deltas[module] = change.reshape(up.shape[0], *down.shape[1:])
+    return weights, kohya, deltas
+
+
+class _UNetState:
+    """The little of a ComfyUI model its LoRA key map reads: the ldm state dict keys and the UNet config."""
+
+    def __init__(self, keys, unet_config):
+        self.keys, self.model_config = keys, type("C", (), {"unet_config": unet_config})()
+
+    def state_dict(self):
+        return dict.fromkeys(self.keys)
+
+
+def record_lora(out: Path) -> None:
+    """ComfyUI's LoRA loader on our kohya export of :func:`lora_case`: which keys it uses, which UNet weight each
+    patches (by diffusers name, through ComfyUI's own ldm <-> diffusers map), and the weight change it computes."""
+    import comfy.lora
+    import comfy.utils
+
+    weights, kohya, _ = lora_case()
+    # diffusers key -> ldm key (its map also names class/add embeddings, which this UNet has not)
+    to_ldm = {k: v for k, v in comfy.utils.unet_to_diffusers(LORA_UNET_COMFY).items() if k in weights}
+    assert set(to_ldm) == set(weights), sorted(set(weights) - set(to_ldm))[:5]  # the config describes this UNet
+    from_ldm = {"diffusion_model." + v: k for k, v in to_ldm.items()}
+    key_map = comfy.lora.model_lora_keys_unet(_UNetState(list(from_ldm), LORA_UNET_COMFY), {})
+    patches = comfy.lora.load_lora(dict(kohya), key_map, log_missing=False)
+    used = set()
+    entries = {}
+    for ldm_key, patch in patches.items():
+        diffusers_key = from_ldm[ldm_key]
+        weight = weights[diffusers_key].clone()
+        patched = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight.clone(), ldm_key)
+        change = (patched - weight).double()
+        entries[diffusers_key[: -len(".weight")]] = {"sum": change.sum().item(), "abs_sum": change.abs().sum().item(),
+                                                     "first": change.flatten()[:8].tolist()}
+        used.update(k for k in kohya if k.startswith(patch_name(patch, kohya)))
+    record = {"patched": entries, "lora_keys": sorted(kohya), "unused": sorted(set(kohya) - used),
+              "diffusers_keys_mapped": len(to_ldm), "unet_weights": len(weights)}
+    (out / "lora.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def patch_name(patch, kohya) -> str:
+    """The kohya module name a ComfyUI LoRA patch was built from (its up weight is one of the file's tensors)."""
+    up = patch.weights[0]
+    for key, tensor in kohya.items():
+        if key.endswith(".lora_up.weight") and tensor.data_ptr() == up.data_ptr():
+            return key[: -len(".lora_up.weight")] + "."
+    raise KeyError("patch from no kohya module")
 
 
 def _import_comfy(path: Path):
@@ -219,6 +355,8 @@ def main(argv=None) -> int:
     _import_comfy(comfyui)
     args.out.mkdir(parents=True, exist_ok=True)
     record_t2i(args.out)
+    record_controlnet(args.out)
+    record_lora(args.out)
     record_sampling(args.out)
     record_nodes(args.out)
     (args.out / "SOURCE.json").write_text(json.dumps({"comfyui_commit": args.commit or _commit(comfyui),

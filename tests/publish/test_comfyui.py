@@ -224,3 +224,45 @@ def test_lora_workflow_loads_the_lora_and_its_adapter():
 def test_students_comfyui_cannot_sample_get_no_workflow_and_the_reason(changes, scheduler, reason):
     nodes, why = workflow(_config(**changes), dict(SD_SCHEDULER, **scheduler), {"controlnet": "c.safetensors"})
     assert nodes is None and reason in why
+
+
+def test_controlnet_export_loads_in_comfyui_and_computes_what_diffusers_computes():
+    """ComfyUI's ControlNet loader finds every key of our single-file export and nothing else, and its residuals
+    on the same inputs equal diffusers' from the run's folder within 1e-5 of their largest value (measured: 5.6e-7)."""
+    from comfyui_fixtures import controlnet_case
+
+    from condistill.publish.controlnet_layout import controlnet_ldm_state_dict
+
+    recorded = json.loads((FIXTURES / "controlnet.json").read_text())
+    model, config, (z, t, text, hint) = controlnet_case()
+    state = controlnet_ldm_state_dict(model.state_dict(), config)
+    assert sorted(state) == recorded["keys"] and not recorded["missing"] and not recorded["unexpected"]
+    comfy = load_file(str(FIXTURES / "controlnet_residuals.safetensors"))
+    with torch.no_grad():
+        down, mid = model(z, t, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False)
+    ours = [*down, mid]
+    assert len(ours) == recorded["residuals"]
+    for i, residual in enumerate(ours):
+        theirs = comfy[f"residual.{i}"]
+        scale = theirs.abs().max().item()
+        assert residual.shape == theirs.shape and scale > 1e-3
+        assert (residual - theirs).abs().max().item() <= 1e-5 * scale, (i, (residual - theirs).abs().max().item(), scale)
+
+
+def test_kohya_lora_is_used_whole_by_comfyui_and_changes_what_peft_changes():
+    """ComfyUI's LoRA loader uses every key of our kohya file, patches exactly the UNet weights our LoRA targets
+    (named through its own ldm/diffusers map), and changes each by what the LoRA adds in diffusers/peft."""
+    from comfyui_fixtures import lora_case
+
+    recorded = json.loads((FIXTURES / "lora.json").read_text())
+    _, kohya, deltas = lora_case()
+    assert sorted(kohya) == recorded["lora_keys"] and not recorded["unused"]
+    assert recorded["diffusers_keys_mapped"] == recorded["unet_weights"]
+    assert set(recorded["patched"]) == set(deltas) and len(deltas) == 69
+    for module, change in deltas.items():
+        theirs = recorded["patched"][module]
+        change = change.double()
+        assert change.abs().sum().item() == pytest.approx(theirs["abs_sum"], rel=1e-5), module
+        assert change.sum().item() == pytest.approx(theirs["sum"], rel=1e-4, abs=1e-4 * theirs["abs_sum"]), module
+        assert torch.allclose(change.flatten()[:8].float(), torch.tensor(theirs["first"]).float(), rtol=1e-5,
+                              atol=1e-7), module
