@@ -60,6 +60,17 @@ T2I_CASES = {
 }
 
 
+def _fill(module: torch.nn.Module, seed: int) -> torch.Generator:
+    """Give every parameter of ``module`` deterministic non-zero values (unit-scale outputs per layer); returns the
+    generator, to draw the inputs from next."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(module.named_parameters()):
+            fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+    return gen
+
+
 def t2i_case(name: str):
     """The diffusers ``T2IAdapter`` of case ``name`` with deterministic non-zero weights, its config, and the
     control image it is run on."""
@@ -67,11 +78,7 @@ def t2i_case(name: str):
 
     config = T2I_CASES[name]
     adapter = T2IAdapter(**config).eval()
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for _, param in sorted(adapter.named_parameters()):
-            fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
-            param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+    gen = _fill(adapter, 1234)
     control = torch.rand(1, config["in_channels"], CONTROL_SIZE, CONTROL_SIZE, generator=gen)
     return adapter, dict(adapter.config), control
 
@@ -95,11 +102,7 @@ def controlnet_case():
     from diffusers import ControlNetModel
 
     model = ControlNetModel(**CONTROLNET_CASE).eval()
-    gen = torch.Generator().manual_seed(4321)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            fan_in = max(1, param[0].numel()) if param.ndim > 1 else 1
-            param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+    gen = _fill(model, 4321)
     inputs = (torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([499]), torch.randn(1, 8, 768, generator=gen),
               torch.rand(1, 3, 64, 64, generator=gen))
     return model, dict(model.config), inputs
