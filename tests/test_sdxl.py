@@ -243,3 +243,35 @@ def test_one_guided_step_trains_the_adapter(sdxl_path, fresh, kind, tmp_path):
     z, t, text, cond = _inputs(fresh)
     with torch.no_grad():  # the step moved the zero-initialised adapter away from the teacher
         assert not torch.allclose(student(z, t, text, student.encode_condition(cond)), fresh.predict(z, t, text))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sdxl_students_export_for_the_webui_tools(fresh, kind, tmp_path):
+    """condistill export on SDXL: a ControlNet is written in diffusers' key layout (the one SDXL ControlNets are
+    published in, which ComfyUI and A1111 read), a T2I-Adapter in the original full_adapter_xl layout, a LoRA as an
+    SDXL kohya file; the printed diffusers code loads the run's weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from condistill.publish.formats import export
+
+    student = build_student(kind, fresh, 3)
+    perturb_(student)
+    save_adapter(student, tmp_path / kind, base_name_or_path=str(fresh.name_or_path),
+                 base_fingerprint=fresh.fingerprint(), condition_name="edge", condition_config={}, num_grid=50,
+                 prediction_type=fresh.prediction_type, resolution=64, noise_schedule=fresh.noise_schedule_config())
+    out = tmp_path / "student.safetensors"
+    result = export(tmp_path / kind, "kohya" if kind == "lora" else "single-file", out, dtype="fp32")
+    written = load_file(str(out))
+    if kind == "controlnet":
+        saved = load_file(str(tmp_path / kind / "controlnet" / "diffusion_pytorch_model.safetensors"))
+        assert written.keys() == saved.keys() and all(torch.equal(written[k], saved[k]) for k in saved)
+        assert "ControlNet (diffusers layout, as SDXL ControlNets are published)" in result.instructions
+        assert "ControlNetModel.from_pretrained(" in result.instructions
+    elif kind == "t2i_adapter":
+        assert "conv_in.weight" in written and not any(k.startswith("adapter.") for k in written)
+    else:
+        with safe_open(str(out), framework="pt") as f:
+            assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    flow = tmp_path / "student_comfyui.json"
+    assert (flow in result.files) == flow.is_file()

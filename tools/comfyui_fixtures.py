@@ -12,6 +12,8 @@ committed fixtures:
   features for a fixed control image, in the order they are computed.
 * ``controlnet.json`` + ``controlnet_residuals.safetensors``: the same for our single-file ControlNet export
   (:func:`controlnet_case`) and ComfyUI's ControlNet loader: keys, and its residuals on fixed inputs.
+* ``controlnet_sdxl.json``: ComfyUI's ControlNet loader on an SDXL-shaped ControlNet in diffusers' layout (our
+  SDXL export): the keys it leaves unused and the keys of its network left missing.
 * ``lora.json``: ComfyUI's LoRA loader on our kohya export (:func:`lora_case`): which keys it uses and, for every
   UNet weight it patches (named through its own ldm/diffusers map), the change it computes.
 * ``nodes.json``: the inputs and outputs of the core nodes our workflows use (:data:`NODES`) and
@@ -131,6 +133,41 @@ def record_controlnet(out: Path) -> None:
               str(out / "controlnet_residuals.safetensors"))
 
 
+def sdxl_controlnet_keys() -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of an SDXL-base-1.0-shaped ControlNet as condistill builds it (``from_unet``, SD's hint
+    block), on the meta device: nothing is allocated."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd_components import SDXL_UNET
+
+    with torch.device("meta"):
+        model = ControlNetModel.from_unet(UNet2DConditionModel(**SDXL_UNET),
+                                          conditioning_embedding_out_channels=(16, 32, 96, 256))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def record_controlnet_sdxl(out: Path) -> None:
+    """ComfyUI's ControlNet loader on an SDXL ControlNet in diffusers' key layout (our SDXL export): which of our keys
+    it takes, and which keys of its network stay missing (zero weights: only the names and shapes matter)."""
+    import comfy.controlnet
+
+    shapes = sdxl_controlnet_keys()
+    data = {k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        loaded = comfy.controlnet.load_controlnet_state_dict(data)  # takes the keys it converts out of ``data``
+    finally:
+        logging.getLogger().removeHandler(handler)
+    missing = [m for m in messages if m.startswith("missing controlnet keys")]
+    entry = {"network": type(loaded.control_model).__name__, "keys": len(shapes), "leftover": sorted(data),
+             "missing": missing, "messages": [m for m in messages if "controlnet" in m.lower()][:5]}
+    (out / "controlnet_sdxl.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
 #: a narrow SD 1.5-shaped UNet for the LoRA case (attention on the first level only, as in SD's last level)
 LORA_UNET = dict(block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=768,
@@ -204,7 +241,7 @@ def record_lora(out: Path) -> None:
         used.update(k for k in kohya if k.startswith(patch_name(patch, kohya)))
     record = {"patched": entries, "lora_keys": sorted(kohya), "unused": sorted(set(kohya) - used),
               "diffusers_keys_mapped": len(to_ldm), "unet_weights": len(weights)}
-    (out / "lora.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "lora.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def patch_name(patch, kohya) -> str:
@@ -360,6 +397,7 @@ def main(argv=None) -> int:
     record_t2i(args.out)
     record_controlnet(args.out)
     record_lora(args.out)
+    record_controlnet_sdxl(args.out)
     record_sampling(args.out)
     record_nodes(args.out)
     (args.out / "SOURCE.json").write_text(json.dumps({"comfyui_commit": args.commit or _commit(comfyui),

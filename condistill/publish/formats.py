@@ -49,7 +49,8 @@ import torch
 
 from condistill.files import TMP_PREFIX, recover_folder, replace_file, sha256_file, staged_folder
 from condistill.publish.card import BASE_MARK
-from condistill.publish.comfyui import BASE_PLACEHOLDER, CONTROL_IMAGE, write_workflow
+from condistill.publish.comfyui import write_workflow
+from condistill.publish.instructions import CONTROL_TEXT, call_line, embedded_base, with_base_indented, workflow_lines
 from condistill.publish.controlnet_layout import SD_HINT_BLOCK_WIDTHS, controlnet_ldm_state_dict
 from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
 
@@ -213,7 +214,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
 
     family = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")]
     text_class, adapter_class = family.pipelines["text"], family.pipelines["adapter"]
-    code = _with_base([
+    code = with_base_indented([
         f"from diffusers import {adapter_class}, {text_class}, T2IAdapter",
         "from condistill import CoDiScheduler",
         "",
@@ -222,7 +223,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         'parts = {k: v for k, v in sd.components.items() if k not in ("image_encoder", "scheduler")}',
         f"pipe = {adapter_class}(**parts, adapter=T2IAdapter.from_pretrained({str(adapter_out)!r}),",
         f"    scheduler=CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\"))",
-        _call_line(config),
+        call_line(config),
     ], config)
     lines = [f"LoRA (kohya/webui format): {out}",
              f"condition adapter (diffusers T2I-Adapter folder): {adapter_out}",
@@ -238,10 +239,10 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
                                     overwrite=overwrite)
         notes += [note] if note else []
         files += [flow] if flow else []
-        if not _embedded_base(config):  # the embedded teacher lives only inside condistill
+        if not embedded_base(config):  # the embedded teacher lives only inside condistill
             lines += [f"A1111/ComfyUI: put {out.name} in models/loras and {T2I_SINGLE_FILE} in models/controlnet "
                       f"as {adapter_name}; load both: the LoRA alone is not the distilled model."]
-            lines += _workflow_lines(flow, config)
+            lines += workflow_lines(flow, config)
     instructions = "\n".join(lines)
     return ExportResult("kohya", files, instructions, notes)
 
@@ -263,23 +264,23 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
         flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
         notes += [note] if note else []
         files += [flow] if flow else []
-        if not _embedded_base(config):
+        if not embedded_base(config):
             lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet (their T2I-Adapter loaders read it)."]
-            lines += _workflow_lines(flow, config)
+            lines += workflow_lines(flow, config)
     from condistill.frozen import FAMILIES
 
     pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["adapter"]
     sub = weights.parent.relative_to(folder).as_posix()
     lines.append(f"diffusers reads the run's diffusers folder, the same tensors (control: the condition image, "
                  f"{CONTROL_TEXT}):")
-    lines += _with_base([
+    lines += with_base_indented([
         f"from diffusers import T2IAdapter, {pipeline}",
         "from condistill import CoDiScheduler",
         "",
         f"adapter = T2IAdapter.from_pretrained({str(folder)!r}, subfolder={sub!r})",
         f'pipe = {pipeline}.from_pretrained("{BASE_MARK}", adapter=adapter, safety_checker=None)',
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
-        _call_line(config),
+        call_line(config),
     ], config)
     return ExportResult("single-file", files, "\n".join(lines), notes)
 
@@ -292,9 +293,14 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
         return _export_t2i_single_file(folder, config, out, dtype, overwrite, log)
     weights = folder / config["weight_files"]["controlnet"]
     cn_config = json.loads((weights.parent / "config.json").read_text())
-    ldm = _cast(controlnet_ldm_state_dict(load_file(str(weights)), cn_config), dtype)
+    sdxl = config.get("base_fingerprint", {}).get("family") == "sdxl"
+    if sdxl:  # SDXL ControlNets are published, and read by ComfyUI and A1111, in diffusers' own key layout
+        state, layout = _cast(load_file(str(weights)), dtype), "diffusers layout, as SDXL ControlNets are published"
+    else:
+        state = _cast(controlnet_ldm_state_dict(load_file(str(weights)), cn_config), dtype)
+        layout = "original single-file layout"
     metadata = {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"}
-    _write_file(out, lambda tmp: save_file(ldm, str(tmp), metadata=metadata), log)
+    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
     notes = []
     widths = cn_config["conditioning_embedding_out_channels"]
     if len(widths) != SD_HINT_BLOCK_WIDTHS:
@@ -309,65 +315,30 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
     pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["controlnet"]
     sub = weights.parent.relative_to(folder).as_posix()
     readable = not notes  # the hint block diffusers' single-file reader and the webui loaders assume
-    load = (f"controlnet = ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})" if readable
-            else f"controlnet = ControlNetModel.from_pretrained({str(folder)!r}, subfolder={sub!r})")
-    code = _with_base([
+    load = (f"controlnet = ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})"
+            if readable and not sdxl else
+            f"controlnet = ControlNetModel.from_pretrained({str(folder)!r}, subfolder={sub!r})")
+    code = with_base_indented([
         f"from diffusers import ControlNetModel, {pipeline}",
         "from condistill import CoDiScheduler",
         "",
         load,
         f'pipe = {pipeline}.from_pretrained("{BASE_MARK}", controlnet=controlnet, safety_checker=None)',
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
-        _call_line(config),
+        call_line(config),
     ], config)
-    lines, files = [f"ControlNet (original single-file layout): {out}"], [out]
+    lines, files = [f"ControlNet ({layout}): {out}"], [out]
     if readable:
         flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
         notes += [note] if note else []
         files += [flow] if flow else []
-        if not _embedded_base(config):
-            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet."] + _workflow_lines(flow, config)
-    lines.append(f"diffusers (control: the condition image, {CONTROL_TEXT}):" if readable else
-                 "diffusers cannot read this file (see the note above); the same ControlNet from the run's diffusers "
-                 f"folder (control: the condition image, {CONTROL_TEXT}):")
+        if not embedded_base(config):
+            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet."] + workflow_lines(flow, config)
+    lines.append(f"diffusers (control: the condition image, {CONTROL_TEXT}):" if readable and not sdxl else
+                 f"diffusers{' cannot read this file (see the note above);' if not readable else ':'} the same "
+                 f"ControlNet from the run's diffusers folder (control: the condition image, {CONTROL_TEXT}):")
     instructions = "\n".join(lines + code)
     return ExportResult("single-file", files, instructions, notes)
-
-
-# ---- printed instructions -----------------------------------------------------------------
-def _workflow_lines(flow: Path | None, config: dict) -> list[str]:
-    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-    if flow is None:
-        return [f"Sample with {steps} steps, CFG {guidance:g}, sampler LCM (the nearest to the training grid)."]
-    return [f"ComfyUI workflow (API format; set {BASE_PLACEHOLDER} to your copy of the base, put the control image in",
-            f"its input folder as {CONTROL_IMAGE}): {flow}. A1111: sampler LCM, {steps} steps, CFG {guidance:g}."]
-
-
-#: what the printed code's ``control`` is
-CONTROL_TEXT = ("[1, C, H, W] in [0, 1]; condistill.load_adapter(RUN).condistill_condition.control_image(photo) "
-                "makes it as training did")
-
-
-def _embedded_base(config: dict) -> bool:
-    from condistill.publish.card import is_embedded_base
-
-    return is_embedded_base(str(config["base_name_or_path"]))
-
-
-def _call_line(config: dict) -> str:
-    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-    height = int(config.get("height") or config["resolution"])
-    width = int(config.get("width") or config["resolution"])
-    return (f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}, '
-            f"height={height}, width={width}).images[0]")
-
-
-def _with_base(lines: list[str], config: dict) -> list[str]:
-    """Code lines with the base (written ``"BASE_MARK"``) set so that diffusers finds it (``card.base_code``),
-    indented by 4."""
-    from condistill.publish.card import with_base
-
-    return [("    " + line) if line else "" for line in with_base(lines, str(config["base_name_or_path"]))]
 
 
 # ---- files --------------------------------------------------------------------------------

@@ -266,3 +266,14 @@ def test_kohya_lora_is_used_whole_by_comfyui_and_changes_what_peft_changes():
         assert change.sum().item() == pytest.approx(theirs["sum"], rel=1e-4, abs=1e-4 * theirs["abs_sum"]), module
         assert torch.allclose(change.flatten()[:8].float(), torch.tensor(theirs["first"]).float(), rtol=1e-5,
                               atol=1e-7), module
+
+
+@pytest.mark.slow
+def test_sdxl_controlnet_in_diffusers_layout_loads_in_comfyui_whole():
+    """Our SDXL ControlNet export is the diffusers state dict as it is (tests/test_sdxl.py); on an SDXL-base-1.0-shaped
+    ControlNet, ComfyUI's loader took every one of its keys and left none of its network's missing."""
+    from comfyui_fixtures import sdxl_controlnet_keys
+
+    recorded = json.loads((FIXTURES / "controlnet_sdxl.json").read_text())
+    assert recorded["network"] == "ControlNet" and recorded["keys"] == len(sdxl_controlnet_keys()) == 844
+    assert recorded["leftover"] == [] and recorded["missing"] == []
