@@ -13,13 +13,21 @@ from condistill.frozen import load_base
 
 
 def test_parameter_budget_vs_controlnet(base_path, capsys):
-    lora = build_student("lora", load_base(base_path), 3)
-    controlnet = build_student("controlnet", load_base(base_path), 3)
-    n_lora, n_cn = lora.num_trainable_parameters(), controlnet.num_trainable_parameters()
-    ratio = n_lora / n_cn
+    """At SD 1.5's shape (on the meta device: nothing allocated) the LoRA student, its light condition adapter
+    included, trains about 5% of what a ControlNet does (19.5M against 361.3M)."""
+    from diffusers import UNet2DConditionModel
+
+    counts = {}
+    for kind in ("lora", "controlnet"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                        attention_head_dim=8)
+            counts[kind] = build_student(kind, unet, 3, vae_scale_factor=8).num_trainable_parameters()
+    ratio = counts["lora"] / counts["controlnet"]
     with capsys.disabled():
-        print(f"\n[tiny base] lora trainable {n_lora:,} / controlnet {n_cn:,} = {ratio:.1%}")
-    assert ratio <= 0.10
+        print(f"\n[SD 1.5 shape] lora trainable {counts['lora']:,} / controlnet {counts['controlnet']:,} = {ratio:.1%}")
+    assert ratio <= 0.06
+    lora = build_student("lora", load_base(base_path), 3)
     names = lora.trainable_named_parameters()
     assert any(".lora_A." in k for k in names) and any(k.startswith("adapter.") for k in names)
     assert lora.adapter_options["condition_adapter"] == "light_adapter"
