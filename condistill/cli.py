@@ -337,20 +337,24 @@ def _export_parser() -> argparse.ArgumentParser:
     ex = _command_parser(
         "condistill export", "Write a run's adapter as a file other tools (A1111, ComfyUI, diffusers' single-file and "
         "kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {' or '.join(v[0])})" for k, v in FORMATS.items())
-        + ". Every output is written under a temporary name and renamed into place when complete.")
+        + ". Beside OUT it writes OUT_comfyui.json, a ComfyUI workflow that samples the student as trained (or says "
+        "why there is none). Every output is written under a temporary name and renamed into place when complete.")
     ex.add_argument("run", help="a run folder or exported adapter folder")
     ex.add_argument("--format", required=True, choices=list(FORMATS), help="the file format to write")
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
     ex.add_argument("--adapter-out", help="kohya: folder for the condition adapter [OUT_condition_adapter]")
-    ex.add_argument("--dtype", choices=[*DTYPES, *DTYPE_ALIASES], default=DEFAULT_DTYPE,
+    ex.add_argument("--dtype", type=str.lower, choices=[*DTYPES, *DTYPE_ALIASES], default=DEFAULT_DTYPE,
                     help=f"the tensors' dtype in the written files; float32 keeps them unchanged [{DEFAULT_DTYPE}]")
-    ex.add_argument("--overwrite", action="store_true", help="replace --out (and --adapter-out) if they exist")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out, an earlier export's --adapter-out "
+                    "folder (whole) and a workflow file you edited; a folder holding other files is never replaced")
     return ex
 
 
 def _export(args) -> int:
     from condistill.publish.formats import default_adapter_out, export
 
+    args.out = str(Path(args.out).expanduser())  # checked and written at the same place, ~ included
+    args.adapter_out = str(Path(args.adapter_out).expanduser()) if args.adapter_out else None
     check_output(args.out, "--out", "file")
     if args.format == "kohya":
         check_output(args.adapter_out or default_adapter_out(args.out), "--adapter-out", "folder")

@@ -87,8 +87,9 @@ def _problems(config: Mapping[str, Any], scheduler: Mapping[str, Any], condition
         out.append(f"its boundary scalings use {constants}; ComfyUI's LCM sampling uses {_LCM_CONSTANTS}")
     if not scheduler.get("stochastic", True):
         out.append("it is sampled with deterministic re-noising; ComfyUI's LCM sampler draws fresh noise")
-    if condition_channels not in (1, 3):
-        out.append(f"its condition has {condition_channels} channels; ComfyUI's control nodes take an image")
+    takes = (3,) if config.get("kind") == "controlnet" else (1, 3)  # its T2I-Adapter node averages RGB to gray
+    if condition_channels not in takes:
+        out.append(f"its condition has {condition_channels} channels; ComfyUI's control nodes feed it an RGB image")
     return out
 
 
@@ -182,6 +183,8 @@ def write_workflow(folder, config: Mapping[str, Any], out, files: Mapping[str, s
     if nodes is None:
         return None, f"no ComfyUI workflow: {why}."
     path = workflow_path(out)
+    if path.is_dir():
+        return None, f"no ComfyUI workflow: {path} is a folder; move it to get one."
     if path.exists() and not overwrite:
         try:
             ours = is_ours(json.loads(path.read_text()))

@@ -9,11 +9,13 @@ import re
 
 import torch
 
-__all__ = ["controlnet_ldm_state_dict", "LDM_CONTROLNET_PREFIX", "SD_HINT_BLOCK_WIDTHS"]
+__all__ = ["controlnet_ldm_state_dict", "LDM_CONTROLNET_PREFIX", "SD_HINT_BLOCK_WIDTHS", "SD_HINT_WIDTHS"]
 
 LDM_CONTROLNET_PREFIX = "control_model."
 #: the ldm hint block of SD ControlNets: 8 convolutions, conv_out at index 14
 SD_HINT_BLOCK_WIDTHS = 4
+#: its widths (``conditioning_embedding_out_channels``), which the webui loaders build as they are
+SD_HINT_WIDTHS = [16, 32, 96, 256]
 
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

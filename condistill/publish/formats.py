@@ -6,7 +6,8 @@
   (= peft ``lora_A``), ``.lora_up.weight`` (= ``lora_B``) and ``.alpha`` (a scalar tensor:
   the update is scaled by ``alpha / rank`` as in peft), plus kohya's ``ss_*`` metadata. The
   condition adapter is copied beside it as a stock diffusers ``T2IAdapter`` folder, which also holds
-  it as one original-layout file, :data:`T2I_SINGLE_FILE`, for the webui adapter loaders.
+  it as one original-layout file, ``OUT_t2i_adapter.safetensors`` (:func:`t2i_single_file_name`), for the
+  webui adapter loaders.
 * ``single-file`` (kinds ``controlnet`` and ``t2i_adapter``): a ControlNet as one ``.safetensors``
   file in the original (CompVis/ldm ``cldm``) key layout of the A1111/ComfyUI ControlNet loaders
   and of diffusers' ``ControlNetModel.from_single_file``
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +50,13 @@ import torch
 from condistill.files import TMP_PREFIX, recover_folder, replace_file, sha256_file, staged_folder
 from condistill.publish.card import BASE_MARK
 from condistill.publish.comfyui import write_workflow
-from condistill.publish.instructions import CONTROL_TEXT, call_line, embedded_base, with_base_indented, workflow_lines
-from condistill.publish.controlnet_layout import SD_HINT_BLOCK_WIDTHS, controlnet_ldm_state_dict
+from condistill.publish.instructions import (CONTROL_TEXT, call_line, embedded_base, one_step_lines, with_base_indented,
+                                             workflow_lines)
+from condistill.publish.kohya_layout import check_diffusers_maps_back, kohya_lora_state_dict, lora_alpha
+from condistill.publish.controlnet_layout import SD_HINT_BLOCK_WIDTHS, SD_HINT_WIDTHS, controlnet_ldm_state_dict
 from condistill.publish.t2i_layout import loader_problem, t2i_original_state_dict
 
-__all__ = ["FORMATS", "DTYPES", "DTYPE_ALIASES", "DEFAULT_DTYPE", "EXPORT_RECORD", "T2I_SINGLE_FILE", "ExportResult",
+__all__ = ["FORMATS", "DTYPES", "DTYPE_ALIASES", "DEFAULT_DTYPE", "EXPORT_RECORD", "ExportResult", "t2i_single_file_name",
            "export", "default_adapter_out", "export_dtype", "kohya_lora_state_dict", "controlnet_ldm_state_dict",
            "t2i_original_state_dict"]
 
@@ -62,15 +64,19 @@ __all__ = ["FORMATS", "DTYPES", "DTYPE_ALIASES", "DEFAULT_DTYPE", "EXPORT_RECORD
 FORMATS = {
     "kohya": (("lora",), "the UNet LoRA as a kohya/webui .safetensors file + the condition adapter as a "
                          "T2I-Adapter folder (diffusers, and one original-layout file)"),
-    "single-file": (("controlnet", "t2i_adapter"), "the ControlNet or T2I-Adapter as one original-layout "
-                                                   "(ldm/cldm, TencentARC) .safetensors file"),
+    "single-file": (("controlnet", "t2i_adapter"), "the ControlNet (ldm layout; SDXL: diffusers layout) or the "
+                                                   "T2I-Adapter (original layout) as one .safetensors file"),
 }
 #: export dtypes by name (the spellings of ``condistill cache --dtype``) and their short aliases
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 DEFAULT_DTYPE = "float16"
-#: in a kohya export's condition-adapter folder: the adapter in the original single-file layout
-T2I_SINGLE_FILE = "t2i_adapter.safetensors"
+
+
+def t2i_single_file_name(out: str | os.PathLike) -> str:
+    """The name of a kohya export's condition adapter in the original layout (inside its adapter folder, and the
+    name its ComfyUI workflow loads): ``OUT_t2i_adapter.safetensors``, unique per export."""
+    return f"{Path(out).stem}_t2i_adapter.safetensors"
 #: in a kohya export's condition-adapter folder: the LoRA file it goes with and the SHA-256 of the run's LoRA weights
 EXPORT_RECORD = "condistill_export.json"
 #: the LoRA file's metadata key of that SHA-256
@@ -103,68 +109,23 @@ def export_dtype(name: str) -> torch.dtype:
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors in ``dtype`` (contiguous, as safetensors writes them); others as they are."""
-    return {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
+    """Floating tensors in ``dtype`` (contiguous, as safetensors writes them); others as they are.
 
-
-# ---- kohya LoRA ---------------------------------------------------------------------------
-_PEFT_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def kohya_lora_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """diffusers/PEFT LoRA keys ``unet.<module>.lora_A/B.weight`` -> kohya keys (+ one ``.alpha`` each)."""
-    out: dict[str, torch.Tensor] = {}
-    pairs: dict[str, set[str]] = {}
-    for key, tensor in peft_state.items():
-        match = _PEFT_KEY.match(key)
-        if match is None:
-            raise ValueError(
-                f"LoRA key {key!r} is not a UNet lora_A/lora_B weight; the kohya export supports plain UNet LoRAs only."
-            )
-        module, ab = match["module"], match["ab"]
-        name = "lora_unet_" + module.replace(".", "_")
-        out[f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = tensor.contiguous()
-        pairs.setdefault(name, set()).add(ab)
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=tensor.dtype)
-    unpaired = sorted(n for n, abs_ in pairs.items() if abs_ != {"A", "B"})
-    if unpaired:
-        raise ValueError(f"LoRA modules without both lora_A and lora_B: {unpaired[:5]}")
+    Raises:
+        ValueError: a finite value becomes infinite in ``dtype`` (beyond float16's range).
+    """
+    out = {}
+    for key, tensor in state.items():
+        cast = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+        if cast.is_floating_point() and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+            largest = tensor.abs().max().item()
+            raise ValueError(f"{key} holds values up to {largest:.3g}, beyond {dtype}'s range; export with "
+                             "--dtype bfloat16 or --dtype float32.")
+        out[key] = cast
     return out
 
 
-def _check_diffusers_maps_back(kohya: dict[str, torch.Tensor], peft_state: dict[str, torch.Tensor]) -> None:
-    """The installed diffusers' kohya reader must map every key back to its own module (when importable)."""
-    try:
-        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-    except ImportError:  # another diffusers layout: the loader itself is the check
-        return
-    converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
-    back = set(convert_unet_state_dict_to_peft(converted))
-    wrong = sorted(set(peft_state) - back)
-    if wrong:
-        raise ValueError(
-            f"diffusers would read {len(wrong)} kohya key(s) back as other modules (module names with underscores "
-            f"it cannot tell from path separators), e.g. {wrong[:3]}; this LoRA's targets cannot be exported to kohya."
-        )
-
-
-def _lora_alpha(file: Path, adapter_config: dict) -> float:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
-    for flag in ("use_rslora", "use_dora"):
-        if meta.get(f"unet.{flag}"):
-            raise ValueError(f"{file}: {flag} LoRAs have no kohya equivalent here.")
-    if meta.get("unet.alpha_pattern") or meta.get("unet.rank_pattern"):
-        raise ValueError(f"{file}: per-module alpha/rank patterns are not supported by the kohya export.")
-    alpha = meta.get("unet.lora_alpha", adapter_config.get("adapter_options", {}).get("lora_alpha"))
-    if alpha is None:
-        raise ValueError(f"{file} records no lora_alpha (neither in its metadata nor in condistill_config.json).")
-    return float(alpha)
-
-
+# ---- kohya LoRA ---------------------------------------------------------------------------
 def default_adapter_out(out: str | os.PathLike) -> Path:
     """Where a kohya export puts the condition adapter without ``--adapter-out``: ``OUT_condition_adapter``."""
     out = Path(out)
@@ -181,14 +142,15 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     source = sha256_file(lora_file)
     _check_kohya_outputs(out, adapter_out, source, overwrite, log)
     peft_state = load_file(str(lora_file))
-    alpha = _lora_alpha(lora_file, config)
+    alpha = lora_alpha(lora_file, config)
     kohya = kohya_lora_state_dict(peft_state, alpha)
-    _check_diffusers_maps_back(kohya, peft_state)
+    check_diffusers_maps_back(kohya, peft_state)
     kohya = _cast(kohya, dtype)
     adapter_file = folder / config["weight_files"]["t2i_adapter"]
     adapter_config = json.loads((adapter_src / "config.json").read_text())
     original = _cast(t2i_original_state_dict(load_file(str(adapter_file)), adapter_config), dtype)
     problem = loader_problem(adapter_config)
+    adapter_name = t2i_single_file_name(out)
     ranks = {int(t.shape[0]) for k, t in kohya.items() if k.endswith("lora_down.weight")}
     metadata = {
         "ss_network_module": "networks.lora",
@@ -197,7 +159,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         "ss_base_model_version": "sdxl_base_v1-0" if config.get("base_fingerprint", {}).get("family") == "sdxl" else "sd_v1",
         "ss_training_comment": f"condistill {config['kind']} student of {config['base_name_or_path']} "
                                f"(condition {config['condition_name']}); exported by condistill export",
-        "condistill_condition_adapter": f"diffusers T2IAdapter folder beside this file, with {T2I_SINGLE_FILE}",
+        "condistill_condition_adapter": f"diffusers T2IAdapter folder beside this file, with {adapter_name}",
         SOURCE_KEY: source,
     }
 
@@ -205,10 +167,12 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
         save_file(kohya, str(tmp), metadata=metadata)
         with staged_folder(adapter_out, log) as stage:
             shutil.copytree(adapter_src, stage, dirs_exist_ok=True)
-            save_file(original, str(stage / T2I_SINGLE_FILE), metadata={"format": "pt"})
+            save_file(original, str(stage / adapter_name), metadata={"format": "pt"})
             (stage / EXPORT_RECORD).write_text(json.dumps({"format": "kohya", "lora_file": out.name,
                                                            "source_sha256": source}, indent=2) + "\n")
 
+    flows, notes, webui = ([], [f"A1111/ComfyUI cannot use {adapter_name}: {problem}."], []) if problem else \
+        _webui_part(folder, config, out, {"lora": out.name, "controlnet": adapter_name}, overwrite)
     _write_file(out, write, log)
     from condistill.frozen import FAMILIES
 
@@ -227,27 +191,26 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     ], config)
     lines = [f"LoRA (kohya/webui format): {out}",
              f"condition adapter (diffusers T2I-Adapter folder): {adapter_out}",
-             f"condition adapter (original single-file layout): {adapter_out / T2I_SINGLE_FILE}",
+             f"condition adapter (original single-file layout): {adapter_out / adapter_name}",
+             *webui,
              "Load both in diffusers (the LoRA alone is not the distilled model: it was trained together with the adapter;",
              f"control: the condition image, {CONTROL_TEXT}):",
              *code]
-    notes = [] if problem is None else [f"A1111/ComfyUI cannot use {T2I_SINGLE_FILE}: {problem}."]
-    files = [out, adapter_out]
-    if problem is None:
-        adapter_name = f"{out.stem}_{T2I_SINGLE_FILE}"
-        flow, note = write_workflow(folder, config, out, {"lora": out.name, "controlnet": adapter_name},
-                                    overwrite=overwrite)
-        notes += [note] if note else []
-        files += [flow] if flow else []
-        if not embedded_base(config):  # the embedded teacher lives only inside condistill
-            lines += [f"A1111/ComfyUI: put {out.name} in models/loras and {T2I_SINGLE_FILE} in models/controlnet "
-                      f"as {adapter_name}; load both: the LoRA alone is not the distilled model."]
-            lines += workflow_lines(flow, config)
-    instructions = "\n".join(lines)
-    return ExportResult("kohya", files, instructions, notes)
+    return ExportResult("kohya", [out, adapter_out, *flows], "\n".join(lines + one_step_lines(config, folder)), notes)
 
 
 # ---- single files ---------------------------------------------------------------------
+def _webui_part(folder: Path, config: dict, out: Path, files: dict[str, str], overwrite: bool) -> tuple:
+    """The ComfyUI workflow (written first, so the model file, renamed last, marks a complete export), the notes and
+    the lines that say where the files go: ``(written paths, notes, lines)``."""
+    flow, note = write_workflow(folder, config, out, files, overwrite=overwrite)
+    lines = []
+    if not embedded_base(config):
+        where = "; ".join(f"{name} in models/{'loras' if key == 'lora' else 'controlnet'}" for key, name in files.items())
+        lines = [f"A1111/ComfyUI: put {where}."] + workflow_lines(flow, config)
+    return [flow] if flow else [], [note] if note else [], lines
+
+
 def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype, overwrite: bool,
                             log: Callable[[str], None]) -> ExportResult:
     from safetensors.torch import load_file, save_file
@@ -256,23 +219,17 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
     adapter_config = json.loads((weights.parent / "config.json").read_text())
     state = _cast(t2i_original_state_dict(load_file(str(weights)), adapter_config), dtype)
     metadata = {"format": "pt", "condistill": f"t2i_adapter student of {config['base_name_or_path']}"}
-    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
     problem = loader_problem(adapter_config)
-    notes = [] if problem is None else [f"A1111/ComfyUI will not load it: {problem}."]
-    lines, files = [f"T2I-Adapter (original single-file layout): {out}"], [out]
-    if problem is None:
-        flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
-        notes += [note] if note else []
-        files += [flow] if flow else []
-        if not embedded_base(config):
-            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet (their T2I-Adapter loaders read it)."]
-            lines += workflow_lines(flow, config)
+    flows, notes, lines = ([], [f"A1111/ComfyUI will not load it: {problem}."], []) if problem else \
+        _webui_part(folder, config, out, {"controlnet": out.name}, overwrite)
+    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
     from condistill.frozen import FAMILIES
 
     pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["adapter"]
     sub = weights.parent.relative_to(folder).as_posix()
-    lines.append(f"diffusers reads the run's diffusers folder, the same tensors (control: the condition image, "
-                 f"{CONTROL_TEXT}):")
+    lines = [f"T2I-Adapter (original single-file layout): {out}", *lines,
+             f"diffusers reads the run's diffusers folder, the same tensors (control: the condition image, "
+             f"{CONTROL_TEXT}):"]
     lines += with_base_indented([
         f"from diffusers import T2IAdapter, {pipeline}",
         "from condistill import CoDiScheduler",
@@ -282,7 +239,7 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
         call_line(config),
     ], config)
-    return ExportResult("single-file", files, "\n".join(lines), notes)
+    return ExportResult("single-file", [out, *flows], "\n".join(lines + one_step_lines(config, folder)), notes)
 
 
 def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtype, overwrite: bool,
@@ -300,21 +257,24 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
         state = _cast(controlnet_ldm_state_dict(load_file(str(weights)), cn_config), dtype)
         layout = "original single-file layout"
     metadata = {"format": "pt", "condistill": f"controlnet student of {config['base_name_or_path']}"}
-    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
+    widths = list(cn_config["conditioning_embedding_out_channels"])
     notes = []
-    widths = cn_config["conditioning_embedding_out_channels"]
-    if len(widths) != SD_HINT_BLOCK_WIDTHS:
+    # diffusers' single-file reader takes the widths from the config but assumes SD's four of them; the webui
+    # loaders build SD's hint block itself, widths included
+    readable = len(widths) == SD_HINT_BLOCK_WIDTHS
+    if widths != SD_HINT_WIDTHS:
         notes.append(
-            f"this ControlNet's condition embedding has {len(widths)} widths {widths} (SD ControlNets have "
-            f"{SD_HINT_BLOCK_WIDTHS}, VAE factor 8): its hint block ends at input_hint_block."
-            f"{4 * len(widths) - 2}, not 14, so A1111/ComfyUI and diffusers' from_single_file, which assume SD's, "
-            "will not load it."
-        )
+            f"this ControlNet's condition embedding has widths {widths}, not SD's {SD_HINT_WIDTHS} (VAE factor 8), so "
+            "A1111/ComfyUI, which build SD's, will not load it"
+            + ("." if readable else f"; its hint block ends at input_hint_block.{4 * len(widths) - 2}, not 14, so "
+                                    "diffusers' from_single_file will not load it either."))
+    flows, more, lines = ([], [], []) if notes else \
+        _webui_part(folder, config, out, {"controlnet": out.name}, overwrite)
+    _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
     from condistill.frozen import FAMILIES
 
     pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["controlnet"]
     sub = weights.parent.relative_to(folder).as_posix()
-    readable = not notes  # the hint block diffusers' single-file reader and the webui loaders assume
     load = (f"controlnet = ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})"
             if readable and not sdxl else
             f"controlnet = ControlNetModel.from_pretrained({str(folder)!r}, subfolder={sub!r})")
@@ -327,18 +287,12 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
         f"pipe.scheduler = CoDiScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
         call_line(config),
     ], config)
-    lines, files = [f"ControlNet ({layout}): {out}"], [out]
-    if readable:
-        flow, note = write_workflow(folder, config, out, {"controlnet": out.name}, overwrite=overwrite)
-        notes += [note] if note else []
-        files += [flow] if flow else []
-        if not embedded_base(config):
-            lines += [f"A1111/ComfyUI: put {out.name} in models/controlnet."] + workflow_lines(flow, config)
+    lines = [f"ControlNet ({layout}): {out}", *lines]
     lines.append(f"diffusers (control: the condition image, {CONTROL_TEXT}):" if readable and not sdxl else
                  f"diffusers{' cannot read this file (see the note above);' if not readable else ':'} the same "
                  f"ControlNet from the run's diffusers folder (control: the condition image, {CONTROL_TEXT}):")
-    instructions = "\n".join(lines + code)
-    return ExportResult("single-file", files, instructions, notes)
+    return ExportResult("single-file", [out, *flows], "\n".join(lines + code + one_step_lines(config, folder)),
+                        notes + more)
 
 
 # ---- files --------------------------------------------------------------------------------
@@ -367,12 +321,38 @@ def _recorded_sources(out: Path, adapter_out: Path) -> tuple[str | None, str | N
     return lora, adapter
 
 
+def _check_places(run: Path, folder: Path, out: Path, adapter_out: Path | None) -> None:
+    """Refuse outputs inside the run or its export (they would replace its own files), an ``--adapter-out`` that
+    holds the run, and an ``--out`` inside ``--adapter-out`` (which is replaced whole)."""
+    inside = {run.resolve(), folder.resolve()}
+    for flag, path in (("--out", out), ("--adapter-out", adapter_out)):
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if inside & ({resolved} | set(resolved.parents)):
+            raise ValueError(f"{flag} {path} is inside the run {run}; write exports outside it (the run's own files "
+                             "would be replaced).")
+        if flag == "--adapter-out" and resolved in folder.resolve().parents:
+            raise ValueError(f"--adapter-out {path} holds the run {run}; the export replaces that folder whole.")
+    if adapter_out is not None and adapter_out.resolve() in {out.resolve(), *out.resolve().parents}:
+        raise ValueError(f"--out {out} is inside --adapter-out {adapter_out}, which the export replaces whole; "
+                         "write them side by side.")
+
+
 def _check_kohya_outputs(out: Path, adapter_out: Path, source: str, overwrite: bool,
                          log: Callable[[str], None]) -> None:
     """Refuse existing kohya outputs without ``overwrite``, except the half of an interrupted export of this run
     (an adapter folder a kill left at ``.old-NAME`` is put back first)."""
     recover_folder(adapter_out, log)
     _remove_leftovers(adapter_out, log)
+    if adapter_out.exists() and not adapter_out.is_dir():
+        raise NotADirectoryError(f"--adapter-out {adapter_out} is a file; give a folder for the condition adapter.")
+    foreign = sorted(p.name for p in adapter_out.iterdir()) if adapter_out.is_dir() else []
+    if foreign and not (adapter_out / EXPORT_RECORD).is_file():  # --overwrite replaces the folder whole
+        raise FileExistsError(
+            f"--adapter-out {adapter_out} holds files condistill did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); the export replaces that folder whole, so give a new folder "
+            "(--overwrite replaces only an earlier kohya export's adapter folder).")
     if overwrite:
         return
     recorded = dict(zip(("--out", "--adapter-out"), _recorded_sources(out, adapter_out)))
@@ -427,7 +407,8 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
         FileExistsError: ``out`` (or the condition-adapter folder) exists and ``overwrite`` is false (the
             half of an interrupted kohya export of the same run is replaced without it).
         IsADirectoryError: ``out`` is a folder.
-        ValueError: an unknown format or dtype, or a format that does not apply to the run's adapter kind.
+        ValueError: an unknown format or dtype, a format that does not apply to the run's adapter kind, an output
+            inside the run, or overlapping outputs.
     """
     from condistill.adapters.save_load import read_adapter_config
 
@@ -451,6 +432,7 @@ def export(run, format: str, out, *, adapter_out=None, overwrite: bool = False, 
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give the path of the .safetensors file to write.")
     folder = Path(config["_folder"])
+    _check_places(run, folder, out, Path(adapter_out) if adapter_out else None)
     if format == "kohya":
         return _export_kohya(folder, config, out, Path(adapter_out) if adapter_out else None, overwrite, torch_dtype,
                              log)

@@ -3,17 +3,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condistill.publish.comfyui import BASE_PLACEHOLDER, CONTROL_IMAGE
+from condistill.publish.comfyui import BASE_PLACEHOLDER, CONTROL_IMAGE, INPUT_IMAGE
 
-__all__ = ["CONTROL_TEXT", "workflow_lines", "embedded_base", "call_line", "with_base_indented"]
+__all__ = ["CONTROL_TEXT", "workflow_lines", "one_step_lines", "embedded_base", "call_line", "with_base_indented"]
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
+def _start(config: dict) -> dict | None:
+    """The trained one-step start when the student is sampled in one step from inside the grid (zero or input)."""
+    from condistill.publish.card import trained_one_step
+
+    start = trained_one_step(config) if int(config["recommended_steps"]) == 1 else None
+    return start if start and start["from"] != "noise" else None
 
 
 def workflow_lines(flow: Path | None, config: dict) -> list[str]:
-    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    """Where the ComfyUI workflow is and what it loads, and A1111's nearest settings (or why it has none)."""
+    steps, guidance = int(config["recommended_steps"]), config["recommended_guidance"]
+    start = _start(config)
+    a1111 = (f"A1111: sampler LCM, {_steps(steps)}, CFG {guidance:g}." if start is None else
+             "A1111 cannot start the step where it was trained; use the workflow or condistill.load_adapter.")
     if flow is None:
-        return [f"Sample with {steps} steps, CFG {guidance:g}, sampler LCM (the nearest to the training grid)."]
+        return [a1111]
+    images = f"{CONTROL_IMAGE}" + (f" and the input image as {INPUT_IMAGE}" if start and start["from"] == "input" else "")
     return [f"ComfyUI workflow (API format; set {BASE_PLACEHOLDER} to your copy of the base, put the control image in",
-            f"its input folder as {CONTROL_IMAGE}): {flow}. A1111: sampler LCM, {steps} steps, CFG {guidance:g}."]
+            f"its input folder as {images}): {flow}.", a1111]
+
+
+def one_step_lines(config: dict, folder: Path) -> list[str]:
+    """For a student sampled in one step from inside the grid: the printed stock pipeline starts from noise."""
+    from condistill.method.one_step import describe
+
+    start = _start(config)
+    if start is None:
+        return []
+    return [f"Note: this student's one step was trained from {describe(start)}; the stock text-to-image pipeline above "
+            "takes it from pure noise. Sample it as trained with",
+            f"    condistill.load_adapter({str(folder)!r})"
+            + (" (an img2img pipeline whose image= is the start image)." if start["from"] == "input" else ".")]
 
 
 #: what the printed code's ``control`` is

@@ -217,6 +217,7 @@ def test_lora_workflow_loads_the_lora_and_its_adapter():
     ({"prediction_type": "v_prediction"}, {}, "predicts v_prediction"),
     ({"num_grid": 25}, {}, "25-point grid"),
     ({"adapter_options": {"condition_channels": 4}}, {}, "4 channels"),
+    ({"adapter_options": {"condition_channels": 1}}, {}, "1 channels"),  # a ControlNet; a T2I-Adapter takes gray
     ({}, {"stochastic": False}, "deterministic re-noising"),
     ({}, {"beta_schedule": "linear"}, "is not SD's"),
     ({}, {"timestep_scaling": 5.0}, "boundary scalings"),
@@ -277,3 +278,18 @@ def test_sdxl_controlnet_in_diffusers_layout_loads_in_comfyui_whole():
     recorded = json.loads((FIXTURES / "controlnet_sdxl.json").read_text())
     assert recorded["network"] == "ControlNet" and recorded["keys"] == len(sdxl_controlnet_keys()) == 844
     assert recorded["leftover"] == [] and recorded["missing"] == []
+
+
+def test_one_channel_t2i_adapters_get_a_workflow_and_a_folder_in_the_way_is_kept(tmp_path):
+    """ComfyUI's T2I-Adapter node averages the RGB control image to gray; its ControlNet node does not."""
+    from condistill.publish.comfyui import write_workflow
+
+    nodes, why = workflow(_config(kind="t2i_adapter", adapter_options={"condition_channels": 1}), SD_SCHEDULER,
+                          {"controlnet": "a.safetensors"})
+    assert why is None and nodes
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER))
+    (tmp_path / "s_comfyui.json").mkdir()
+    path, note = write_workflow(tmp_path, _config(), tmp_path / "s.safetensors", {"controlnet": "s.safetensors"},
+                                overwrite=True)
+    assert path is None and "is a folder" in note and (tmp_path / "s_comfyui.json").is_dir()

@@ -18,14 +18,16 @@ from condistill.adapters.lora import LORA_WEIGHT_NAME
 from condistill.adapters.save_load import read_adapter_config, save_adapter
 from condistill.cli import main
 from condistill.frozen import load_base
-from condistill.publish.formats import T2I_SINGLE_FILE, export
+from condistill.publish.formats import export, t2i_single_file_name
 
 
-def _save(student, base, out):
+def _save(student, base, out, **changes):
+    options = dict(condition_name="edge", condition_config={}, recommended_steps=4)
+    options.update(changes)
     return save_adapter(
         student, out, base_name_or_path=str(base.name_or_path), base_fingerprint=base.fingerprint(),
-        condition_name="edge", condition_config={}, num_grid=50, prediction_type=base.prediction_type,
-        recommended_steps=4, resolution=base.resolution, noise_schedule=base.noise_schedule_config(),
+        num_grid=50, prediction_type=base.prediction_type, resolution=base.resolution,
+        noise_schedule=base.noise_schedule_config(), **options,
     )
 
 
@@ -95,7 +97,7 @@ def test_kohya_lora_matches_diffusers_format(lora_run, base_path, tmp_path):
     saved = load_file(str(lora_run / "adapter" / "t2i_adapter" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in adapter.state_dict().items())
     assert "load_lora_weights" in result.instructions and str(adapter_dir) in result.instructions
-    original = load_file(str(adapter_dir / T2I_SINGLE_FILE))  # the same adapter in the webui loaders' layout
+    original = load_file(str(adapter_dir / t2i_single_file_name(out)))  # the same adapter in the webui loaders' layout
     assert len(original) == len(saved) and all(not k.startswith("adapter.") for k in original)
     assert sorted(t.sum().item() for t in original.values()) == sorted(t.sum().item() for t in saved.values())
     assert "A1111/ComfyUI cannot use" in result.notes[0]  # the tiny base's VAE factor is not SD's 8
@@ -109,12 +111,12 @@ def test_exported_files_are_float16_by_default(lora_run, controlnet_run, tmp_pat
     assert {t.dtype for t in lora16.values()} == {torch.float16} and set(lora16) == set(lora32)
     assert {t.dtype for t in lora32.values()} == {torch.float32}
     assert all(torch.equal(lora16[k], lora32[k].half()) for k in lora32)
-    adapter16 = load_file(str(tmp_path / "l_condition_adapter" / T2I_SINGLE_FILE))
+    adapter16 = load_file(str(tmp_path / "l_condition_adapter" / "l_t2i_adapter.safetensors"))
     assert {t.dtype for t in adapter16.values()} == {torch.float16}
     saved = load_file(str(tmp_path / "l_condition_adapter" / "diffusion_pytorch_model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}  # the diffusers folder is copied as it is
     assert main(["export", str(controlnet_run), "--format", "single-file", "--out", str(tmp_path / "c.safetensors"),
-                 "--dtype", "bf16"]) == 0
+                 "--dtype", "BF16"]) == 0  # any case, as the Python API takes it
     assert {t.dtype for t in load_file(str(tmp_path / "c.safetensors")).values()} == {torch.bfloat16}
     with pytest.raises(SystemExit):
         main(["export", str(controlnet_run), "--format", "single-file", "--out", str(tmp_path / "d.safetensors"),
@@ -255,7 +257,7 @@ def test_printed_single_file_instructions_run(base_kind, base_path, tmp_path, mo
     sd_layout = base_kind.endswith("factor 8")
     assert ("from_single_file('cn.safetensors'" in printed.out) == sd_layout
     assert ("A1111/ComfyUI" in printed.out) == (base_kind != "embedded" and sd_layout)
-    assert ("from_single_file, which assume SD's, will not load it" in printed.err) == (not sd_layout)
+    assert ("diffusers' from_single_file will not load it either" in printed.err) == (not sd_layout)
     if base_kind == "embedded":
         assert 'BASE = resolve_pretrained_dir("embedded:tiny-teacher")' in printed.out
 
@@ -412,3 +414,90 @@ def test_single_file_export_writes_a_comfyui_workflow_and_keeps_a_foreign_file(c
     result = export(controlnet_run, "single-file", tmp_path / "b.safetensors")
     assert mine.read_text() == '{"my": "edits"}' and result.files == [tmp_path / "b.safetensors"]
     assert f"kept {mine}, which is not a workflow condistill wrote" in result.notes[0]
+
+
+# ---------------------------------------------------------------------- what a careless command must not do
+def test_outputs_never_replace_the_run_or_foreign_folders(lora_run, controlnet_run, tmp_path):
+    """--overwrite replaces only earlier exports: never files in the run, a folder of other files, or the run."""
+    mine = tmp_path / "models" / "controlnet"
+    mine.mkdir(parents=True)
+    (mine / "other_controlnet.safetensors").write_bytes(b"someone's model")
+    with pytest.raises(FileExistsError, match="holds files condistill did not write .other_controlnet.safetensors."):
+        export(lora_run, "kohya", tmp_path / "s.safetensors", adapter_out=mine, overwrite=True)
+    assert (mine / "other_controlnet.safetensors").read_bytes() == b"someone's model"
+    weights = controlnet_run / "adapter" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(ValueError, match="is inside the run"):
+        export(controlnet_run, "single-file", weights, overwrite=True)
+    assert weights.read_bytes() == before
+    with pytest.raises(ValueError, match="is inside the run"):
+        export(lora_run, "kohya", tmp_path / "x.safetensors", adapter_out=lora_run, overwrite=True)
+    with pytest.raises(ValueError, match="holds the run"):
+        export(lora_run, "kohya", tmp_path / "x.safetensors", adapter_out=lora_run.parent, overwrite=True)
+    with pytest.raises(ValueError, match="is inside --adapter-out"):
+        export(lora_run, "kohya", tmp_path / "kk" / "k.safetensors", adapter_out=tmp_path / "kk")
+    with pytest.raises(ValueError, match="is inside --adapter-out"):
+        export(lora_run, "kohya", tmp_path / "k2.safetensors", adapter_out=tmp_path / "k2.safetensors")
+    assert not (tmp_path / "kk").exists() and not (tmp_path / "x.safetensors").exists()
+    export(lora_run, "kohya", tmp_path / "s.safetensors")  # an earlier export's folder is replaced as before
+    export(lora_run, "kohya", tmp_path / "s.safetensors", overwrite=True)
+
+
+def test_float16_overflow_is_refused_not_written_as_inf(base_path, tmp_path):
+    base = load_base(base_path)
+    student = build_student("controlnet", base.unet, 3, vae_scale_factor=8)
+    with torch.no_grad():
+        student.controlnet.conv_in.weight[0, 0, 0, 0] = 1e5
+    _save(student, base, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"input_blocks.0.0.weight holds values up to 1e\+05, beyond torch.float16's range"):
+        export(tmp_path / "run", "single-file", tmp_path / "cn.safetensors")
+    assert not (tmp_path / "cn.safetensors").exists()
+    export(tmp_path / "run", "single-file", tmp_path / "cn.safetensors", dtype="bf16")
+
+
+def test_a_one_step_student_from_the_input_is_told_how_to_sample_as_trained(base_path, tmp_path):
+    """Its workflow starts KSampler at the trained timestep from the encoded input.png; the printed stock
+    pipeline would take the step from noise, so the instructions say to use load_adapter, and A1111 cannot."""
+    base = load_base(base_path)
+    student = build_student("controlnet", base.unet, 3, vae_scale_factor=8)
+    _save(student, base, tmp_path / "run", condition_name="sr", recommended_steps=1,
+          one_step_start={"timestep": 499, "from": "input"})
+    result = export(tmp_path / "run", "single-file", tmp_path / "sr.safetensors")
+    text = result.instructions
+    assert "as input.png" in text and "A1111 cannot start the step where it was trained" in text
+    assert "one step was trained from the input noised to t = 499" in text and "condistill.load_adapter(" in text
+    nodes = json.loads((tmp_path / "sr_comfyui.json").read_text())
+    sampler = next(n["inputs"] for n in nodes.values() if n["class_type"] == "KSampler")
+    assert sampler["denoise"] == 0.5 and nodes[sampler["latent_image"][0]]["class_type"] == "VAEEncode"
+
+
+def test_the_kohya_workflow_loads_the_adapter_file_the_export_wrote(lora_run, tmp_path, monkeypatch):
+    """(The tiny base's adapter does not fit the webui loaders; pretend it does to reach the workflow.)"""
+    import condistill.publish.formats as formats
+
+    monkeypatch.setattr(formats, "loader_problem", lambda config: None)
+    out = tmp_path / "student.safetensors"
+    result = export(lora_run, "kohya", out)
+    nodes = json.loads((tmp_path / "student_comfyui.json").read_text())
+    names = {n["class_type"]: n["inputs"] for n in nodes.values()}
+    assert names["LoraLoaderModelOnly"]["lora_name"] == out.name
+    assert (tmp_path / "student_condition_adapter" / names["ControlNetLoader"]["control_net_name"]).is_file()
+    assert "student_t2i_adapter.safetensors in models/controlnet" in result.instructions
+
+
+def test_a_controlnet_with_other_hint_widths_gets_no_webui_advice(base_path, tmp_path):
+    base = load_base(base_path)
+    student = build_student("controlnet", base.unet, 3, vae_scale_factor=8,
+                            conditioning_embedding_out_channels=(32, 64, 128, 256))
+    _save(student, base, tmp_path / "run")
+    result = export(tmp_path / "run", "single-file", tmp_path / "w.safetensors")
+    assert "widths [32, 64, 128, 256], not SD's [16, 32, 96, 256]" in result.notes[0]
+    assert result.files == [tmp_path / "w.safetensors"] and "A1111/ComfyUI: put" not in result.instructions
+    assert "from_single_file(" in result.instructions  # diffusers reads it: four widths, taken from the config
+
+
+def test_a_tilde_out_is_checked_and_written_in_the_home_folder(controlnet_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(controlnet_run), "--format", "single-file", "--out=~/t.safetensors"]) == 0
+    assert (tmp_path / "t.safetensors").is_file() and not (tmp_path / "~").exists()
