@@ -290,11 +290,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _registered_conditions() -> list[str]:
+    """The registry's conditions, those with a recipe first in the recipes' order (a registered condition needs no
+    recipe to be evaluated or cached)."""
+    from condistill.conditions import available_conditions
+
+    return [*RECIPES, *(name for name in available_conditions() if name not in RECIPES)]
+
+
 def _command_parser(prog: str, description: str, condition: str | None = None, **kwargs) -> CommandParser:
     """A command's parser with ``--debug``, and ``--condition`` (required) when ``condition`` gives its help."""
     parser = CommandParser(prog=prog, description=description, **kwargs)
     if condition:
-        parser.add_argument("--condition", required=True, choices=list(RECIPES), help=condition)
+        parser.add_argument("--condition", required=True, choices=_registered_conditions(), help=condition)
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return parser
 
@@ -377,7 +385,8 @@ def _cache_parser() -> argparse.ArgumentParser:
         "cache records the base, resolution, condition and seed, and a run with other ones refuses it. "
         "condistill cache --verify DIR checks every shard of an existing cache instead.",
         epilog="Defaults are shown in brackets.")
-    ca.add_argument("--condition", choices=list(RECIPES), help="the condition the run trains (required to build)")
+    ca.add_argument("--condition", choices=_registered_conditions(),
+                    help="the condition the run trains (required to build)")
     ca.add_argument("--data", help="the training data source, as for condistill train --data (required to build)")
     ca.add_argument("--out", help="the cache folder to write (required to build)")
     ca.add_argument("--verify", metavar="DIR", help="check every shard of the cache DIR now (size, SHA-256, header, "

@@ -35,11 +35,16 @@ from condistill.utils import jsonable
 
 __all__ = [
     "Condition",
+    "FidelityUnavailable",
     "available_conditions",
     "condition_from_config",
     "get_condition",
     "register_condition",
 ]
+
+
+class FidelityUnavailable(RuntimeError):
+    """:meth:`Condition.fidelity_scores` cannot measure these images (its message says why and what to do)."""
 
 
 class Condition(abc.ABC):
@@ -53,6 +58,17 @@ class Condition(abc.ABC):
 
     name: ClassVar[str] = ""
     channels: ClassVar[int] = 0
+    #: the evaluation's fidelity metric, its key in :meth:`fidelity_scores` and whether higher or lower is better;
+    #: ``None``: the condition has none, and evaluation reports the metrics every condition shares
+    fidelity: ClassVar[tuple[str, str] | None] = None
+
+    def fidelity_scores(self, images: torch.Tensor, data: dict, judge) -> dict[str, float]:
+        """How faithful generated ``images`` ``[N, 3, H, W]`` in ``[0, 1]`` are to the held-out ``data`` they were
+        made from (``conditioning``: the control images; ``pixel_values``: the real images in ``[-1, 1]``), as
+        ``{metric: value}`` holding :attr:`fidelity`'s key; ``judge`` is the evaluation's judge
+        (:mod:`condistill.world.judge`), or ``None`` on a user's data, where the condition measures with its own
+        means or raises :class:`FidelityUnavailable`. A condition without a fidelity metric returns ``{}``."""
+        return {}
 
     def check(self) -> None:
         """Make sure what this condition will need later is at hand, without loading any model.

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condistill.conditions.condition import Condition, import_controlnet_aux, register_condition
+from condistill.conditions.condition import Condition, FidelityUnavailable, import_controlnet_aux, register_condition
 from condistill.data.record import Record
 
 __all__ = ["DepthCondition", "EstimatorWeightsError", "ESTIMATORS"]
@@ -32,6 +32,11 @@ ESTIMATORS: dict[str, tuple[str, dict[str, str], str]] = {
 SOURCES = ("auto", "record", "estimator")
 DEFAULT_ESTIMATOR_PATH = "lllyasviel/Annotators"
 _RANGE_TOLERANCE = 1e-4
+
+
+#: why a depth condition that reads the data's own depth cannot measure generated images (no estimator to run)
+DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pass condition option "
+                     "source=estimator)")
 
 
 class EstimatorWeightsError(FileNotFoundError):
@@ -73,6 +78,28 @@ class DepthCondition(Condition):
 
     name = "depth"
     channels = 3
+    fidelity = ("depth_error", "lower")
+
+    def fidelity_scores(self, images, data, judge):
+        """Depth of the images against the input depth (scale- and shift-invariant error): the judge's estimate, or
+        on a user's data (no judge) this condition's own estimator."""
+        from condistill.evaluation.metrics import depth_error
+        from condistill.plots import to_pil
+
+        target = data["conditioning"][:, 0]
+        if judge is not None:
+            return {"depth_error": float(depth_error(judge.depth(images), target))}
+        if self.source == "record":
+            raise FidelityUnavailable(DEPTH_RECORD_SKIP)
+        predicted = []
+        for image in images:
+            depth = torch.from_numpy(self.estimate(to_pil(image)))
+            if self.normalize:
+                lo, hi = float(depth.min()), float(depth.max())
+                if hi - lo > 1e-6:
+                    depth = (depth - lo) / (hi - lo)
+            predicted.append(depth.clamp(0, 1))
+        return {"depth_error": float(depth_error(torch.stack(predicted), target))}
 
     def __init__(self, *, source: str = "auto", normalize: bool = False, estimator: str = "midas",
                  estimator_path: str = DEFAULT_ESTIMATOR_PATH, estimator_model_type: str | None = None,

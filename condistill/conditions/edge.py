@@ -92,6 +92,16 @@ class EdgeCondition(Condition):
 
     name = "edge"
     channels = 3
+    fidelity = ("edge_f1", "higher")
+
+    def fidelity_scores(self, images, data, judge):
+        """Edge F1 (1-pixel tolerance) of the Canny edges of the images, at this condition's thresholds, against the
+        input edges."""
+        from condistill.evaluation.metrics import edge_f1, edge_maps
+
+        target = data["conditioning"][:, 0] > 0.5
+        maps = edge_maps(images, self.low_threshold, self.high_threshold)
+        return {"edge_f1": float(edge_f1(maps, target, tolerance=1))}
 
     def __init__(self, *, low_threshold: float = 50, high_threshold: float = 100,
                  use_record_conditioning: bool = False):

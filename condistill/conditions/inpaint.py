@@ -104,6 +104,15 @@ class InpaintCondition(Condition):
 
     name = "inpaint"
     channels = 4
+    fidelity = ("masked_psnr", "higher")
+
+    def fidelity_scores(self, images, data, judge):
+        """PSNR against the real images inside the hole (the mask, the condition's fourth channel)."""
+        from condistill.evaluation.metrics import psnr
+
+        real = (data["pixel_values"] + 1) / 2
+        hole = data["conditioning"][:, 3:4] > 0.5
+        return {"masked_psnr": float(psnr(images, real, mask=hole.expand_as(images)))}
 
     def __init__(self, *, min_coverage: float = 0.1, max_coverage: float = 0.5,
                  rectangle_probability: float = 0.5):

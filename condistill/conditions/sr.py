@@ -73,6 +73,14 @@ class SRCondition(Condition):
 
     name = "sr"
     channels = 3
+    fidelity = ("psnr", "higher")
+
+    def fidelity_scores(self, images, data, judge):
+        """PSNR and SSIM against the real high-resolution images."""
+        from condistill.evaluation.metrics import psnr, ssim
+
+        real = (data["pixel_values"] + 1) / 2
+        return {"psnr": float(psnr(images, real)), "ssim": float(ssim(images, real))}
 
     def __init__(self, *, scales: Sequence[float] = (2, 4, 8), downsample: str = "bicubic",
                  blur_probability: float = 0.5, blur_sigma: Sequence[float] = (0.4, 1.6),

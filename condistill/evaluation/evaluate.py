@@ -38,15 +38,15 @@ from condistill.adapters.save_load import adapter_sampler, load_student, read_ad
 from condistill.plots import grid, to_pil
 from condistill.method.sampler import CODI_SAMPLERS, sample_images, start_latents
 from condistill.method.guidance import make_model_fn
-from condistill.evaluation.metrics import edge_maps
 
 # A row's latency is the median over passes of sampling all its images: passes are repeated
 # while their total stays under TIMING_SECONDS, at most MAX_TIMING_PASSES of them.
 TIMING_SECONDS = 10.0
 MAX_TIMING_PASSES = 5
 SAMPLERS = (*CODI_SAMPLERS, "ddim", "lcm")
-FIDELITY = {"edge": ("edge_f1", "higher"), "depth": ("depth_error", "lower"), "sr": ("psnr", "higher"),
-            "inpaint": ("masked_psnr", "higher")}
+def fidelity_metric(condition_name: str) -> tuple[str, str] | None:
+    """The fidelity metric of a registered condition and whether higher or lower is better (its class says)."""
+    return condition_class(condition_name).fidelity
 
 
 @dataclass
@@ -161,19 +161,9 @@ def score(condition_name: str, images: torch.Tensor, data: dict, judge, real_fea
         "frechet_distance": float(metrics.frechet_distance(judge.features(images), real_features)),
         "prompt_accuracy": float(judge.score(images, data["caption"])["both"]),
     }
-    if condition_name == "edge":
-        low = getattr(condition, "low_threshold", 50)
-        high = getattr(condition, "high_threshold", 100)
-        target = data["conditioning"][:, 0] > 0.5
-        out["edge_f1"] = float(metrics.edge_f1(edge_maps(images, low, high), target, tolerance=1))
-    elif condition_name == "depth":
-        out["depth_error"] = float(metrics.depth_error(judge.depth(images), data["conditioning"][:, 0]))
-    elif condition_name == "sr":
-        out["psnr"] = float(metrics.psnr(images, real))
-        out["ssim"] = float(metrics.ssim(images, real))
-    elif condition_name == "inpaint":
-        hole = data["conditioning"][:, 3:4] > 0.5
-        out["masked_psnr"] = float(metrics.psnr(images, real, mask=hole.expand_as(images)))
+    if condition is None:
+        condition = condition_class(condition_name)()
+    out.update(condition.fidelity_scores(images, data, judge))
     return out
 
 
@@ -317,9 +307,9 @@ def training_facts(path: str) -> dict:
 
 def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a markdown table (fidelity metric first)."""
-    fid_key, better = FIDELITY[report["condition"]]
+    fid_key, better = fidelity_metric(report["condition"]) or (None, None)
     start_from = condition_class(report["condition"]).start_description()
-    keys = [fid_key] + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
+    keys = ([fid_key] if fid_key else []) + [k for k in ("ssim", "lpips", "frechet_distance", "fid_inception", "prompt_accuracy",
                                     "clip_score", "seconds_per_image")
                         if any(k in r["metrics"] for r in report["rows"])]
     arrows = {fid_key: " (higher better)" if better == "higher" else " (lower better)",
@@ -359,8 +349,11 @@ def write_report(report: dict, out_dir: Path, data: dict, samples: list, names: 
 def ratio_summary(report: dict, student: str, reference: str) -> dict:
     """Fidelity difference and speed-up of row ``student`` against row ``reference``."""
     rows = {r["name"]: r["metrics"] for r in report["rows"]}
-    fid_key, better = FIDELITY[report["condition"]]
+    fid_key, better = fidelity_metric(report["condition"]) or (None, None)
     s, r = rows[student], rows[reference]
+    if fid_key is None:  # a condition without a fidelity metric: speed and Frechet distance only
+        return {"fidelity_metric": None, "speedup": r["seconds_per_image"] / max(s["seconds_per_image"], 1e-12),
+                "fd_ratio": s["frechet_distance"] / max(r["frechet_distance"], 1e-12)}
     return {"fidelity_metric": fid_key, "student": s[fid_key], "reference": r[fid_key],
             "student_better_or_equal": bool(s[fid_key] >= r[fid_key] if better == "higher" else s[fid_key] <= r[fid_key]),
             "speedup": r["seconds_per_image"] / max(s["seconds_per_image"], 1e-12),

@@ -40,10 +40,9 @@ from safetensors.torch import save_file
 
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import IndexedSource, open_source
-from condistill.plots import to_pil
 
-DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pass condition option "
-                     "source=estimator)")
+from condistill.conditions.condition import FidelityUnavailable
+from condistill.conditions.depth import DEPTH_RECORD_SKIP  # noqa: F401 - importable here as before
 
 
 
@@ -91,48 +90,19 @@ def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, pro
     return data
 
 
-def _depth_fidelity(cond, images: torch.Tensor, target: torch.Tensor) -> float:
-    """Aligned depth error of the condition's estimate of ``images`` against ``target [N, H, W]``."""
-    from condistill.evaluation import metrics
-
-    pred = []
-    for image in images:
-        depth = torch.from_numpy(cond.estimate(to_pil(image)))
-        if cond.normalize:
-            lo, hi = float(depth.min()), float(depth.max())
-            if hi - lo > 1e-6:
-                depth = (depth - lo) / (hi - lo)
-        pred.append(depth.clamp(0, 1))
-    return float(metrics.depth_error(torch.stack(pred), target))
-
-
 def fidelity(name: str, cond, images: torch.Tensor, data: dict, skipped: dict) -> dict:
-    """The judge-free fidelity metrics of ``images [N,3,H,W]`` in [0, 1] against the items ``data``."""
-    from condistill.evaluation import metrics
-    from condistill.evaluation.metrics import edge_maps
-
-    real = (data["pixel_values"] + 1) / 2
-    if name == "edge":
-        low, high = getattr(cond, "low_threshold", 50), getattr(cond, "high_threshold", 100)
-        target = data["conditioning"][:, 0] > 0.5
-        return {"edge_f1": float(metrics.edge_f1(edge_maps(images, low, high), target, tolerance=1))}
-    if name == "depth":
-        if getattr(cond, "source", None) == "record":
-            skipped.setdefault("depth_error", "depth_error " + DEPTH_RECORD_SKIP)
-            return {}
-        if "depth_error" in skipped:
-            return {}
-        try:
-            return {"depth_error": _depth_fidelity(cond, images, data["conditioning"][:, 0])}
-        except Exception as error:  # noqa: BLE001 - missing estimator weights: say why, keep the other metrics
-            skipped["depth_error"] = (f"depth_error skipped: the condition's depth estimator failed "
-                                      f"({type(error).__name__}: {error})")
-            return {}
-    if name == "sr":
-        return {"psnr": float(metrics.psnr(images, real)), "ssim": float(metrics.ssim(images, real))}
-    if name == "inpaint":
-        hole = data["conditioning"][:, 3:4] > 0.5
-        return {"masked_psnr": float(metrics.psnr(images, real, mask=hole.expand_as(images)))}
+    """The judge-free fidelity metrics of ``images [N,3,H,W]`` in [0, 1] against the items ``data``: the condition's
+    own (:meth:`~condistill.conditions.Condition.fidelity_scores` without a judge). One that cannot be measured is
+    recorded in ``skipped`` with the reason, once, and the other metrics go on."""
+    key = (cond.fidelity or (None,))[0]
+    if key is None or key in skipped:
+        return {}
+    try:
+        return cond.fidelity_scores(images, data, None)
+    except FidelityUnavailable as why:
+        skipped[key] = f"{key} {why}"
+    except Exception as error:  # noqa: BLE001 - e.g. missing estimator weights: say why, keep the other metrics
+        skipped[key] = f"{key} skipped: the {name} condition could not measure it ({type(error).__name__}: {error})"
     return {}
 
 

@@ -215,3 +215,31 @@ def test_which_conditions_start_from_their_own_image():
         assert condition_class(name).start_description() == ("the input" if image else "the zero latent")
     with pytest.raises(ValueError, match="Available conditions"):
         condition_class("nope")
+
+
+def test_a_registered_condition_brings_its_own_fidelity_metric_to_eval(monkeypatch):
+    """One class and one registration: eval's parser takes the new name and its tables use the class's metric."""
+    from condistill.cli import _eval_parser
+    from condistill.evaluation.evaluate import fidelity_metric, markdown_table, ratio_summary
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class Brightness(_Ones):
+        name = "brightness"
+        fidelity = ("brightness_error", "lower")
+
+        def fidelity_scores(self, images, data, judge):
+            return {"brightness_error": float((images.mean() - data["conditioning"].mean()).abs())}
+
+    register_condition(Brightness)
+    assert fidelity_metric("brightness") == ("brightness_error", "lower")
+    assert _eval_parser().parse_args(["--condition", "brightness", "--student", "x"]).condition == "brightness"
+    scores = Brightness().fidelity_scores(torch.full((1, 3, 4, 4), 0.5), {"conditioning": torch.zeros(1, 1, 4, 4)}, None)
+    assert scores == {"brightness_error": 0.5}
+    rows = [{"name": n, "sampler": "codi", "steps": s, "guidance": 1.0,
+             "metrics": {"brightness_error": e, "frechet_distance": 10.0, "seconds_per_image": t}}
+            for n, s, e, t in (("student-4", 4, 0.1, 0.1), ("baseline-50", 50, 0.2, 1.0))]
+    report = {"condition": "brightness", "rows": rows}
+    assert "brightness_error (lower better)" in markdown_table(report).splitlines()[0]
+    assert ratio_summary(report, "student-4", "baseline-50")["student_better_or_equal"] is True
+    assert fidelity_metric("edge") == ("edge_f1", "higher")  # the built-in ones say theirs the same way

@@ -121,28 +121,29 @@ def test_prompts_override_captions(runs, folder, tmp_path):
 
 
 def test_depth_from_records_is_skipped_with_the_reason():
-    class RecordDepth:
-        source, normalize = "record", False
+    from condistill.conditions.depth import DepthCondition
 
     skipped = {}
     data = {"pixel_values": torch.zeros(1, 3, 8, 8), "conditioning": torch.zeros(1, 3, 8, 8)}
-    assert fidelity("depth", RecordDepth(), torch.zeros(1, 3, 8, 8), data, skipped) == {}
+    assert fidelity("depth", DepthCondition(source="record"), torch.zeros(1, 3, 8, 8), data, skipped) == {}
     assert DEPTH_RECORD_SKIP in skipped["depth_error"] and "source=estimator" in skipped["depth_error"]
 
 
-def test_depth_through_the_conditions_estimator():
+def test_depth_through_the_conditions_estimator(monkeypatch):
     import numpy as np
 
-    class Estimated:
-        source, normalize = "estimator", False
+    from condistill.conditions.depth import DepthCondition
 
-        def estimate(self, image):
-            return np.asarray(image, dtype=np.float32)[..., 0] / 255.0
-
+    cond = DepthCondition(source="estimator")
+    monkeypatch.setattr(cond, "estimate", lambda image: np.asarray(image, dtype=np.float32)[..., 0] / 255.0)
     images = torch.rand(2, 3, 8, 8)
     data = {"pixel_values": images * 2 - 1, "conditioning": images[:, :1].expand(-1, 3, -1, -1) * 0.5 + 0.2}
     skipped = {}
-    assert fidelity("depth", Estimated(), images, data, skipped)["depth_error"] < 0.01 and not skipped
+    assert fidelity("depth", cond, images, data, skipped)["depth_error"] < 0.01 and not skipped
+    monkeypatch.setattr(cond, "estimate", lambda image: (_ for _ in ()).throw(OSError("no weights here")))
+    assert fidelity("depth", cond, images, data, skipped) == {}
+    assert skipped["depth_error"] == ("depth_error skipped: the depth condition could not measure it (OSError: no "
+                                      "weights here)")
 
 
 def test_cli_eval_data_records_the_card(runs, folder, tmp_path, capsys, no_optional):
