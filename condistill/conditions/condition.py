@@ -58,6 +58,10 @@ class Condition(abc.ABC):
 
     name: ClassVar[str] = ""
     channels: ClassVar[int] = 0
+    #: ``condistill train NAME``'s recipe: what the condition is, and its named presets (partial
+    #: :class:`~condistill.config.DistillConfig` options, :mod:`condistill.presets`); no presets: no recipe
+    description: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: the evaluation's fidelity metric, its key in :meth:`fidelity_scores` and whether higher or lower is better;
     #: ``None``: the condition has none, and evaluation reports the metrics every condition shares
     fidelity: ClassVar[tuple[str, str] | None] = None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from condistill.presets import CPU, SD15_GPU, SDXL_GPU, GUIDED
 from condistill.conditions.condition import Condition, FidelityUnavailable, import_controlnet_aux, register_condition
 from condistill.data.record import Record
 
@@ -78,6 +79,19 @@ class DepthCondition(Condition):
 
     name = "depth"
     channels = 3
+    #: the recipe of ``condistill train depth`` (:mod:`condistill.presets`)
+    description = "depth-to-image: the condition is a depth map (the dataset's own depth or a depth estimator)."
+    presets = {
+        "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (400 steps; 11-13 minutes as one of three "
+                               "runs sharing 2 cores, see docs/results.md)", output_dir="runs/depth", max_steps=400,
+                         validate_every=100, **CPU),
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU with a local MiDaS folder", output_dir="runs/depth-sd15", **SD15_GPU,
+                         **GUIDED,
+                         condition_options={"source": "estimator", "estimator_path": "lllyasviel/Annotators"}),
+        "sdxl-gpu": dict(_help="SDXL base 1.0 on one GPU (1024 px, bf16) with a local MiDaS folder",
+                         output_dir="runs/depth-sdxl", **SDXL_GPU, **GUIDED,
+                         condition_options={"source": "estimator", "estimator_path": "lllyasviel/Annotators"}),
+    }
     fidelity = ("depth_error", "lower")
 
     def fidelity_scores(self, images, data, judge):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from condistill.presets import CPU, SD15_GPU, SDXL_GPU, GUIDED
 from condistill.conditions.condition import (
     check_seed,
     Condition,
@@ -104,6 +105,16 @@ class InpaintCondition(Condition):
 
     name = "inpaint"
     channels = 4
+    #: the recipe of ``condistill train inpaint`` (:mod:`condistill.presets`)
+    description = "inpainting: the condition is the masked image plus the mask (rectangles and brush strokes)."
+    presets = {
+        "cpu-demo": dict(_help="embedded teacher + synthetic scenes on CPU (1000 steps, about 1 s each on one core; "
+                               "see docs/results.md)", output_dir="runs/inpaint", max_steps=1000, validate_every=100,
+                         **CPU),
+        "sd15-gpu": dict(_help="SD 1.5 on one GPU", output_dir="runs/inpaint-sd15", **SD15_GPU, **GUIDED),
+        "sdxl-gpu": dict(_help="SDXL base 1.0 on one GPU (1024 px, bf16)", output_dir="runs/inpaint-sdxl",
+                         **SDXL_GPU, **GUIDED),
+    }
     fidelity = ("masked_psnr", "higher")
 
     def fidelity_scores(self, images, data, judge):

@@ -243,3 +243,26 @@ def test_a_registered_condition_brings_its_own_fidelity_metric_to_eval(monkeypat
     assert "brightness_error (lower better)" in markdown_table(report).splitlines()[0]
     assert ratio_summary(report, "student-4", "baseline-50")["student_better_or_equal"] is True
     assert fidelity_metric("edge") == ("edge_f1", "higher")  # the built-in ones say theirs the same way
+
+
+def test_a_registered_condition_with_presets_is_a_train_recipe(monkeypatch, capsys):
+    """Its class's description and presets are what ``condistill train NAME --help`` shows; without presets a
+    condition has no recipe."""
+    from condistill.cli import main
+    from condistill.presets import CPU, RECIPES, presets_for
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class Glow(_Ones):
+        name = "glow"
+        description = "glow: a constant glow over the image."
+        presets = {"cpu-demo": dict(_help="a glow on CPU", output_dir="runs/glow", max_steps=5, **CPU)}
+
+    register_condition(Glow)
+    register_condition(_Ones)  # no presets
+    assert list(RECIPES)[:4] == ["edge", "depth", "sr", "inpaint"] and "glow" in RECIPES and "ones" not in RECIPES
+    assert presets_for("glow")["cpu-demo"]["max_steps"] == 5
+    with pytest.raises(SystemExit):
+        main(["train", "glow", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "glow: a constant glow over the image." in out and "a glow on CPU" in out
