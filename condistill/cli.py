@@ -25,7 +25,7 @@ from condistill.cli_parsing import (DEBUG_FLAG, DEBUG_HELP, CommandParser, FlagW
                                     check_data_source, check_output, cli_form, condition_from_options, guarded,
                                     json_object, parse_bool, warmup_warning)
 from condistill.config import ConfigError, DistillConfig, check_grid, check_resolution, option_choices
-from condistill.presets import DEFAULT_PRESET, RECIPES, presets_for, recipe_description
+from condistill.presets import DEFAULT_PRESET, RECIPES, condition_names, presets_for, recipe_description
 
 SKIP = {"condition"}
 
@@ -198,13 +198,20 @@ def _train(argv: list[str]) -> int:
         print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     condition, rest = argv[0], argv[1:]
+    if ":" in condition:  # package.module:Class, the user's own condition class
+        from condistill.conditions.discovery import import_condition
+        try:
+            condition = import_condition(condition)
+        except (TypeError, ValueError) as error:
+            print(f"condistill train: error: {error}", file=sys.stderr)
+            return 2
     if condition.startswith("-"):
         later = [word for word in rest if word in RECIPES]
         hint = (f"condistill train {later[0]} {' '.join(w for w in argv if w != later[0])}" if later
                 else f"condistill train {{{','.join(RECIPES)}}} [options]")
         print(f"condistill train: error: the condition comes first: {hint}", file=sys.stderr)
         return 2
-    if condition not in RECIPES:
+    if condition not in condition_names():
         close = difflib.get_close_matches(condition, list(RECIPES), n=1)
         hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(RECIPES)}"
         print(f"condistill train: error: unknown condition {condition!r}; {hint} (condistill train --help "
@@ -290,19 +297,11 @@ def _eval(args) -> int:
     return 0
 
 
-def _registered_conditions() -> list[str]:
-    """The registry's conditions, those with a recipe first in the recipes' order (a registered condition needs no
-    recipe to be evaluated or cached)."""
-    from condistill.conditions import available_conditions
-
-    return [*RECIPES, *(name for name in available_conditions() if name not in RECIPES)]
-
-
 def _command_parser(prog: str, description: str, condition: str | None = None, **kwargs) -> CommandParser:
     """A command's parser with ``--debug``, and ``--condition`` (required) when ``condition`` gives its help."""
     parser = CommandParser(prog=prog, description=description, **kwargs)
     if condition:
-        parser.add_argument("--condition", required=True, choices=_registered_conditions(), help=condition)
+        parser.add_argument("--condition", required=True, choices=condition_names(), help=condition)
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return parser
 
@@ -385,7 +384,7 @@ def _cache_parser() -> argparse.ArgumentParser:
         "cache records the base, resolution, condition and seed, and a run with other ones refuses it. "
         "condistill cache --verify DIR checks every shard of an existing cache instead.",
         epilog="Defaults are shown in brackets.")
-    ca.add_argument("--condition", choices=_registered_conditions(),
+    ca.add_argument("--condition", choices=condition_names(),
                     help="the condition the run trains (required to build)")
     ca.add_argument("--data", help="the training data source, as for condistill train --data (required to build)")
     ca.add_argument("--out", help="the cache folder to write (required to build)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["RECIPES", "DEFAULT_PRESET", "recipe_description", "presets_for", "CPU", "SD15_GPU", "SDXL_GPU",
+__all__ = ["RECIPES", "DEFAULT_PRESET", "recipe_description", "presets_for", "condition_names", "CPU", "SD15_GPU", "SDXL_GPU",
            "GUIDED"]
 
 DEFAULT_PRESET = "cpu-demo"
@@ -59,10 +59,24 @@ RECIPES = _Recipes()
 
 
 def _recipe(condition: str) -> tuple[str, dict[str, dict[str, Any]]]:
-    try:
+    """The recipe of ``condition``; a registered condition without presets trains from condistill's defaults."""
+    if condition in RECIPES:
         return RECIPES[condition]
-    except KeyError:
+    from condistill.conditions import condition_class
+
+    try:
+        cls = condition_class(condition)
+    except ValueError:
         raise ValueError(f"no recipe for condition {condition!r}; choose one of {sorted(RECIPES)}") from None
+    return (cls.description or f"the {condition} condition of {cls.__module__}.{cls.__qualname__}.",
+            {DEFAULT_PRESET: {"_help": "condistill's defaults (this condition has no presets of its own)"}})
+
+
+def condition_names() -> list[str]:
+    """Every registered or installed condition, those with a recipe first in the recipes' order."""
+    from condistill.conditions import available_conditions
+
+    return [*RECIPES, *(name for name in available_conditions() if name not in RECIPES)]
 
 
 def presets_for(condition: str) -> dict[str, dict[str, Any]]:

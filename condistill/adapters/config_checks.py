@@ -226,9 +226,25 @@ def check_config(config: Mapping[str, Any], folder: str | os.PathLike) -> None:
             scheduler = json.loads(scheduler_file.read_text())
         except ValueError as error:
             raise AdapterConfigError(f"{scheduler_file} is not valid JSON ({error}). {_EDITED}") from None
+    _check_condition_installed(config, folder)
     problems = config_problems(config, scheduler)
     if problems:
         raise AdapterConfigError(f"The adapter config {file} cannot be trusted: {'; '.join(problems)}. {_EDITED}")
+
+
+def _check_condition_installed(config: Mapping[str, Any], folder: Path) -> None:
+    """A condition name that is neither built in nor declared by an installed package is not damage: say what to
+    install (the name is looked up among entry points only; nothing named in the config is imported)."""
+    from condistill.conditions import available_conditions
+    from condistill.conditions.discovery import ENTRY_POINT_GROUP
+
+    name = config.get("condition_name")
+    if isinstance(name, str) and name and name not in available_conditions():
+        raise AdapterConfigError(
+            f"{folder / CONFIG_NAME}: condition_name = {name!r}: must be a known condition "
+            f"({', '.join(available_conditions())}). {folder} was trained with the condition {name!r}, which is not "
+            f"installed here: install the package that provides it (it declares the condition in the "
+            f"{ENTRY_POINT_GROUP!r} entry-point group). If no package provides it: {_EDITED}")
 
 
 def check_base_resolution(config: Mapping[str, Any], base: str | os.PathLike) -> None:

@@ -380,15 +380,24 @@ def register_condition(cls: type[Condition]) -> type[Condition]:
 
 
 def available_conditions() -> list[str]:
-    """Sorted names of the registered conditions."""
-    return sorted(_REGISTRY)
+    """Sorted names of the registered conditions and of those installed packages declare (:mod:`.discovery`)."""
+    from condistill.conditions.discovery import entry_point_names
+
+    return sorted(set(_REGISTRY) | set(entry_point_names()))
 
 
 def _lookup(name: str) -> type[Condition]:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown condition {name!r}. Available conditions: {', '.join(available_conditions()) or '(none)'}."
-        )
+    if isinstance(name, str) and name not in _REGISTRY:
+        from condistill.conditions.discovery import ENTRY_POINT_GROUP, load_entry_point
+
+        if not load_entry_point(name):
+            raise ValueError(
+                f"Unknown condition {name!r}. Available conditions: {', '.join(available_conditions()) or '(none)'}. "
+                f"A condition of another package is found once that package is installed with its "
+                f"{ENTRY_POINT_GROUP!r} entry point."
+            )
+    if not isinstance(name, str):
+        raise ValueError(f"Unknown condition {name!r}. Available conditions: {', '.join(available_conditions())}.")
     return _REGISTRY[name]
 
 
