@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from condistill.evaluation.evaluate import FIDELITY, markdown_table  # noqa: E402
+from condistill.evaluation.evaluate import fidelity_metric, markdown_table  # noqa: E402
 
 CONDITIONS = ["edge", "depth", "sr", "inpaint"]
 ADAPTERS = ["controlnet", "t2i_adapter", "lora"]
@@ -79,7 +79,7 @@ def baseline_targets(condition: str, rows: dict) -> tuple[bool | None, float | N
     s, b = rows.get("student-4"), rows.get("baseline-ddim-50")
     if s is None or b is None:
         return None, None, None
-    key, better = FIDELITY[condition]
+    key, better = fidelity_metric(condition)
     fid_ok = s[key] >= b[key] if better == "higher" else s[key] <= b[key]
     return fid_ok, s["frechet_distance"] / b["frechet_distance"], b["seconds_per_image"] / s["seconds_per_image"]
 
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         adapter = _adapter_kind(name, cond)
         steps = _steps(rep)
         rows = _rows(rep)
-        key, _ = FIDELITY[cond]
+        key, _ = fidelity_metric(cond)
         target, met = teacher_target(cond, rows)
         fid_ok, fd_ratio, speed = baseline_targets(cond, rows)
 
