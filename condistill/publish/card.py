@@ -220,11 +220,15 @@ def _one_step_text(config: Mapping[str, Any]) -> str:
     return text + "."
 
 
+def training_size(config: Mapping[str, Any]) -> tuple[int, int]:
+    """The ``(height, width)`` an export was trained at (its ``resolution`` when it records no height/width)."""
+    return int(config.get("height") or config["resolution"]), int(config.get("width") or config["resolution"])
+
+
 def _usage(config: Mapping[str, Any], source: str) -> str:
     kind, base = config["kind"], str(config["base_name_or_path"])
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-    height = int(config.get("height") or config["resolution"])
-    width = int(config.get("width") or config["resolution"])
+    height, width = training_size(config)
     files = config.get("weight_files", {})
     head = [
         "```python",

@@ -103,7 +103,7 @@ def workflow(config: Mapping[str, Any], scheduler: Mapping[str, Any], files: Map
         files: the file names the workflow loads: ``"controlnet"`` (a ControlNet or T2I-Adapter file, in
             ComfyUI's ``models/controlnet``) and, for a LoRA student, ``"lora"`` (in ``models/loras``).
     """
-    from condistill.publish.card import trained_one_step
+    from condistill.publish.card import trained_one_step, training_size
 
     channels = int(config.get("adapter_options", {}).get("condition_channels", 3))
     problems = _problems(config, scheduler, channels)
@@ -118,11 +118,11 @@ def workflow(config: Mapping[str, Any], scheduler: Mapping[str, Any], files: Map
 
     ours = sampling_timesteps(skip_grid(COMFY_TRAIN_TIMESTEPS, COMFY_GRID), steps,
                               None if source == "noise" else int(start["timestep"])).tolist()
-    if ksampler_timesteps(steps, denoise) != ours:
-        return None, (f"KSampler's simple schedule at {steps} steps, denoise {denoise} visits "
-                      f"{ksampler_timesteps(steps, denoise)}, not the student's timesteps {ours}")
-    height = int(config.get("height") or config["resolution"])
-    width = int(config.get("width") or config["resolution"])
+    visited = ksampler_timesteps(steps, denoise)
+    if visited != ours:
+        return None, (f"KSampler's simple schedule at {steps} steps, denoise {denoise} visits {visited}, not the "
+                      f"student's timesteps {ours}")
+    height, width = training_size(config)
     nodes = {
         "1": _node("CheckpointLoaderSimple", "the base (your copy of it)", ckpt_name=BASE_PLACEHOLDER),
         "2": _node("ModelSamplingDiscrete", "LCM sampling on the 50-point grid", model=["1", 0], sampling="lcm",

@@ -174,10 +174,7 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
     flows, notes, webui = ([], [f"A1111/ComfyUI cannot use {adapter_name}: {problem}."], []) if problem else \
         _webui_part(folder, config, out, {"lora": out.name, "controlnet": adapter_name}, overwrite)
     _write_file(out, write, log)
-    from condistill.frozen import FAMILIES
-
-    family = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")]
-    text_class, adapter_class = family.pipelines["text"], family.pipelines["adapter"]
+    text_class, adapter_class = _pipelines(config)["text"], _pipelines(config)["adapter"]
     code = with_base_indented([
         f"from diffusers import {adapter_class}, {text_class}, T2IAdapter",
         "from condistill import CoDiScheduler",
@@ -197,6 +194,13 @@ def _export_kohya(folder: Path, config: dict, out: Path, adapter_out: Path | Non
              f"control: the condition image, {CONTROL_TEXT}):",
              *code]
     return ExportResult("kohya", [out, adapter_out, *flows], "\n".join(lines + one_step_lines(config, folder)), notes)
+
+
+def _pipelines(config: dict) -> dict[str, str]:
+    """The stock pipeline class names of the export's base family (``text``, ``adapter``, ``controlnet``)."""
+    from condistill.frozen import FAMILIES
+
+    return FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines
 
 
 # ---- single files ---------------------------------------------------------------------
@@ -223,9 +227,7 @@ def _export_t2i_single_file(folder: Path, config: dict, out: Path, dtype: torch.
     flows, notes, lines = ([], [f"A1111/ComfyUI will not load it: {problem}."], []) if problem else \
         _webui_part(folder, config, out, {"controlnet": out.name}, overwrite)
     _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
-    from condistill.frozen import FAMILIES
-
-    pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["adapter"]
+    pipeline = _pipelines(config)["adapter"]
     sub = weights.parent.relative_to(folder).as_posix()
     lines = [f"T2I-Adapter (original single-file layout): {out}", *lines,
              f"diffusers reads the run's diffusers folder, the same tensors (control: the condition image, "
@@ -271,9 +273,7 @@ def _export_single_file(folder: Path, config: dict, out: Path, dtype: torch.dtyp
     flows, more, lines = ([], [], []) if notes else \
         _webui_part(folder, config, out, {"controlnet": out.name}, overwrite)
     _write_file(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), log)
-    from condistill.frozen import FAMILIES
-
-    pipeline = FAMILIES[config.get("base_fingerprint", {}).get("family", "sd")].pipelines["controlnet"]
+    pipeline = _pipelines(config)["controlnet"]
     sub = weights.parent.relative_to(folder).as_posix()
     load = (f"controlnet = ControlNetModel.from_single_file({str(out)!r}, config={str(weights.parent)!r})"
             if readable and not sdxl else

@@ -59,8 +59,9 @@ def embedded_base(config: dict) -> bool:
 
 def call_line(config: dict) -> str:
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
-    height = int(config.get("height") or config["resolution"])
-    width = int(config.get("width") or config["resolution"])
+    from condistill.publish.card import training_size
+
+    height, width = training_size(config)
     return (f'image = pipe("a prompt", image=control, num_inference_steps={steps}, guidance_scale={guidance:g}, '
             f"height={height}, width={width}).images[0]")
 
