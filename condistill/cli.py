@@ -155,11 +155,11 @@ def check_run(cfg: DistillConfig) -> None:
     problem = _adapter_option_problem(cfg)
     if problem:
         raise ValueError(problem)
-    condition_from_options(cfg.condition, cfg.condition_options)  # and the depth estimator's weights
+    condition = condition_from_options(cfg.condition, cfg.condition_options)  # and the weights it needs
     resolution = check_resolution(cfg.base, cfg.resolution)
     check_grid(cfg.base, cfg.num_grid, cfg.dmd_start_timestep)
     check_output(cfg.output_dir, "--output-dir", "folder")
-    check_data_source(cfg.data, resolution, cfg.data_options)
+    check_data_source(cfg.data, resolution, cfg.data_options, condition.record_conditioning)
 
 
 def recipe_main(condition: str, argv=None, prog: str | None = None) -> int:
@@ -441,9 +441,9 @@ def _cache(args) -> int:
     _nonnegative(args, "seed", "resolution")
     _check_device(args.device)
     check_output(args.out, "--out", "folder")
-    condition_from_options(args.condition, args.condition_options or {})
+    condition = condition_from_options(args.condition, args.condition_options or {})
     resolution = check_resolution(args.base, args.resolution)
-    check_data_source(args.data, resolution, args.data_options or {})
+    check_data_source(args.data, resolution, args.data_options or {}, condition.record_conditioning)
     out = cache_command(condition=args.condition, data=args.data, out=args.out, base=args.base,
                         resolution=args.resolution, batch_size=args.batch_size, device=args.device, seed=args.seed,
                         condition_options=args.condition_options, data_options=args.data_options,

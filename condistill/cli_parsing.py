@@ -422,16 +422,17 @@ def condition_from_options(name: str, options: dict[str, Any]):
     return condition
 
 
-def check_data_source(spec: str, resolution: int, options: dict[str, Any]) -> None:
-    """Open ``--data`` with ``--data-options`` as a run will (no model): a missing column, an unknown option or
-    a malformed spec is refused here in one line. A latent cache is checked by the run itself."""
+def check_data_source(spec: str, resolution: int, options: dict[str, Any], conditioning: str | None = None) -> None:
+    """Open ``--data`` with ``--data-options`` as a run will (no model; ``conditioning``: the condition's
+    ``record_conditioning``): a missing column, an unknown option or a malformed spec is refused here in one
+    line. A latent cache is checked by the run itself."""
     from condistill.data.cache import is_cache
     from condistill.data.sources import open_source
 
     if is_cache(spec):
         return
     try:
-        open_source(spec, resolution=resolution, **options)
+        open_source(spec, resolution=resolution, conditioning=conditioning, **options)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         shown = f" --data-options {json.dumps(options)}" if options else ""

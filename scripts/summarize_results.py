@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from condistill.conditions import condition_class  # noqa: E402
 from condistill.evaluation.evaluate import fidelity_metric, markdown_table  # noqa: E402
+from condistill.presets import condition_names  # noqa: E402
 
-CONDITIONS = ["edge", "depth", "sr", "inpaint"]
 ADAPTERS = ["controlnet", "t2i_adapter", "lora"]
 
 
@@ -30,7 +31,7 @@ def pair_dirs(root: Path) -> list[Path]:
     table order: adapter kind, condition, then training length."""
     def key(d: Path):
         rep = json.loads((d / "results.json").read_text())
-        return (ADAPTERS.index(_adapter_kind(d.name, rep["condition"])), CONDITIONS.index(rep["condition"]),
+        return (ADAPTERS.index(_adapter_kind(d.name, rep["condition"])), condition_names().index(rep["condition"]),
                 _steps(rep) or 0)
     found = [d for d in sorted(root.iterdir()) if (d / "results.json").is_file() and not d.name.startswith("sweep")]
     return sorted(found, key=key)
@@ -55,23 +56,8 @@ def _rows(report: dict) -> dict:
 
 
 def teacher_target(condition: str, rows: dict) -> tuple[str, bool | None]:
-    """The distillation target of the condition (issue text) and whether student-4 meets it."""
-    s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
-    if s is None or t is None:
-        return "-", None
-    if condition == "edge":
-        return f"F1 >= 2 x teacher ({2 * t['edge_f1']:.3f})", s["edge_f1"] >= 2 * t["edge_f1"]
-    if condition == "depth":
-        return f"error <= teacher / 2 ({t['depth_error'] / 2:.3f})", s["depth_error"] <= t["depth_error"] / 2
-    if condition == "sr":
-        b = rows.get("bicubic")
-        if b is None:
-            return "-", None
-        ok = s["psnr"] >= b["psnr"] - 1 and s["frechet_distance"] < b["frechet_distance"]
-        return f"PSNR >= bicubic - 1 ({b['psnr'] - 1:.2f}) and FD < bicubic ({b['frechet_distance']:.1f})", ok
-    if condition == "inpaint":
-        return f"hole PSNR >= teacher + 3 ({t['masked_psnr'] + 3:.2f})", s["masked_psnr"] >= t["masked_psnr"] + 3
-    raise ValueError(condition)
+    """The distillation target of the condition (its class says) and whether student-4 meets it."""
+    return condition_class(condition).distillation_target(rows) or ("-", None)
 
 
 def baseline_targets(condition: str, rows: dict) -> tuple[bool | None, float | None, float | None]:

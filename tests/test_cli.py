@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_without_condition_prints_usage(capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
-    assert "usage: condistill train {edge,depth,sr,inpaint}" in err
+    assert "usage: condistill train {edge,depth,sr,inpaint,paired,segmentation}" in err
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for condition in RECIPES:

@@ -1,6 +1,7 @@
 """Conditions: how the control tensor ``c`` is made from a record.
 
-Four are built in (``edge``, ``depth``, ``sr``, ``inpaint``); each module registers its
+Six are built in (``edge``, ``depth``, ``sr``, ``inpaint``, ``segmentation``, and ``paired`` for any control
+type the data brings); each module registers its
 class with one ``register_condition`` call when imported below.
 
 Example::
@@ -22,6 +23,8 @@ from condistill.conditions.condition import (
 from condistill.conditions.depth import DepthCondition, EstimatorWeightsError
 from condistill.conditions.edge import EdgeCondition, canny_edges
 from condistill.conditions.inpaint import InpaintCondition
+from condistill.conditions.paired import PairedCondition
+from condistill.conditions.segmentation import SegmentationCondition
 from condistill.conditions.sr import SRCondition, bicubic_upscale
 
 __all__ = [
@@ -30,7 +33,9 @@ __all__ = [
     "EdgeCondition",
     "EstimatorWeightsError",
     "InpaintCondition",
+    "PairedCondition",
     "SRCondition",
+    "SegmentationCondition",
     "available_conditions",
     "bicubic_upscale",
     "canny_edges",

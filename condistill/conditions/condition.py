@@ -65,6 +65,8 @@ class Condition(abc.ABC):
     #: the evaluation's fidelity metric, its key in :meth:`fidelity_scores` and whether higher or lower is better;
     #: ``None``: the condition has none, and evaluation reports the metrics every condition shares
     fidelity: ClassVar[tuple[str, str] | None] = None
+    #: whether the training data must bring each item's own control image ("required"), may ("optional"), or not
+    record_conditioning: str | None = None
 
     def fidelity_scores(self, images: torch.Tensor, data: dict, judge) -> dict[str, float]:
         """How faithful generated ``images`` ``[N, 3, H, W]`` in ``[0, 1]`` are to the held-out ``data`` they were
@@ -73,6 +75,12 @@ class Condition(abc.ABC):
         (:mod:`condistill.world.judge`), or ``None`` on a user's data, where the condition measures with its own
         means or raises :class:`FidelityUnavailable`. A condition without a fidelity metric returns ``{}``."""
         return {}
+
+    @classmethod
+    def distillation_target(cls, rows: dict[str, dict]) -> tuple[str, bool] | None:
+        """The bar of the 4-step student ("student-4") against the teacher in an evaluation's ``{row: metrics}``:
+        its text and whether it is met; ``None``: no bar, or rows missing."""
+        return None
 
     def check(self) -> None:
         """Make sure what this condition will need later is at hand, without loading any model.

@@ -94,6 +94,13 @@ class DepthCondition(Condition):
     }
     fidelity = ("depth_error", "lower")
 
+    @classmethod
+    def distillation_target(cls, rows):
+        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
+        if s is None or t is None:
+            return None
+        return f"error <= teacher / 2 ({t['depth_error'] / 2:.3f})", s["depth_error"] <= t["depth_error"] / 2
+
     def fidelity_scores(self, images, data, judge):
         """Depth of the images against the input depth (scale- and shift-invariant error): the judge's estimate, or
         on a user's data (no judge) this condition's own estimator."""

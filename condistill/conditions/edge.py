@@ -114,6 +114,13 @@ class EdgeCondition(Condition):
         maps = edge_maps(images, self.low_threshold, self.high_threshold)
         return {"edge_f1": float(edge_f1(maps, target, tolerance=1))}
 
+    @classmethod
+    def distillation_target(cls, rows):
+        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
+        if s is None or t is None:
+            return None
+        return f"F1 >= 2 x teacher ({2 * t['edge_f1']:.3f})", s["edge_f1"] >= 2 * t["edge_f1"]
+
     def __init__(self, *, low_threshold: float = 50, high_threshold: float = 100,
                  use_record_conditioning: bool = False):
         _check_thresholds(low_threshold, high_threshold)

@@ -117,6 +117,13 @@ class InpaintCondition(Condition):
     }
     fidelity = ("masked_psnr", "higher")
 
+    @classmethod
+    def distillation_target(cls, rows):
+        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
+        if s is None or t is None:
+            return None
+        return f"hole PSNR >= teacher + 3 ({t['masked_psnr'] + 3:.2f})", s["masked_psnr"] >= t["masked_psnr"] + 3
+
     def fidelity_scores(self, images, data, judge):
         """PSNR against the real images inside the hole (the mask, the condition's fourth channel)."""
         from condistill.evaluation.metrics import psnr

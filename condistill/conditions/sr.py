@@ -85,6 +85,14 @@ class SRCondition(Condition):
     }
     fidelity = ("psnr", "higher")
 
+    @classmethod
+    def distillation_target(cls, rows):
+        s, b = rows.get("student-4"), rows.get("bicubic")
+        if s is None or b is None:
+            return None
+        ok = s["psnr"] >= b["psnr"] - 1 and s["frechet_distance"] < b["frechet_distance"]
+        return f"PSNR >= bicubic - 1 ({b['psnr'] - 1:.2f}) and FD < bicubic ({b['frechet_distance']:.1f})", ok
+
     def fidelity_scores(self, images, data, judge):
         """PSNR and SSIM against the real high-resolution images."""
         from condistill.evaluation.metrics import psnr, ssim

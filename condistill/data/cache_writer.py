@@ -278,7 +278,7 @@ def cache_command(*, condition: str, data: str, out: str, base: str, resolution:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     resolution = check_resolution(base, resolution)
     cond = get_condition(condition, **(condition_options or {}))
-    source = open_source(data, resolution=resolution, **(data_options or {}))
+    source = open_source(data, resolution=resolution, conditioning=cond.record_conditioning, **(data_options or {}))
     loaded = load_base(base, device=device)
     return write_cache(out, base=loaded, condition=cond, source=source, seed=seed, batch_size=batch_size,
                        shard_size=shard_size, dtype=dtype, overwrite=overwrite, data_spec=data,

@@ -36,6 +36,9 @@ class ImageFolderSource(IndexedSource):
         resolution: output side length.
         caption_column: caption key in the metadata rows (``None``: ignore metadata captions).
         conditioning_column: metadata key holding the conditioning image's file name.
+        conditioning_dir: a parallel folder of conditioning images: ``IMAGE_PATH`` gets the file of the same
+            relative path and stem in it (any image extension), unless its metadata row names one. Files of a
+            ``conditioning_dir`` inside the folder are not training images.
         min_size: skip images whose shorter side is smaller (default ``resolution // 2``).
         crop: ``"center"`` or ``"random"`` (deterministic per ``(seed, file)``).
         seed: random-crop seed.
@@ -50,6 +53,7 @@ class ImageFolderSource(IndexedSource):
         *,
         caption_column: str | None = "text",
         conditioning_column: str = "conditioning_file_name",
+        conditioning_dir: str | os.PathLike | None = None,
         min_size: int | None = None,
         crop: str = "center",
         seed: int = 0,
@@ -84,12 +88,35 @@ class ImageFolderSource(IndexedSource):
         for meta in sorted(metadata_files):
             self._read_metadata(meta)
         self._check_caption_column()
+        if conditioning_dir is not None:
+            image_files = self._parallel_conditioning(Path(conditioning_dir).expanduser(), image_files)
         conditioning_files = set(self._conditioning.values())
         self._items = sorted((set(image_files) | set(self._rows)) - conditioning_files)
         if not self._items:
             raise self.stats.empty_error(
                 f"No image files with extensions {', '.join(IMAGE_EXTENSIONS)} were found under {os.fspath(root)!r}."
             )
+
+    def _parallel_conditioning(self, folder: Path, image_files: list[str]) -> list[str]:
+        """Pair each image with the file of its relative path and stem in ``folder``; returns the image files
+        that are not inside ``folder``."""
+        if not folder.is_dir():
+            raise FileNotFoundError(f"conditioning_dir {os.fspath(folder)!r} is not a folder; give the folder of "
+                                    "control images whose files are named like the images")
+        by_stem: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                full = Path(dirpath) / filename
+                if full.suffix.lower() in IMAGE_EXTENSIONS and not filename.startswith("."):
+                    by_stem.setdefault(full.relative_to(folder).with_suffix("").as_posix(), self._relative(full))
+        inside = set(by_stem.values())
+        images = [f for f in image_files if f not in inside]
+        for rel in images:
+            match = by_stem.get(Path(rel).with_suffix("").as_posix())
+            if match is not None:
+                self._conditioning.setdefault(rel, match)
+        return images
 
     def _read_metadata(self, meta: Path) -> None:
         base = meta.parent

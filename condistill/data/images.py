@@ -314,11 +314,12 @@ class ImageSanitizer:
     def align_image(self, raw: Any, prepared: PreparedImage) -> Image.Image:
         """Open an aligned image (e.g. a conditioning image) and apply ``prepared``'s crop.
 
-        An aligned image of a different size is first stretched to the main image's size,
-        so both cover the same scene region. Returned as 8-bit RGB.
+        An aligned image of the same shape but a different size is first resized to the main
+        image's size, so both cover the same scene region. Returned as 8-bit RGB.
 
         Raises:
-            SkipItem: ``"corrupt_conditioning"`` if it cannot be read.
+            SkipItem: ``"corrupt_conditioning"`` if it cannot be read, ``"mismatched_conditioning"``
+                if its aspect ratio is not the image's (beyond a pixel of rounding).
         """
         try:
             image = _apply_exif_orientation(open_image(raw), [])
@@ -326,6 +327,9 @@ class ImageSanitizer:
             raise SkipItem("corrupt_conditioning", exc.detail) from exc
         rgb = to_rgb(image)
         if rgb.size != prepared.original_size:
+            (w, h), (W, H) = rgb.size, prepared.original_size
+            if abs(w * H - h * W) > max(w, h, W, H):  # more than a pixel's rounding apart: not the same scene
+                raise SkipItem("mismatched_conditioning", f"a {w}x{h} control image for a {W}x{H} image")
             rgb = rgb.resize(prepared.original_size, Image.Resampling.BICUBIC)
         return rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC, box=prepared.box)
 

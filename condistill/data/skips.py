@@ -37,6 +37,9 @@ _SKIP_ADVICE = {
     "truncated": "re-download the truncated files",
     "missing_file": "fix the file names listed in the metadata",
     "corrupt_conditioning": "fix the conditioning images",
+    "missing_conditioning": "give every image its control image (a conditioning_image column, a file in "
+                            "conditioning_dir, or a conditioning.png shard member)",
+    "mismatched_conditioning": "make each control image the shape of its image",
     "no_image": "each sample needs an image member (jpg, jpeg, png or webp)",
     "corrupt_json": "fix the .json members",
 }

@@ -68,6 +68,10 @@ class DataSource(abc.ABC):
         """A short description of the source, used in messages."""
         return self.stats.name
 
+    #: skip (as ``missing_conditioning``) every record without a control image (``Record.conditioning``): set by
+    #: :func:`~condistill.data.sources.open_source` for a condition that takes the data's own control images
+    require_conditioning: bool = False
+
     def observe_decode(self, key: str, decode: Callable[[], tuple[Record, Any]]) -> Record | None:
         """``decode()`` -> ``(record, conversions)``, counted in :attr:`stats` under ``key``; ``None`` when it skips.
 
@@ -75,6 +79,8 @@ class DataSource(abc.ABC):
         """
         try:
             record, conversions = decode()
+            if self.require_conditioning and record.conditioning is None:
+                raise SkipItem("missing_conditioning", "the item has no control image")
         except SkipItem as exc:
             self.stats.observe(key, skipped=exc)
             return None

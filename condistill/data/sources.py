@@ -293,7 +293,8 @@ def construct_source(cls, options: dict[str, Any], **fixed: Any) -> DataSource:
     return cls(**fixed, **options)
 
 
-def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64, split: str = "train", **options: Any) -> DataSource:
+def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64, split: str = "train",
+                conditioning: str | None = None, **options: Any) -> DataSource:
     """Open a data source from a short spec string.
 
     Args:
@@ -311,6 +312,11 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
             ``streaming=True`` reads a ``datasets`` spec (hub id, data folder or file) as a
             stream (:class:`~condistill.data.hf_streaming.HFStreamingSource`); other kinds
             ignore it (tar shards always stream, the others have random access).
+        conditioning: ``"required"`` or ``"optional"`` for a condition that takes the data's own control images
+            (``Record.conditioning``; :attr:`~condistill.conditions.Condition.record_conditioning`): the source
+            reads them from where diffusers' ControlNet training sets keep them unless ``options`` say otherwise
+            (:data:`CONDITIONING_DEFAULTS`), and with ``"required"`` it skips every item without one
+            (``missing_conditioning``).
 
     Returns:
         The :class:`DataSource`.
@@ -319,12 +325,37 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
         FileNotFoundError: the spec is no existing path and not a plausible dataset id.
         ValueError: an option the chosen source does not take, or a malformed spec.
     """
+    if conditioning not in (None, "required", "optional"):
+        raise ValueError(f"conditioning must be None, 'required' or 'optional', got {conditioning!r}")
+    source = _open_source(spec, resolution, split, dict(options), conditioning)
+    source.require_conditioning = conditioning == "required"
+    return source
+
+
+#: where each source kind finds the control images of a condition that reads them, unless told otherwise: the
+#: column of diffusers' ControlNet training sets, and a ``KEY.conditioning.png`` member of webdataset shards (an
+#: image folder reads its metadata's ``conditioning_file_name``, or the files of its ``conditioning_dir``)
+CONDITIONING_DEFAULTS: dict[type, dict[str, str]] = {
+    HFDatasetSource: {"conditioning_column": "conditioning_image"},
+    HFStreamingSource: {"conditioning_column": "conditioning_image"},
+    WebDatasetSource: {"conditioning_extension": "conditioning.png"},
+}
+
+
+def _construct(conditioning: str | None, cls, options: dict[str, Any], **fixed: Any) -> DataSource:
+    if conditioning is not None:
+        options = {**CONDITIONING_DEFAULTS.get(cls, {}), **options}
+    return construct_source(cls, options, **fixed)
+
+
+def _open_source(spec, resolution: int, split: str, options: dict[str, Any], conditioning: str | None) -> DataSource:
+    """The source of :func:`open_source`, built with ``conditioning``'s default options (:func:`_construct`)."""
     streaming = options.pop("streaming", False)
     if not isinstance(streaming, bool):
         raise ValueError(f"the data option streaming must be true or false, got {streaming!r}")
     hf_kind = HFStreamingSource if streaming else HFDatasetSource
     if isinstance(spec, (list, tuple)):
-        return construct_source(WebDatasetSource, options, urls=list(spec), resolution=resolution)
+        return _construct(conditioning, WebDatasetSource, options, urls=list(spec), resolution=resolution)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a string or path, got {type(spec).__name__}")
     text = os.fspath(spec).strip()
@@ -337,37 +368,39 @@ def open_source(spec: str | os.PathLike | Sequence[str], *, resolution: int = 64
     path = Path(os.path.expanduser(text))
     expanded = expand_braces(text)
     if is_tar_name(text) or (len(expanded) > 1 and all(is_tar_name(p) for p in expanded)):
-        return construct_source(WebDatasetSource, options, urls=text, resolution=resolution)
+        return _construct(conditioning, WebDatasetSource, options, urls=text, resolution=resolution)
     if path.is_dir():
         _refuse_cache(path)
         kind = classify_folder(path)
         if kind in ("saved", "data"):
-            return construct_source(hf_kind, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
+            return _construct(conditioning, hf_kind, options, name_or_path=os.fspath(path), split=split,
+                              resolution=resolution)
         if kind == "images":
             folder = split_subfolder(path, split)
-            return construct_source(ImageFolderSource, options, path=folder, resolution=resolution)
+            return _construct(conditioning, ImageFolderSource, options, path=folder, resolution=resolution)
         if kind == "shards":
-            return construct_source(WebDatasetSource, options, urls=tars_under(path), resolution=resolution)
+            return _construct(conditioning, WebDatasetSource, options, urls=tars_under(path), resolution=resolution)
         raise EmptySourceError(
             f"folder {text!r} contains no images ({', '.join(IMAGE_EXTENSIONS)}), no .tar shards and no data files; "
             f"a data source may be: {SPEC_FORMS}"
         )
     if path.is_file():
         if path.suffix.lower() in _DATA_FILE_EXTENSIONS:
-            return construct_source(hf_kind, options, name_or_path=os.fspath(path), split=split, resolution=resolution)
+            return _construct(conditioning, hf_kind, options, name_or_path=os.fspath(path), split=split,
+                              resolution=resolution)
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{text!r} is a single image; pass the folder that contains the images")
         raise ValueError(f"{text!r} is a file of a kind condistill does not read; a data source may be: {SPEC_FORMS}")
     if glob.has_magic(text):
         matches = sorted(glob.glob(os.path.expanduser(text)))
         if matches and all(is_tar_name(m) for m in matches):
-            return construct_source(WebDatasetSource, options, urls=text, resolution=resolution)
+            return _construct(conditioning, WebDatasetSource, options, urls=text, resolution=resolution)
         raise FileNotFoundError(
             f"pattern {text!r} matches {'no files' if not matches else 'files that are not .tar shards'}; "
             f"a data source may be: {SPEC_FORMS}"
         )
     if is_hub_id(text):
-        return construct_source(hf_kind, options, name_or_path=text, split=split, resolution=resolution)
+        return _construct(conditioning, hf_kind, options, name_or_path=text, split=split, resolution=resolution)
     raise FileNotFoundError(f"data source {text!r} does not exist. A data source may be: {SPEC_FORMS}.")
 
 

@@ -76,7 +76,7 @@ def held_out_indices(dataset: ConditionDataset, num_images: int, seed: int) -> l
 def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, prompts: list[str] | None) -> dict:
     """The collated held-out items of ``spec`` (conditions made as in training), with their prompts."""
     try:
-        source = open_source(spec, resolution=resolution)
+        source = open_source(spec, resolution=resolution, conditioning=cond.record_conditioning)
         dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
         indices = held_out_indices(dataset, num_images, seed)
     except (OSError, ValueError) as error:

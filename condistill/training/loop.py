@@ -322,14 +322,15 @@ def _open_dataset(cfg: DistillConfig, condition, resolution: int):
             cached = CachedDataset(cfg.data)
             cached.check(cached.base_fingerprint, resolution, cfg.condition, condition.config(), cfg.seed)
             return cached
-        probe = open_source(cfg.data, resolution=resolution, **cfg.data_options)
+        own = condition.record_conditioning
+        probe = open_source(cfg.data, resolution=resolution, conditioning=own, **cfg.data_options)
         if isinstance(probe, IndexedSource) and cfg.max_skip_fraction < 1:
             count = min(len(probe), PROBE_ITEMS)
             if not any(probe.load(i) is not None for i in range(count)):
                 if count == len(probe):
                     raise probe.stats.empty_error()
                 raise EmptySourceError(f"none of the first {count} items is usable: {probe.stats.summary()}")
-        source = open_source(cfg.data, resolution=resolution, **cfg.data_options)
+        source = open_source(cfg.data, resolution=resolution, conditioning=own, **cfg.data_options)
         if is_streaming(source):
             return source
         return ConditionDataset(source, condition, resolution, seed=cfg.seed)
@@ -365,8 +366,11 @@ def _validation_batch(cfg: DistillConfig, condition, resolution: int, base, coun
         from condistill.data.images import open_image, to_rgb
         from condistill.data.record import Record
 
-        records = [Record(image=to_rgb(open_image(path)), caption=prompt, key=path)
-                   for path, prompt in validation_pairs(cfg.validation_images, cfg.validation_prompts)]
+        # a condition that takes the data's control images is shown the validation images as control images
+        given = condition.record_conditioning == "required"
+        records = [Record(image=image, caption=prompt, key=path, conditioning=image if given else None)
+                   for path, prompt in validation_pairs(cfg.validation_images, cfg.validation_prompts)
+                   for image in [to_rgb(open_image(path))]]
         items = ConditionDataset(records, condition, resolution, seed=cfg.seed + 1)
         return collate([items[i] for i in range(len(items))])
     if is_cache(cfg.data):
@@ -375,7 +379,8 @@ def _validation_batch(cfg: DistillConfig, condition, resolution: int, base, coun
         batch["pixel_values"] = base.decode_latents(batch["latents"].to(base.device, base.dtype)).float().cpu()
         return batch
     spec = "synthetic:heldout:64" if cfg.data.startswith("synthetic") else cfg.data
-    source = open_source(spec, resolution=resolution, **({} if spec.startswith("synthetic") else cfg.data_options))
+    source = open_source(spec, resolution=resolution, conditioning=condition.record_conditioning,
+                         **({} if spec.startswith("synthetic") else cfg.data_options))
     if is_streaming(source):  # the stream's first records, never the whole stream
         source = list(itertools.islice(iter(source), count))
     items = ConditionDataset(source, condition, resolution, seed=cfg.seed + 1)

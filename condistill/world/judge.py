@@ -45,7 +45,7 @@ from condistill.world.judge_nets import (
     default_labels,
     mask_moments,
 )
-from condistill.world.scenes import parse_caption
+from condistill.world.scenes import SHAPES, parse_caption
 
 __all__ = [
     "ATTRIBUTES", "CONFIG_NAME", "DEFAULT_PATH", "DEPTH_CONFIG_NAME", "DEPTH_RECIPE", "DEPTH_WEIGHTS_NAME",
@@ -178,6 +178,20 @@ class Judge:
         if d.shape[-2:] != (H, W):
             d = F.interpolate(d.unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False).squeeze(1)
         return d
+
+    def segment(self, images, classes: Sequence[str] = ("none", *SHAPES)) -> torch.Tensor:
+        """Which class covers each pixel: ``int64 [N, H, W]`` at the input resolution, indices into ``classes``
+        ("none" = no object, then shape names), from the dense head's per-pixel shape logits (made at half the
+        judge's resolution and resized bilinearly before the argmax)."""
+        names = ["none", *self.labels["shape"]]
+        missing = sorted(set(classes) - set(names))
+        if missing or len(set(classes)) != len(names):
+            raise ValueError(f"classes must name each of {names} once, got {list(classes)}")
+        out, (H, W) = self._run(images, ("dense",))
+        logits = out["dense"][:, :len(names)]
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        order = torch.tensor([names.index(c) for c in classes])
+        return logits[:, order].argmax(dim=1)
 
     def score(self, images, prompts: Sequence[str]) -> dict:
         """Prompt adherence: how often the judged attributes match what each prompt names.

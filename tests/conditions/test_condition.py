@@ -33,8 +33,8 @@ def scene(width=64, height=64):
     return Record(image=image, caption="a red square", depth=depth, key="test-scene")
 
 
-def test_available_conditions_lists_the_four_builtins():
-    assert available_conditions() == ["depth", "edge", "inpaint", "sr"]
+def test_available_conditions_lists_the_builtins():
+    assert available_conditions() == ["depth", "edge", "inpaint", "paired", "segmentation", "sr"]
 
 
 def test_get_condition_builds_the_registered_class_with_options():
@@ -46,7 +46,7 @@ def test_get_condition_builds_the_registered_class_with_options():
 
 
 def test_unknown_condition_name_lists_available_ones():
-    with pytest.raises(ValueError, match="Unknown condition 'canny'.*depth, edge, inpaint, sr"):
+    with pytest.raises(ValueError, match="Unknown condition 'canny'.*depth, edge, inpaint, paired, segmentation, sr"):
         get_condition("canny")
 
 
