@@ -21,9 +21,11 @@ import sys
 import typing
 from pathlib import Path
 
+from condistill.cli_eval import eval_command, eval_parser
 from condistill.cli_parsing import (DEBUG_FLAG, DEBUG_HELP, CommandParser, FlagWithOldValue, adapter_option_problem,
-                                    check_data_source, check_output, cli_form, condition_from_options, guarded,
-                                    json_object, parse_bool, warmup_warning)
+                                    check_data_source, check_device, check_output, cli_form, command_parser,
+                                    condition_from_options, guarded, json_object, nonnegative, parse_bool,
+                                    warmup_warning)
 from condistill.config import ConfigError, DistillConfig, check_grid, check_resolution, option_choices
 from condistill.presets import DEFAULT_PRESET, RECIPES, condition_names, presets_for, recipe_description
 
@@ -220,128 +222,10 @@ def _train(argv: list[str]) -> int:
     return recipe_main(condition, rest, prog=f"condistill train {condition}")
 
 
-def _nonnegative(args, *names: str, least: int = 0) -> None:
-    """Refuse an integer option below ``least`` (one line naming it as typed)."""
-    for name in names:
-        value = getattr(args, name)
-        if value < least:
-            what = "at least 1" if least == 1 else "0 or more"
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {what}")
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"--device {device}: not a torch device ({error}); write cpu, cuda or cuda:0") from None
-
-
-def _eval_rows(args) -> list:
-    """The rows of ``condistill eval``: ``--row`` specs, or the default rows of ``--student`` (and ``--baseline``)."""
-    from condistill.evaluation.evaluate import default_rows, parse_rows
-
-    if args.row:
-        return parse_rows(args.row)
-    if not args.student:
-        print("condistill eval: error: give --student (and optionally --baseline) or one or more --row",
-              file=sys.stderr)
-        raise SystemExit(2)
-    for flag, folder in (("--student", args.student), ("--baseline", args.baseline)):
-        if folder is not None:
-            from condistill.adapters.save_load import read_adapter_config
-            try:
-                read_adapter_config(folder)
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"{flag} {folder}: {error}") from None
-    return default_rows(args.student, args.baseline, args.condition, args.guidance)
-
-
-def _eval(args) -> int:
-    from condistill.evaluation.evaluate import evaluate, markdown_table, skipped_note
-
-    rows = _eval_rows(args)
-    if args.prompts and not args.data:
-        raise ValueError("--prompts needs --data (the synthetic scenes come with their own prompts)")
-    _nonnegative(args, "num_images", "batch_size", least=1)
-    _nonnegative(args, "seed")
-    _check_device(args.device)
-    for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
-        if folder:
-            check_output(folder, flag, "folder")
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    from condistill.publish.card import export_identity
-
-    measured = export_identity(args.student) if args.student and not args.row else None  # the export as loaded
-    report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
-                      seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
-                      cache_dir=args.cache_dir, log=log, data=args.data, prompts=args.prompts)
-    note = ""
-    if args.data:  # the user's own images: conditions made as in training, metrics without the judge
-        from condistill.evaluation.user_data import data_note
-        note = data_note(report)
-    skipped = skipped_note(report)  # after a blank line: a line right below a markdown table would join it
-    table = note + markdown_table(report) + ("\n" + skipped if skipped else "")
-    print(table)
-    if args.student and not args.row:  # a local run's model card records what was measured
-        from condistill.publish.card import record_eval
-        options = {k: v for k, v in vars(args).items()
-                   if not (args.data and k == "judge") and k != "debug"}  # no judge with --data
-        record_eval(args.student, table, options, log=log, measured=measured)
-    if args.out:
-        extra = ", conditions.safetensors" if args.data else ""
-        print(f"wrote {args.out}/results.json, results.md, samples.png{extra}", file=sys.stderr)
-    else:
-        print(json.dumps(report, indent=2))
-    return 0
-
-
-def _command_parser(prog: str, description: str, condition: str | None = None, **kwargs) -> CommandParser:
-    """A command's parser with ``--debug``, and ``--condition`` (required) when ``condition`` gives its help."""
-    parser = CommandParser(prog=prog, description=description, **kwargs)
-    if condition:
-        parser.add_argument("--condition", required=True, choices=condition_names(), help=condition)
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
-    return parser
-
-
-def _eval_parser() -> argparse.ArgumentParser:
-    ev = _command_parser(
-        "condistill eval", "Score students and baselines on held-out synthetic scenes (fidelity, Frechet distance on "
-        "the judge's features, prompt accuracy, seconds per image), or with --data on your own images (fidelity, "
-        "Inception FID, LPIPS, CLIP score where available, seconds per image).",
-        "the condition the adapters were trained for (an adapter trained for another one is refused)",
-        epilog="Defaults are shown in brackets.")
-    ev.add_argument("--student", help="distilled adapter folder (rows at 1, 2 and 4 steps)")
-    ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows)")
-    ev.add_argument("--row", action="append", help="custom row NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]; MODEL is "
-                    "an adapter folder, 'teacher' or 'bicubic'; START, a grid timestep (e.g. 499), starts a codi sampler "
-                    "from the condition's own image noised to it (sr, inpaint; the zero latent for edge, depth); repeatable (replaces the default rows)")
-    ev.add_argument("--base", help="base model [the one recorded with the first adapter]")
-    ev.add_argument("--guidance", type=float, default=4.0,
-                    help="CFG scale of the 50-step baseline and teacher rows (every documented result uses 4) [4.0]")
-    ev.add_argument("--data", help="score on your own images instead: any training data source (image folder, "
-                    "datasets id/folder, .tar shards); the first --num-images usable items in the order seeded by "
-                    "--seed, conditions made as in training, metrics without the judge [synthetic held-out scenes]")
-    ev.add_argument("--prompts", help="with --data: a prompt, or a file of prompts (one a line, cycled), instead of "
-                    "the items' captions [the captions]")
-    ev.add_argument("--num-images", type=int, default=256, help="held-out scenes (or --data items) scored per row [256]")
-    ev.add_argument("--batch-size", type=int, default=64, help="images sampled at once [64]")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the sampling noise [0]")
-    ev.add_argument("--judge", default="embedded:judge", help="judge folder [embedded:judge, the packaged judge]")
-    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda [cpu]")
-    ev.add_argument("--cache-dir", help="folder that keeps teacher samples across conditions (they ignore the "
-                    "condition) [no cache]")
-    ev.add_argument("--out", help="folder for results.json, results.md and samples.png, checked before the "
-                    "evaluation starts [print the JSON instead]")
-    return ev
-
-
 def _export_parser() -> argparse.ArgumentParser:
     from condistill.publish.formats import DEFAULT_DTYPE, DTYPE_ALIASES, DTYPES, FORMATS
 
-    ex = _command_parser(
+    ex = command_parser(
         "condistill export", "Write a run's adapter as a file other tools (A1111, ComfyUI, diffusers' single-file and "
         "kohya loaders) read: " + "; ".join(f"{k}: {v[1]} (kind {' or '.join(v[0])})" for k, v in FORMATS.items())
         + ". Beside OUT it writes OUT_comfyui.json, a ComfyUI workflow that samples the student as trained (or says "
@@ -378,7 +262,7 @@ def _cache_parser() -> argparse.ArgumentParser:
     from condistill.config import DEFAULT_BASE
     from condistill.data.cache_writer import DTYPES
 
-    ca = _command_parser(
+    ca = command_parser(
         "condistill cache", "Compute once what the frozen encoders compute from the training data (VAE latents, "
         "caption embeddings, condition tensors) and store it in safetensors shards; train on it with --data OUT. The "
         "cache records the base, resolution, condition and seed, and a run with other ones refuses it. "
@@ -437,9 +321,9 @@ def _cache(args) -> int:
             raise FileNotFoundError(f"--verify {args.verify}: no such cache folder")
         verify_cache(args.verify, log=log)
         return 0
-    _nonnegative(args, "batch_size", "shard_size", least=1)
-    _nonnegative(args, "seed", "resolution")
-    _check_device(args.device)
+    nonnegative(args, "batch_size", "shard_size", least=1)
+    nonnegative(args, "seed", "resolution")
+    check_device(args.device)
     check_output(args.out, "--out", "folder")
     condition = condition_from_options(args.condition, args.condition_options or {})
     resolution = check_resolution(args.base, args.resolution)
@@ -477,7 +361,7 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:] + ([DEBUG_FLAG] if debug else [])
     if command == "train":
         return _train(rest)
-    commands = {"eval": (_eval_parser, _eval), "cache": (_cache_parser, _cache), "export": (_export_parser, _export)}
+    commands = {"eval": (eval_parser, eval_command), "cache": (_cache_parser, _cache), "export": (_export_parser, _export)}
     if command in commands:
         parser, run = commands[command]
         return guarded(f"condistill {command}", lambda: run(parser().parse_args(rest)), rest)

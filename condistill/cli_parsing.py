@@ -449,3 +449,32 @@ def warmup_warning(cfg) -> str | None:
     return (f"--lr-warmup-steps {cfg.lr_warmup_steps} is not shorter than the run (--max-steps {cfg.max_steps}): "
             f"the learning rate rises only to {peak:.0%} of --learning-rate {cfg.learning_rate:g}; pass a shorter "
             "--lr-warmup-steps (0 for none) to train at the full rate")
+
+
+def nonnegative(args, *names: str, least: int = 0) -> None:
+    """Refuse an integer option below ``least`` (one line naming it as typed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value < least:
+            what = "at least 1" if least == 1 else "0 or more"
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {what}")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {device}: not a torch device ({error}); write cpu, cuda or cuda:0") from None
+
+
+def command_parser(prog: str, description: str, condition: str | None = None, **kwargs) -> CommandParser:
+    """A command's parser with ``--debug``, and ``--condition`` (required) when ``condition`` gives its help."""
+    parser = CommandParser(prog=prog, description=description, **kwargs)
+    if condition:
+        from condistill.presets import condition_names
+
+        parser.add_argument("--condition", required=True, choices=condition_names(), help=condition)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    return parser

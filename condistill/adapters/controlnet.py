@@ -49,8 +49,8 @@ class ControlNetStudent(Student):
         vae_scale_factor: pixels per latent pixel (SD: 8); required unless built from a Base.
         conditioning_embedding_out_channels: widths of the condition embedding; default
             :func:`default_conditioning_embedding_channels` of the VAE factor.
-        pretrained_controlnet: a ControlNet folder / hub id (or a condistill export) to start
-            from instead of the UNet copy. Its weights are trained (all parameters get
+        pretrained_controlnet: a ControlNet folder / hub id (or a condistill export), or one
+            weights file (:mod:`~condistill.adapters.single_file`), to start from instead of the UNet copy. Its weights are trained (all parameters get
             ``requires_grad=True``); its architecture must match the base and the condition.
         revision: hub revision of ``pretrained_controlnet``.
     """
@@ -72,8 +72,13 @@ class ControlNetStudent(Student):
         from diffusers import ControlNetModel
 
         if pretrained_controlnet is not None:
-            folder = pretrained_folder(pretrained_controlnet, SUBFOLDER, revision=revision)
-            controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
+            from condistill.adapters.single_file import controlnet_from_single_file, is_single_file
+
+            if is_single_file(pretrained_controlnet):
+                controlnet = controlnet_from_single_file(pretrained_controlnet, unet)
+            else:
+                folder = pretrained_folder(pretrained_controlnet, SUBFOLDER, revision=revision)
+                controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
             self._check_pretrained(controlnet, pretrained_controlnet)
             embedding = tuple(controlnet.config.conditioning_embedding_out_channels)
             self.initialized_from = os.fspath(pretrained_controlnet)

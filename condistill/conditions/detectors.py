@@ -102,7 +102,7 @@ class Detector:
 
     def check(self) -> str | None:
         """Make sure the weight files are at hand (a local folder, or the hub cache: downloaded there now when
-        online); returns the folder or repository to load from, ``None`` for a detector without weights.
+        online); returns the folder to load from, ``None`` for a detector without weights.
 
         Raises:
             DetectorWeightsError: one line naming the files to fetch.
@@ -117,17 +117,18 @@ class Detector:
             return folder
         from huggingface_hub import hf_hub_download
 
-        from condistill.hub import hub_offline
+        from condistill.hub import hub_cache_dir, hub_offline
 
-        missing = []
+        missing, folders = [], set()
         for filename in self.spec.files:
             try:
-                hf_hub_download(self.path, filename, local_files_only=hub_offline())
+                found = hf_hub_download(self.path, filename, cache_dir=hub_cache_dir(), local_files_only=hub_offline())
+                folders.add(os.path.dirname(found))
             except Exception:  # not cached offline, no connection, unknown repository or file
                 missing.append(filename)
         if missing:
             raise self._missing(missing)
-        return self.path
+        return folders.pop() if len(folders) == 1 else self.path  # the snapshot folder holding them all
 
     def load(self) -> Any:
         """The controlnet-aux detector, loaded once."""
@@ -148,10 +149,13 @@ class Detector:
         return self._model
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        """The control image of ``image``: RGB, resized back to ``image``'s size."""
+        """The control image of ``image``: RGB, resized back to ``image``'s size. The detector works at
+        ``detect_resolution``, or at the image's own short side when that is smaller (a thin line drawn larger
+        would fade when shrunk back)."""
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        out = np.asarray(self.load()(rgb, detect_resolution=self.detect_resolution,
-                                     image_resolution=self.detect_resolution, output_type="np", **self.spec.options))
+        side = min(self.detect_resolution, min(image.size))
+        out = np.asarray(self.load()(rgb, detect_resolution=side, image_resolution=side, output_type="np",
+                                     **self.spec.options))
         if out.dtype != np.uint8:
             out = np.clip(out * (255.0 if out.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         control = Image.fromarray(out if out.ndim == 3 else out, "RGB" if out.ndim == 3 else "L").convert("RGB")

@@ -103,13 +103,16 @@ class ImageFolderSource(IndexedSource):
         if not folder.is_dir():
             raise FileNotFoundError(f"conditioning_dir {os.fspath(folder)!r} is not a folder; give the folder of "
                                     "control images whose files are named like the images")
+        folder, root = Path(os.path.abspath(folder)), Path(os.path.abspath(self.root))
         by_stem: dict[str, str] = {}
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
                 full = Path(dirpath) / filename
                 if full.suffix.lower() in IMAGE_EXTENSIONS and not filename.startswith("."):
-                    by_stem.setdefault(full.relative_to(folder).with_suffix("").as_posix(), self._relative(full))
+                    # relative to the image folder when inside it (as image_files are), else absolute
+                    rel = full.relative_to(root).as_posix() if full.is_relative_to(root) else full.as_posix()
+                    by_stem.setdefault(full.relative_to(folder).with_suffix("").as_posix(), rel)
         inside = set(by_stem.values())
         images = [f for f in image_files if f not in inside]
         for rel in images:

@@ -254,9 +254,11 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     data: str | None = None,
     prompts: str | list[str] | None = None,
+    data_options: dict | None = None,
 ) -> dict:
     """Score every row on ``num_images`` held-out synthetic scenes (or, with ``data``, on items of that data
-    source: :mod:`condistill.evaluation.user_data`, ``prompts`` replacing their captions); optionally write results.
+    source, opened with ``data_options``: :mod:`condistill.evaluation.user_data`, ``prompts`` replacing their
+    captions); optionally write results.
 
     ``condition`` is a condition name or a recorded condition config; an adapter row trained for another
     condition is refused, and the condition is rebuilt from the first adapter row's export. ``base``
@@ -274,7 +276,7 @@ def evaluate(
         items = SceneItems(cond, resolution, num_images, seed, judge_path)
     else:
         from condistill.evaluation.user_data import DataItems
-        items = DataItems(cond, resolution, str(data), num_images, seed, prompts, log)
+        items = DataItems(cond, resolution, str(data), num_images, seed, prompts, log, data_options)
     base_obj = load_base(base, device=device)
     real_images = (items.items["pixel_values"] + 1) / 2
     optional = OptionalMetrics(cond.name, device=device, log=log)

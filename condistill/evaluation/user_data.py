@@ -73,10 +73,12 @@ def held_out_indices(dataset: ConditionDataset, num_images: int, seed: int) -> l
     return chosen
 
 
-def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, prompts: list[str] | None) -> dict:
-    """The collated held-out items of ``spec`` (conditions made as in training), with their prompts."""
+def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, prompts: list[str] | None,
+               options: dict | None = None) -> dict:
+    """The collated held-out items of ``spec`` opened with ``options`` (conditions made as in training), with
+    their prompts."""
     try:
-        source = open_source(spec, resolution=resolution, conditioning=cond.record_conditioning)
+        source = open_source(spec, resolution=resolution, conditioning=cond.record_conditioning, **(options or {}))
         dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
         indices = held_out_indices(dataset, num_images, seed)
     except (OSError, ValueError) as error:
@@ -120,10 +122,10 @@ class DataItems:
     the evaluation at once."""
 
     def __init__(self, cond, resolution: int, data: str, num_images: int, seed: int,
-                 prompts: str | list[str] | None, log: Callable[[str], None] | None):
+                 prompts: str | list[str] | None, log: Callable[[str], None] | None, options: dict | None = None):
         prompt_list = read_prompts(prompts) if isinstance(prompts, str) else prompts
         self.cond, self.data, self.seed, self.log = cond, data, seed, log
-        self.items = load_items(data, cond, resolution, num_images, seed, prompt_list)
+        self.items = load_items(data, cond, resolution, num_images, seed, prompt_list, options)
         self.prompts = self.items["caption"]
         self.skipped: dict[str, str] = {}
 
