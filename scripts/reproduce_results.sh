@@ -20,10 +20,10 @@ JOBS=${JOBS:-3}
 NUM_IMAGES=${NUM_IMAGES:-64}
 GUIDANCE=${GUIDANCE:-4}
 # condition:adapter[:steps]; without steps the recipe preset's length is used (edge 700,
-# depth 400, sr 2400, inpaint 1000) and the pair is named <condition>-<adapter>; with steps it
-# is named <condition>-<adapter>-<steps>. The edge pairs are measured at the preset and at
-# 2,100 steps, the sr T2I-Adapter and LoRA pairs at 400.
-PAIRS=${PAIRS:-"edge:controlnet edge:t2i_adapter edge:lora edge:controlnet:2100 edge:t2i_adapter:2100 edge:lora:2100 depth:controlnet sr:controlnet inpaint:controlnet sr:t2i_adapter:400 sr:lora:400"}
+# depth 400, sr 2400, inpaint 1000, segmentation 700) and the pair is named <condition>-<adapter>;
+# with steps it is named <condition>-<adapter>-<steps>. The edge pairs are measured at the preset
+# and at 2,100 steps, the sr T2I-Adapter and LoRA pairs at 400.
+PAIRS=${PAIRS:-"edge:controlnet edge:t2i_adapter edge:lora edge:controlnet:2100 edge:t2i_adapter:2100 edge:lora:2100 depth:controlnet sr:controlnet inpaint:controlnet sr:t2i_adapter:400 sr:lora:400 segmentation:controlnet"}
 
 pair_name() {  # condition adapter [steps]
   echo "$1-$2${3:+-$3}"
@@ -41,7 +41,7 @@ train_one() {  # condition adapter loss output_dir steps|preset
   mkdir -p "$4"
   local steps=()
   [ "$5" = preset ] || steps=(--max-steps "$5")
-  OMP_NUM_THREADS=1 $PY recipes/$1.py --adapter "$2" --loss "$3" --output-dir "$4" --resume latest \
+  OMP_NUM_THREADS=1 $PY -m condistill train "$1" --adapter "$2" --loss "$3" --output-dir "$4" --resume latest \
       "${steps[@]}" --validate-every 0 > "$4.log" 2>&1 && echo "trained $4" || { echo "FAILED $4 (see $4.log)"; return 1; }
 }
 export -f train_one

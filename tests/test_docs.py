@@ -59,7 +59,7 @@ from test_readme import SECTIONS as README_SECTIONS_RUN_ELSEWHERE, section_of
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))]
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
-LINKED = ("recipes", "tools", "benchmarks", "tests", "scripts", "examples", "condistill", "docs/results")
+LINKED = ("recipes", "tools", "benchmarks", "tests", "scripts", "examples", "condistill", "docs/results", "data")
 #: the first words of a fence's first line that make an untagged fence a command that should be tagged
 COMMAND_WORDS = (".venv/", "python", "bash ", "condistill ", "accelerate ", "torchrun ", "pip ", "hf ")
 SUBPROCESS_TIMEOUT = 300
@@ -116,6 +116,12 @@ COMMANDS: list[Entry] = [
     Entry("README.md", r"^bash scripts/test\.sh$", "skip", "the test suite itself (this file is part of it)"),
     Entry("README.md", r"^bash scripts/setup\.sh$", "skip", "creates .venv and installs packages from the network"),
     Entry("README.md", r"hf auth login", "skip", "interactive, and needs the network and a hub account"),
+    Entry("README.md", r"^condistill train paired --data data/paired ", "run",
+          "two steps of the paired condition on data/paired, the control images taken as they are",
+          append="--max-steps 2 --batch-size 2 --checkpoint-every 0 --validate-every 0",
+          check=_exported("runs/paired", condition="paired", condition_options={"control_type": "canny edges"})),
+    Entry("README.md", r"^condistill train edge --preset sd15-gpu .*pretrained_controlnet", "parse",
+          "SD 1.5 and a ControlNet from the hub: needs a GPU and the network"),
     Entry("README.md", r"condistill push ", "skip",
           "uploads to the hub; tests/publish/test_push.py runs push against a fake hub"),
     Entry("README.md", r"^\.venv/bin/accelerate launch recipes/edge\.py --preset sd15-gpu .*--data /path", "subprocess",

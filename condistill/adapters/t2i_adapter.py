@@ -185,11 +185,18 @@ def make_t2i_adapter(
 
 
 def load_pretrained_t2i_adapter(source, unet, condition_channels: int, vae_scale_factor: int, revision=None):
-    """Load a ``T2IAdapter`` folder / hub id and check it fits ``unet`` and the condition."""
+    """Load a ``T2IAdapter`` folder / hub id, or one file in the original layout
+    (:func:`~condistill.adapters.single_file.t2i_adapter_from_single_file`), and check it fits ``unet`` and the
+    condition."""
     from diffusers import T2IAdapter
 
-    folder = pretrained_folder(source, SUBFOLDER, revision=revision)
-    adapter = T2IAdapter.from_pretrained(folder, torch_dtype=torch.float32)
+    from condistill.adapters.single_file import is_single_file, t2i_adapter_from_single_file
+
+    if is_single_file(source):
+        adapter = t2i_adapter_from_single_file(source, condition_channels, vae_scale_factor)
+    else:
+        folder = pretrained_folder(source, SUBFOLDER, revision=revision)
+        adapter = T2IAdapter.from_pretrained(folder, torch_dtype=torch.float32)
     cfg = adapter.config
     problems = []
     if cfg.in_channels != condition_channels:
@@ -273,7 +280,8 @@ class T2IAdapterStudent(T2IAdapterFeatures, Student):
         adapter_type: ``"auto"`` (default: ``full_adapter`` for SD 1.x/2.x, ``full_adapter_xl`` for
             SDXL), ``"full_adapter"``, ``"full_adapter_xl"`` or ``"light_adapter"``.
         num_res_blocks: residual blocks per adapter block (default 2 full / 4 light).
-        pretrained_adapter: a ``T2IAdapter`` folder / hub id (or condistill export) to start
+        pretrained_adapter: a ``T2IAdapter`` folder / hub id (or condistill export), or one file in the
+            original layout (:mod:`~condistill.adapters.single_file`), to start
             from; it is trained, not zero-initialised.
         revision: hub revision of ``pretrained_adapter``.
     """

@@ -70,3 +70,26 @@ def test_files_that_are_no_controlnet_or_do_not_fit_are_refused(sd_shaped, tmp_p
         build_student("controlnet", wider.unet, 3, vae_scale_factor=8, pretrained_controlnet=str(tmp_path / "cn.safetensors"))
     with pytest.raises(ValueError, match="conditioning_channels 3 != condition channels 1"):
         build_student("controlnet", base.unet, 1, vae_scale_factor=8, pretrained_controlnet=str(tmp_path / "cn.safetensors"))
+
+
+@pytest.mark.parametrize("adapter_type,blocks", [("full_adapter", 2), ("light_adapter", 4)])
+def test_a_t2i_adapter_file_in_the_original_layout_gives_the_existing_weights(base_path, tmp_path, adapter_type,
+                                                                              blocks):
+    """The file ``condistill export --format single-file`` writes for A1111/ComfyUI starts a student again."""
+    from condistill.publish.t2i_layout import t2i_original_state_dict
+
+    base = load_base(base_path)
+    existing = build_student("t2i_adapter", base.unet, 3, vae_scale_factor=4, adapter_type=adapter_type,
+                             num_res_blocks=blocks)
+    perturb_(existing, seed=7)
+    state = {k: v.detach().clone() for k, v in existing.adapter.state_dict().items()}
+    save_file(t2i_original_state_dict(state, dict(existing.adapter.config)), str(tmp_path / "t2i.safetensors"))
+    student = build_student("t2i_adapter", base.unet, 3, vae_scale_factor=4,
+                            pretrained_adapter=str(tmp_path / "t2i.safetensors"))
+    got = student.adapter.state_dict()
+    assert dict(student.adapter.config)["adapter_type"] == adapter_type
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="neither 1 condition channels at the VAE factor 4|does not fit 1 condition "
+                                         "channels and this base: size mismatch for adapter.body.0.in_conv"):
+        build_student("t2i_adapter", base.unet, 1, vae_scale_factor=4,
+                      pretrained_adapter=str(tmp_path / "t2i.safetensors"))
