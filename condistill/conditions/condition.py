@@ -82,6 +82,11 @@ class Condition(abc.ABC):
         its text and whether it is met; ``None``: no bar, or rows missing."""
         return None
 
+    def card_text(self) -> tuple[str, str]:
+        """For a model card: the task in words (the part of :attr:`description` before its colon), and what
+        ``control_image`` takes."""
+        return self.description.partition(":")[0] or self.name, "your image"
+
     def check(self) -> None:
         """Make sure what this condition will need later is at hand, without loading any model.
 
@@ -114,9 +119,8 @@ class Condition(abc.ABC):
                 the same tensor. Pass a different seed per sample and step (e.g. derived
                 from the step and the sample index) to get fresh draws.
 
-        Raises:
-            TypeError: ``record`` is not a ``Record`` or its image is not a PIL image.
-            ValueError: ``seed`` is negative or not an integer.
+        Raises ``TypeError`` for a ``record`` that is no ``Record`` or whose image is no PIL image, and
+        ``ValueError`` for a negative or non-integer ``seed``.
         """
         if not isinstance(record, Record):
             raise TypeError(
@@ -124,10 +128,8 @@ class Condition(abc.ABC):
                 f"for a single image use `{type(self).__name__}.prepare(image)`."
             )
         if not isinstance(record.image, Image.Image):
-            raise TypeError(
-                f"record.image must be a PIL.Image, got {type(record.image).__name__}; "
-                "convert arrays with PIL.Image.fromarray(array)."
-            )
+            raise TypeError(f"record.image must be a PIL.Image, got {type(record.image).__name__}; "
+                            "convert arrays with PIL.Image.fromarray(array).")
         seed = check_seed(seed)
         if record.image.mode != "RGB":
             record = dataclasses.replace(record, image=record.image.convert("RGB"))
@@ -136,13 +138,9 @@ class Condition(abc.ABC):
         return cond
 
     def prepare(self, image: Image.Image, seed: int = 0, **record_fields: Any) -> torch.Tensor:
-        """Condition of a single image, for use outside a data pipeline.
-
-        Builds ``Record(image=image, **record_fields)`` and returns ``self(record, seed)``.
-        ``record_fields`` are any other :class:`Record` fields, e.g. ``depth=array`` or
-        ``conditioning=edge_image``. Add a batch axis with ``.unsqueeze(0)`` to feed a
-        pipeline, or call :meth:`to_pil` for a control image.
-        """
+        """Condition of a single image, for use outside a data pipeline: ``self(Record(image=image,
+        **record_fields), seed)``, ``record_fields`` being other :class:`Record` fields (``depth=array``,
+        ``conditioning=edge_image``). ``.unsqueeze(0)`` feeds a pipeline; :meth:`to_pil` shows it."""
         if not isinstance(image, Image.Image):
             raise TypeError(
                 f"prepare() expects a PIL.Image, got {type(image).__name__}; "

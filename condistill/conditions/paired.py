@@ -74,6 +74,12 @@ class PairedCondition(Condition):
         makes the missing ones)."""
         return "optional" if self.detector else "required"
 
+    def card_text(self) -> tuple[str, str]:
+        if self._detector is None:
+            return f"{self.control_type}-to-image", f"your {self.control_type} control image, used as it is"
+        return (f"{self.control_type}-to-image",
+                f"your photo; the {self.detector} detector makes its {self.control_type} control image")
+
     def check(self) -> None:
         """The detector's weight files, when one is named (:class:`~condistill.conditions.detectors.Detector`)."""
         if self._detector is not None:

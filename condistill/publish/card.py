@@ -36,8 +36,18 @@ _KIND_TEXT = {
     "lora": "a LoRA of the UNet with a light T2I-Adapter for the condition",
     "controlnet_lora": "a ControlNet together with a LoRA of the UNet",
 }
-_CONDITION_TEXT = {"edge": "edge-to-image", "depth": "depth-to-image", "sr": "super-resolution",
-                   "inpaint": "inpainting"}
+def condition_text(config: Mapping[str, Any]) -> tuple[str, str]:
+    """The task an export's condition does, and what its ``control_image`` takes (:meth:`Condition.card_text`);
+    generic words for a condition no installed package declares."""
+    from condistill.conditions import available_conditions, condition_from_config
+
+    name = config["condition_name"]
+    if name in available_conditions():
+        try:
+            return condition_from_config({"name": name, **(config.get("condition_config") or {})}).card_text()
+        except (TypeError, ValueError):  # options of another version of the condition
+            pass
+    return name, "your image"
 
 
 def read_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -237,7 +247,7 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "",
         f'ADAPTER = "{source}"',
         "pipe = load_adapter(ADAPTER)  # a stock diffusers pipeline with the few-step CoDiScheduler",
-        'photo = Image.open("photo.png").convert("RGB")  # your image',
+        f'photo = Image.open("photo.png").convert("RGB")  # {condition_text(config)[1]}',
         "control = pipe.condistill_condition.control_image(photo)  # [1, C, H, W] in [0, 1]",
         *(['start = pipe.condistill_condition.init_image(control)  # the image its one step starts from',
            'image = pipe("a prompt", image=start, control_image=control, **pipe.condistill_defaults).images[0]']
@@ -299,7 +309,7 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
     meta.append("pipeline_tag: text-to-image")
 
     what = _KIND_TEXT.get(kind, kind)
-    task = _CONDITION_TEXT.get(condition, condition)
+    task = condition_text(config)[0]
     base_line = (f"the frozen local base `{base}` (not on the hub: pass `base=` to `load_adapter` where that path does not exist)"
                  if local else f"the frozen base [`{base}`](https://huggingface.co/{base})")
     steps = config["recommended_steps"]

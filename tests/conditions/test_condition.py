@@ -219,7 +219,7 @@ def test_which_conditions_start_from_their_own_image():
 
 def test_a_registered_condition_brings_its_own_fidelity_metric_to_eval(monkeypatch):
     """One class and one registration: eval's parser takes the new name and its tables use the class's metric."""
-    from condistill.cli import _eval_parser
+    from condistill.cli_eval import eval_parser as _eval_parser
     from condistill.evaluation.evaluate import fidelity_metric, markdown_table, ratio_summary
 
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))

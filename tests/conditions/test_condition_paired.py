@@ -93,3 +93,14 @@ def test_missing_weights_stop_in_one_line_naming_the_files_to_fetch(tmp_path, mo
     assert "hf download lllyasviel/Annotators sk_model.pth sk_model2.pth" in message
     with pytest.raises(DetectorWeightsError, match="pidi.*table5_pidinet.pth.*the folder"):
         PairedCondition(detector="pidi", detector_path=str(tmp_path)).check()
+
+
+def test_the_model_card_says_what_control_image_the_adapter_takes():
+    from condistill.publish.card import condition_text
+
+    config = {"condition_name": "paired", "condition_config": PairedCondition(control_type="scribble").config()}
+    assert condition_text(config) == ("scribble-to-image", "your scribble control image, used as it is")
+    config["condition_config"]["detector"] = "hed"
+    assert condition_text(config)[1] == "your photo; the hed detector makes its scribble control image"
+    assert condition_text({"condition_name": "edge", "condition_config": {}}) == ("edge-to-image", "your image")
+    assert condition_text({"condition_name": "not-installed"}) == ("not-installed", "your image")
