@@ -296,6 +296,9 @@ class DistillConfig:
         if self.ode_source == "online" and self.guidance_enabled and self.guidance_branches == "ode":
             p.append("ode_source='online' with guidance_branches='ode': the online prediction is unguided there, "
                      "so it cannot stand in for the guided ODE solver; use guidance_branches='all' or ode_source='ema'")
+        if (self.adapter == "lcm_lora") != (self.condition == "none"):
+            p.append(f"adapter={self.adapter!r} with condition={self.condition!r}: the condition-free lcm_lora "
+                     "adapter trains on the none condition (condistill train none), and only it does")
         p += self._dmd_problems()
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             p.append(f"resume={self.resume!r}: pass 'latest' or an existing checkpoint folder")

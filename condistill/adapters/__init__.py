@@ -8,6 +8,8 @@ Each kind lives in its own module and registers itself with one explicit
 * ``lora`` - :class:`~condistill.adapters.lora.LoRAStudent`
 * ``controlnet_lora`` - :class:`~condistill.adapters.controlnet_lora.ControlNetLoRAStudent` (a ControlNet and
   a UNet LoRA trained together; not yet measured against the others)
+* ``lcm_lora`` - :class:`~condistill.adapters.lcm_lora.LCMLoRAStudent` (a UNet LoRA without a condition: an
+  LCM-LoRA of the base, trained on the ``none`` condition)
 """
 from condistill.adapters.errors import AdapterConfigError
 from condistill.adapters.student import (
@@ -18,9 +20,10 @@ from condistill.adapters.student import (
     get_adapter_class,
     register_adapter,
 )
-from condistill.adapters import controlnet, t2i_adapter, lora, controlnet_lora  # noqa: E402,F401  (registration)
+from condistill.adapters import controlnet, t2i_adapter, lora, controlnet_lora, lcm_lora  # noqa: E402,F401
 from condistill.adapters.controlnet import ControlNetStudent
 from condistill.adapters.controlnet_lora import ControlNetLoRAStudent
+from condistill.adapters.lcm_lora import LCMLoRAStudent
 from condistill.adapters.lora import LoRAStudent
 from condistill.adapters.t2i_adapter import T2IAdapterStudent
 
@@ -30,6 +33,7 @@ __all__ = [
     "Student",
     "ControlNetStudent",
     "ControlNetLoRAStudent",
+    "LCMLoRAStudent",
     "T2IAdapterStudent",
     "LoRAStudent",
     "available_adapters",

@@ -138,6 +138,8 @@ class Student(nn.Module):
     #: diffusers has an img2img pipeline for this kind (``load_adapter`` returns it for a student trained
     #: to take its one step from the input)
     has_img2img: ClassVar[bool] = False
+    #: whether the stock pipeline takes a control image (``image=``); False for a condition-free kind
+    takes_condition: ClassVar[bool] = True
 
     def __init__(self, unet, condition_channels: int, vae_scale_factor: int | None = None):
         super().__init__()

@@ -1,7 +1,7 @@
 """Conditions: how the control tensor ``c`` is made from a record.
 
-Six are built in (``edge``, ``depth``, ``sr``, ``inpaint``, ``segmentation``, and ``paired`` for any control
-type the data brings); each module registers its
+Built in: ``edge``, ``depth``, ``sr``, ``inpaint``, ``segmentation``, ``paired`` for any control type the
+data brings, and ``none`` (images only, for the condition-free ``lcm_lora`` student); each module registers its
 class with one ``register_condition`` call when imported below.
 
 Example::
@@ -23,6 +23,7 @@ from condistill.conditions.condition import (
 from condistill.conditions.depth import DepthCondition, EstimatorWeightsError
 from condistill.conditions.edge import EdgeCondition, canny_edges
 from condistill.conditions.inpaint import InpaintCondition
+from condistill.conditions.none import NoCondition
 from condistill.conditions.paired import PairedCondition
 from condistill.conditions.segmentation import SegmentationCondition
 from condistill.conditions.sr import SRCondition, bicubic_upscale
@@ -33,6 +34,7 @@ __all__ = [
     "EdgeCondition",
     "EstimatorWeightsError",
     "InpaintCondition",
+    "NoCondition",
     "PairedCondition",
     "SRCondition",
     "SegmentationCondition",

@@ -240,6 +240,10 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
     steps, guidance = config["recommended_steps"], config["recommended_guidance"]
     height, width = training_size(config)
     files = config.get("weight_files", {})
+    from condistill.adapters import get_adapter_class
+
+    if not get_adapter_class(kind).takes_condition:
+        return _usage_without_condition(config, source, base, files)
     head = [
         "```python",
         "from PIL import Image",
@@ -262,8 +266,6 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "",
         "```python",
     ]
-    from condistill.adapters import get_adapter_class
-
     # each adapter kind writes its own plain-diffusers loading lines (the registry dispatches)
     family = config.get("base_fingerprint", {}).get("family", "sd")
     body = with_base(get_adapter_class(kind).diffusers_snippet(BASE_MARK, files, family), base)
@@ -274,6 +276,25 @@ def _usage(config: Mapping[str, Any], source: str) -> str:
         "```",
     ]
     return "\n".join(head + body)
+
+
+def _usage_without_condition(config: Mapping[str, Any], source: str, base: str, files) -> str:
+    """The usage of a condition-free kind (an LCM-LoRA): a text-to-image pipeline, no control image."""
+    from condistill.adapters import get_adapter_class
+
+    steps, guidance = config["recommended_steps"], config["recommended_guidance"]
+    height, width = training_size(config)
+    family = config.get("base_fingerprint", {}).get("family", "sd")
+    body = with_base(get_adapter_class(config["kind"]).diffusers_snippet(BASE_MARK, files, family), base)
+    return "\n".join([
+        "```python", "from condistill import load_adapter", "", f'ADAPTER = "{source}"',
+        "pipe = load_adapter(ADAPTER)  # a stock text-to-image pipeline with the LoRA and the few-step CoDiScheduler",
+        'image = pipe("a prompt", **pipe.condistill_defaults).images[0]',
+        f"# {steps} steps, guidance {guidance:g}, {height}x{width} px", "```", "",
+        "The same in plain diffusers (the scheduler class comes from condistill):", "", "```python", *body,
+        'pipe.scheduler = CoDiScheduler.from_pretrained(ADAPTER, subfolder="scheduler")',
+        f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance:g}, height={height}, '
+        f"width={width}).images[0]", "```"])
 
 
 #: how the model card names each training loss
