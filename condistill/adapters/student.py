@@ -63,10 +63,12 @@ def pretrained_folder(name_or_path, subfolder: str, config_name: str = "config.j
 
     root = resolve_pretrained_dir(name_or_path, revision=revision, what=f"pretrained {subfolder}")
     for candidate in (root, root / subfolder, root / "adapter" / subfolder):
-        if (candidate / config_name).is_file():
+        # a training run's folder holds its own config.json: the module's folder also holds its weights
+        if (candidate / config_name).is_file() and any(candidate.glob("diffusion_pytorch_model*")):
             return candidate
     raise FileNotFoundError(
-        f"No {config_name} found in {root} or {root / subfolder}; pass a folder saved with "
+        f"No {config_name} with weights beside it found in {root}, {root / subfolder} or "
+        f"{root / 'adapter' / subfolder}; pass a folder saved with "
         f"save_pretrained (a diffusers {subfolder} folder) or a condistill adapter export."
     )
 

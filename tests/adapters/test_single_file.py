@@ -52,7 +52,10 @@ def test_a_folder_and_an_offline_hub_id_give_the_same_weights(sd_shaped, tmp_pat
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     state = _state(existing)
-    for source in (str(tmp_path / "folder"), "someone/tiny-controlnet"):
+    run = tmp_path / "run"  # a training run's folder: its own config.json at the top, the export in adapter/
+    existing.controlnet.save_pretrained(run / "adapter" / "controlnet")
+    (run / "config.json").write_text('{"condition": "edge"}')
+    for source in (str(tmp_path / "folder"), "someone/tiny-controlnet", str(run)):
         got = build_student("controlnet", base.unet, 3, vae_scale_factor=8, pretrained_controlnet=source)
         assert all(torch.equal(got.controlnet.state_dict()[k], state[k]) for k in state), source
 
