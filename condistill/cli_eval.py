@@ -11,7 +11,15 @@ __all__ = ["eval_command", "eval_parser", "eval_rows"]
 
 
 def eval_rows(args) -> list:
-    """The rows of ``condistill eval``: ``--row`` specs, or the default rows of ``--student`` (and ``--baseline``)."""
+    """The rows of ``condistill eval``: ``--row`` specs, or the default rows of ``--student`` (and ``--baseline``),
+    then with ``--lcm-lora`` the rows of the LCM-LoRA alone and with the ``--baseline``."""
+    from condistill.evaluation.lcm_lora import lcm_lora_rows
+
+    rows = _rows(args)
+    return rows + (lcm_lora_rows(args.baseline) if args.lcm_lora else [])
+
+
+def _rows(args) -> list:
     from condistill.evaluation.evaluate import default_rows, parse_rows
 
     if args.row:
@@ -50,7 +58,7 @@ def eval_command(args) -> int:
     report = evaluate(args.condition, rows, base=args.base, num_images=args.num_images, batch_size=args.batch_size,
                       seed=args.seed, judge_path=args.judge, out_dir=args.out, device=args.device,
                       cache_dir=args.cache_dir, log=log, data=args.data, prompts=args.prompts,
-                      data_options=args.data_options)
+                      data_options=args.data_options, lcm_lora=args.lcm_lora, lcm_lora_scale=args.lcm_lora_scale)
     note = ""
     if args.data:  # the user's own images: conditions made as in training, metrics without the judge
         from condistill.evaluation.user_data import data_note
@@ -92,6 +100,10 @@ def eval_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-options", type=json_object, default=None, metavar="JSON",
                     help="with --data: options of the data source, as for condistill train --data-options (e.g. "
                     "conditioning_dir) [none]")
+    ev.add_argument("--lcm-lora", help="an LCM-LoRA of the base (a .safetensors file, a folder holding "
+                    "pytorch_lora_weights.safetensors such as a condistill lcm_lora run, or a hub id): adds rows of it "
+                    "alone and with --baseline, sampled by LCMScheduler at 2 and 4 steps, guidance 1 and 1.5 [none]")
+    ev.add_argument("--lcm-lora-scale", type=float, default=1.0, help="the LCM-LoRA's adapter weight [1.0]")
     ev.add_argument("--prompts", help="with --data: a prompt, or a file of prompts (one a line, cycled), instead of "
                     "the items' captions [the captions]")
     ev.add_argument("--num-images", type=int, default=256, help="held-out scenes (or --data items) scored per row [256]")

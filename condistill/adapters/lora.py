@@ -43,7 +43,7 @@ from condistill.adapters.t2i_adapter import (
     resolve_adapter_type,
 )
 
-__all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME", "switch_lora"]
+__all__ = ["LoRAStudent", "LORA_TARGETS", "LORA_WEIGHT_NAME", "LORA_ADAPTER_NAME", "stacked_lora", "switch_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,19 @@ LORA_TARGETS = {
 
 
 def switch_lora(unet, name: str | None) -> None:
-    """Make the peft LoRA ``name`` the only active one in ``unet`` (``None``: switch every LoRA off).
+    """Make the peft LoRA ``name`` the only active one in ``unet`` (``None``: switch every LoRA off), besides
+    the LoRAs :func:`stacked_lora` keeps on.
 
     diffusers' ``set_adapter`` / ``enable_adapters`` / ``disable_adapters`` also change the
     ``requires_grad`` of the LoRA layers of every adapter in the UNet; each keeps its own here.
     """
     flags = {n: p.requires_grad for n, p in unet.named_parameters() if ".lora_" in n}
-    if name is not None:
+    stacked = getattr(unet, "_condistill_stacked_loras", None) or {}
+    if stacked:
+        names = ([name] if name is not None else []) + [n for n in stacked if n != name]
+        unet.set_adapters(names, [stacked.get(n, 1.0) if n != name else 1.0 for n in names])
+        unet.enable_adapters()
+    elif name is not None:
         unet.set_adapter(name)
         unet.enable_adapters()
     else:
@@ -75,6 +81,20 @@ def switch_lora(unet, name: str | None) -> None:
     for n, p in unet.named_parameters():
         if n in flags:
             p.requires_grad_(flags[n])
+
+
+@contextlib.contextmanager
+def stacked_lora(unet, name: str, weight: float = 1.0):
+    """Keep the peft LoRA ``name`` switched on at ``weight`` in ``unet`` while inside, whatever else is switched
+    on or off: a student's own LoRA is stacked on it (two named adapters, weights ``1.0`` and ``weight``,
+    unfused, as diffusers' ``set_adapters`` does), and the teacher's calls include it."""
+    unet._condistill_stacked_loras = {name: float(weight)}
+    switch_lora(unet, None)
+    try:
+        yield
+    finally:
+        del unet._condistill_stacked_loras
+        switch_lora(unet, None)
 
 
 def _resolve_targets(targets) -> list[str]:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,7 @@ class RowSpec:
     steps: int = 4
     guidance: float = 1.0
     start: int | None = None
+    lcm_lora: bool = False  # sampled with the LCM-LoRA of ``evaluate(lcm_lora=...)`` switched on
 
 
 @dataclass
@@ -77,10 +78,11 @@ class RowResult:
     guidance: float
     metrics: dict = field(default_factory=dict)
     start: int | None = None
+    lcm_lora: bool = False
 
     @classmethod
     def of(cls, spec: RowSpec, metrics: dict) -> "RowResult":
-        return cls(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics, spec.start)
+        return cls(spec.name, spec.model, spec.sampler, spec.steps, spec.guidance, metrics, spec.start, spec.lcm_lora)
 
 
 def _batches(n: int, size: int):
@@ -90,11 +92,22 @@ def _batches(n: int, size: int):
 
 @torch.no_grad()
 def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, students: dict,
-              cache_dir: str | Path | None = None, condition=None) -> tuple[torch.Tensor, float]:
+              cache_dir: str | Path | None = None, condition=None, lcm_scale: float | None = None
+              ) -> tuple[torch.Tensor, float]:
     """Sample one row; teacher rows are cached in ``cache_dir`` (they ignore the condition).
 
     ``condition`` (the :class:`~condistill.conditions.Condition`) gives the start images of a row
-    with ``spec.start``."""
+    with ``spec.start``; ``lcm_scale`` is the weight of the LCM-LoRA loaded into ``base.unet``
+    (:mod:`condistill.evaluation.lcm_lora`), switched on for a row with ``spec.lcm_lora``."""
+    if spec.lcm_lora:
+        if lcm_scale is None:
+            raise ValueError(f"row {spec.name!r} samples with an LCM-LoRA: pass one (--lcm-lora)")
+        from condistill.adapters.lora import stacked_lora
+        from condistill.evaluation.lcm_lora import LCM_LORA_NAME
+
+        with stacked_lora(base.unet, LCM_LORA_NAME, lcm_scale):
+            return generate_row(replace(spec, lcm_lora=False), base, data, batch_size, seed, students, None,
+                                condition)
     cond, prompts = data["conditioning"], data["caption"]
     if spec.start is not None and condition is None:
         raise ValueError(f"row {spec.name!r} starts from the condition's image: pass its condition to generate_row")
@@ -255,6 +268,8 @@ def evaluate(
     data: str | None = None,
     prompts: str | list[str] | None = None,
     data_options: dict | None = None,
+    lcm_lora: str | None = None,
+    lcm_lora_scale: float = 1.0,
 ) -> dict:
     """Score every row on ``num_images`` held-out synthetic scenes (or, with ``data``, on items of that data
     source, opened with ``data_options``: :mod:`condistill.evaluation.user_data`, ``prompts`` replacing their
@@ -266,8 +281,12 @@ def evaluate(
     configs, the judge or the data items, the prompts) is read before the base loads. Writes
     ``results.json``, ``results.md`` and ``samples.png`` to ``out_dir``. Each unavailable optional
     metric (LPIPS, FID on Inception features, CLIP score with ``data``) is reported once through ``log``
-    (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``.
+    (default: :func:`warnings.warn`) and recorded in ``report["skipped_metrics"]``. ``lcm_lora`` (a LoRA file,
+    folder or hub id) is loaded into the base for the rows with ``lcm_lora`` set, at ``lcm_lora_scale``
+    (:mod:`condistill.evaluation.lcm_lora`).
     """
+    if any(r.lcm_lora for r in rows) and lcm_lora is None:
+        raise ValueError("rows sample with an LCM-LoRA but none was given (--lcm-lora)")
     from condistill.evaluation.third_party import OptionalMetrics
 
     adapters, base, cond = rows_base_and_condition(rows, base, condition)
@@ -278,12 +297,16 @@ def evaluate(
         from condistill.evaluation.user_data import DataItems
         items = DataItems(cond, resolution, str(data), num_images, seed, prompts, log, data_options)
     base_obj = load_base(base, device=device)
+    if lcm_lora is not None:
+        from condistill.evaluation.lcm_lora import load_lcm_lora
+        load_lcm_lora(base_obj, lcm_lora)
     real_images = (items.items["pixel_values"] + 1) / 2
     optional = OptionalMetrics(cond.name, device=device, log=log)
 
     results, samples, students = [], [], {}
     for spec in rows:
-        images, latency = generate_row(spec, base_obj, items.items, batch_size, seed, students, cache_dir, cond)
+        images, latency = generate_row(spec, base_obj, items.items, batch_size, seed, students, cache_dir, cond,
+                                       lcm_lora_scale if lcm_lora is not None else None)
         metrics = items.score(images)
         metrics.update(optional.score(images, real_images, prompts=items.prompts))
         metrics["seconds_per_image"] = latency
