@@ -28,8 +28,10 @@ def _rows(args) -> list:
         print("condistill eval: error: give --student (and optionally --baseline) or one or more --row",
               file=sys.stderr)
         raise SystemExit(2)
+    from condistill.evaluation.plain_adapter import plain_adapter_kind
+
     for flag, folder in (("--student", args.student), ("--baseline", args.baseline)):
-        if folder is not None:
+        if folder is not None and not (flag == "--baseline" and plain_adapter_kind(folder)):
             from condistill.adapters.save_load import read_adapter_config
             try:
                 read_adapter_config(folder)
@@ -87,7 +89,8 @@ def eval_parser() -> argparse.ArgumentParser:
         "the condition the adapters were trained for (an adapter trained for another one is refused)",
         epilog="Defaults are shown in brackets.")
     ev.add_argument("--student", help="distilled adapter folder (rows at 1, 2 and 4 steps)")
-    ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows)")
+    ev.add_argument("--baseline", help="conventionally trained adapter folder (50 DDIM+CFG, 4 DDIM, 4 LCM rows): a "
+                    "condistill export, or a diffusers ControlNet / T2I-Adapter folder or hub id")
     ev.add_argument("--row", action="append", help="custom row NAME=MODEL[:SAMPLER[:STEPS[:GUIDANCE[:START]]]]; MODEL is "
                     "an adapter folder, 'teacher' or 'bicubic'; START, a grid timestep (e.g. 499), starts a codi sampler "
                     "from the condition's own image noised to it (sr, inpaint; the zero latent for edge, depth); repeatable (replaces the default rows)")

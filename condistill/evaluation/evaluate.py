@@ -35,6 +35,7 @@ from condistill.conditions import condition_class, condition_from_config, get_co
 from condistill.data.dataset import ConditionDataset, collate
 from condistill.data.sources import open_source
 from condistill.adapters.save_load import adapter_sampler, load_student, read_adapter_config
+from condistill.evaluation.plain_adapter import load_plain_adapter, plain_adapter_kind
 from condistill.plots import grid, to_pil
 from condistill.method.sampler import CODI_SAMPLERS, sample_images, start_latents
 from condistill.method.guidance import make_model_fn
@@ -129,9 +130,11 @@ def generate_row(spec: RowSpec, base, data: dict, batch_size: int, seed: int, st
         save_file({"images": images.contiguous(), "seconds_per_image": torch.tensor(latency, dtype=torch.float64)}, str(path))
         return images, latency
     student = students.get(spec.model)
+    plain = spec.model != "teacher" and plain_adapter_kind(spec.model) is not None
     if student is None and spec.model != "teacher":
-        student = students[spec.model] = load_student(spec.model, base).to(base.device).eval()
-    num_grid = read_adapter_config(spec.model)["num_grid"] if student is not None else 50
+        loaded = load_plain_adapter(spec.model, base, condition) if plain else load_student(spec.model, base)
+        student = students[spec.model] = loaded.to(base.device).eval()
+    num_grid = read_adapter_config(spec.model)["num_grid"] if student is not None and not plain else 50
 
     def run(sl: slice) -> torch.Tensor:
         c = cond[sl].to(base.device)
@@ -188,10 +191,11 @@ def rows_base_and_condition(rows, base, condition):
         ValueError: an adapter row was trained for another condition than ``condition`` (it would be
             sampled with a condition it never saw, and scored against the wrong fidelity metric).
     """
-    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")]
+    adapters = [r.model for r in rows if r.model not in ("teacher", "bicubic")
+                and plain_adapter_kind(r.model) is None]  # a diffusers adapter folder records neither
     if base is None:
         if not adapters:
-            raise ValueError("pass base= when no row names an adapter folder")
+            raise ValueError("pass base= (--base) when no row names a condistill adapter folder")
         base = read_adapter_config(adapters[0])["base_name_or_path"]
     name = condition["name"] if isinstance(condition, dict) else condition
     for path in dict.fromkeys(adapters):
@@ -315,7 +319,8 @@ def evaluate(
     report = items.finish({
         "condition": cond.name, "base": str(base), "num_images": num_images, "seed": seed, "resolution": resolution,
         "device": device, "rows": [asdict(r) for r in results], "skipped_metrics": {**optional.skipped, **items.skipped},
-        "models": {path: training_facts(path) for path in dict.fromkeys(adapters)}}, batch_size)
+        "models": {path: training_facts(path) for path in dict.fromkeys(
+            r.model for r in rows if r.model not in ("teacher", "bicubic"))}}, batch_size)
     if out_dir is not None:
         write_report(report, Path(out_dir), items.items, samples, [r.name for r in results], grid_count)
         items.write(Path(out_dir), report)
@@ -324,6 +329,10 @@ def evaluate(
 
 def training_facts(path: str) -> dict:
     """What an evaluated adapter is: its kind, loss and training length, from its config."""
+    plain = plain_adapter_kind(path)
+    if plain is not None:
+        return {"kind": f"{plain[0]} (a diffusers folder, not a condistill export)", "loss": None,
+                "steps_trained": None, "sampler": None}
     config = read_adapter_config(path)
     extra = config.get("extra") or {}
     return {"kind": config["kind"], "loss": extra.get("loss"), "steps_trained": extra.get("steps_trained"),
