@@ -21,7 +21,6 @@ import sys
 import typing
 from pathlib import Path
 
-from condistill.cli_eval import eval_command, eval_parser
 from condistill.cli_parsing import (DEBUG_FLAG, DEBUG_HELP, CommandParser, FlagWithOldValue, adapter_option_problem,
                                     check_data_source, check_device, check_output, cli_form, command_parser,
                                     condition_from_options, guarded, json_object, nonnegative, parse_bool,
@@ -345,6 +344,16 @@ COMMANDS = {"train": "one distillation run: condistill train CONDITION [options]
             "demo": "see students live in the browser: condistill demo RUN [RUN ...] (pip install 'condistill[demo]')"}
 
 
+def _eval_parser():  # imported when used: a training run never imports the evaluation
+    from condistill.evaluation.command import eval_parser
+    return eval_parser()
+
+
+def _eval(args) -> int:
+    from condistill.evaluation.command import eval_command
+    return eval_command(args)
+
+
 def main(argv=None) -> int:
     """``condistill COMMAND ...``: the status of the command (0, 1 for a refused input or a stopped run, 2 for a
     command line that does not parse). ``condistill --debug COMMAND`` (or ``--debug`` among the command's
@@ -361,7 +370,7 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:] + ([DEBUG_FLAG] if debug else [])
     if command == "train":
         return _train(rest)
-    commands = {"eval": (eval_parser, eval_command), "cache": (_cache_parser, _cache), "export": (_export_parser, _export)}
+    commands = {"eval": (_eval_parser, _eval), "cache": (_cache_parser, _cache), "export": (_export_parser, _export)}
     if command in commands:
         parser, run = commands[command]
         return guarded(f"condistill {command}", lambda: run(parser().parse_args(rest)), rest)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_without_condition_prints_usage(capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
-    assert "usage: condistill train {edge,depth,sr,inpaint,paired,segmentation}" in err
+    assert "usage: condistill train {edge,depth,sr,inpaint,none,paired,segmentation}" in err
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for condition in RECIPES:
@@ -77,7 +77,7 @@ def test_a_run_error_is_one_line_without_traceback(tmp_path, capsys):
 
 
 def test_eval_help_documents_every_option_once(capsys):
-    from condistill.cli_eval import eval_parser as _eval_parser
+    from condistill.evaluation.command import eval_parser as _eval_parser
 
     parser = _eval_parser()
     for action in parser._actions:
@@ -97,7 +97,8 @@ def test_top_level_help_lists_every_command_and_presets_name_their_folder(capsys
     assert out.startswith("usage: condistill [--debug] {" + ",".join(COMMANDS) + "}")
     assert "CONDISTILL_DEBUG=1" in out
     assert {"train", "eval", "export", "push"} <= set(COMMANDS)
-    for condition in RECIPES:  # segmentation is made from the embedded scenes' masks: CPU preset only
-        if condition != "segmentation":
+    for condition in RECIPES:  # segmentation (the embedded scenes' masks) and none have CPU presets only
+        if "sd15-gpu" in presets_for(condition):
             assert config_from_args(condition, ["--preset", "sd15-gpu"]).output_dir == f"runs/{condition}-sd15"
-        assert config_from_args(condition, []).output_dir == f"runs/{condition}"
+        assert config_from_args(condition, []).output_dir == ("runs/lcm-lora" if condition == "none"
+                                                              else f"runs/{condition}")

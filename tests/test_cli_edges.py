@@ -7,7 +7,7 @@ import json
 import pytest
 
 from condistill.cli import _cache_parser, _export_parser, build_parser, chosen_preset, config_from_args, main
-from condistill.cli_eval import eval_parser as _eval_parser
+from condistill.evaluation.command import eval_parser as _eval_parser
 from condistill.cli_parsing import cli_form
 from condistill.presets import DEFAULT_PRESET, presets_for, recipe_description
 
@@ -85,7 +85,7 @@ def test_every_parser_refuses_abbreviations(capsys):
     (["train", "egde"], "condistill train: error: unknown condition 'egde'; did you mean edge? "
                         "(condistill train --help describes them)"),
     (["train", "canny"], "condistill train: error: unknown condition 'canny'; choose one of edge, depth, sr, inpaint, "
-                         "paired, segmentation (condistill train --help describes them)"),
+                         "none, paired, segmentation (condistill train --help describes them)"),
     (["train", "--max-steps", "3", "edge"],
      "condistill train: error: the condition comes first: condistill train edge --max-steps 3"),
     # other errors: the message alone, without the usage block

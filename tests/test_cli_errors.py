@@ -193,7 +193,7 @@ def test_ctrl_c_is_one_line_with_status_130(fake_distill, monkeypatch, tmp_path,
 
 def test_every_command_takes_the_debug_flag():
     from condistill.cli import _cache_parser, _export_parser, build_parser
-    from condistill.cli_eval import eval_parser as _eval_parser
+    from condistill.evaluation.command import eval_parser as _eval_parser
     from condistill.presets import presets_for, recipe_description
 
     parsers = [build_parser("edge", presets_for("edge"), recipe_description("edge")), _eval_parser(),

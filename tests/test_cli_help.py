@@ -41,7 +41,7 @@ def test_help_shows_the_defaults_of_the_preset_on_the_command_line(capsys):
 
 def test_help_lists_the_choices_of_every_enumerated_option(capsys):
     out = _help(capsys, ["train", "depth", "--help"])
-    assert "--adapter {controlnet,controlnet_lora,lora,t2i_adapter}" in out
+    assert "--adapter {controlnet,controlnet_lora,lcm_lora,lora,t2i_adapter}" in out
     for name, allowed in CHOICES.items():
         assert f"--{name.replace('_', '-')} {{{','.join(allowed)}}}" in out, name
     assert "--gradient-checkpointing {true,false}" in out and "--condition-options JSON" in out

@@ -122,6 +122,22 @@ COMMANDS: list[Entry] = [
           check=_exported("runs/paired", condition="paired", condition_options={"control_type": "canny edges"})),
     Entry("README.md", r"^condistill train edge --preset sd15-gpu .*pretrained_controlnet", "parse",
           "SD 1.5 and a ControlNet from the hub: needs a GPU and the network"),
+    Entry("docs/lcm-lora.md", r"^condistill train none --output-dir runs/lcm-lora$", "run",
+          "two steps of the LCM-LoRA recipe", append="--max-steps 2 --batch-size 2 --checkpoint-every 0 --validate-every 0",
+          check=_exported("runs/lcm-lora", adapter="lcm_lora", regression_weight=0.0, ode_source="teacher")),
+    Entry("docs/lcm-lora.md", r"^condistill eval --condition edge --student runs/edge --baseline runs/edge-baseline "
+          r"--lcm-lora runs/lcm-lora", "run", "2 scenes instead of 64, on the two-step runs of this document",
+          replace=((r"--num-images 64", "--num-images 2 --batch-size 2"),),
+          check=lambda work, out: _assert_in("| lcm-lora+baseline-4-g1.5 |", out)),
+    Entry("docs/lcm-lora.md", r"^condistill eval --condition edge --student runs/edge-sd15 ", "parse",
+          "SD 1.5, a hub ControlNet and LCM-LoRA, a GPU"),
+    Entry("docs/existing-adapters.md", r"^condistill train edge --preset sd15-gpu .*pretrained_controlnet", "parse",
+          "SD 1.5 and a ControlNet from the hub: needs a GPU and the network"),
+    Entry("docs/existing-adapters.md", r"^condistill train edge --data data/images .*runs/edge-baseline", "run",
+          "two steps from a run's ControlNet (a two-step run stands in for the conventional baseline)",
+          append="--max-steps 2 --batch-size 2 --checkpoint-every 0 --validate-every 0",
+          check=_exported("runs/edge-from-baseline",
+                          adapter_options={"pretrained_controlnet": "runs/edge-baseline"})),
     Entry("README.md", r"condistill push ", "skip",
           "uploads to the hub; tests/publish/test_push.py runs push against a fake hub"),
     Entry("README.md", r"^\.venv/bin/accelerate launch recipes/edge\.py --preset sd15-gpu .*--data /path", "subprocess",
@@ -247,7 +263,9 @@ def _given_judge() -> dict:
 GIVEN.update({"docs/conditions.md": _given_conditions, "docs/judge.md": _given_judge})
 
 #: prepared two-step runs a document's blocks use, by the names they use
-NEEDS = {"docs/fast-decoder.md": ("runs/edge", "runs/fastdec-edge200"), "docs/comfyui.md": ("runs/edge",)}
+NEEDS = {"docs/fast-decoder.md": ("runs/edge", "runs/fastdec-edge200"), "docs/comfyui.md": ("runs/edge",),
+         "docs/existing-adapters.md": ("runs/edge", "runs/edge-baseline"),
+         "docs/lcm-lora.md": ("runs/edge", "runs/edge-baseline")}
 #: the one run trained for NEEDS (two steps on the embedded teacher); other names are copies of it
 NEEDS_SOURCE = "runs/edge"
 
@@ -357,14 +375,19 @@ def _script_and_args(words: list[str]) -> tuple[str, list[str]]:
 
 
 def _parse(text: str) -> None:
-    from condistill.cli import _adapter_option_problem, _eval_parser, config_from_args
+    from condistill.cli import _adapter_option_problem, config_from_args
+    from condistill.evaluation.command import eval_parser as _eval_parser
     from condistill.evaluation.evaluate import parse_rows
+    from condistill.presets import condition_names
 
     script, args = _script_and_args(shlex.split(text))
     if script == "condistill":
         command, args = args[0], args[1:]
-        if command == "train":
-            script, args = f"recipes/{args[0]}.py", args[1:]
+        if command == "train":  # any registered condition, with or without a recipes/ script
+            assert args[0] in condition_names(), f"no condition {args[0]}"
+            cfg = config_from_args(args[0], args[1:])
+            assert _adapter_option_problem(cfg) is None
+            return
         elif command == "demo":
             from condistill.demo import parser
 

@@ -21,12 +21,13 @@ KINDS = {
     "t2i_adapter": {"adapter_type": "light_adapter"},
     "lora": {"rank": 2, "lora_alpha": 3, "targets": "all"},
     "controlnet_lora": {"rank": 2, "targets": "attention_ff"},
+    "lcm_lora": {"rank": 2},
 }
 #: every damage of :func:`damage`
 DAMAGES = ["deleted_tensor", "extra_tensor", "nan_tensor", "pickle_only", "mismatched_kind", "unknown_kind"]
 #: the kind a "mismatched_kind" config claims instead of the exported one
 OTHER_KIND = {"controlnet": "t2i_adapter", "t2i_adapter": "controlnet", "lora": "t2i_adapter",
-              "controlnet_lora": "controlnet"}
+              "controlnet_lora": "controlnet", "lcm_lora": "controlnet"}
 
 #: (edit of condistill_config.json or, under "scheduler", of scheduler/scheduler_config.json; phrase of the error)
 BAD_CONFIGS = {
@@ -121,7 +122,7 @@ def _damage(folder: Path, how: str, component: str | None) -> list[str]:
     config_file = folder / "condistill_config.json"
     config = json.loads(config_file.read_text())
     kind = config["kind"]
-    component = component or {"controlnet_lora": "lora"}.get(kind, kind)
+    component = component or {"controlnet_lora": "lora", "lcm_lora": "lora"}.get(kind, kind)
     rel = config["weight_files"][component]
     file = folder / rel
     state = load_file(file)

@@ -34,7 +34,7 @@ def scene(width=64, height=64):
 
 
 def test_available_conditions_lists_the_builtins():
-    assert available_conditions() == ["depth", "edge", "inpaint", "paired", "segmentation", "sr"]
+    assert available_conditions() == ["depth", "edge", "inpaint", "none", "paired", "segmentation", "sr"]
 
 
 def test_get_condition_builds_the_registered_class_with_options():
@@ -46,7 +46,7 @@ def test_get_condition_builds_the_registered_class_with_options():
 
 
 def test_unknown_condition_name_lists_available_ones():
-    with pytest.raises(ValueError, match="Unknown condition 'canny'.*depth, edge, inpaint, paired, segmentation, sr"):
+    with pytest.raises(ValueError, match="Unknown condition 'canny'.*depth, edge, inpaint, none, paired, segmentation, sr"):
         get_condition("canny")
 
 
@@ -219,7 +219,7 @@ def test_which_conditions_start_from_their_own_image():
 
 def test_a_registered_condition_brings_its_own_fidelity_metric_to_eval(monkeypatch):
     """One class and one registration: eval's parser takes the new name and its tables use the class's metric."""
-    from condistill.cli_eval import eval_parser as _eval_parser
+    from condistill.evaluation.command import eval_parser as _eval_parser
     from condistill.evaluation.evaluate import fidelity_metric, markdown_table, ratio_summary
 
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))

@@ -1,4 +1,4 @@
-"""``condistill eval``: its parser and what it runs (:func:`condistill.evaluation.evaluate.evaluate`)."""
+"""``condistill eval``: its command-line parser and what it runs (:func:`condistill.evaluation.evaluate.evaluate`)."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +71,8 @@ def eval_command(args) -> int:
     if args.student and not args.row:  # a local run's model card records what was measured
         from condistill.publish.card import record_eval
         options = {k: v for k, v in vars(args).items()
-                   if not (args.data and k == "judge") and k != "debug"}  # no judge with --data
+                   if not (args.data and k == "judge") and k != "debug"  # no judge with --data
+                   and not (k == "lcm_lora_scale" and not args.lcm_lora)}
         record_eval(args.student, table, options, log=log, measured=measured)
     if args.out:
         extra = ", conditions.safetensors" if args.data else ""
