@@ -78,8 +78,13 @@ class Condition(abc.ABC):
 
     @classmethod
     def distillation_target(cls, rows: dict[str, dict]) -> tuple[str, bool] | None:
-        """The bar of the 4-step student ("student-4") against the teacher in an evaluation's ``{row: metrics}``:
-        its text and whether it is met; ``None``: no bar, or rows missing."""
+        """The bar of the 4-step student ("student-4") against the teacher ("teacher-ddim-50") in an evaluation's
+        ``{row: metrics}``: its text and whether it is met (:meth:`teacher_bar`); ``None``: no bar, rows missing."""
+        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
+        return None if s is None or t is None else cls.teacher_bar(s, t)
+
+    @classmethod
+    def teacher_bar(cls, student: dict, teacher: dict) -> tuple[str, bool] | None:
         return None
 
     def card_text(self) -> tuple[str, str]:
@@ -142,10 +147,8 @@ class Condition(abc.ABC):
         **record_fields), seed)``, ``record_fields`` being other :class:`Record` fields (``depth=array``,
         ``conditioning=edge_image``). ``.unsqueeze(0)`` feeds a pipeline; :meth:`to_pil` shows it."""
         if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"prepare() expects a PIL.Image, got {type(image).__name__}; "
-                "load files with PIL.Image.open(path) and arrays with PIL.Image.fromarray(array)."
-            )
+            raise TypeError(f"prepare() expects a PIL.Image, got {type(image).__name__}; load files with "
+                            "PIL.Image.open(path) and arrays with PIL.Image.fromarray(array).")
         valid = [f.name for f in dataclasses.fields(Record) if f.name != "image"]
         unknown = sorted(set(record_fields) - set(valid))
         if unknown:
@@ -204,8 +207,7 @@ class Condition(abc.ABC):
         return cond[None, :, top:top + height, left:left + width].contiguous()
 
     def _check_output(self, cond: torch.Tensor, size: tuple[int, int]) -> None:
-        width, height = size
-        expected = (self.channels, height, width)
+        expected = (self.channels, size[1], size[0])
         if not isinstance(cond, torch.Tensor) or cond.dtype != torch.float32 or tuple(cond.shape) != expected:
             got = (cond.dtype, tuple(cond.shape)) if isinstance(cond, torch.Tensor) else type(cond).__name__
             raise RuntimeError(

@@ -95,10 +95,7 @@ class DepthCondition(Condition):
     fidelity = ("depth_error", "lower")
 
     @classmethod
-    def distillation_target(cls, rows):
-        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
-        if s is None or t is None:
-            return None
+    def teacher_bar(cls, s, t):
         return f"error <= teacher / 2 ({t['depth_error'] / 2:.3f})", s["depth_error"] <= t["depth_error"] / 2
 
     def fidelity_scores(self, images, data, judge):

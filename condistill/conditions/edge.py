@@ -115,10 +115,7 @@ class EdgeCondition(Condition):
         return {"edge_f1": float(edge_f1(maps, target, tolerance=1))}
 
     @classmethod
-    def distillation_target(cls, rows):
-        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
-        if s is None or t is None:
-            return None
+    def teacher_bar(cls, s, t):
         return f"F1 >= 2 x teacher ({2 * t['edge_f1']:.3f})", s["edge_f1"] >= 2 * t["edge_f1"]
 
     def __init__(self, *, low_threshold: float = 50, high_threshold: float = 100,

@@ -118,10 +118,7 @@ class InpaintCondition(Condition):
     fidelity = ("masked_psnr", "higher")
 
     @classmethod
-    def distillation_target(cls, rows):
-        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
-        if s is None or t is None:
-            return None
+    def teacher_bar(cls, s, t):
         return f"hole PSNR >= teacher + 3 ({t['masked_psnr'] + 3:.2f})", s["masked_psnr"] >= t["masked_psnr"] + 3
 
     def fidelity_scores(self, images, data, judge):

@@ -70,10 +70,7 @@ class SegmentationCondition(Condition):
     fidelity = ("segmentation_miou", "higher")
 
     @classmethod
-    def distillation_target(cls, rows):
-        s, t = rows.get("student-4"), rows.get("teacher-ddim-50")
-        if s is None or t is None:
-            return None
+    def teacher_bar(cls, s, t):
         return (f"mIoU >= 2 x teacher ({2 * t['segmentation_miou']:.3f})",
                 s["segmentation_miou"] >= 2 * t["segmentation_miou"])
 
