@@ -33,8 +33,13 @@ def pair_dirs(root: Path) -> list[Path]:
         rep = json.loads((d / "results.json").read_text())
         return (ADAPTERS.index(_adapter_kind(d.name, rep["condition"])), condition_names().index(rep["condition"]),
                 _steps(rep) or 0)
-    found = [d for d in sorted(root.iterdir()) if (d / "results.json").is_file() and not d.name.startswith("sweep")]
-    return sorted(found, key=key)
+    def is_pair(d: Path) -> bool:  # not a sweep, a curve or a comparison folder
+        if not (d / "results.json").is_file() or d.name.startswith("sweep"):
+            return False
+        condition = json.loads((d / "results.json").read_text())["condition"]
+        return d.name.startswith(f"{condition}-") and any(
+            d.name[len(condition) + 1:] == k or d.name[len(condition) + 1:].startswith(k + "-") for k in ADAPTERS)
+    return sorted(filter(is_pair, sorted(root.iterdir())), key=key)
 
 
 def _adapter_kind(name: str, condition: str) -> str:

@@ -199,7 +199,9 @@ COMMANDS: list[Entry] = [
     Entry("docs/judge.md", r"tools/train_judge\.py --eval-only", "skip",
           "rewrites the packaged judge's metrics.json (1,000 scenes, a minute)"),
     # ---- docs/results.md
-    Entry("docs/results.md", r"reproduce_results\.sh", "skip", "trains 22 runs and scores 11 pairs: hours"),
+    Entry("docs/results.md", r"reproduce_results\.sh", "skip", "trains 24 runs and scores 12 pairs: hours"),
+    Entry("docs/results.md", r"existing_adapter_curve\.sh", "skip",
+          "trains 2,100 steps (a conventional ControlNet and two students) and scores ten rows: about an hour"),
     Entry("docs/results.md", r"scripts/summarize_results\.py", "run", "reads the committed docs/results"),
     Entry("docs/results.md", r"recipes/|condistill(\.cli)? eval ", "parse",
           "reproductions: 300-4,200-step runs and 64-image evaluations of them"),

@@ -21,10 +21,12 @@ LCM_GUIDANCES = (1.0, 1.5)
 
 def lcm_lora_file(source: str) -> tuple[str, str | None]:
     """``(what to load, weight file name)`` for ``lora_state_dict``: a ``.safetensors`` file, a folder holding
-    ``pytorch_lora_weights.safetensors`` (a condistill ``lcm_lora`` export or its run), or a hub id."""
+    ``pytorch_lora_weights.safetensors`` (a condistill ``lcm_lora`` export or its run, or ``embedded:lcm-lora``,
+    the LCM-LoRA of the embedded teacher that ships with condistill), or a hub id."""
     from condistill.adapters.lora import LORA_WEIGHT_NAME
+    from condistill.hub import embedded_path
 
-    path = Path(source).expanduser()
+    path = embedded_path(source) or Path(source).expanduser()
     if path.is_file():
         return str(path), None
     if path.is_dir():

@@ -3,6 +3,7 @@ into the base, alone and stacked on a conventional adapter, sampled by LCMSchedu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,8 @@ def test_an_lcm_lora_is_found_as_a_file_a_folder_a_run_or_a_hub_id(exports, tmp_
     _, lcm, _ = exports
     assert lcm_lora_file(str(lcm)) == (str(lcm / "adapter"), LORA_WEIGHT_NAME)
     assert lcm_lora_file(str(lcm / "adapter" / LORA_WEIGHT_NAME)) == (str(lcm / "adapter" / LORA_WEIGHT_NAME), None)
+    shipped, name = lcm_lora_file("embedded:lcm-lora")  # the embedded teacher's, in the package
+    assert name == LORA_WEIGHT_NAME and (Path(shipped) / name).is_file()
     assert lcm_lora_file("latent-consistency/lcm-lora-sdv1-5") == ("latent-consistency/lcm-lora-sdv1-5",
                                                                    LORA_WEIGHT_NAME)
     with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights.safetensors in it"):
