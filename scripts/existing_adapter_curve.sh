@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # How many CoDi steps an existing conventional ControlNet needs to become a 4-step one, against
-# CoDi from the UNet initialisation (docs/existing_adapters.md), on the embedded default (CPU).
+# CoDi from the UNet initialisation (docs/existing-adapters.md), on the embedded default (CPU).
 #
 #   1. the conventional edge ControlNet: the edge recipe's cpu-demo preset with --loss diffusion
 #      (700 steps), the same adapter that the results table's 50-step baseline is;
@@ -44,8 +44,10 @@ staged() {  # output_dir [extra options...]: train to each length, keeping a cop
 
 # the existing ControlNet and the from-UNet student share the machine's two cores
 [ -d "$baseline/adapter" ] || train "$baseline" 700 --loss diffusion &
+first=$!
 staged "$ROOT/from-unet" --loss codi &
-wait
+second=$!
+wait $first && wait $second
 staged "$ROOT/from-controlnet" --loss codi --adapter-options "{\"pretrained_controlnet\": \"$baseline\"}"
 
 rows=(--row "existing-controlnet-50=$baseline:ddim:50:4" --row "existing-controlnet-4=$baseline:codi-stochastic:4")

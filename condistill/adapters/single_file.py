@@ -31,13 +31,19 @@ def is_single_file(source) -> bool:
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+            state = load_file(str(path))
+        else:  # tensors only: a pickled object is refused, never run
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as error:  # a damaged file, a pickle of other objects, a file of another format
+        raise ValueError(f"{path} is not a readable weights file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''})") from error
+    if isinstance(state, dict):  # checkpoints often carry counters beside the tensors
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} or state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     return state

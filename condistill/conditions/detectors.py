@@ -12,6 +12,7 @@ Detector quality is controlnet-aux's; condistill measures none of it.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,8 +155,12 @@ class Detector:
         would fade when shrunk back)."""
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
         side = min(self.detect_resolution, min(image.size))
-        out = np.asarray(self.load()(rgb, detect_resolution=side, image_resolution=side, output_type="np",
-                                     **self.spec.options))
+        model = self.load()
+        kwargs = dict(detect_resolution=side, image_resolution=side, output_type="np", **self.spec.options)
+        accepted = inspect.signature(model.__call__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):  # e.g. no image_resolution
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        out = np.asarray(model(rgb, **kwargs))
         if out.dtype != np.uint8:
             out = np.clip(out * (255.0 if out.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         control = Image.fromarray(out if out.ndim == 3 else out, "RGB" if out.ndim == 3 else "L").convert("RGB")

@@ -75,10 +75,11 @@ class PairedCondition(Condition):
         return "optional" if self.detector else "required"
 
     def card_text(self) -> tuple[str, str]:
+        named = "" if self.control_type == "control" else f"{self.control_type} "
         if self._detector is None:
-            return f"{self.control_type}-to-image", f"your {self.control_type} control image, used as it is"
+            return f"{self.control_type}-to-image", f"your {named}control image, used as it is"
         return (f"{self.control_type}-to-image",
-                f"your photo; the {self.detector} detector makes its {self.control_type} control image")
+                f"your photo; the {self.detector} detector makes its {named}control image")
 
     def check(self) -> None:
         """The detector's weight files, when one is named (:class:`~condistill.conditions.detectors.Detector`)."""

@@ -68,6 +68,7 @@ class SegmentationCondition(Condition):
                          output_dir="runs/segmentation", max_steps=700, validate_every=350, **CPU),
     }
     fidelity = ("segmentation_miou", "higher")
+    record_conditioning = "optional"  # a dataset's own maps (a conditioning_image column) are read when present
 
     @classmethod
     def teacher_bar(cls, s, t):
@@ -76,6 +77,16 @@ class SegmentationCondition(Condition):
 
     def __init__(self):
         pass
+
+    def card_text(self) -> tuple[str, str]:
+        return "segmentation-to-image", "your segmentation map, coloured with condistill.conditions.segmentation.PALETTE"
+
+    def control_image(self, image, seed: int = 0, multiple: int = 8, resolution: int | None = None, **record_fields):
+        """:meth:`Condition.control_image` of a segmentation map: the given image is the map (in :data:`PALETTE`),
+        unless object masks are given with it."""
+        if "masks" not in record_fields:
+            record_fields.setdefault("conditioning", image)
+        return super().control_image(image, seed, multiple, resolution, **record_fields)
 
     def fidelity_scores(self, images, data, judge):
         """Mean IoU of the judge's segmentation of the images against the input maps (the judge's own floor on

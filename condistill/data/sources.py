@@ -343,9 +343,15 @@ CONDITIONING_DEFAULTS: dict[type, dict[str, str]] = {
 
 
 def _construct(conditioning: str | None, cls, options: dict[str, Any], **fixed: Any) -> DataSource:
-    if conditioning is not None:
-        options = {**CONDITIONING_DEFAULTS.get(cls, {}), **options}
-    return construct_source(cls, options, **fixed)
+    defaults = {k: v for k, v in CONDITIONING_DEFAULTS.get(cls, {}).items() if k not in options}
+    if conditioning is None or not defaults:
+        return construct_source(cls, options, **fixed)
+    try:
+        return construct_source(cls, {**defaults, **options}, **fixed)
+    except KeyError:  # the data has no such column: optional control images are then made by the condition
+        if conditioning == "required":
+            raise
+        return construct_source(cls, options, **fixed)
 
 
 def _open_source(spec, resolution: int, split: str, options: dict[str, Any], conditioning: str | None) -> DataSource:

@@ -36,6 +36,12 @@ def _rows(args) -> list:
             try:
                 read_adapter_config(folder)
             except FileNotFoundError as error:
+                from pathlib import Path
+
+                from condistill.hub import looks_like_repo_id, resolve_pretrained_dir
+
+                if flag == "--baseline" and not Path(folder).exists() and looks_like_repo_id(folder):
+                    resolve_pretrained_dir(folder, what="--baseline")  # a hub id: say why it is not at hand
                 raise FileNotFoundError(f"{flag} {folder}: {error}") from None
     return default_rows(args.student, args.baseline, args.condition, args.guidance)
 

@@ -57,7 +57,12 @@ def load_lcm_lora(base, source: str) -> None:
     unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
         raise ValueError(f"--lcm-lora {source}: the file holds no UNet LoRA (keys unet.*)")
-    base.unet.load_lora_adapter(unet_state, prefix="unet", network_alphas=alphas, adapter_name=LCM_LORA_NAME)
+    try:
+        base.unet.load_lora_adapter(unet_state, prefix="unet", network_alphas=alphas, adapter_name=LCM_LORA_NAME)
+    except (RuntimeError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f"--lcm-lora {source} does not fit the base {base.name_or_path}: "
+                         f"{(lines[1] if len(lines) > 1 else lines[0] if lines else '')[:300]}") from error
     for name, param in base.unet.named_parameters():
         if f".{LCM_LORA_NAME}." in name:
             param.requires_grad_(False)

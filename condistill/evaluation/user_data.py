@@ -81,6 +81,8 @@ def load_items(spec: str, cond, resolution: int, num_images: int, seed: int, pro
         source = open_source(spec, resolution=resolution, conditioning=cond.record_conditioning, **(options or {}))
         dataset = ConditionDataset(source, cond, resolution, seed=seed + 12345)
         indices = held_out_indices(dataset, num_images, seed)
+    except KeyError as error:  # a missing column, named by the source
+        raise ValueError(f"--data {spec}: {error.args[0] if error.args else error}") from error
     except (OSError, ValueError) as error:
         raise ValueError(f"--data {spec}: {error}") from error
     if not indices:

@@ -36,6 +36,7 @@ _KIND_TEXT = {
     "controlnet": "a ControlNet",
     "t2i_adapter": "a T2I-Adapter",
     "lora": "a LoRA of the UNet with a light T2I-Adapter for the condition",
+    "lcm_lora": "a LoRA of the UNet without a condition (an LCM-LoRA)",
     "controlnet_lora": "a ControlNet together with a LoRA of the UNet",
 }
 def read_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -157,7 +158,10 @@ def render_card(config: Mapping[str, Any], train: Mapping[str, Any] | None, *, n
     lines += ["## Training", ""]
     loss = extra.get("loss", train.get("loss", "unknown"))
     trained = extra.get("steps_trained", train.get("max_steps"))
-    facts = [("loss", LOSS_NAMES.get(loss, str(loss))),
+    loss_text = LOSS_NAMES.get(loss, str(loss))
+    if loss == "codi" and train.get("regression_weight") == 0:
+        loss_text = "CoDi consistency only (no regression term)"
+    facts = [("loss", loss_text),
              ("optimizer steps", str(trained) if trained is not None else "unknown"),
              ("N (skip grid)", str(config["num_grid"]))]
     if loss in ("codi+dmd", "dmd") and "dmd_weight" in train:

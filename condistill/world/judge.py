@@ -185,7 +185,7 @@ class Judge:
         judge's resolution and resized bilinearly before the argmax)."""
         names = ["none", *self.labels["shape"]]
         missing = sorted(set(classes) - set(names))
-        if missing or len(set(classes)) != len(names):
+        if missing or len(set(classes)) != len(names) or len(classes) != len(names):
             raise ValueError(f"classes must name each of {names} once, got {list(classes)}")
         out, (H, W) = self._run(images, ("dense",))
         logits = out["dense"][:, :len(names)]

@@ -62,6 +62,11 @@ def test_a_folder_and_an_offline_hub_id_give_the_same_weights(sd_shaped, tmp_pat
 
 def test_files_that_are_no_controlnet_or_do_not_fit_are_refused(sd_shaped, tmp_path):
     base, existing = sd_shaped
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    for junk in ("junk.safetensors", "junk.pth"):
+        with pytest.raises(ValueError, match="is not a readable weights file"):
+            build_student("controlnet", base.unet, 3, vae_scale_factor=8, pretrained_controlnet=str(tmp_path / junk))
     save_file({"x.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is no ControlNet: it has neither an input_hint_block"):
         build_student("controlnet", base.unet, 3, vae_scale_factor=8,

@@ -100,7 +100,29 @@ def test_the_model_card_says_what_control_image_the_adapter_takes():
 
     config = {"condition_name": "paired", "condition_config": PairedCondition(control_type="scribble").config()}
     assert condition_text(config) == ("scribble-to-image", "your scribble control image, used as it is")
+    default = {"condition_name": "paired", "condition_config": PairedCondition().config()}
+    assert condition_text(default)[1] == "your control image, used as it is"
     config["condition_config"]["detector"] = "hed"
     assert condition_text(config)[1] == "your photo; the hed detector makes its scribble control image"
     assert condition_text({"condition_name": "edge", "condition_config": {}}) == ("edge-to-image", "your image")
     assert condition_text({"condition_name": "not-installed"}) == ("not-installed", "your image")
+
+
+@pytest.mark.parametrize("name", detectors_without_weights())
+def test_every_detector_without_weights_makes_a_control_image(name):
+    control = Detector(name)(photo())
+    assert control.mode == "RGB" and control.size == (64, 48)
+
+
+def test_a_photos_only_dataset_with_a_detector_opens_and_a_controls_only_one_needs_the_column(tmp_path):
+    import datasets
+
+    from condistill.data import open_source
+
+    datasets.Dataset.from_dict({"image": [photo(), photo()], "text": ["a", "b"]},
+                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+                               ).save_to_disk(tmp_path / "photos")
+    records = list(open_source(str(tmp_path / "photos"), resolution=32, conditioning="optional"))
+    assert len(records) == 2 and all(r.conditioning is None for r in records)  # the detector makes them
+    with pytest.raises(KeyError, match="no column 'conditioning_image'"):
+        open_source(str(tmp_path / "photos"), resolution=32, conditioning="required")

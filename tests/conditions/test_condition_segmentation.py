@@ -72,3 +72,17 @@ def test_the_distillation_target_is_twice_the_teachers_miou():
     text, met = SegmentationCondition.distillation_target(rows)
     assert met and "0.400" in text
     assert SegmentationCondition.distillation_target({"student-4": {}}) is None
+
+
+def test_at_sampling_time_the_given_image_is_the_map():
+    record = generate_scene(2, "heldout")
+    seg = SegmentationCondition()
+    made = seg(record)
+    got = seg.control_image(seg.to_pil(made), resolution=0)
+    assert torch.equal(got[0], made)
+    assert seg.card_text()[1].startswith("your segmentation map")
+
+
+def test_the_judge_refuses_duplicate_class_names(judge):
+    with pytest.raises(ValueError, match="must name each of"):
+        judge.segment(torch.zeros(1, 3, 64, 64), ("none", "circle", "circle", "square", "triangle", "diamond"))

@@ -105,6 +105,12 @@ def test_an_lcm_lora_is_found_as_a_file_a_folder_a_run_or_a_hub_id(exports, tmp_
     assert any(f".{LCM_LORA_NAME}." in n for n, _ in base.unet.named_parameters())
 
 
+def test_an_lcm_lora_of_another_base_is_refused_in_one_line(exports):
+    base = load_base(str(exports[0]))  # the tiny test base, not the embedded teacher the shipped LoRA is for
+    with pytest.raises(ValueError, match="--lcm-lora embedded:lcm-lora does not fit the base"):
+        load_lcm_lora(base, "embedded:lcm-lora")
+
+
 @pytest.mark.slow
 def test_eval_adds_the_lcm_lora_rows(exports, tmp_path, capsys):
     base_path, lcm, baseline = exports

@@ -51,3 +51,25 @@ def test_eval_scores_a_plain_controlnet_as_the_baseline(student_and_plain, tmp_p
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["baseline-ddim-50"]["model"] == str(plain) and "edge_f1" in rows["baseline-ddim-50"]["metrics"]
     assert report["models"][str(plain)]["kind"].startswith("controlnet (a diffusers folder")
+
+
+def test_a_missing_column_and_an_unreachable_hub_baseline_are_one_line_errors(student_and_plain, tmp_path, capsys,
+                                                                              monkeypatch):
+    import datasets
+
+    from PIL import Image
+
+    _, run, _, _ = student_and_plain
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))], "text": ["a"]},
+                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+                               ).save_to_disk(tmp_path / "data")
+    assert main(["eval", "--condition", "edge", "--student", str(run), "--data", str(tmp_path / "data"),
+                 "--data-options", '{"caption_column": "prompt"}', "--num-images", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "has no column 'prompt'" in err and "internal error" not in err
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["eval", "--condition", "edge", "--student", str(run), "--baseline", "someone/not-cached",
+                 "--num-images", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "someone/not-cached" in err and "offline" in err.lower() and "internal error" not in err
