@@ -17,6 +17,7 @@ from PIL import Image
 
 from condistill.presets import CPU, SD15_GPU, SDXL_GPU, GUIDED
 from condistill.conditions.condition import Condition, FidelityUnavailable, import_controlnet_aux, register_condition
+from condistill.conditions.detectors import looks_like_local_path
 from condistill.data.record import Record
 
 __all__ = ["DepthCondition", "EstimatorWeightsError", "ESTIMATORS"]
@@ -43,12 +44,6 @@ DEPTH_RECORD_SKIP = ("skipped: depth of generated images needs an estimator (pas
 class EstimatorWeightsError(FileNotFoundError):
     """The depth estimator's weights could not be found or loaded."""
 
-
-def _looks_like_local_path(path: str) -> bool:
-    """A string that cannot be a Hub id ("name" or "owner/name") is a local path."""
-    if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")):
-        return True
-    return "\\" in path or path.count("/") > 1
 
 
 class DepthCondition(Condition):
@@ -151,7 +146,7 @@ class DepthCondition(Condition):
         self.detect_resolution = detect_resolution
         self.device = device
         self._detector: Any = None
-        if source == "estimator" and _looks_like_local_path(self.estimator_path):
+        if source == "estimator" and looks_like_local_path(self.estimator_path):
             self._local_weights()  # fail early on a missing folder or file
 
     # ------------------------------------------------------------------ estimator
@@ -194,7 +189,7 @@ class DepthCondition(Condition):
         """
         if self.source != "estimator":
             return
-        if _looks_like_local_path(self.estimator_path):
+        if looks_like_local_path(self.estimator_path):
             self._local_weights()
             return
         from huggingface_hub import hf_hub_download
@@ -240,7 +235,7 @@ class DepthCondition(Condition):
         if self._detector is not None:
             return self._detector
         class_name, model_type, filename = self._weights()
-        local = _looks_like_local_path(self.estimator_path)
+        local = looks_like_local_path(self.estimator_path)
         where = self._local_weights() if local else self.estimator_path
         detector_cls = import_controlnet_aux(class_name)
         try:

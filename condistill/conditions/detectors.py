@@ -23,7 +23,7 @@ from PIL import Image
 from condistill.conditions.condition import import_controlnet_aux
 
 __all__ = ["DEFAULT_DETECTOR_PATH", "DETECTORS", "Detector", "DetectorSpec", "DetectorWeightsError",
-           "detectors_without_weights"]
+           "detectors_without_weights", "looks_like_local_path"]
 
 DEFAULT_DETECTOR_PATH = "lllyasviel/Annotators"
 
@@ -62,7 +62,7 @@ def detectors_without_weights() -> list[str]:
     return [name for name, spec in DETECTORS.items() if not spec.files]
 
 
-def _is_local(path: str) -> bool:
+def looks_like_local_path(path: str) -> bool:
     """A string that cannot be a Hub id ("name" or "owner/name") is a local path."""
     if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")):
         return True
@@ -93,7 +93,7 @@ class Detector:
         self._model: Any = None
 
     def _missing(self, files: list[str]) -> DetectorWeightsError:
-        where = (f"the folder {self.path!r}" if _is_local(self.path)
+        where = (f"the folder {self.path!r}" if looks_like_local_path(self.path)
                  else f"the Hugging Face cache ({self.path}, offline)")
         fetch = " ".join(files)
         return DetectorWeightsError(
@@ -110,7 +110,7 @@ class Detector:
         """
         if not self.spec.files:
             return None
-        if _is_local(self.path):
+        if looks_like_local_path(self.path):
             folder = os.path.expanduser(self.path)
             missing = [f for f in self.spec.files if not os.path.isfile(os.path.join(folder, f))]
             if missing:
